@@ -1,0 +1,5 @@
+"""Built-in adapters, installed as ``voicepool.adapters`` and found through entry points.
+
+Modules: ``websocket`` (generic), ``deepgram`` (ASR), ``elevenlabs`` and ``cartesia`` (TTS),
+``http2`` (LLM over HTTP/2), ``rest`` (HTTP/1.1 keep-alive), ``sip`` (pjsua2 registrations).
+"""

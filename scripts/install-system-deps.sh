@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the real protocol peers the integration tests start on 127.0.0.1: Kamailio (SIP
+# registrar), SIPp (sip-tester) and nginx. Idempotent: does nothing when they are present.
+# Services are NOT started by the packages (policy-rc.d); the tests start their own instances.
+set -euo pipefail
+missing=()
+command -v kamailio >/dev/null 2>&1 || [ -x /usr/sbin/kamailio ] || missing+=(kamailio)
+command -v sipp >/dev/null 2>&1 || missing+=(sip-tester)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "install-system-deps: no apt-get; install ${missing[*]} yourself (tests needing them skip)" >&2
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "install-system-deps: installing ${missing[*]}"
+policy=/usr/sbin/policy-rc.d
+had_policy=0; [ -e "$policy" ] && had_policy=1
+if [ $had_policy -eq 0 ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod +x "$policy"
+fi
+trap '[ $had_policy -eq 0 ] && $SUDO rm -f "$policy"' EXIT
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

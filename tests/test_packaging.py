@@ -1,0 +1,74 @@
+"""The wheel carries every package, including the repo folder adapters/ as voicepool.adapters."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import voicepool
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _source_packages() -> set[str]:
+    found = set()
+    for base, dotted in (("voicepool", "voicepool"), ("adapters", "voicepool.adapters")):
+        for init in (ROOT / base).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / base)
+            found.add(".".join([dotted, *rel.parts]) if rel.parts else dotted)
+    return found
+
+
+def test_every_package_is_listed_in_pyproject() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"])
+    assert _source_packages() == listed
+
+
+@pytest.mark.timeout(180)
+def test_wheel_contains_every_package(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)],
+        check=True,
+    )
+    wheel = next(tmp_path.glob("voicepool-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for package in _source_packages():
+        assert package.replace(".", "/") + "/__init__.py" in names, package
+    assert "voicepool/py.typed" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[voicepool.adapters]" in text
+
+
+def test_public_exports_match_design() -> None:
+    expected = {
+        "Adapter", "LeaseMode", "get_adapter", "register_adapter", "registered_adapters",
+        "Lease", "Pool", "PoolSettings", "PoolState", "PoolStats",
+        "AdapterNotFound", "ConfigError", "ConnectError", "LeaseReleased", "PoolClosed",
+        "PoolError", "PoolExhausted", "PoolUnavailable", "VoicepoolError",
+    }
+    assert expected <= set(voicepool.__all__)
+    for name in voicepool.__all__:
+        assert hasattr(voicepool, name), name
+
+
+def test_core_never_imports_adapters() -> None:
+    """Layers point downward: the core reaches adapters through entry points only."""
+    for path in (ROOT / "voicepool").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            for module in modules:
+                assert not module.startswith(("voicepool.adapters", "adapters")), (path, module)

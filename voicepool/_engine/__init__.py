@@ -1,0 +1,1 @@
+"""Private engine pieces of :mod:`voicepool.pool`. Nothing here is public API."""

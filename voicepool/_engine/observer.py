@@ -1,0 +1,93 @@
+"""Hooks the engine calls on slow paths (waits, connects, pings, closes, state changes).
+
+The telemetry layer registers a factory here (imports point downward: the engine never imports
+telemetry). Every hook is called synchronously from the task that did the work, so a span event
+lands on the caller's current span. Observers must not raise and must not block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from voicepool.lease import Lease
+    from voicepool.pool import Pool, PoolState
+
+
+class PoolObserver:
+    """No-op base. Subclass and override what you need."""
+
+    def on_exhausted(self, pool: Pool[Any]) -> None:
+        """An acquire queued while the pool was at max_size (called in the acquiring task)."""
+
+    def on_waited(self, pool: Pool[Any], waited: float) -> None:
+        """An acquire was served after waiting ``waited`` seconds (called in the acquiring task)."""
+
+    def on_timeout(self, pool: Pool[Any], waited: float, error: BaseException) -> None:
+        """An acquire timed out; ``error`` is the PoolExhausted about to be raised."""
+
+    def on_unavailable(self, pool: Pool[Any], error: BaseException) -> None:
+        """An acquire failed fast because the circuit is open."""
+
+    def acquire_started(self, pool: Pool[Any]) -> object:
+        """Only with ``trace_acquire``: an acquire begins; the result goes to on_acquire_end."""
+        return None
+
+    def on_acquire_end(
+        self, pool: Pool[Any], token: object, lease: Lease[Any], error: BaseException | None
+    ) -> None:
+        """Only with ``trace_acquire``: the acquire ended (``error`` None when a lease was got)."""
+
+    def connect_started(self, pool: Pool[Any]) -> object:
+        """A connect begins (background task); the return value is passed to on_connected."""
+        return None
+
+    def on_connected(
+        self, pool: Pool[Any], token: object, duration: float, error: BaseException | None
+    ) -> None:
+        """A connect ended, with ``error`` None on success."""
+
+    def on_ping(self, pool: Pool[Any], duration: float, error: BaseException | None) -> None:
+        """A health ping ended."""
+
+    def on_closed(self, pool: Pool[Any], reason: str) -> None:
+        """A connection was retired for ``reason``."""
+
+    def on_state(self, pool: Pool[Any], old: PoolState, new: PoolState) -> None:
+        """The pool's circuit or lifecycle state changed."""
+
+    def on_alarm(self, pool: Pool[Any], p95: float, firing: bool) -> None:
+        """End of an alarm window: the p95 (seconds) is above threshold (firing) or recovered."""
+
+    def on_flush(self, pool: Pool[Any], use_times: list[float], zero_waits: int) -> None:
+        """Background flush: hold times since the last flush, and the no-wait acquire count."""
+
+    def on_pool_closed(self, pool: Pool[Any]) -> None:
+        """The pool is closed; drop references to it."""
+
+
+ObserverFactory = Callable[["Pool[Any]"], PoolObserver | None]
+_factories: list[ObserverFactory] = []
+
+
+def add_observer_factory(factory: ObserverFactory) -> None:
+    """Call ``factory(pool)`` for every pool created from now on (idempotent per factory)."""
+    if factory not in _factories:
+        _factories.append(factory)
+
+
+def remove_observer_factory(factory: ObserverFactory) -> None:
+    """Undo :func:`add_observer_factory`; unknown factories are ignored."""
+    if factory in _factories:
+        _factories.remove(factory)
+
+
+def observers_for(pool: Pool[Any]) -> list[PoolObserver]:
+    """The observers every registered factory wants attached to ``pool``."""
+    found = []
+    for factory in _factories:
+        obs = factory(pool)
+        if obs is not None:
+            found.append(obs)
+    return found

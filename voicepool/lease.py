@@ -1,0 +1,116 @@
+"""`Lease[C]`: one borrowed connection (or stream), as an async context manager.
+
+``pool.acquire()`` returns a Lease; ``async with`` acquires on entry and releases on exit. The
+class is deliberately plain (``__slots__``, no ``contextlib`` wrapper): it is the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from voicepool.errors import LeaseReleased
+
+if TYPE_CHECKING:
+    from voicepool._engine.record import ConnRecord
+    from voicepool.pool import Pool
+
+C = TypeVar("C")
+
+_NEW, _HELD, _RELEASED = 0, 1, 2
+
+
+class Lease(Generic[C]):
+    """A connection borrowed from a :class:`~voicepool.Pool`.
+
+    ``lease.conn`` is the connection; ``lease.stream_id`` identifies the stream on a MULTIPLEXED
+    connection (``None`` otherwise). Leaving the block cleanly returns the connection; an exception
+    in the block, or :meth:`discard`, closes it (MULTIPLEXED: the adapter decides whether the shared
+    connection survives). Using the lease after the block raises :class:`~voicepool.LeaseReleased`.
+
+    Entering is cancellation-safe: a cancelled or timed-out acquire leaks no slot and never leaves a
+    connection assigned to nobody. Raises :class:`~voicepool.PoolExhausted` (timeout),
+    :class:`~voicepool.PoolUnavailable` (circuit open) or :class:`~voicepool.PoolClosed`.
+    """
+
+    __slots__ = (
+        "_conn",
+        "_discard",
+        "_leak",
+        "_pool",
+        "_rec",
+        "_state",
+        "_t0",
+        "_timeout",
+        "stream_id",
+    )
+
+    def __init__(self, pool: Pool[C], timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._state = _NEW
+        self._rec: ConnRecord[C] | None = None
+        self._conn: C | None = None
+        self._discard: str | None = None
+        self._leak: asyncio.TimerHandle | None = None
+        self._t0 = 0.0
+        self.stream_id: int | None = None
+
+    @property
+    def conn(self) -> C:
+        """The leased connection. Raises LeaseReleased outside the ``async with`` block."""
+        if self._state != _HELD:
+            raise LeaseReleased(f"lease of pool {self._pool.name!r} is not held")
+        return self._conn  # type: ignore[return-value]
+
+    @property
+    def pool(self) -> Pool[C]:
+        return self._pool
+
+    @property
+    def released(self) -> bool:
+        return self._state == _RELEASED
+
+    def discard(self, reason: str = "discarded") -> None:
+        """Close this connection (or, MULTIPLEXED, let the adapter judge it) instead of reusing it.
+
+        Takes effect when the block exits. Raises LeaseReleased if the lease is not held.
+        """
+        if self._state != _HELD:
+            raise LeaseReleased(f"lease of pool {self._pool.name!r} is not held")
+        self._discard = reason
+
+    async def __aenter__(self) -> Lease[C]:
+        if self._state != _NEW:
+            raise RuntimeError("a Lease can be entered only once; call pool.acquire() again")
+        pool = self._pool
+        if pool._instrumented:
+            # trace_acquire / leak_threshold: the rarely-enabled, costlier path.
+            await pool._acquire_instrumented(self)
+        elif not pool._take(self):
+            await pool._acquire_slow(self)
+        self._state = _HELD
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state != _HELD:
+            return
+        self._state = _RELEASED
+        if self._leak is not None:
+            self._leak.cancel()
+        pool = self._pool
+        if exc_type is None and self._discard is None and pool._fast_release:
+            pool._release_idle(self._rec, self._t0)  # type: ignore[arg-type]
+            return
+        await pool._release_slow(self, exc)
+
+    def __repr__(self) -> str:
+        state = ("new", "held", "released")[self._state]
+        sid = f" stream={self.stream_id}" if self.stream_id is not None else ""
+        return f"<Lease pool={self._pool.name!r} {state}{sid}>"

@@ -1,0 +1,878 @@
+"""`Pool[C]`: a bounded, warm, health-checked, cancellation-safe pool of one adapter's connections.
+
+How it is built (see DESIGN.md, "The engine"):
+
+* Bookkeeping is synchronous. ``_take``, ``_deliver``, ``_release_idle``, ``_retire`` and ``_grow``
+  never await: they decide who gets which connection and which connects to start, then the awaits
+  (connect, ping, reset, close) run in tasks the pool owns.
+* A slot is counted (``_opening``) before a handshake starts, so racing acquires cannot over-open.
+* Connects run in pool tasks, not in the caller: a waiter that gives up leaves the connection to
+  the next waiter, and a release while connects are failing serves the waiter at once.
+* Closes run in background tasks, so a cancelled caller never interrupts a polite close.
+
+Health, lifetime and the acquire-wait alarm live in :mod:`voicepool._engine.health`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import random
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from voicepool._engine.health import maintain, run_health
+from voicepool._engine.observer import PoolObserver, observers_for
+from voicepool._engine.record import ConnRecord, ConnState
+from voicepool._engine.waitwindow import WaitWindow
+from voicepool.adapter import Adapter, LeaseMode
+from voicepool.errors import (
+    ConnectError,
+    PoolClosed,
+    PoolError,
+    PoolExhausted,
+    PoolUnavailable,
+    VoicepoolError,
+)
+from voicepool.lease import Lease
+from voicepool.pool_settings import PoolSettings
+
+__all__ = ["Pool", "PoolState", "PoolStats"]
+
+C = TypeVar("C")
+log = logging.getLogger("voicepool.pool")
+
+_CLOSE_TIMEOUT = 5.0  # an adapter's polite close gets this long before we stop waiting for it
+
+
+class PoolState(enum.Enum):
+    """Lifecycle and circuit state of a pool, as reported by ``stats().state``."""
+
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"  # circuit closed and at least min_size open
+    DEGRADED = "degraded"  # circuit closed, below min_size after failures; refilling with backoff
+    UNAVAILABLE = "unavailable"  # circuit open: acquire fails fast, a probe retries in background
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A cheap snapshot of one pool, for health endpoints, metrics and tests."""
+
+    name: str
+    state: PoolState
+    size: int  # open connections, in use or not (opening excluded)
+    idle: int  # open and not leased (MULTIPLEXED: no stream open)
+    in_use: int  # leased (MULTIPLEXED: at least one stream open)
+    opening: int  # connects in flight (slots already counted)
+    waiters: int
+    streams_in_use: int
+    min_size: int
+    max_size: int
+    acquired: int
+    exhausted: int
+    timeouts: int
+    unavailable: int
+    connects: int
+    connect_failures: int
+    closed: Mapping[str, int] = field(default_factory=dict)
+    wait_p95_ms: float = 0.0
+    last_error: str | None = None
+
+
+class Pool(Generic[C]):
+    """Connections of type ``C`` produced by one :class:`~voicepool.Adapter`.
+
+    ``async with Pool(adapter, settings, name="asr") as pool:`` starts (warms) and closes it;
+    ``async with pool.acquire() as lease:`` borrows a connection. See DESIGN.md for the contract.
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter[C],
+        settings: PoolSettings | None = None,
+        *,
+        name: str,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.name = name
+        self.adapter = adapter
+        self.settings = s = settings if settings is not None else PoolSettings()
+        sizing = s.resolve(adapter)
+        self.lease_mode = sizing.lease_mode
+        self.min_size = sizing.min_size
+        self.max_size = sizing.max_size
+        self.max_streams = sizing.max_streams
+        self._clock = clock or time.monotonic
+        self._mux = sizing.lease_mode is LeaseMode.MULTIPLEXED
+        self._single_use = sizing.lease_mode is LeaseMode.SINGLE_USE
+        # EXCLUSIVE with the base no-op reset can release without creating a coroutine.
+        self._fast_release = (
+            sizing.lease_mode is LeaseMode.EXCLUSIVE and type(adapter).reset is Adapter.reset
+        )
+        self._take: Callable[[Lease[C]], bool] = self._take_stream if self._mux else self._take_idle
+        self._is_open = adapter.is_open
+        self._leak_threshold = s.leak_threshold
+        self._instrumented = s.leak_threshold is not None or s.trace_acquire
+        self._acquire_timeout = s.acquire_timeout
+        interval = s.ping_interval
+        if adapter.max_idle is not None:
+            # Keep well under the provider's idle close (Deepgram ~10 s): ping at half of it.
+            interval = min(interval, adapter.max_idle / 2)
+        self._ping_interval = interval
+
+        self._idle: deque[ConnRecord[C]] = deque()  # EXCLUSIVE / SINGLE_USE; LIFO at the right
+        self._conns: dict[int, ConnRecord[C]] = {}  # every open connection, by record id
+        self._by_conn: dict[int, ConnRecord[C]] = {}  # id(conn) -> record, for adapter callbacks
+        self._mux_conns: list[ConnRecord[C]] = []  # MULTIPLEXED connections that may take streams
+        self._waiters: deque[asyncio.Future[tuple[ConnRecord[C], int | None]]] = deque()
+        self._opening = 0
+        self._next_id = 0
+
+        self._lifecycle = PoolState.NEW
+        self._reported_state = PoolState.NEW
+        self._started = False
+        self._warming = False
+        self._closing = False
+        self._circuit_open = False
+        self._consecutive_failures = 0
+        self._retry_at = 0.0
+        self._last_error: BaseException | None = None
+
+        self._n_acquired = 0
+        self._n_exhausted = 0
+        self._n_timeouts = 0
+        self._n_unavailable = 0
+        self._n_connects = 0
+        self._n_connect_failures = 0
+        self._closed_by: dict[str, int] = {}
+        self._n_waited = 0
+        self._use_times: list[float] = []  # hold times, buffered for observers (only if any)
+        self._flushed = (0, 0)  # (acquired, waited) at the last observer flush
+
+        self._window = WaitWindow(s.alarm_window, self._clock())
+        self._alarm_firing = False
+        self._work: set[asyncio.Task[Any]] = set()  # connects and pings
+        self._closers: set[asyncio.Task[Any]] = set()
+        self._health_task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._drained: asyncio.Event | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        self._observers: list[PoolObserver] = observers_for(self)
+        adapter.watch(self._on_conn_changed)
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def acquire(self, timeout: float | None = None) -> Lease[C]:
+        """Borrow a connection: ``async with pool.acquire() as lease: lease.conn``.
+
+        ``timeout`` defaults to ``acquire_timeout``. Raises (on entry) PoolExhausted after the
+        timeout, PoolUnavailable at once when the circuit is open and nothing is idle, PoolClosed
+        when closing. Cancellation-safe at every await.
+        """
+        return Lease(self, timeout)
+
+    async def start(self, *, require_ready: bool = True) -> None:
+        """Open ``min_size`` connections concurrently (at most ``connect_concurrency`` at a time).
+
+        If not one could be opened: with ``require_ready`` the pool closes itself and raises
+        PoolUnavailable chaining the last connect error; without it the pool starts UNAVAILABLE or
+        DEGRADED and keeps probing in the background. Cancelling start closes what was opened.
+        """
+        if self._started or self._closing:
+            raise PoolError(f"pool {self.name!r} was already started", pool=self.name)
+        loop = asyncio.get_running_loop()
+        self._started = True
+        self._warming = True
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._window.start = self._clock()
+        self._set_lifecycle(PoolState.STARTING)
+        gate = asyncio.Semaphore(self.settings.connect_concurrency)
+
+        async def warm_one() -> None:
+            async with gate:
+                if self._closing or len(self._conns) + self._opening >= self.max_size:
+                    return
+                self._opening += 1
+                await self._open_one()
+
+        try:
+            await asyncio.gather(*(warm_one() for _ in range(self.min_size)))
+        except BaseException:
+            self._warming = False
+            await asyncio.shield(self.aclose(0))
+            raise
+        self._warming = False
+        if self.min_size and not self._conns and require_ready:
+            err = PoolUnavailable(
+                f"pool {self.name!r} could not open any of {self.min_size} connections"
+                f" ({self.adapter.describe()}): {self._last_error}",
+                pool=self.name,
+            )
+            await self.aclose(0)
+            raise err from self._last_error
+        self._set_lifecycle(PoolState.READY)
+        self._health_task = loop.create_task(run_health(self), name=f"voicepool:{self.name}:health")
+        self._grow()
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Stop lending (PoolClosed), wait up to ``timeout`` (default ``drain_timeout``) for leases,
+        then close every connection through the adapter. Idempotent; safe to cancel (the close goes
+        on in the background and a later call awaits it).
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(
+                self._close(self.settings.drain_timeout if timeout is None else timeout),
+                name=f"voicepool:{self.name}:close",
+            )
+        await asyncio.shield(self._close_task)
+
+    async def __aenter__(self) -> Pool[C]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def state(self) -> PoolState:
+        """Current state: the lifecycle while new/starting/closing, else the circuit's view."""
+        if self._lifecycle is not PoolState.READY:
+            return self._lifecycle
+        if self._circuit_open:
+            return PoolState.UNAVAILABLE
+        if len(self._conns) < self.min_size and self._consecutive_failures:
+            return PoolState.DEGRADED
+        return PoolState.READY
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The last connect error (None after a success closed the circuit... it is kept)."""
+        return self._last_error
+
+    def stats(self) -> PoolStats:
+        """A snapshot; O(number of connections), no I/O, never raises."""
+        conns = self._conns.values()
+        if self._mux:
+            in_use = sum(1 for r in conns if r.streams)
+            streams = sum(r.streams for r in conns)
+        else:
+            in_use = sum(1 for r in conns if r.state is ConnState.IN_USE)
+            streams = in_use
+        return PoolStats(
+            name=self.name,
+            state=self.state,
+            size=len(self._conns),
+            idle=len(self._conns) - in_use,
+            in_use=in_use,
+            opening=self._opening,
+            waiters=len(self._waiters),
+            streams_in_use=streams,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            acquired=self._n_acquired,
+            exhausted=self._n_exhausted,
+            timeouts=self._n_timeouts,
+            unavailable=self._n_unavailable,
+            connects=self._n_connects,
+            connect_failures=self._n_connect_failures,
+            closed=dict(self._closed_by),
+            wait_p95_ms=self._window.current(self._n_acquired) * 1000.0,
+            last_error=None if self._last_error is None else str(self._last_error),
+        )
+
+    def _maintain(self, now: float | None = None) -> float:
+        """Run one health pass (tests drive it with a fake clock); returns the next due time."""
+        return maintain(self, self._clock() if now is None else now)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool {self.name!r} {self.state.value} size={len(self._conns)}/{self.max_size}"
+            f" opening={self._opening} waiters={len(self._waiters)}>"
+        )
+
+    # -- acquire --------------------------------------------------------------------------------
+
+    def _take_idle(self, lease: Lease[C]) -> bool:
+        """Fast path (EXCLUSIVE / SINGLE_USE): pop the most recently used idle connection."""
+        idle = self._idle
+        while idle:
+            rec = idle.pop()
+            if self._is_open(rec.conn):
+                rec.state = ConnState.IN_USE
+                lease._rec = rec
+                lease._conn = rec.conn
+                lease._t0 = self._clock()
+                self._n_acquired += 1
+                return True
+            self._retire(rec, "remote_closed")
+        return False
+
+    def _take_stream(self, lease: Lease[C]) -> bool:
+        """Fast path (MULTIPLEXED): a stream on the least-loaded connection with room."""
+        while True:
+            best: ConnRecord[C] | None = None
+            load = 1 << 30
+            free = 0
+            for rec in self._mux_conns:
+                room = rec.cap - rec.streams
+                if room > 0:
+                    free += room
+                    if rec.streams < load:
+                        best, load = rec, rec.streams
+            if best is None:
+                return False
+            if not self._is_open(best.conn):
+                self._retire(best, "remote_closed")
+                continue
+            best.streams += 1
+            best.seq += 1
+            lease._rec = best
+            lease._conn = best.conn
+            lease.stream_id = best.seq
+            lease._t0 = self._clock()
+            self._n_acquired += 1
+            if free == 1:
+                self._grow()  # that was the last free stream: open another while we still can
+            return True
+
+    async def _acquire_slow(self, lease: Lease[C]) -> None:
+        """Queue FIFO for a connection; see :meth:`acquire` for what escapes."""
+        if self._closing:
+            raise PoolClosed(f"pool {self.name!r} is closed", pool=self.name)
+        if not self._started:
+            raise PoolError(
+                f"pool {self.name!r} is not started: use `async with pool` or await pool.start()",
+                pool=self.name,
+            )
+        if self._circuit_open:
+            self._n_unavailable += 1
+            err = PoolUnavailable(
+                f"pool {self.name!r} is unavailable (circuit open after"
+                f" {self._consecutive_failures} connect failures): {self._last_error}",
+                pool=self.name,
+            )
+            for obs in self._observers:
+                obs.on_unavailable(self, err)
+            raise err from self._last_error
+        fut: asyncio.Future[tuple[ConnRecord[C], int | None]]
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._grow()
+        if len(self._conns) + self._opening >= self.max_size:
+            self._n_exhausted += 1
+            for obs in self._observers:
+                obs.on_exhausted(self)
+        t0 = self._clock()
+        timeout = self._acquire_timeout if lease._timeout is None else lease._timeout
+        try:
+            async with asyncio.timeout(timeout):
+                rec, sid = await fut
+        except BaseException as exc:
+            self._abandon(fut)
+            if isinstance(exc, TimeoutError) and not isinstance(exc, VoicepoolError):
+                waited = self._clock() - t0
+                self._n_timeouts += 1
+                self._window.record(waited)
+                exhausted = PoolExhausted(self._exhausted_message(timeout), pool=self.name)
+                for obs in self._observers:
+                    obs.on_timeout(self, waited, exhausted)
+                raise exhausted from self._last_error
+            raise
+        waited = self._clock() - t0
+        self._window.record(waited)
+        self._n_waited += 1
+        for obs in self._observers:
+            obs.on_waited(self, waited)
+        lease._rec = rec
+        lease._conn = rec.conn
+        lease.stream_id = sid
+        lease._t0 = self._clock()
+        self._n_acquired += 1
+
+    async def _acquire_instrumented(self, lease: Lease[C]) -> None:
+        """Acquire with per-acquire observer hooks (trace_acquire) and leak watching."""
+        tokens = (
+            [obs.acquire_started(self) for obs in self._observers]
+            if self.settings.trace_acquire
+            else []
+        )
+        error: BaseException | None = None
+        try:
+            if not self._take(lease):
+                await self._acquire_slow(lease)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            for obs, tok in zip(self._observers, tokens, strict=False):
+                obs.on_acquire_end(self, tok, lease, error)
+        if self._leak_threshold is not None:
+            self._watch_leak(lease)
+
+    def _exhausted_message(self, timeout: float) -> str:
+        s = self.stats()
+        cause = f"; last connect error: {self._last_error}" if self._last_error else ""
+        return (
+            f"pool {self.name!r} exhausted: no connection within {timeout:g}s"
+            f" (size={s.size}/{s.max_size}, in_use={s.in_use}, idle={s.idle},"
+            f" opening={s.opening}, waiters={s.waiters}){cause}"
+        )
+
+    def _abandon(self, fut: asyncio.Future[tuple[ConnRecord[C], int | None]]) -> None:
+        """A waiter gave up. If it was already handed a connection, pass that on."""
+        if not fut.done():
+            fut.cancel()
+            try:
+                self._waiters.remove(fut)
+            except ValueError:
+                pass
+            return
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        rec, _sid = fut.result()
+        if self._mux:
+            rec.streams -= 1
+            self._after_stream_end(rec)
+        else:
+            self._deliver(rec)
+
+    # -- release ----------------------------------------------------------------------------------
+
+    def _release_idle(self, rec: ConnRecord[C], t0: float) -> None:
+        """Clean EXCLUSIVE release with nothing to reset: synchronous."""
+        now = self._clock()
+        if self._observers:
+            self._use_times.append(now - t0)
+        rec.last_used = now
+        if rec.expires <= now:
+            self._retire(rec, "expired")
+        elif not self._is_open(rec.conn):
+            self._retire(rec, "remote_closed")
+        else:
+            rec.next_ping = now + rec.ping_period
+            self._deliver(rec)
+
+    async def _release_slow(self, lease: Lease[C], exc: BaseException | None) -> None:
+        """Release with a reset, a discard, an error, single use or a stream to end.
+
+        Cancellation-safe: bookkeeping happens in ``finally``; a cancelled reset discards the
+        connection, since its state is then unknown.
+        """
+        rec = lease._rec
+        assert rec is not None
+        reason = lease._discard
+        if reason is None and exc is not None:
+            reason = "error"
+        if self._mux:
+            await self._release_stream(lease, rec, exc, reason)
+            return
+        now = self._clock()
+        if self._observers:
+            self._use_times.append(now - lease._t0)
+        rec.last_used = now
+        if reason is not None:
+            self._retire(rec, "discarded" if lease._discard is not None else "error")
+        elif self._single_use:
+            self._retire(rec, "used")
+        elif rec.expires <= now:
+            self._retire(rec, "expired")
+        elif not self._is_open(rec.conn):
+            self._retire(rec, "remote_closed")
+        else:
+            ok = False
+            try:
+                async with asyncio.timeout(self.settings.ping_timeout):
+                    await self.adapter.reset(rec.conn)
+                ok = self._is_open(rec.conn)
+            except Exception as err:
+                log.debug("pool %s: reset failed: %r", self.name, err, extra=self._extra)
+            finally:
+                if ok:
+                    rec.next_ping = self._clock() + rec.ping_period
+                    self._deliver(rec)
+                else:
+                    self._retire(rec, "error")
+
+    async def _release_stream(
+        self, lease: Lease[C], rec: ConnRecord[C], exc: BaseException | None, reason: str | None
+    ) -> None:
+        keep = False
+        err: BaseException | None = exc
+        if err is None and reason is not None:
+            err = VoicepoolError(f"lease discarded: {reason}")
+        try:
+            if rec.state is not ConnState.CLOSED:
+                keep = await self.adapter.release_stream(rec.conn, lease.stream_id or 0, err)
+        except Exception as e:
+            log.debug("pool %s: release_stream failed: %r", self.name, e, extra=self._extra)
+        finally:
+            now = self._clock()
+            if self._observers:
+                self._use_times.append(now - lease._t0)
+            rec.streams -= 1
+            rec.last_used = now
+            if not keep:
+                self._retire(rec, "discarded" if lease._discard is not None else "error")
+            self._after_stream_end(rec)
+
+    def _after_stream_end(self, rec: ConnRecord[C]) -> None:
+        """A stream on ``rec`` ended: close a drained connection, or serve waiters with it."""
+        if rec.state is ConnState.CLOSED:
+            self._check_drained()
+            return
+        if rec.streams == 0 and (self._closing or rec.cap == 0 or rec.expires <= self._clock()):
+            self._retire(rec, "shutdown" if self._closing else "expired")
+            return
+        self._serve_streams(rec)
+
+    # -- handing out ------------------------------------------------------------------------------
+
+    def _deliver(self, rec: ConnRecord[C]) -> None:
+        """An EXCLUSIVE / SINGLE_USE connection is free: first live waiter, else idle (LIFO)."""
+        if self._closing:
+            self._retire(rec, "shutdown")
+            return
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                rec.state = ConnState.IN_USE
+                fut.set_result((rec, None))
+                return
+        rec.state = ConnState.IDLE
+        self._idle.append(rec)
+
+    def _serve_streams(self, rec: ConnRecord[C]) -> None:
+        """A MULTIPLEXED connection has room: give streams to waiters in FIFO order."""
+        waiters = self._waiters
+        while waiters and rec.streams < rec.cap:
+            fut = waiters.popleft()
+            if not fut.done():
+                rec.streams += 1
+                rec.seq += 1
+                fut.set_result((rec, rec.seq))
+
+    # -- connect, retire, grow --------------------------------------------------------------------
+
+    def _grow(self) -> None:
+        """Decide how many connects to start now, and start them (synchronous, no awaits).
+
+        Demand is the waiters not covered by connects in flight, plus the warm floor
+        (``min_size``; SINGLE_USE: spares). While connects are failing, one at a time, after the
+        backoff delay. Never more than ``max_size`` open + opening.
+        """
+        if not self._started or self._warming or self._closing:
+            return
+        if self._retry_at and self._clock() < self._retry_at:
+            self._poke()  # the health task sleeps until then
+            return
+        size = len(self._conns) + self._opening
+        room = self.max_size - size
+        if room <= 0:
+            return
+        waiting = len(self._waiters)
+        if self._mux:
+            per = self.max_streams
+            free = sum(max(0, r.cap - r.streams) for r in self._mux_conns) + self._opening * per
+            short = waiting - free
+            need = -(-short // per) if short > 0 else 0
+            if free == 0 and self._mux_conns:
+                need = max(need, 1)  # saturated: one more before the next caller has to wait
+            need = max(need, self.min_size - size)
+        elif self._single_use:
+            need = max(
+                waiting - self._opening, self.min_size + waiting - len(self._idle) - self._opening
+            )
+        else:
+            need = max(waiting - self._opening, self.min_size - size)
+        if need <= 0:
+            return
+        if self._consecutive_failures:
+            limit = 1 - self._opening  # probing: one connect at a time
+        else:
+            limit = self.settings.connect_concurrency - self._opening
+        for _ in range(min(need, room, limit)):
+            self._opening += 1
+            self._spawn(self._open_one(), self._work)
+
+    async def _open_one(self) -> None:
+        """Open one connection into a slot already counted in ``_opening``."""
+        token = [obs.connect_started(self) for obs in self._observers]
+        t0 = self._clock()
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                conn = await self.adapter.connect()
+        except BaseException as exc:
+            self._opening -= 1
+            if isinstance(exc, TimeoutError) and not isinstance(exc, VoicepoolError):
+                err: BaseException = ConnectError(
+                    f"connect to {self.adapter.describe()} timed out after"
+                    f" {self.settings.connect_timeout:g}s"
+                )
+                err.__cause__ = exc
+            else:
+                err = exc
+            if isinstance(exc, Exception):
+                duration = self._clock() - t0
+                for obs, tok in zip(self._observers, token, strict=True):
+                    obs.on_connected(self, tok, duration, err)
+                self._connect_failed(err)
+            self._check_drained()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._opening -= 1
+        duration = self._clock() - t0
+        for obs, tok in zip(self._observers, token, strict=True):
+            obs.on_connected(self, tok, duration, None)
+        if self._closing:
+            self._spawn(self._close_conn(conn), self._closers)
+            self._check_drained()
+            return
+        self._n_connects += 1
+        rec = self._new_record(conn)
+        self._connect_succeeded()
+        log.debug(
+            "pool %s: connection #%d open in %.1f ms",
+            self.name,
+            rec.id,
+            duration * 1e3,
+            extra=self._extra,
+        )
+        if self._mux:
+            self._serve_streams(rec)
+        else:
+            self._deliver(rec)
+        self._grow()
+
+    def _new_record(self, conn: C) -> ConnRecord[C]:
+        now = self._clock()
+        self._next_id += 1
+        lifetime = self.settings.max_lifetime
+        # Jitter lifetimes and ping periods down by up to 10% so a pool opened at once does not
+        # expire or ping at once.
+        expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else math.inf
+        period = self._ping_interval * (1 - 0.1 * random.random())
+        cap = min(self.max_streams, self.adapter.stream_capacity(conn)) if self._mux else 1
+        rec = ConnRecord(conn, self._next_id, now, expires, period, cap)
+        self._conns[rec.id] = rec
+        self._by_conn[id(conn)] = rec
+        if self._mux:
+            rec.state = ConnState.IN_USE
+            self._mux_conns.append(rec)
+        return rec
+
+    def _connect_failed(self, err: BaseException) -> None:
+        if not isinstance(err, ConnectError):
+            wrapped = ConnectError(
+                f"connect to {self.adapter.describe()} failed: {type(err).__name__}: {err}",
+                fatal=self.adapter.is_fatal(err),
+            )
+            wrapped.__cause__ = err
+            err = wrapped
+        self._n_connect_failures += 1
+        self._consecutive_failures += 1
+        self._last_error = err
+        fatal = self.adapter.is_fatal(err) or (isinstance(err, ConnectError) and err.fatal)
+        s = self.settings
+        cap = min(
+            s.backoff_max,
+            s.backoff_initial * s.backoff_multiplier ** (self._consecutive_failures - 1),
+        )
+        self._retry_at = self._clock() + random.uniform(0, cap)  # full jitter
+        log.debug(
+            "pool %s: connect failed (%d in a row): %s",
+            self.name,
+            self._consecutive_failures,
+            err,
+            extra=self._extra,
+        )
+        if (fatal or self._consecutive_failures >= s.failure_threshold) and not self._circuit_open:
+            self._open_circuit(err, fatal)
+        self._poke()
+
+    def _connect_succeeded(self) -> None:
+        self._consecutive_failures = 0
+        self._retry_at = 0.0
+        if self._circuit_open:
+            self._circuit_open = False
+            log.warning(
+                "pool %s: circuit closed, provider reachable again", self.name, extra=self._extra
+            )
+        self._report_state()
+
+    def _open_circuit(self, err: BaseException, fatal: bool) -> None:
+        self._circuit_open = True
+        why = "fatal error" if fatal else f"{self._consecutive_failures} connect failures in a row"
+        log.warning("pool %s: circuit open (%s): %s", self.name, why, err, extra=self._extra)
+        self._report_state()
+        waiters, self._waiters = self._waiters, deque()
+        for fut in waiters:
+            if not fut.done():
+                self._n_unavailable += 1
+                e = PoolUnavailable(
+                    f"pool {self.name!r} is unavailable ({why}): {err}", pool=self.name
+                )
+                e.__cause__ = err
+                fut.set_exception(e)
+
+    def _retire(self, rec: ConnRecord[C], reason: str) -> None:
+        """Take ``rec`` out of the pool for good and close it in the background."""
+        if rec.state is ConnState.CLOSED:
+            return
+        if rec.state is ConnState.IDLE:
+            try:
+                self._idle.remove(rec)
+            except ValueError:
+                pass  # already popped by the caller
+        rec.state = ConnState.CLOSED
+        self._conns.pop(rec.id, None)
+        self._by_conn.pop(id(rec.conn), None)
+        if self._mux:
+            try:
+                self._mux_conns.remove(rec)
+            except ValueError:
+                pass
+        self._closed_by[reason] = self._closed_by.get(reason, 0) + 1
+        for obs in self._observers:
+            obs.on_closed(self, reason)
+        log.debug(
+            "pool %s: connection #%d closed (%s)", self.name, rec.id, reason, extra=self._extra
+        )
+        self._spawn(self._close_conn(rec.conn), self._closers)
+        if self._closing:
+            self._check_drained()
+        else:
+            self._grow()
+
+    async def _close_conn(self, conn: C) -> None:
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self.adapter.close(conn)
+        except Exception as err:
+            log.debug("pool %s: close failed: %r", self.name, err, extra=self._extra)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], into: set[asyncio.Task[Any]]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        into.add(task)
+        task.add_done_callback(into.discard)
+
+    def _on_conn_changed(self, conn: Any) -> None:
+        """Adapter callback: re-read ``conn``'s capacity and liveness now."""
+        rec = self._by_conn.get(id(conn))
+        if rec is None or rec.state is ConnState.CLOSED:
+            return
+        if not self._is_open(conn):
+            if rec.state is ConnState.IDLE or (self._mux and rec.streams == 0):
+                self._retire(rec, "remote_closed")
+            else:
+                self._poke()
+            return
+        if self._mux:
+            old, rec.cap = rec.cap, min(self.max_streams, self.adapter.stream_capacity(conn))
+            if rec.cap == 0 and rec.streams == 0:
+                self._retire(rec, "expired")
+            elif rec.cap > old:
+                self._serve_streams(rec)
+            if rec.cap < old:
+                self._grow()
+
+    # -- state, close ---------------------------------------------------------------------------
+
+    @property
+    def _extra(self) -> dict[str, str]:
+        return {"voicepool.pool.name": self.name}
+
+    def _set_lifecycle(self, state: PoolState) -> None:
+        self._lifecycle = state
+        self._report_state()
+
+    def _report_state(self) -> None:
+        new = self.state
+        old, self._reported_state = self._reported_state, new
+        if old is not new:
+            log.debug("pool %s: %s -> %s", self.name, old.value, new.value, extra=self._extra)
+            for obs in self._observers:
+                obs.on_state(self, old, new)
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _check_drained(self) -> None:
+        if self._closing and self._drained is not None and not self._busy():
+            self._drained.set()
+
+    def _busy(self) -> bool:
+        return self._opening > 0 or any(
+            r.state is ConnState.IN_USE and (not self._mux or r.streams)
+            for r in self._conns.values()
+        )
+
+    async def _close(self, timeout: float) -> None:
+        self._closing = True
+        self._set_lifecycle(PoolState.CLOSING)
+        waiters, self._waiters = self._waiters, deque()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(PoolClosed(f"pool {self.name!r} is closing", pool=self.name))
+        tasks = list(self._work)
+        if self._health_task is not None:
+            tasks.append(self._health_task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for rec in list(self._conns.values()):
+            if rec.state is not ConnState.IN_USE or (self._mux and not rec.streams):
+                self._retire(rec, "shutdown")
+        if self._busy():
+            if self._drained is None:
+                self._drained = asyncio.Event()
+            self._check_drained()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._drained.wait()
+            except TimeoutError:
+                log.warning(
+                    "pool %s: %d leases still held after %gs; closing them",
+                    self.name,
+                    sum(1 for r in self._conns.values() if r.state is ConnState.IN_USE),
+                    timeout,
+                    extra=self._extra,
+                )
+        for rec in list(self._conns.values()):
+            self._retire(rec, "shutdown")
+        if self._closers:
+            await asyncio.wait(list(self._closers), timeout=_CLOSE_TIMEOUT + 1)
+        self.adapter.unwatch(self._on_conn_changed)
+        self._set_lifecycle(PoolState.CLOSED)
+        for obs in self._observers:
+            obs.on_pool_closed(self)
+
+    # -- leak detection ---------------------------------------------------------------------------
+
+    def _watch_leak(self, lease: Lease[C]) -> None:
+        stack = "".join(traceback.format_list(traceback.extract_stack(limit=12)[:-2]))
+        assert self._leak_threshold is not None
+        lease._leak = asyncio.get_running_loop().call_later(
+            self._leak_threshold, self._report_leak, lease, stack
+        )
+
+    def _report_leak(self, lease: Lease[C], stack: str) -> None:
+        log.warning(
+            "pool %s: a lease has been held for more than %gs (possible leak); acquired at:\n%s",
+            self.name,
+            self._leak_threshold,
+            stack,
+            extra=self._extra,
+        )
