@@ -4,6 +4,7 @@ Every server here listens on 127.0.0.1, port 0 by default, and never contacts an
 TLS certificates come from :mod:`voicepool.testing.tls` (``trustme``).
 """
 
+from voicepool.testing.faultproxy import FaultProxy, ProxyConnection
 from voicepool.testing.tls import TestCertificates, test_certificates
 
-__all__ = ["TestCertificates", "test_certificates"]
+__all__ = ["FaultProxy", "ProxyConnection", "TestCertificates", "test_certificates"]
