@@ -5,6 +5,15 @@ TLS certificates come from :mod:`voicepool.testing.tls` (``trustme``).
 """
 
 from voicepool.testing.faultproxy import FaultProxy, ProxyConnection
+from voicepool.testing.nginx import Nginx, free_port, nginx_available
 from voicepool.testing.tls import TestCertificates, test_certificates
 
-__all__ = ["FaultProxy", "ProxyConnection", "TestCertificates", "test_certificates"]
+__all__ = [
+    "FaultProxy",
+    "Nginx",
+    "ProxyConnection",
+    "TestCertificates",
+    "free_port",
+    "nginx_available",
+    "test_certificates",
+]
