@@ -602,11 +602,27 @@ class Pool(Generic[C]):
         else:
             limit = self.settings.connect_concurrency - self._opening
         for _ in range(min(need, room, limit)):
-            self._opening += 1
-            self._spawn(self._open_one(), self._work)
+            self._spawn_connect()
 
-    async def _open_one(self) -> None:
-        """Open one connection into a slot already counted in ``_opening``."""
+    def _spawn_connect(self) -> None:
+        """Count a slot, then connect into it in a pool task."""
+        self._opening += 1
+        started = [False]
+        task = asyncio.get_running_loop().create_task(self._open_one(started))
+        self._work.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._work.discard(task)
+            if not started[0]:  # cancelled before it ran: _open_one never freed its slot
+                self._opening -= 1
+                self._check_drained()
+
+        task.add_done_callback(done)
+
+    async def _open_one(self, started: list[bool] | None = None) -> None:
+        """Open one connection into a slot already counted in ``_opening`` (which it frees)."""
+        if started is not None:
+            started[0] = True
         token = [obs.connect_started(self) for obs in self._observers]
         t0 = self._clock()
         try:
@@ -653,6 +669,7 @@ class Pool(Generic[C]):
             self._serve_streams(rec)
         else:
             self._deliver(rec)
+        self._poke()  # the health task schedules this connection's ping, lifetime and idle time
         self._grow()
 
     def _new_record(self, conn: C) -> ConnRecord[C]:

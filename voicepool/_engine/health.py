@@ -81,6 +81,12 @@ def maintain(pool: Pool[Any], now: float) -> float:
             if idle_timeout is not None and surplus > 0:
                 nxt = min(nxt, rec.last_used + idle_timeout)
             due = min(due, nxt)
+    # Connections in use are not scheduled here (the release path stays free of timers), so
+    # wake at least every quarter ping interval: a ping is then at most 25% late, and a surplus
+    # connection is retired at most idle_timeout/4 after its idle time is up.
+    due = min(due, now + pool._ping_interval / 4)
+    if idle_timeout is not None and surplus > 0:
+        due = min(due, now + idle_timeout / 4)
     pool._grow()
     if pool._retry_at > now:
         due = min(due, pool._retry_at)
