@@ -124,6 +124,8 @@ class Adapter(Generic[C]):
         ``error`` is the exception that left the lease's block, or a :class:`~voicepool.errors.
         VoicepoolError` describing ``lease.discard(reason)``. Return False when the shared
         connection itself must be discarded; the default keeps it while :meth:`is_open` holds.
+        Free local stream state before the first await: if the releasing task is cancelled, the
+        pool keeps the connection while :meth:`is_open` holds and does not call again.
         """
         return self.is_open(conn)
 

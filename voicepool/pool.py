@@ -378,16 +378,19 @@ class Pool(Generic[C]):
             async with asyncio.timeout(timeout):
                 rec, sid = await fut
         except BaseException as exc:
+            timed_out = isinstance(exc, TimeoutError) and not isinstance(exc, VoicepoolError)
+            # Build the message before leaving the queue so it counts this waiter.
+            message = self._exhausted_message(timeout) if timed_out else ""
             self._abandon(fut)
-            if isinstance(exc, TimeoutError) and not isinstance(exc, VoicepoolError):
-                waited = self._clock() - t0
-                self._n_timeouts += 1
-                self._window.record(waited)
-                exhausted = PoolExhausted(self._exhausted_message(timeout), pool=self.name)
-                for obs in self._observers:
-                    obs.on_timeout(self, waited, exhausted)
-                raise exhausted from self._last_error
-            raise
+            if not timed_out:
+                raise
+            waited = self._clock() - t0
+            self._n_timeouts += 1
+            self._window.record(waited)
+            exhausted = PoolExhausted(message, pool=self.name)
+            for obs in self._observers:
+                obs.on_timeout(self, waited, exhausted)
+            raise exhausted from self._last_error
         waited = self._clock() - t0
         self._window.record(waited)
         self._n_waited += 1
@@ -432,12 +435,13 @@ class Pool(Generic[C]):
         """A waiter gave up. If it was already handed a connection, pass that on."""
         if not fut.done():
             fut.cancel()
+        if fut.cancelled():  # (a task cancelled while awaiting fut cancels fut itself)
             try:
                 self._waiters.remove(fut)
             except ValueError:
                 pass
             return
-        if fut.cancelled() or fut.exception() is not None:
+        if fut.exception() is not None:
             return
         rec, _sid = fut.result()
         if self._mux:
@@ -513,6 +517,11 @@ class Pool(Generic[C]):
         try:
             if rec.state is not ConnState.CLOSED:
                 keep = await self.adapter.release_stream(rec.conn, lease.stream_id or 0, err)
+        except asyncio.CancelledError:
+            # Cancelled mid-release: the stream's fate is the adapter's (it frees its local state
+            # before its first await); the shared connection is judged by is_open alone.
+            keep = self._is_open(rec.conn)
+            raise
         except Exception as e:
             log.debug("pool %s: release_stream failed: %r", self.name, e, extra=self._extra)
         finally:
