@@ -107,7 +107,8 @@ async def test_cancel_while_resetting() -> None:
 
     task = asyncio.create_task(use())
     await asyncio.sleep(0.02)  # now inside reset()
-    assert first and first[0].resets == 1
+    assert first
+    assert first[0].resets == 1
     await cancel(task)
     adapter.reset_delay = 0
     await settle(pool)
@@ -224,7 +225,8 @@ async def test_cancel_during_aclose_finishes_in_background() -> None:
     gate.set()
     await h
     await pool.aclose()  # awaits the same close
-    assert pool.stats().state is PoolState.CLOSED and not adapter.open_conns
+    assert pool.stats().state is PoolState.CLOSED
+    assert not adapter.open_conns
     with pytest.raises(PoolClosed):
         async with pool.acquire():
             pass
