@@ -5,6 +5,9 @@ ASR / TTS WebSockets, LLM HTTP/2 connections, REST keep-alives and SIP registrat
 at boot, keeps them healthy out of band, and lends them with ``async with pool.acquire() as lease``.
 """
 
+# Importing voicepool.telemetry registers the default OpenTelemetry observer (global providers:
+# a no-op until the application installs an SDK).
+from voicepool import telemetry as telemetry
 from voicepool.adapter import (
     Adapter,
     LeaseMode,

@@ -30,6 +30,14 @@ class PoolObserver:
     def on_unavailable(self, pool: Pool[Any], error: BaseException) -> None:
         """An acquire failed fast because the circuit is open."""
 
+    def on_wait_failed(self, pool: Pool[Any], waited: float, error: BaseException) -> None:
+        """A queued acquire ended after ``waited`` seconds without a lease and without timing out.
+
+        ``error`` is what is about to propagate: the CancelledError of a cancelled caller (or of a
+        timeout the caller put around the acquire), the PoolUnavailable set on every waiter when
+        the circuit opens, or PoolClosed. Called in the acquiring task, before re-raising.
+        """
+
     def acquire_started(self, pool: Pool[Any]) -> object:
         """Only with ``trace_acquire``: an acquire begins; the result goes to on_acquire_end."""
         return None
