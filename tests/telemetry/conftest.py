@@ -63,7 +63,7 @@ class Otel:
         return point.value
 
     def histogram(self, name: str, pool: str = "asr", **attrs: Any) -> HistogramDataPoint:
-        """The point of histogram ``name`` whose attributes are exactly the pool name + ``attrs``."""
+        """The point of histogram ``name`` whose attributes are exactly pool name + ``attrs``."""
         want = {"voicepool.pool.name": pool, **{k.replace("__", "."): v for k, v in attrs.items()}}
         hits = [p for p in self.points(name) if dict(p.attributes) == want]
         assert len(hits) == 1, (name, want, [dict(p.attributes) for p in self.points(name)])

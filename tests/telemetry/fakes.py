@@ -70,7 +70,7 @@ class ScriptedAdapter(Adapter[FakeConn]):
     def _notify(self) -> None:
         self._event().set()
 
-    # -- Adapter ------------------------------------------------------------------------------------
+    # -- Adapter ---------------------------------------------------------------------------------
 
     async def connect(self) -> FakeConn:
         try:

@@ -148,7 +148,7 @@ async def test_circuit_open_state_and_failed_connects(otel: Otel) -> None:
 async def test_ping_failure_histogram_and_close_reason(otel: Otel, probe: Probe) -> None:
     adapter = ScriptedAdapter()
     s = settings(min_size=1, max_size=1, ping_interval=0.05, ping_timeout=0.05)
-    async with Pool(adapter, s, name="asr") as pool:
+    async with Pool(adapter, s, name="asr"):
         await asyncio.wait_for(probe.pinged.wait(), 10)
         adapter.ping_error = ConnectionResetError("peer reset")
         await adapter.wait_for(lambda: len(adapter.closed) >= 1)

@@ -13,6 +13,7 @@ import functools
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -133,6 +134,10 @@ class _Pending:
 
 _pending: ContextVar[tuple[_Pending, ...]] = ContextVar("voicepool_telemetry_pending", default=())
 
+# Span events go to the caller's span whatever the observer's tracer provider, so with two
+# instrumentations on one pool (the default one and an explicit one) only one may add them.
+_event_owner: weakref.WeakKeyDictionary[Pool[Any], OtelObserver] = weakref.WeakKeyDictionary()
+
 
 def pool_attrs(pool: Pool[Any]) -> _Attrs:
     """Pool name and occupancy for a span event. Secret-free: numbers and the pool's name."""
@@ -169,13 +174,23 @@ class OtelObserver(PoolObserver):
         self._adapter = type(pool.adapter).__name__
         self._budget = budget
         self._waits = _Reservoir(budget)
+        _event_owner.setdefault(pool, self)
+
+    def _owns_events(self, pool: Pool[Any]) -> bool:
+        owner = _event_owner.get(pool)
+        if owner is self:
+            return True
+        if owner is None or not owner.registry.active:  # the owner was removed: take over
+            _event_owner[pool] = self
+            return True
+        return False
 
     # -- the caller's acquire ---------------------------------------------------------------------
 
     @_guard
     def on_exhausted(self, pool: Pool[Any]) -> None:
         span = trace.get_current_span()
-        if not span.is_recording():
+        if not span.is_recording() or not self._owns_events(pool):
             return
         # The event is added when the wait ends, so it can carry the wait time; its timestamp is
         # now, when the acquire queued.
@@ -210,7 +225,7 @@ class OtelObserver(PoolObserver):
         self._waits.add(waited)
         self._emit_exhausted(waited)
         span = trace.get_current_span()
-        if span.is_recording():
+        if span.is_recording() and self._owns_events(pool):
             span.add_event(n.EVENT_TIMEOUT, {**pool_attrs(pool), n.ATTR_WAIT_TIME: waited})
             span.record_exception(error)
 
@@ -226,7 +241,7 @@ class OtelObserver(PoolObserver):
 
     def _unavailable(self, pool: Pool[Any], waited: float) -> None:
         span = trace.get_current_span()
-        if not span.is_recording():
+        if not span.is_recording() or not self._owns_events(pool):
             return
         attrs = pool_attrs(pool)
         attrs[n.ATTR_POOL_STATE] = pool.state.value
