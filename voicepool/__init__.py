@@ -27,8 +27,11 @@ from voicepool.errors import (
     VoicepoolError,
 )
 from voicepool.lease import Lease
+from voicepool.manager import PoolManager
 from voicepool.pool import Pool, PoolState, PoolStats
 from voicepool.pool_settings import PoolSettings
+from voicepool.settings import VoicePoolSettings
+from voicepool.shutdown import GracefulShutdown
 
 __version__ = "0.1.0"
 
@@ -45,6 +48,10 @@ __all__ = [  # noqa: RUF022 - grouped by topic, as the docs list them
     "PoolSettings",
     "PoolState",
     "PoolStats",
+    # settings, manager, worker embedding
+    "GracefulShutdown",
+    "PoolManager",
+    "VoicePoolSettings",
     # errors
     "AdapterNotFound",
     "ConfigError",
