@@ -1,0 +1,34 @@
+"""HTTP/2 connection pool for LLM endpoints, on ``h2`` over asyncio TLS.
+
+* :class:`Http2Adapter` (options: :class:`Http2Options`, also ``Http2Adapter.Options``): MULTIPLEXED
+  pool connections whose leases are HTTP/2 streams, PING health, GOAWAY drain and replacement,
+  RST_STREAM on cancellation.
+* :class:`PooledTransport`: an ``httpx.AsyncBaseTransport`` on such a pool, for
+  ``httpx.AsyncClient(transport=...)`` and so ``openai.AsyncOpenAI(http_client=...)`` and
+  ``anthropic.AsyncAnthropic(http_client=...)``.
+
+Modules of this package import each other relatively: the repo folder ``adapters/`` is installed as
+``voicepool.adapters``, which mypy cannot map, and a relative import resolves to the installed
+name at run time (ruff's TID251 ban sees the folder name, hence the ``noqa``).
+"""
+
+from .adapter import Http2Adapter, Http2Options  # noqa: TID251
+from .connection import H2Connection  # noqa: TID251
+from .stream import ConnectionClosed, H2Error, H2Stream, Origin, StreamRefused, StreamReset  # noqa: TID251
+from .transport import PooledTransport  # noqa: TID251
+
+Options = Http2Options
+
+__all__ = [
+    "ConnectionClosed",
+    "H2Connection",
+    "H2Error",
+    "H2Stream",
+    "Http2Adapter",
+    "Http2Options",
+    "Options",
+    "Origin",
+    "PooledTransport",
+    "StreamRefused",
+    "StreamReset",
+]

@@ -1,0 +1,265 @@
+"""`PooledTransport`: an ``httpx.AsyncBaseTransport`` whose requests run on pooled HTTP/2 streams.
+
+Each request takes one lease (a stream slot on the least-loaded warm connection) and keeps it until
+the response is closed (``response.aclose()``, which httpx and the OpenAI/Anthropic SDKs call when a
+stream ends or its ``async with`` exits). So a streaming SSE response holds its stream while it is
+read; cancelling the reading task, or closing the response early, resets the stream (RST_STREAM)
+and frees the slot at once.
+
+    pool = Pool(Http2Adapter(base_url="https://llm.example", api_key=key), settings, name="llm")
+    async with pool:
+        client = openai.AsyncOpenAI(
+            base_url="https://llm.example/v1", api_key=key,
+            http_client=httpx.AsyncClient(transport=PooledTransport(pool)),
+        )
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import httpx
+
+from voicepool.errors import PoolError, PoolExhausted, VoicepoolError
+from voicepool.lease import Lease
+from voicepool.pool import Pool
+
+from .adapter import Http2Adapter  # noqa: TID251
+from .connection import H2Connection  # noqa: TID251
+from .stream import ConnectionClosed, H2Error, H2Stream, StreamRefused, StreamReset  # noqa: TID251
+
+__all__ = ["PooledTransport"]
+
+# Connection-specific headers are forbidden in HTTP/2 (RFC 9113 8.2.2); Host becomes :authority.
+_DROP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+
+
+def _translate(
+    exc: BaseException, request: httpx.Request, phase: Literal["read", "write"]
+) -> BaseException:
+    """Map a pool or HTTP/2 error to the httpx exception SDKs handle (and retry); others as is."""
+    if isinstance(exc, httpx.HTTPError) or not isinstance(exc, Exception):
+        return exc  # CancelledError, GeneratorExit, KeyboardInterrupt: untouched
+    msg = str(exc) or type(exc).__name__
+    if isinstance(exc, PoolExhausted):
+        return httpx.PoolTimeout(msg, request=request)
+    if isinstance(exc, PoolError):
+        return httpx.ConnectError(msg, request=request)
+    if isinstance(exc, TimeoutError) and not isinstance(exc, VoicepoolError):
+        if phase == "write":
+            return httpx.WriteTimeout(f"write timed out: {msg}", request=request)
+        return httpx.ReadTimeout(f"read timed out: {msg}", request=request)
+    if isinstance(exc, StreamReset):
+        return httpx.RemoteProtocolError(msg, request=request)
+    if isinstance(exc, ConnectionClosed | OSError):
+        if phase == "write":
+            return httpx.WriteError(msg, request=request)
+        return httpx.ReadError(msg, request=request)
+    if isinstance(exc, H2Error):
+        return httpx.LocalProtocolError(msg, request=request)
+    return exc
+
+
+async def _release(lease: Lease[H2Connection], exc: BaseException | None) -> None:
+    """Return the lease; with ``exc`` an unfinished stream is reset. Completes when cancelled:
+    the pool's release path and ``release_stream`` never suspend."""
+    if exc is None:
+        await lease.__aexit__(None, None, None)
+    else:
+        await lease.__aexit__(type(exc), exc, exc.__traceback__)
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    """The body of one response; owns the lease until closed or read to the end."""
+
+    def __init__(
+        self,
+        lease: Lease[H2Connection],
+        stream: H2Stream,
+        request: httpx.Request,
+        read_timeout: float | None,
+    ) -> None:
+        self._lease = lease
+        self._stream = stream
+        self._request = request
+        self._timeout = read_timeout
+        self._released = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        stream = self._stream
+        timeout = self._timeout
+        try:
+            while True:
+                if timeout is None:
+                    chunk = await stream.read()
+                else:
+                    async with asyncio.timeout(timeout):
+                        chunk = await stream.read()
+                if not chunk:
+                    break
+                yield chunk
+        except BaseException as exc:
+            # Cancelled task (barge-in), abandoned iteration, reset or lost connection: free the
+            # stream now (RST_STREAM if unfinished), then report in httpx terms.
+            await self._release(exc)
+            mapped = _translate(exc, self._request, "read")
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        await self._release(None)
+
+    async def aclose(self) -> None:
+        """Release the stream (reset first if the body was not read to the end). Idempotent."""
+        await self._release(None)
+
+    async def _release(self, exc: BaseException | None) -> None:
+        if self._released:
+            return
+        self._released = True
+        await _release(self._lease, exc)
+
+
+class PooledTransport(httpx.AsyncBaseTransport):
+    """httpx transport over a started ``Pool`` of :class:`Http2Adapter` connections.
+
+    * Requests must target the adapter's origin (``base_url``); others raise
+      ``httpx.UnsupportedProtocol`` so a credential never goes to a host it was not meant for.
+    * The adapter's default headers (``api_key``, ``headers``) are added where the request has none.
+    * Acquire waits at most the pool's ``acquire_timeout`` (or httpx's smaller ``pool`` timeout):
+      an exhausted pool raises ``httpx.PoolTimeout`` rather than queueing a voice turn for minutes.
+    * A stream the server refused without processing it (REFUSED_STREAM, above a GOAWAY's last
+      stream id) is retried on another connection up to ``retries`` times when the body is in
+      memory; other failures become httpx errors (ReadError, RemoteProtocolError, ...).
+    * ``aclose()`` leaves the pool alone (it is shared) unless ``close_pool=True``.
+
+    Cancellation-safe: a cancelled request or body read resets its stream and frees the lease.
+    """
+
+    def __init__(
+        self, pool: Pool[H2Connection], *, retries: int = 2, close_pool: bool = False
+    ) -> None:
+        if not isinstance(pool.adapter, Http2Adapter):
+            raise TypeError(f"PooledTransport needs a pool of Http2Adapter, got {pool.adapter!r}")
+        self._pool = pool
+        self._adapter: Http2Adapter = pool.adapter
+        self._retries = max(0, retries)
+        self._close_pool = close_pool
+        origin = self._adapter.origin
+        self._origin = (origin.scheme, origin.host.lower(), origin.port)
+
+    @property
+    def pool(self) -> Pool[H2Connection]:
+        return self._pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` on a pooled stream; the response body streams from it.
+
+        Raises httpx errors: PoolTimeout, ConnectError (pool unavailable or closed), ReadTimeout,
+        WriteTimeout, ReadError, WriteError, RemoteProtocolError, UnsupportedProtocol.
+        """
+        url = request.url
+        port = url.port or (443 if url.scheme == "https" else 80)
+        if (url.scheme, url.host.lower(), port) != self._origin:
+            raise httpx.UnsupportedProtocol(
+                f"this transport serves {self._adapter.origin} only, not {url.scheme}://{url.host}",
+                request=request,
+            )
+        timeouts = request.extensions.get("timeout") or {}
+        acquire_timeout = self._pool.settings.acquire_timeout
+        pool_timeout = timeouts.get("pool")
+        if pool_timeout is not None:
+            acquire_timeout = min(acquire_timeout, pool_timeout)
+        read_timeout: float | None = timeouts.get("read")
+        write_timeout: float | None = timeouts.get("write")
+        headers = self._headers(request)
+        body: bytes | None = None
+        if isinstance(request.stream, httpx.ByteStream):
+            body = request.content  # in memory: can be re-sent after a refused stream
+        attempts = 1 + self._retries if body is not None else 1
+        for attempt in range(attempts):
+            lease = self._pool.acquire(timeout=acquire_timeout)
+            try:
+                await lease.__aenter__()
+            except Exception as exc:
+                raise _translate(exc, request, "read") from exc
+            try:
+                stream = await self._send(lease, request, headers, body, write_timeout)
+                if read_timeout is None:
+                    status, resp_headers = await stream.response()
+                else:
+                    async with asyncio.timeout(read_timeout):
+                        status, resp_headers = await stream.response()
+            except StreamRefused as exc:
+                await _release(lease, None)
+                if attempt + 1 < attempts:
+                    continue
+                raise httpx.ConnectError(f"stream refused: {exc}", request=request) from exc
+            except BaseException as exc:
+                await _release(lease, exc)
+                mapped = _translate(exc, request, "read")
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+            return httpx.Response(
+                status,
+                headers=resp_headers,
+                stream=_ResponseStream(lease, stream, request, read_timeout),
+                extensions={"http_version": b"HTTP/2", "stream_id": stream.id},
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send(
+        self,
+        lease: Lease[H2Connection],
+        request: httpx.Request,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | None,
+        write_timeout: float | None,
+    ) -> H2Stream:
+        conn = lease.conn
+        assert lease.stream_id is not None
+        stream = conn.start_request(lease.stream_id, headers, end=body == b"")
+        try:
+            if body is not None:
+                if body:
+                    async with asyncio.timeout(write_timeout):
+                        await stream.send(body, end=True)
+                return stream
+            async for chunk in request.stream:  # type: ignore[union-attr]
+                if chunk:
+                    async with asyncio.timeout(write_timeout):
+                        await stream.send(chunk, end=False)
+            await stream.send(b"", end=True)
+        except TimeoutError as exc:
+            raise _translate(exc, request, "write") from exc
+        except (ConnectionClosed, OSError) as exc:
+            raise _translate(exc, request, "write") from exc
+        return stream
+
+    def _headers(self, request: httpx.Request) -> list[tuple[bytes, bytes]]:
+        url = request.url
+        authority = request.headers.get("host") or self._adapter.origin.authority
+        out = [
+            (b":method", request.method.encode()),
+            (b":scheme", url.scheme.encode()),
+            (b":authority", authority.encode()),
+            (b":path", url.raw_path),
+        ]
+        seen: set[bytes] = set()
+        for name, value in request.headers.raw:
+            key = name.lower()
+            if key in _DROP or key == b"host" or (key == b"te" and value.lower() != b"trailers"):
+                continue
+            seen.add(key)
+            out.append((key, value))
+        out.extend((k, v) for k, v in self._adapter.default_headers if k not in seen)
+        return out
+
+    async def aclose(self) -> None:
+        """Close the pool only when built with ``close_pool=True`` (pools are usually shared)."""
+        if self._close_pool:
+            await self._pool.aclose()

@@ -1,0 +1,589 @@
+"""`LlmEmulator`: an OpenAI-compatible LLM server over TLS + HTTP/2 (its own ``h2`` server).
+
+    async with LlmEmulator(ttft=0.05, tokens=20, tokens_per_second=50) as llm:
+        llm.base_url            # https://127.0.0.1:<port>/v1 (trust test_certificates().ca_path)
+        llm.connections_accepted, llm.open_streams, llm.resets_received, llm.pings_received
+        llm.goaway()            # GOAWAY to every connection: in-flight streams finish, then close
+        llm.set_max_concurrent_streams(10)
+        await llm.wait_for(lambda: llm.open_streams == 0)
+
+Routes: ``GET /v1/models`` (free warm-up), ``POST /v1/chat/completions`` (``stream: true`` answers
+SSE ``chat.completion.chunk`` events, ``stream_options.include_usage`` adds a usage chunk, then
+``data: [DONE]``), ``POST /v1/messages`` (Anthropic-style SSE), ``POST /v1/echo`` (returns the
+body: flow-control tests). Per request, headers ``x-emulator-ttft`` and ``x-emulator-tokens``
+override the timing. With ``api_key``, ``/v1`` needs ``Authorization: Bearer`` or ``x-api-key``.
+
+Faults: :meth:`goaway` (any error code, graceful), :meth:`refuse_connections`,
+:meth:`refuse_streams` (RST_STREAM REFUSED_STREAM), pings closer than ``min_ping_interval`` get
+GOAWAY ENHANCE_YOUR_CALM (like gRPC's too_many_pings). ``tls=False`` serves cleartext: HTTP/1.1,
+or HTTP/2 with prior knowledge (so nginx can proxy to it). ALPN ``http/1.1`` serves HTTP/1.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
+
+from voicepool.testing.rest import Http1Connection, HttpRequest, HttpResponse
+from voicepool.testing.tls import test_certificates
+
+__all__ = ["LlmEmulator"]
+
+_PREFACE_LINE = b"PRI * HTTP/2.0\r\n"
+
+
+class _H2Server:
+    """One server-side HTTP/2 connection of the emulator."""
+
+    def __init__(
+        self, emu: LlmEmulator, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ):
+        self.emu = emu
+        self.reader = reader
+        self.writer = writer
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: emu.max_concurrent_streams,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 65536,
+            },
+        )
+        self.requests: dict[int, tuple[list[tuple[bytes, bytes]], bytearray]] = {}
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.windows: dict[int, asyncio.Future[None]] = {}
+        self.open: set[int] = set()  # streams counted in emu.open_streams
+        self.goaway_sent = False
+        self.last_ping = time.monotonic()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.writer.transport.is_closing():
+            self.writer.write(data)
+
+    async def run(self, preface: bytes = b"") -> None:
+        self.h2.initiate_connection()
+        self.flush()
+        try:
+            data = preface
+            while True:
+                if data:
+                    try:
+                        events = self.h2.receive_data(data)
+                    except h2.exceptions.ProtocolError:
+                        self.flush()
+                        return
+                    for event in events:
+                        self.on_event(event)
+                    self.flush()
+                data = await self.reader.read(65536)
+                if not data:
+                    return
+        except OSError:
+            return
+        finally:
+            for task in list(self.tasks.values()):
+                task.cancel()
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            for sid in list(self.open):
+                self.stream_done(sid)
+
+    def on_event(self, ev: h2.events.Event) -> None:
+        emu = self.emu
+        if isinstance(ev, h2.events.RequestReceived):
+            sid = ev.stream_id or 0
+            if self.goaway_sent or emu._refuse_streams:
+                self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+                return
+            self.requests[sid] = (list(ev.headers or []), bytearray())
+            self.open.add(sid)
+            emu.streams_total += 1
+            emu.open_streams += 1
+            emu._notify()
+        elif isinstance(ev, h2.events.DataReceived):
+            req = self.requests.get(ev.stream_id or 0)
+            if req is not None:
+                req[1].extend(ev.data or b"")
+            size = ev.flow_controlled_length or 0
+            if size:
+                self.h2.acknowledge_received_data(size, ev.stream_id or 0)
+        elif isinstance(ev, h2.events.StreamEnded):
+            sid = ev.stream_id or 0
+            if sid in self.requests:
+                task = asyncio.get_running_loop().create_task(self.respond(sid))
+                self.tasks[sid] = task
+        elif isinstance(ev, h2.events.StreamReset):
+            sid = ev.stream_id or 0
+            emu.resets_received += 1
+            running = self.tasks.pop(sid, None)
+            if running is not None:
+                running.cancel()
+            self.stream_done(sid)
+        elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            for fut in self.windows.values():
+                if not fut.done():
+                    fut.set_result(None)
+        elif isinstance(ev, h2.events.PingReceived):
+            emu.pings_received += 1
+            now = time.monotonic()
+            too_soon = emu.min_ping_interval and now - self.last_ping < emu.min_ping_interval
+            self.last_ping = now
+            emu._notify()
+            if too_soon and not self.goaway_sent:
+                emu.calm_goaways += 1
+                self.goaway(ErrorCodes.ENHANCE_YOUR_CALM, None)
+
+    def stream_done(self, sid: int) -> None:
+        self.requests.pop(sid, None)
+        self.windows.pop(sid, None)
+        if sid in self.open:
+            self.open.discard(sid)
+            self.emu.open_streams -= 1
+            self.emu._notify()
+        if self.goaway_sent and not self.open:
+            self.writer.close()  # drained after GOAWAY: close
+
+    def goaway(self, code: int, last_stream_id: int | None) -> None:
+        """Send GOAWAY without moving h2's state machine to CLOSED (so in-flight streams finish)."""
+        self.flush()
+        last = self.h2.highest_inbound_stream_id if last_stream_id is None else last_stream_id
+        frame = GoAwayFrame(stream_id=0, last_stream_id=last, error_code=code)
+        self.goaway_sent = True
+        if not self.writer.transport.is_closing():
+            self.writer.write(frame.serialize())
+        for sid in [s for s in self.open if s > last]:
+            task = self.tasks.pop(sid, None)
+            if task is not None:
+                task.cancel()
+            self.stream_done(sid)
+        if not self.open:
+            self.writer.close()
+
+    async def respond(self, sid: int) -> None:
+        headers, body = self.requests[sid]
+        fields = {k.decode(): v.decode() for k, v in headers}
+        req = HttpRequest(
+            fields.get(":method", "GET"),
+            fields.get(":path", "/"),
+            {k: v for k, v in fields.items() if not k.startswith(":")},
+            bytes(body),
+        )
+        try:
+            resp = await self.emu._handle(req)
+            out = [(b":status", str(resp.status).encode())]
+            out += [(k.lower().encode(), v.encode()) for k, v in resp.headers]
+            if isinstance(resp.body, bytes):
+                out.append((b"content-length", str(len(resp.body)).encode()))
+                self.h2.send_headers(sid, out, end_stream=not resp.body)
+                self.flush()
+                if resp.body:
+                    await self.send(sid, resp.body, end=True)
+            else:
+                self.h2.send_headers(sid, out)
+                self.flush()
+                async for chunk in resp.body:
+                    await self.send(sid, chunk, end=False)
+                self.h2.end_stream(sid)
+                self.flush()
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, OSError):
+            pass
+        finally:
+            self.tasks.pop(sid, None)
+            self.stream_done(sid)
+
+    async def send(self, sid: int, data: bytes, *, end: bool) -> None:
+        while data:
+            size = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+            if size <= 0:
+                fut = self.windows[sid] = asyncio.get_running_loop().create_future()
+                await fut
+                continue
+            chunk, data = data[:size], data[size:]
+            self.h2.send_data(sid, chunk, end_stream=end and not data)
+            self.flush()
+            await self.writer.drain()
+
+
+class LlmEmulator:
+    """An OpenAI-compatible streaming LLM on 127.0.0.1 (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: bool = True,
+        alpn: Iterable[str] = ("h2",),
+        api_key: str | None = None,
+        ttft: float = 0.05,
+        tokens: int = 20,
+        tokens_per_second: float = 50.0,
+        max_concurrent_streams: int = 100,
+        min_ping_interval: float | None = None,
+        keepalive_timeout: float | None = None,
+        model: str = "voicepool-emulator",
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.alpn = list(alpn)
+        self.api_key = api_key
+        self.ttft = ttft
+        self.tokens = tokens
+        self.tokens_per_second = tokens_per_second
+        self.max_concurrent_streams = max_concurrent_streams
+        self.min_ping_interval = min_ping_interval
+        self.keepalive_timeout = keepalive_timeout  # HTTP/1.1 connections only
+        self.model = model
+        self.connections_accepted = 0
+        self.open_streams = 0  # requests in flight (HTTP/2 streams and HTTP/1.1 requests)
+        self.streams_total = 0
+        self.resets_received = 0
+        self.pings_received = 0
+        self.calm_goaways = 0
+        self.requests: Counter[str] = Counter()
+        self._h2conns: set[_H2Server] = set()
+        self._h1conns: set[Http1Connection] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._refuse_connections = False
+        self._refuse_streams = False
+        self._changed = asyncio.Event()
+        self._ids = itertools.count(1)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._writers)
+
+    async def start(self) -> LlmEmulator:
+        ctx = test_certificates().server_context(self.alpn) if self.tls else None
+        self._server = await asyncio.start_server(self._accept, self.host, self.port, ssl=ctx)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def aclose(self) -> None:
+        """Stop listening and abort every connection."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> LlmEmulator:
+        return await self.start()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # -- faults and observation -----------------------------------------------------------------
+
+    def goaway(
+        self, error_code: int = ErrorCodes.NO_ERROR, last_stream_id: int | None = None
+    ) -> int:
+        """GOAWAY on every HTTP/2 connection; streams up to ``last_stream_id`` (default: all
+        received) finish, then the connection closes. Returns the number of connections."""
+        conns = [c for c in self._h2conns if not c.goaway_sent]
+        for conn in conns:
+            conn.goaway(error_code, last_stream_id)
+        return len(conns)
+
+    def set_max_concurrent_streams(self, value: int) -> None:
+        """Advertise a new SETTINGS_MAX_CONCURRENT_STREAMS to every connection (and new ones)."""
+        self.max_concurrent_streams = value
+        for conn in self._h2conns:
+            conn.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: value})
+            conn.flush()
+
+    def refuse_connections(self, on: bool = True) -> None:
+        """Close new connections right after accepting them (before any HTTP)."""
+        self._refuse_connections = on
+
+    def refuse_streams(self, on: bool = True) -> None:
+        """Answer every new stream with RST_STREAM(REFUSED_STREAM)."""
+        self._refuse_streams = on
+
+    def close_idle(self) -> int:
+        """Close HTTP/1.1 keep-alive connections that are between requests; returns how many."""
+        idle = [c for c in self._h1conns if c.idle]
+        for conn in idle:
+            conn.close()
+        return len(idle)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Wait until ``predicate()`` holds, re-checked at every counter change. Raises
+        TimeoutError."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- connections ----------------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        self.connections_accepted += 1
+        self._notify()
+        try:
+            if self._refuse_connections:
+                return
+            sslobj = writer.get_extra_info("ssl_object")
+            alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
+            if alpn == "h2":
+                await self._serve_h2(reader, writer, b"")
+                return
+            first = await reader.readuntil(b"\r\n")
+            if first == _PREFACE_LINE and not self.tls:
+                await self._serve_h2(reader, writer, first)
+                return
+            conn = Http1Connection(
+                reader,
+                writer,
+                self._handle,
+                keepalive_timeout=self.keepalive_timeout,
+                first_line=first,
+                on_change=self._notify,
+            )
+            self._h1conns.add(conn)
+            try:
+                await conn.run()
+            finally:
+                self._h1conns.discard(conn)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
+            writer.transport.abort()
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+            self._notify()
+
+    async def _serve_h2(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, preface: bytes
+    ) -> None:
+        conn = _H2Server(self, reader, writer)
+        self._h2conns.add(conn)
+        try:
+            await conn.run(preface)
+        finally:
+            self._h2conns.discard(conn)
+
+    # -- the API --------------------------------------------------------------------------------
+
+    async def _handle(self, req: HttpRequest) -> HttpResponse:
+        path = req.path
+        self.requests[path] += 1
+        self._notify()
+        if self.api_key and path.startswith("/v1/"):
+            auth = req.headers.get("authorization", "")
+            if auth != f"Bearer {self.api_key}" and req.headers.get("x-api-key") != self.api_key:
+                err = {"error": {"message": "invalid api key", "type": "invalid_request_error"}}
+                return HttpResponse.json(401, err)
+        if path == "/v1/models":
+            now = int(time.time())
+            model = {"id": self.model, "object": "model", "created": now, "owned_by": "voicepool"}
+            return HttpResponse.json(200, {"object": "list", "data": [model]})
+        if path == "/v1/echo" and req.method == "POST":
+            return HttpResponse(200, [("content-type", "application/octet-stream")], req.body)
+        if path in ("/v1/chat/completions", "/v1/messages") and req.method == "POST":
+            try:
+                body = req.json()
+            except ValueError:
+                return HttpResponse.json(400, {"error": {"message": "body is not JSON"}})
+            ttft = float(req.headers.get("x-emulator-ttft", self.ttft))
+            limit = body.get("max_tokens") or body.get("max_completion_tokens") or self.tokens
+            count = max(1, min(int(req.headers.get("x-emulator-tokens", self.tokens)), int(limit)))
+            if path == "/v1/messages":
+                return self._anthropic(body, ttft, count)
+            return self._openai(body, ttft, count)
+        return HttpResponse.json(404, {"error": {"message": f"no route {req.method} {path}"}})
+
+    def _openai(self, body: dict[str, Any], ttft: float, count: int) -> HttpResponse:
+        cid = f"chatcmpl-{next(self._ids)}"
+        created = int(time.time())
+        usage = {"prompt_tokens": 5, "completion_tokens": count, "total_tokens": 5 + count}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+            choices = (
+                [{"index": 0, "delta": delta, "finish_reason": finish}] if delta or finish else []
+            )
+            obj = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model,
+                "choices": choices,
+                **extra,
+            }
+            return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+        if not body.get("stream"):
+            return HttpResponse.json(
+                200,
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": self.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {
+                                "role": "assistant",
+                                "content": "".join(f"tok{i} " for i in range(count)),
+                            },
+                        }
+                    ],
+                    "usage": usage,
+                },
+            )
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def events() -> AsyncIterator[bytes]:
+            await asyncio.sleep(ttft)
+            yield chunk({"role": "assistant", "content": "tok0 "})
+            for i in range(1, count):
+                await asyncio.sleep(1.0 / self.tokens_per_second)
+                yield chunk({"content": f"tok{i} "})
+            yield chunk({}, "stop")
+            if include_usage:
+                yield chunk({}, usage=usage)
+            yield b"data: [DONE]\n\n"
+
+        return HttpResponse(200, [("content-type", "text/event-stream")], events())
+
+    def _anthropic(self, body: dict[str, Any], ttft: float, count: int) -> HttpResponse:
+        mid = f"msg_{next(self._ids)}"
+
+        def event(kind: str, data: dict[str, Any]) -> bytes:
+            payload = json.dumps({"type": kind, **data}, separators=(",", ":"))
+            return f"event: {kind}\ndata: {payload}\n\n".encode()
+
+        async def events() -> AsyncIterator[bytes]:
+            yield event(
+                "message_start",
+                {
+                    "message": {
+                        "id": mid,
+                        "type": "message",
+                        "role": "assistant",
+                        "model": self.model,
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": {"input_tokens": 5, "output_tokens": 0},
+                    }
+                },
+            )
+            yield event(
+                "content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}
+            )
+            await asyncio.sleep(ttft)
+            for i in range(count):
+                if i:
+                    await asyncio.sleep(1.0 / self.tokens_per_second)
+                delta = {"type": "text_delta", "text": f"tok{i} "}
+                yield event("content_block_delta", {"index": 0, "delta": delta})
+            yield event("content_block_stop", {"index": 0})
+            yield event(
+                "message_delta",
+                {
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": count},
+                },
+            )
+            yield event("message_stop", {})
+
+        if not body.get("stream"):
+            text = "".join(f"tok{i} " for i in range(count))
+            return HttpResponse.json(
+                200,
+                {
+                    "id": mid,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": self.model,
+                    "content": [{"type": "text", "text": text}],
+                    "stop_reason": "end_turn",
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 5, "output_tokens": count},
+                },
+            )
+        return HttpResponse(200, [("content-type", "text/event-stream")], events())
+
+
+def main() -> None:  # pragma: no cover - manual / benchmark use
+    """``python -m voicepool.testing.llm --port 8443``: run the emulator until interrupted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="OpenAI-compatible HTTP/2 LLM emulator")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--ttft", type=float, default=0.05)
+    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--tokens-per-second", type=float, default=50.0)
+    parser.add_argument("--max-concurrent-streams", type=int, default=100)
+    parser.add_argument("--plain", action="store_true", help="cleartext (no TLS)")
+    args = parser.parse_args()
+
+    async def serve() -> None:
+        emu = LlmEmulator(
+            port=args.port,
+            tls=not args.plain,
+            ttft=args.ttft,
+            tokens=args.tokens,
+            tokens_per_second=args.tokens_per_second,
+            max_concurrent_streams=args.max_concurrent_streams,
+        )
+        async with emu:
+            print(f"listening {emu.url} ca={test_certificates().ca_path}", flush=True)
+            await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
