@@ -40,6 +40,12 @@ class EchoServer:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def all_closed(self, timeout: float = 5.0) -> None:
+        """Wait until no client connection is open (raises TimeoutError after ``timeout``)."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
 
     async def start(self) -> EchoServer:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -52,6 +58,7 @@ class EchoServer:
         self._handlers.add(task)
         self.accepted += 1
         self.open += 1
+        self._idle.clear()
         self._writers.add(writer)
         try:
             if self.refuse:
@@ -80,6 +87,8 @@ class EchoServer:
             pass
         finally:
             self.open -= 1
+            if not self.open:
+                self._idle.set()
             self._writers.discard(writer)
             writer.close()
             with suppress(Exception):
