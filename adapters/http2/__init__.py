@@ -4,8 +4,9 @@
   pool connections whose leases are HTTP/2 streams, PING health, GOAWAY drain and replacement,
   RST_STREAM on cancellation.
 * :class:`PooledTransport`: an ``httpx.AsyncBaseTransport`` on such a pool, for
-  ``httpx.AsyncClient(transport=...)`` and so ``openai.AsyncOpenAI(http_client=...)`` and
-  ``anthropic.AsyncAnthropic(http_client=...)``.
+  ``httpx.AsyncClient(transport=...)`` and so ``openai.AsyncOpenAI(http_client=...)``;
+  ``PooledTransport2`` is the same for ``httpx2`` clients (``anthropic.AsyncAnthropic`` 2.x
+  accepts only those; imported on first use).
 
 Modules of this package import each other relatively: the repo folder ``adapters/`` is installed as
 ``voicepool.adapters``, which mypy cannot map, and a relative import resolves to the installed
@@ -19,6 +20,16 @@ from .transport import PooledTransport  # noqa: TID251
 
 Options = Http2Options
 
+
+def __getattr__(name: str) -> object:
+    # PooledTransport2 needs httpx2 (shipped with the OpenAI/Anthropic SDKs): import it on demand.
+    if name == "PooledTransport2":
+        from .transport_httpx2 import PooledTransport2  # noqa: TID251
+
+        return PooledTransport2
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ConnectionClosed",
     "H2Connection",
@@ -29,6 +40,7 @@ __all__ = [
     "Options",
     "Origin",
     "PooledTransport",
+    "PooledTransport2",
     "StreamRefused",
     "StreamReset",
 ]

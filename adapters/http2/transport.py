@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import httpx
 
@@ -30,7 +30,7 @@ from .adapter import Http2Adapter  # noqa: TID251
 from .connection import H2Connection  # noqa: TID251
 from .stream import ConnectionClosed, H2Error, H2Stream, StreamRefused, StreamReset  # noqa: TID251
 
-__all__ = ["PooledTransport"]
+__all__ = ["PooledTransport", "ResponseStreamBase", "TransportCore"]
 
 # Connection-specific headers are forbidden in HTTP/2 (RFC 9113 8.2.2); Host becomes :authority.
 _DROP = frozenset(
@@ -38,30 +38,37 @@ _DROP = frozenset(
 )
 
 
+def _error_name(exc: Exception, phase: Literal["read", "write"]) -> str | None:
+    """The httpx exception class a pool or HTTP/2 error becomes (None: leave it as is)."""
+    if isinstance(exc, PoolExhausted):
+        return "PoolTimeout"
+    if isinstance(exc, PoolError):
+        return "ConnectError"
+    if isinstance(exc, TimeoutError) and not isinstance(exc, VoicepoolError):
+        return "WriteTimeout" if phase == "write" else "ReadTimeout"
+    if isinstance(exc, StreamReset):
+        return "RemoteProtocolError"
+    if isinstance(exc, ConnectionClosed | OSError):
+        return "WriteError" if phase == "write" else "ReadError"
+    if isinstance(exc, H2Error):
+        return "LocalProtocolError"
+    return None
+
+
 def _translate(
-    exc: BaseException, request: httpx.Request, phase: Literal["read", "write"]
+    http: Any, exc: BaseException, request: Any, phase: Literal["read", "write"]
 ) -> BaseException:
     """Map a pool or HTTP/2 error to the httpx exception SDKs handle (and retry); others as is."""
-    if isinstance(exc, httpx.HTTPError) or not isinstance(exc, Exception):
+    if isinstance(exc, http.HTTPError) or not isinstance(exc, Exception):
         return exc  # CancelledError, GeneratorExit, KeyboardInterrupt: untouched
+    name = _error_name(exc, phase)
+    if name is None:
+        return exc
     msg = str(exc) or type(exc).__name__
-    if isinstance(exc, PoolExhausted):
-        return httpx.PoolTimeout(msg, request=request)
-    if isinstance(exc, PoolError):
-        return httpx.ConnectError(msg, request=request)
-    if isinstance(exc, TimeoutError) and not isinstance(exc, VoicepoolError):
-        if phase == "write":
-            return httpx.WriteTimeout(f"write timed out: {msg}", request=request)
-        return httpx.ReadTimeout(f"read timed out: {msg}", request=request)
-    if isinstance(exc, StreamReset):
-        return httpx.RemoteProtocolError(msg, request=request)
-    if isinstance(exc, ConnectionClosed | OSError):
-        if phase == "write":
-            return httpx.WriteError(msg, request=request)
-        return httpx.ReadError(msg, request=request)
-    if isinstance(exc, H2Error):
-        return httpx.LocalProtocolError(msg, request=request)
-    return exc
+    if name.endswith("Timeout") and name != "PoolTimeout":
+        msg = f"{phase} timed out: {msg}"
+    err: BaseException = getattr(http, name)(msg, request=request)
+    return err
 
 
 async def _release(lease: Lease[H2Connection], exc: BaseException | None) -> None:
@@ -73,15 +80,16 @@ async def _release(lease: Lease[H2Connection], exc: BaseException | None) -> Non
         await lease.__aexit__(type(exc), exc, exc.__traceback__)
 
 
-class _ResponseStream(httpx.AsyncByteStream):
-    """The body of one response; owns the lease until closed or read to the end."""
+class ResponseStreamBase:
+    """The body of one response; owns the lease until closed or read to the end.
+
+    Mixed with the ``AsyncByteStream`` of the httpx flavour in use (httpx or httpx2).
+    """
+
+    _http: ClassVar[Any]
 
     def __init__(
-        self,
-        lease: Lease[H2Connection],
-        stream: H2Stream,
-        request: httpx.Request,
-        read_timeout: float | None,
+        self, lease: Lease[H2Connection], stream: H2Stream, request: Any, read_timeout: float | None
     ) -> None:
         self._lease = lease
         self._stream = stream
@@ -106,7 +114,7 @@ class _ResponseStream(httpx.AsyncByteStream):
             # Cancelled task (barge-in), abandoned iteration, reset or lost connection: free the
             # stream now (RST_STREAM if unfinished), then report in httpx terms.
             await self._release(exc)
-            mapped = _translate(exc, self._request, "read")
+            mapped = _translate(self._http, exc, self._request, "read")
             if mapped is exc:
                 raise
             raise mapped from exc
@@ -123,21 +131,18 @@ class _ResponseStream(httpx.AsyncByteStream):
         await _release(self._lease, exc)
 
 
-class PooledTransport(httpx.AsyncBaseTransport):
-    """httpx transport over a started ``Pool`` of :class:`Http2Adapter` connections.
+class _ResponseStream(ResponseStreamBase, httpx.AsyncByteStream):
+    _http: ClassVar[Any] = httpx
 
-    * Requests must target the adapter's origin (``base_url``); others raise
-      ``httpx.UnsupportedProtocol`` so a credential never goes to a host it was not meant for.
-    * The adapter's default headers (``api_key``, ``headers``) are added where the request has none.
-    * Acquire waits at most the pool's ``acquire_timeout`` (or httpx's smaller ``pool`` timeout):
-      an exhausted pool raises ``httpx.PoolTimeout`` rather than queueing a voice turn for minutes.
-    * A stream the server refused without processing it (REFUSED_STREAM, above a GOAWAY's last
-      stream id) is retried on another connection up to ``retries`` times when the body is in
-      memory; other failures become httpx errors (ReadError, RemoteProtocolError, ...).
-    * ``aclose()`` leaves the pool alone (it is shared) unless ``close_pool=True``.
 
-    Cancellation-safe: a cancelled request or body read resets its stream and frees the lease.
+class TransportCore:
+    """The request logic of :class:`PooledTransport`, independent of the httpx flavour.
+
+    Subclasses set ``_http`` (the ``httpx`` or ``httpx2`` module) and ``_stream_cls``.
     """
+
+    _http: ClassVar[Any]
+    _stream_cls: ClassVar[type[ResponseStreamBase]]
 
     def __init__(
         self, pool: Pool[H2Connection], *, retries: int = 2, close_pool: bool = False
@@ -155,16 +160,12 @@ class PooledTransport(httpx.AsyncBaseTransport):
     def pool(self) -> Pool[H2Connection]:
         return self._pool
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Send ``request`` on a pooled stream; the response body streams from it.
-
-        Raises httpx errors: PoolTimeout, ConnectError (pool unavailable or closed), ReadTimeout,
-        WriteTimeout, ReadError, WriteError, RemoteProtocolError, UnsupportedProtocol.
-        """
+    async def _handle(self, request: Any) -> Any:
+        http = self._http
         url = request.url
         port = url.port or (443 if url.scheme == "https" else 80)
         if (url.scheme, url.host.lower(), port) != self._origin:
-            raise httpx.UnsupportedProtocol(
+            raise http.UnsupportedProtocol(
                 f"this transport serves {self._adapter.origin} only, not {url.scheme}://{url.host}",
                 request=request,
             )
@@ -177,7 +178,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
         write_timeout: float | None = timeouts.get("write")
         headers = self._headers(request)
         body: bytes | None = None
-        if isinstance(request.stream, httpx.ByteStream):
+        if isinstance(request.stream, http.ByteStream):
             body = request.content  # in memory: can be re-sent after a refused stream
         attempts = 1 + self._retries if body is not None else 1
         for attempt in range(attempts):
@@ -185,7 +186,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
             try:
                 await lease.__aenter__()
             except Exception as exc:
-                raise _translate(exc, request, "read") from exc
+                raise _translate(http, exc, request, "read") from exc
             try:
                 stream = await self._send(lease, request, headers, body, write_timeout)
                 if read_timeout is None:
@@ -197,17 +198,17 @@ class PooledTransport(httpx.AsyncBaseTransport):
                 await _release(lease, None)
                 if attempt + 1 < attempts:
                     continue
-                raise httpx.ConnectError(f"stream refused: {exc}", request=request) from exc
+                raise http.ConnectError(f"stream refused: {exc}", request=request) from exc
             except BaseException as exc:
                 await _release(lease, exc)
-                mapped = _translate(exc, request, "read")
+                mapped = _translate(http, exc, request, "read")
                 if mapped is exc:
                     raise
                 raise mapped from exc
-            return httpx.Response(
+            return http.Response(
                 status,
                 headers=resp_headers,
-                stream=_ResponseStream(lease, stream, request, read_timeout),
+                stream=self._stream_cls(lease, stream, request, read_timeout),
                 extensions={"http_version": b"HTTP/2", "stream_id": stream.id},
             )
         raise AssertionError("unreachable")  # pragma: no cover
@@ -215,7 +216,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
     async def _send(
         self,
         lease: Lease[H2Connection],
-        request: httpx.Request,
+        request: Any,
         headers: list[tuple[bytes, bytes]],
         body: bytes | None,
         write_timeout: float | None,
@@ -229,18 +230,16 @@ class PooledTransport(httpx.AsyncBaseTransport):
                     async with asyncio.timeout(write_timeout):
                         await stream.send(body, end=True)
                 return stream
-            async for chunk in request.stream:  # type: ignore[union-attr]
+            async for chunk in request.stream:
                 if chunk:
                     async with asyncio.timeout(write_timeout):
                         await stream.send(chunk, end=False)
             await stream.send(b"", end=True)
-        except TimeoutError as exc:
-            raise _translate(exc, request, "write") from exc
-        except (ConnectionClosed, OSError) as exc:
-            raise _translate(exc, request, "write") from exc
+        except (TimeoutError, ConnectionClosed, OSError) as exc:
+            raise _translate(self._http, exc, request, "write") from exc
         return stream
 
-    def _headers(self, request: httpx.Request) -> list[tuple[bytes, bytes]]:
+    def _headers(self, request: Any) -> list[tuple[bytes, bytes]]:
         url = request.url
         authority = request.headers.get("host") or self._adapter.origin.authority
         out = [
@@ -263,3 +262,33 @@ class PooledTransport(httpx.AsyncBaseTransport):
         """Close the pool only when built with ``close_pool=True`` (pools are usually shared)."""
         if self._close_pool:
             await self._pool.aclose()
+
+
+class PooledTransport(TransportCore, httpx.AsyncBaseTransport):
+    """httpx transport over a started ``Pool`` of :class:`Http2Adapter` connections.
+
+    * Requests must target the adapter's origin (``base_url``); others raise
+      ``httpx.UnsupportedProtocol`` so a credential never goes to a host it was not meant for.
+    * The adapter's default headers (``api_key``, ``headers``) are added where the request has none.
+    * Acquire waits at most the pool's ``acquire_timeout`` (or httpx's smaller ``pool`` timeout):
+      an exhausted pool raises ``httpx.PoolTimeout`` rather than queueing a voice turn for minutes.
+    * A stream the server refused without processing it (REFUSED_STREAM, above a GOAWAY's last
+      stream id) is retried on another connection up to ``retries`` times when the body is in
+      memory; other failures become httpx errors (ReadError, RemoteProtocolError, ...).
+    * ``aclose()`` leaves the pool alone (it is shared) unless ``close_pool=True``.
+
+    Cancellation-safe: a cancelled request or body read resets its stream and frees the lease.
+    For SDKs built on ``httpx2`` (anthropic 2.x), use ``PooledTransport2``.
+    """
+
+    _http: ClassVar[Any] = httpx
+    _stream_cls: ClassVar[type[ResponseStreamBase]] = _ResponseStream
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` on a pooled stream; the response body streams from it.
+
+        Raises httpx errors: PoolTimeout, ConnectError (pool unavailable or closed, stream refused),
+        ReadTimeout, WriteTimeout, ReadError, WriteError, RemoteProtocolError, UnsupportedProtocol.
+        """
+        response: httpx.Response = await self._handle(request)
+        return response

@@ -3,6 +3,7 @@
     async with LlmEmulator(ttft=0.05, tokens=20, tokens_per_second=50) as llm:
         llm.base_url            # https://127.0.0.1:<port>/v1 (trust test_certificates().ca_path)
         llm.connections_accepted, llm.open_streams, llm.resets_received, llm.pings_received
+        llm.peak_open_streams
         llm.goaway()            # GOAWAY to every connection: in-flight streams finish, then close
         llm.set_max_concurrent_streams(10)
         await llm.wait_for(lambda: llm.open_streams == 0)
@@ -11,7 +12,8 @@ Routes: ``GET /v1/models`` (free warm-up), ``POST /v1/chat/completions`` (``stre
 SSE ``chat.completion.chunk`` events, ``stream_options.include_usage`` adds a usage chunk, then
 ``data: [DONE]``), ``POST /v1/messages`` (Anthropic-style SSE), ``POST /v1/echo`` (returns the
 body: flow-control tests). Per request, headers ``x-emulator-ttft`` and ``x-emulator-tokens``
-override the timing. With ``api_key``, ``/v1`` needs ``Authorization: Bearer`` or ``x-api-key``.
+override the timing; ``x-emulator-head-delay`` holds the response head that many seconds.
+With ``api_key``, ``/v1`` needs ``Authorization: Bearer`` or ``x-api-key``.
 
 Faults: :meth:`goaway` (any error code, graceful), :meth:`refuse_connections`,
 :meth:`refuse_streams` (RST_STREAM REFUSED_STREAM), pings closer than ``min_ping_interval`` get
@@ -115,6 +117,7 @@ class _H2Server:
             self.open.add(sid)
             emu.streams_total += 1
             emu.open_streams += 1
+            emu.peak_open_streams = max(emu.peak_open_streams, emu.open_streams)
             emu._notify()
         elif isinstance(ev, h2.events.DataReceived):
             req = self.requests.get(ev.stream_id or 0)
@@ -253,6 +256,7 @@ class LlmEmulator:
         self.model = model
         self.connections_accepted = 0
         self.open_streams = 0  # requests in flight (HTTP/2 streams and HTTP/1.1 requests)
+        self.peak_open_streams = 0  # highest open_streams seen on HTTP/2 (tests may reset it)
         self.streams_total = 0
         self.resets_received = 0
         self.pings_received = 0
@@ -390,6 +394,10 @@ class LlmEmulator:
                 self._h1conns.discard(conn)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
+        except asyncio.CancelledError:
+            # aclose() cancels connection tasks; end quietly (asyncio's stream server would log
+            # a cancelled handler task as an unhandled exception).
+            pass
         finally:
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
@@ -416,6 +424,9 @@ class LlmEmulator:
         path = req.path
         self.requests[path] += 1
         self._notify()
+        head_delay = float(req.headers.get("x-emulator-head-delay", 0))
+        if head_delay > 0:
+            await asyncio.sleep(head_delay)
         if self.api_key and path.startswith("/v1/"):
             auth = req.headers.get("authorization", "")
             if auth != f"Bearer {self.api_key}" and req.headers.get("x-api-key") != self.api_key:

@@ -308,6 +308,8 @@ class RestEmulator:
         self._conns.add(conn)
         try:
             await conn.run()
+        except asyncio.CancelledError:
+            pass  # aclose(): end quietly (asyncio would log a cancelled handler as unhandled)
         finally:
             self._conns.discard(conn)
             self._tasks.discard(task)
