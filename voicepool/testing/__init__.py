@@ -5,15 +5,26 @@ TLS certificates come from :mod:`voicepool.testing.tls` (``trustme``).
 """
 
 from voicepool.testing.faultproxy import FaultProxy, ProxyConnection
+from voicepool.testing.kamailio import Kamailio, kamailio_available
 from voicepool.testing.nginx import Nginx, free_port, nginx_available
+from voicepool.testing.sip_registrar import RegistrarMode, SipRegistrar
+from voicepool.testing.sipp import Sipp, sipp_available
 from voicepool.testing.tls import TestCertificates, test_certificates
+from voicepool.testing.udp_delay import UdpDelayRelay
 
 __all__ = [
     "FaultProxy",
+    "Kamailio",
     "Nginx",
     "ProxyConnection",
+    "RegistrarMode",
+    "SipRegistrar",
+    "Sipp",
     "TestCertificates",
+    "UdpDelayRelay",
     "free_port",
+    "kamailio_available",
     "nginx_available",
+    "sipp_available",
     "test_certificates",
 ]
