@@ -12,6 +12,7 @@ from tests.telemetry.conftest import Otel
 from tests.telemetry.fakes import ScriptedAdapter, settle
 from voicepool import Pool, PoolSettings, PoolUnavailable, telemetry
 from voicepool._engine.observer import observers_for
+from voicepool.telemetry import _observer
 from voicepool.telemetry import names as n
 from voicepool.telemetry._observer import OtelObserver
 from voicepool.telemetry.sdk import install_sdk
@@ -142,3 +143,94 @@ async def test_install_sdk_private_providers() -> None:
     finally:
         sdk.shutdown()
     assert not sdk.instrumentation.active
+
+
+async def test_cancelled_connect_ends_its_span_without_error(otel: Otel) -> None:
+    """If a connect is cancelled and the engine reports it, the span ends, not in error."""
+    pool = Pool(ScriptedAdapter(), _settings(), name="asr")
+    obs = next(o for o in pool._observers if getattr(o, "registry", None) is otel.inst.registry)
+    token = obs.connect_started(pool)
+    obs.on_connected(pool, token, 0.01, asyncio.CancelledError())
+    (span,) = otel.spans(n.SPAN_CONNECT)
+    assert span.attributes[n.ATTR_CONNECT_CANCELLED] is True
+    assert span.status.status_code.name == "UNSET"
+    assert not otel.points(n.CREATE_TIME)
+
+
+async def test_a_failing_hook_is_logged_once_and_never_raises(
+    otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = Pool(ScriptedAdapter(), _settings(), name="asr")
+    obs = next(o for o in pool._observers if getattr(o, "registry", None) is otel.inst.registry)
+    _observer._failed_hooks.discard("on_flush")  # "reported once" is per process
+    for _ in range(3):
+        obs.on_flush(pool, ["not a number"], 0)  # type: ignore[list-item]
+    failures = [r for r in caplog.records if r.name == "voicepool.telemetry"]
+    assert len(failures) == 1
+    assert getattr(failures[0], "voicepool.pool.name") == "asr"
+
+
+_GLOBAL_SCRIPT = """
+import asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from voicepool import Adapter, Pool, PoolExhausted, PoolSettings
+from voicepool.telemetry.sdk import install_sdk
+
+class A(Adapter[object]):
+    async def connect(self):
+        return object()
+
+async def main():
+    early = Pool(A(), PoolSettings(min_size=1, max_size=1), name="early")  # before any SDK
+    reader, spans = InMemoryMetricReader(), InMemorySpanExporter()
+    sdk = install_sdk(metric_readers=[reader], span_exporter=spans, batch=False)
+    async with early, Pool(A(), PoolSettings(min_size=1, max_size=1), name="late") as late:
+        with trace.get_tracer("app").start_as_current_span("call"):
+            async with early.acquire():
+                try:
+                    async with early.acquire(timeout=0.01):
+                        pass
+                except PoolExhausted:
+                    pass
+        data = reader.get_metrics_data()
+        seen = {
+            (m.name, p.attributes["voicepool.pool.name"])
+            for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+            for p in m.data.data_points
+        }
+        assert ("voicepool.connection.max", "early") in seen, seen
+        assert ("voicepool.connection.max", "late") in seen, seen
+        assert ("voicepool.connection.timeouts", "early") in seen, seen
+    call = [s for s in spans.get_finished_spans() if s.name == "call"][0]
+    assert [e.name for e in call.events][:2] == [
+        "voicepool.pool.exhausted", "voicepool.pool.timeout"
+    ], call.events
+    sdk.shutdown()
+    print("ok")
+
+asyncio.run(main())
+"""
+
+
+def test_default_instrumentation_reports_once_global_sdk_providers_are_set() -> None:
+    """The default path: pools made before the SDK was installed report through it afterwards.
+
+    Global providers can be set once per process, hence a subprocess.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", _GLOBAL_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

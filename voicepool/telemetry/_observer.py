@@ -59,7 +59,12 @@ def _guard(
         except Exception:
             if fn.__name__ not in _failed_hooks:
                 _failed_hooks.add(fn.__name__)
-                log.exception("voicepool telemetry hook %s failed (reported once)", fn.__name__)
+                log.exception(
+                    "pool %s: telemetry hook %s failed (reported once)",
+                    self._name,
+                    fn.__name__,
+                    extra={"voicepool.pool.name": self._name},
+                )
             return None
 
     return hook
