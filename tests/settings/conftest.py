@@ -95,6 +95,11 @@ class EchoServer:
                 await writer.wait_closed()
             self._handlers.discard(task)
 
+    async def drop_connections(self) -> None:
+        """Close every client connection from the server side (a provider restart)."""
+        for writer in list(self._writers):
+            writer.close()
+
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
