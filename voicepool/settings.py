@@ -152,6 +152,11 @@ class PoolConfig(BaseModel):
     )
     settings: PoolSettings = Field(default_factory=PoolSettings)
 
+    def __init__(self, **data: Any) -> None:
+        """Flat form: ``adapter=``, ``required=``, ``options=``, ``settings=`` and any
+        :class:`~voicepool.PoolSettings` field (``max_size=4``). Raises pydantic ValidationError."""
+        super().__init__(**data)
+
     @_model_validator(mode="before")
     @classmethod
     def _from_entry(cls, data: Any) -> Any:

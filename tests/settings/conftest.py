@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -183,7 +183,7 @@ class LimitedEchoAdapter(EchoAdapter):
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No VOICEPOOL_* variable from the outside, and a working directory without a .env."""
     for name in list(os.environ):
         if name.upper().startswith("VOICEPOOL_"):

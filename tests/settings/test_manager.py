@@ -303,7 +303,7 @@ async def test_from_settings_reads_the_environment(
 
 async def test_manager_built_in_code(echo_server: MakeServer) -> None:
     server = await echo_server()
-    options = EchoOptions(port=server.port, api_key=API_KEY)  # type: ignore[arg-type]
+    options = EchoOptions(port=server.port, api_key=API_KEY)
     small = PoolSettings(min_size=1, max_size=1)
     asr = Pool(EchoAdapter(options), small, name="asr")
     manager = PoolManager([asr])
@@ -325,7 +325,7 @@ async def test_manager_built_in_code(echo_server: MakeServer) -> None:
 def test_process_limit_in_code() -> None:
     from tests.settings.conftest import LimitedEchoAdapter
 
-    options = EchoOptions(port=1, api_key=API_KEY)  # type: ignore[arg-type]
+    options = EchoOptions(port=1, api_key=API_KEY)
     manager = PoolManager()
     manager.add_adapter("a", LimitedEchoAdapter(options), PoolSettings(max_size=5))
     with pytest.raises(ConfigError, match=r"at most 8 connections .* 5 \(a\) \+ 4 \(b\) = 9"):

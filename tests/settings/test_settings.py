@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict, SecretStr, field_validator
 
-from tests.settings.conftest import API_KEY, ECHO, LIMITED, echo_pool
+from tests.settings.conftest import API_KEY, ECHO, LIMITED, EchoOptions, echo_pool
 from voicepool import Adapter, ConfigError, LeaseMode, PoolSettings, register_adapter
 from voicepool.settings import PoolConfig, VoicePoolSettings
 
@@ -66,7 +66,7 @@ def test_toml_named_by_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert asr.required is True
     assert asr.settings.max_size == 2
     assert asr.settings.acquire_timeout == 1.5
-    assert asr.options is not None
+    assert isinstance(asr.options, EchoOptions)
     assert asr.options.port == 1111
     assert s.pools["tts"].required is False
 

@@ -26,7 +26,7 @@ def kill_self(sig: signal.Signals, after: float = 0.0) -> None:
 
 async def test_first_signal_drains() -> None:
     async with GracefulShutdown() as shutdown:
-        assert not shutdown.draining
+        assert shutdown.received_signal is None
         kill_self(signal.SIGTERM)
         await asyncio.wait_for(shutdown.wait(), 5)
         assert shutdown.draining
