@@ -43,29 +43,45 @@ class OwnerContext:
     anywhere else: dropping one on another thread aborts the process.
     """
 
-    __slots__ = ("_rec", "endpoint", "pj")
+    __slots__ = ("_endpoint", "_rec", "pj")
 
     def __init__(self, pj: Any, endpoint: Any, rec: _Record) -> None:
         self.pj = pj
-        self.endpoint = endpoint
-        self._rec = rec
+        self._endpoint = endpoint
+        self._rec: _Record | None = rec
+
+    @property
+    def endpoint(self) -> Any:
+        self._check()
+        return self._endpoint
 
     @property
     def account(self) -> Any:
-        return self._rec.account
+        return self._check().account
+
+    def _check(self) -> _Record:
+        if self._rec is None:
+            raise RuntimeError("an OwnerContext is only valid during the call it was given to")
+        return self._rec
+
+    def _expire(self) -> None:
+        # A context kept past its call must not keep pjsua2 objects alive (they would then die
+        # on whichever thread drops the context last, which aborts the process).
+        self._rec = None
+        self._endpoint = None
 
     def keep(self, name: str, obj: T) -> T:
         """Keep ``obj`` alive until :meth:`drop` or the account closes; returns ``obj``."""
-        self._rec.objects[name] = obj
+        self._check().objects[name] = obj
         return obj
 
     def get(self, name: str) -> Any:
         """The object kept under ``name``, or None."""
-        return self._rec.objects.get(name)
+        return self._check().objects.get(name)
 
     def drop(self, name: str) -> None:
         """Release the object kept under ``name`` (here, on the owner thread). Unknown: ignored."""
-        self._rec.objects.pop(name, None)
+        self._check().objects.pop(name, None)
 
     def on_incoming_call(self, handler: Callable[[OwnerContext, int], None] | None) -> None:
         """Call ``handler(ctx, call_id)`` on the owner thread for each incoming INVITE.
@@ -74,7 +90,7 @@ class OwnerContext:
         it returns: pjsua2 hangs up calls that no ``Call`` object claims, which is also what
         happens without a handler. Exceptions are logged and the call is left to that default.
         """
-        self._rec.incoming = handler
+        self._check().incoming = handler
 
 
 class _Record:
@@ -129,6 +145,7 @@ class Owner:
         self._records: dict[int, _Record] = {}
         self._transports: dict[tuple[str, str], int] = {}
         self._account_cls: Any = None
+        self._pj_types: tuple[type, ...] | None = None
 
     @property
     def idle(self) -> bool:
@@ -186,6 +203,7 @@ class Owner:
             self._finalize(rec)
         self._transports.clear()
         self._account_cls = None
+        self._pj_types = None
         ep, self._ep = self._ep, None
         if ep is not None:
             try:
@@ -257,9 +275,31 @@ class Owner:
         return True
 
     def run_for(self, key: int, fn: Callable[[OwnerContext], T]) -> T:
+        """``fn(ctx)`` for account ``key``. Raises TypeError if it returns a pjsua2 object."""
         rec = self._live(key)
         assert self._b is not None
-        return fn(OwnerContext(self._b.pj, self._ep, rec))
+        ctx = OwnerContext(self._b.pj, self._ep, rec)
+        try:
+            result = fn(ctx)
+        finally:
+            ctx._expire()
+        self._check_result(result)
+        return result
+
+    def _check_result(self, result: object) -> None:
+        # pjsua2 objects must stay on this thread: dropped elsewhere they abort the process.
+        assert self._b is not None
+        if self._pj_types is None:
+            pj = self._b.pj
+            self._pj_types = tuple(v for v in vars(pj).values() if isinstance(v, type))
+        items = result if isinstance(result, tuple | list) else (result,)
+        for item in items:
+            if isinstance(item, self._pj_types):
+                raise TypeError(
+                    f"a function run on the SIP owner thread returned a pjsua2 object"
+                    f" ({type(item).__name__}); return plain data, keep pjsua2 objects with"
+                    " ctx.keep()"
+                )
 
     def begin_close(self, key: int, unregister: bool, done: cf.Future[None]) -> None:
         rec = self._records.get(key)
@@ -377,7 +417,11 @@ class Owner:
         if rec is None or rec.incoming is None or rec.closing:
             return
         assert self._b is not None
-        rec.incoming(OwnerContext(self._b.pj, self._ep, rec), call_id)
+        ctx = OwnerContext(self._b.pj, self._ep, rec)
+        try:
+            rec.incoming(ctx, call_id)
+        finally:
+            ctx._expire()
 
 
 def _account_class(pj: Any) -> Any:

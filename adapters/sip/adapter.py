@@ -260,6 +260,7 @@ class SipRegistration:
         for fut in waiters:
             if not fut.done():
                 fut.set_exception(ConnectError(f"SIP registration of {self.aor} is closing"))
+                fut.exception()  # whoever awaits it still gets it; nobody awaiting is fine too
 
 
 class SipAdapter(Adapter[SipRegistration]):
@@ -312,6 +313,7 @@ class SipAdapter(Adapter[SipRegistration]):
             reg.key = await self._engine.add_account(self._spec(tag), reg._on_event)
             event = await first
         except BaseException:
+            first.cancel()
             self._discard(reg)
             raise
         if not event.ok:

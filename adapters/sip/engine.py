@@ -30,6 +30,7 @@ import queue
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
@@ -364,6 +365,7 @@ class SipEngine:
             try:
                 result = fn(owner)
             except BaseException as exc:
+                _detach(exc)
                 fut.set_exception(exc)
             else:
                 fut.set_result(result)
@@ -388,6 +390,27 @@ class SipEngine:
         if not run.ready.done():
             run.ready.set_exception(err)
         run.done.set_result(None)
+
+
+def _detach(exc: BaseException) -> None:
+    """Clear the locals of the frames an exception carries to another thread.
+
+    A traceback keeps every frame's locals alive: a pjsua2 Account or Endpoint among them would
+    later be dropped on the thread that drops the exception, which aborts the process. Line
+    numbers stay, so the traceback still prints.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if item.__traceback__ is not None:
+            traceback.clear_frames(item.__traceback__)
+        todo += [item.__cause__, item.__context__]
+        if isinstance(item, BaseExceptionGroup):
+            todo += list(item.exceptions)
 
 
 def _bridge(fut: cf.Future[T], *, cancel: bool = False) -> asyncio.Future[T]:

@@ -32,9 +32,11 @@ import socket
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 __all__ = [
     "Kamailio",
+    "KamailioContact",
     "KamailioError",
     "free_sip_port",
     "kamailio_available",
@@ -51,6 +53,14 @@ _MODULE_DIRS = (
     "/usr/local/lib/kamailio/modules",
 )
 _RX = re.compile(r"RX REGISTER t=(\d+\.\d+) .* callid=(\S+) cseq=(\d+) ")
+
+
+class KamailioContact(NamedTuple):
+    """One binding of Kamailio's location table."""
+
+    aor: str  # the user part, e.g. "alice"
+    address: str  # the Contact URI
+    expires: int | None  # seconds left (-1: expired or permanent; None: not shown)
 
 
 class KamailioError(RuntimeError):
@@ -387,8 +397,8 @@ request_route {{
 
     # -- inspection ------------------------------------------------------------------------------
 
-    async def contacts(self) -> dict[str, list[str]]:
-        """The location table, ``{aor: [contact URI, ...]}``, from ``kamcmd ul.dump``.
+    async def contacts(self) -> list[KamailioContact]:
+        """The location table, from ``kamcmd ul.dump``.
 
         Raises KamailioError when kamcmd fails or times out (5 s).
         """
@@ -410,23 +420,26 @@ request_route {{
             raise KamailioError("kamcmd ul.dump timed out") from None
         if proc.returncode != 0:
             raise KamailioError(f"kamcmd ul.dump failed: {err.decode(errors='replace')}")
-        table: dict[str, list[str]] = {}
+        table: list[KamailioContact] = []
         aor = ""
         for line in out.decode(errors="replace").splitlines():
             key, _, value = line.strip().partition(": ")
             if key == "AoR":
                 aor = value
-                table.setdefault(aor, [])
             elif key == "Address" and aor:
-                table[aor].append(value)
+                table.append(KamailioContact(aor, value, None))
+            elif key == "Expires" and table and table[-1].expires is None:
+                expires = int(value) if value.lstrip("-").isdigit() else -1
+                table[-1] = KamailioContact(table[-1].aor, table[-1].address, expires)
         return table
 
     async def binding_count(self, aor: str | None = None) -> int:
-        """Contacts registered now, for one AOR user or all."""
-        table = await self.contacts()
-        if aor is not None:
-            return len(table.get(aor, []))
-        return sum(len(v) for v in table.values())
+        """Contacts registered now (not yet expired), for one AOR user or all."""
+        return sum(
+            1
+            for c in await self.contacts()
+            if (aor is None or c.aor == aor) and (c.expires is None or c.expires > 0)
+        )
 
     def registers(self) -> list[tuple[float, str, int]]:
         """``(wall-clock time, Call-ID, CSeq)`` of every REGISTER received, over all starts of
