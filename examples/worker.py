@@ -23,21 +23,23 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from voicepool import (
     GracefulShutdown,
-    Lease,
     PoolClosed,
     PoolExhausted,
     PoolManager,
     PoolUnavailable,
     VoicePoolSettings,
 )
+from voicepool.testing import test_certificates
 
 # The demo's stand-in services and their adapter live beside this file.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,51 +60,89 @@ class Tally:
     turn_ms: list[float] = field(default_factory=list)
 
 
-# -- one turn on one leased connection ------------------------------------------------------------
-
-Exchange = Callable[[Lease[Any], str], Awaitable[None]]
+# -- what a turn does with each service -----------------------------------------------------------
 
 
-async def line_exchange(lease: Lease[Any], text: str) -> None:
-    """The demo services echo: one request/answer round trip on the warm connection."""
-    answer = await lease.conn.request(text)
-    if answer != text:
-        raise RuntimeError(f"unexpected answer {answer!r}")
+class Agent:
+    """One turn: listen (ASR), think (LLM), speak (TTS), each on a pooled connection.
 
+    A pool of the demo's ``line`` adapter gets one request/answer round trip per lease. An LLM
+    pool on the ``http2`` adapter is used the way an application uses it: through
+    ``PooledTransport`` under an httpx client (``openai.AsyncOpenAI(http_client=...)`` works the
+    same), streaming a chat completion. Any other adapter: the lease is taken and held, as a call
+    handler would, without traffic (this demo does not know its protocol).
+    """
 
-async def hold_only(lease: Lease[Any], text: str) -> None:
-    """Adapters this demo has no exchange for: the lease itself is the point."""
+    def __init__(self, manager: PoolManager, args: argparse.Namespace) -> None:
+        self.manager = manager
+        self.hold = args.hold_ms / 1000
+        self.model = args.llm_model
+        self.http: httpx.AsyncClient | None = None
+        settings = manager.settings
+        llm = settings.pools.get("llm") if settings is not None else None
+        if llm is not None and llm.adapter == "http2":
+            from voicepool.adapters.http2 import PooledTransport
 
+            self.http = httpx.AsyncClient(
+                transport=PooledTransport(manager["llm"]),
+                base_url=getattr(llm.options, "base_url", ""),
+                timeout=30,
+            )
 
-def exchange_for(lease: Lease[Any]) -> Exchange:
-    if isinstance(lease.pool.adapter, LineAdapter):
-        return line_exchange
-    return hold_only
+    async def aclose(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()  # leaves the pool alone: the manager owns it
+
+    async def turn(self, call: int, turn: int) -> None:
+        await self.leased("asr", f"audio of call {call} turn {turn}")
+        if self.http is not None:
+            await self.think(f"call {call} turn {turn}")
+        else:
+            await self.leased("llm", f"prompt of call {call} turn {turn}")
+        await self.leased("tts", f"reply of call {call} turn {turn}")
+
+    async def leased(self, service: str, text: str) -> None:
+        async with self.manager.acquire(service) as lease:
+            if isinstance(lease.pool.adapter, LineAdapter):
+                answer = await lease.conn.request(text)
+                if answer != text:
+                    raise RuntimeError(f"{service}: unexpected answer {answer!r}")
+            # The user speaks, the voice plays: the lease is held meanwhile.
+            await asyncio.sleep(self.hold)
+
+    async def think(self, text: str) -> None:
+        """Stream a chat completion on a pooled HTTP/2 stream (no handshake in the turn)."""
+        assert self.http is not None
+        body = {
+            "model": self.model,
+            "stream": True,
+            "messages": [{"role": "user", "content": text}],
+        }
+        async with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.strip() == "data: [DONE]":
+                    break
+        await asyncio.sleep(self.hold)
 
 
 # -- calls ----------------------------------------------------------------------------------------
 
 
-async def run_call(
-    manager: PoolManager, number: int, args: argparse.Namespace, tally: Tally
-) -> None:
-    """One call: ``args.turns`` turns of ASR -> LLM -> TTS; a pool error ends the call only."""
+async def run_call(agent: Agent, number: int, args: argparse.Namespace, tally: Tally) -> None:
+    """One call of ``args.turns`` turns; a pool error ends this call only."""
     tally.started += 1
     tally.in_flight += 1
     print(f"call {number}: started", flush=True)
     try:
         for turn in range(args.turns):
             t0 = time.perf_counter()
-            for service in SERVICES:
-                async with manager.acquire(service) as lease:
-                    await exchange_for(lease)(lease, f"{service} call {number} turn {turn}")
-                    # The user speaks, the model thinks, the voice plays: the lease is held.
-                    await asyncio.sleep(args.hold_ms / 1000)
+            await agent.turn(number, turn)
             tally.turn_ms.append((time.perf_counter() - t0) * 1000)
             tally.turns += 1
         tally.completed += 1
         print(f"call {number}: done, {args.turns} turns", flush=True)
-    except (PoolExhausted, PoolUnavailable, PoolClosed) as exc:
+    except (PoolExhausted, PoolUnavailable, PoolClosed, httpx.HTTPError) as exc:
         tally.failed += 1
         log.warning("call %d failed: %s", number, exc)
     finally:
@@ -110,7 +150,7 @@ async def run_call(
 
 
 async def serve(
-    manager: PoolManager, shutdown: GracefulShutdown, args: argparse.Namespace, tally: Tally
+    agent: Agent, shutdown: GracefulShutdown, args: argparse.Namespace, tally: Tally
 ) -> None:
     """Take calls until ``args.calls`` were taken or a shutdown is requested, then let the calls
     in flight finish. Cancelled (second signal): the calls are cancelled with it."""
@@ -120,7 +160,7 @@ async def serve(
 
         async def one_call(number: int) -> None:
             try:
-                await run_call(manager, number, args, tally)
+                await run_call(agent, number, args, tally)
             finally:
                 slots.release()
 
@@ -150,19 +190,42 @@ async def serve(
 
 @asynccontextmanager
 async def demo_settings(args: argparse.Namespace) -> AsyncIterator[VoicePoolSettings]:
-    """Start one local stand-in per service and configure a pool for each."""
+    """Start a local stand-in per service and configure a pool for each.
+
+    The LLM is voicepool's OpenAI-compatible emulator over TLS + HTTP/2 (with the ``http2``
+    adapter) when both are installed, and ``--services line`` does not say otherwise; the
+    others are small line-protocol servers (``custom_adapter.LineServer``).
+    """
     delays = {"asr": 0.002, "llm": 0.010, "tts": 0.002}  # seconds to answer, per service
+    common = {"concurrency": args.concurrency, "drain_timeout": args.drain_timeout}
     async with AsyncExitStack() as stack:
         pools: dict[str, Any] = {}
         for service in SERVICES:
             server = await stack.enter_async_context(LineServer(reply_delay=delays[service]))
-            pools[service] = {
-                "adapter": "line",
-                "concurrency": args.concurrency,
-                "drain_timeout": args.drain_timeout,
-                "options": {"port": server.port},
+            pools[service] = {"adapter": "line", "options": {"port": server.port}, **common}
+        emulator = llm_emulator() if args.services == "auto" else None
+        if emulator is not None:
+            emu = await stack.enter_async_context(emulator(ttft=0.01, tokens=5))
+            pools["llm"] = {
+                "adapter": "http2",
+                "options": {
+                    "base_url": emu.url,
+                    "ca_file": str(test_certificates().ca_path),  # the emulator's test CA
+                    "warmup_path": "/v1/models",
+                },
+                **common,
             }
         yield VoicePoolSettings(pools=pools)
+
+
+def llm_emulator() -> Any:
+    """voicepool's LLM emulator class, if it and the http2 adapter are installed."""
+    try:
+        import voicepool.adapters.http2  # noqa: F401
+        from voicepool.testing.llm import LlmEmulator
+    except ImportError:
+        return None
+    return LlmEmulator
 
 
 @asynccontextmanager
@@ -187,9 +250,16 @@ async def main(args: argparse.Namespace) -> int:
         # it, so a second signal reaches the manager while it drains.
         async with GracefulShutdown() as shutdown, manager:
             boot_ms = (time.perf_counter() - t0) * 1000
-            states = " ".join(f"{n}={p['status']}" for n, p in manager.health()["pools"].items())
+            states = " ".join(
+                f"{name}={pool['status']}({pool['adapter']})"
+                for name, pool in manager.health()["pools"].items()
+            )
             print(f"ready: {states} (boot {boot_ms:.0f} ms)", flush=True)
-            await serve(manager, shutdown, args, tally)
+            agent = Agent(manager, args)
+            try:
+                await serve(agent, shutdown, args, tally)
+            finally:
+                await agent.aclose()
         how = "hard" if shutdown.hard else "graceful"
         turns = sorted(tally.turn_ms)
         p50 = turns[len(turns) // 2] if turns else 0.0
@@ -210,6 +280,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hold-ms", type=float, default=50.0, help="time a turn holds each lease")
     parser.add_argument("--arrival-ms", type=float, default=20.0, help="gap between new calls")
     parser.add_argument("--drain-timeout", type=float, default=10.0, help="demo pools' drain")
+    parser.add_argument(
+        "--services",
+        choices=("auto", "line"),
+        default="auto",
+        help="demo stand-ins: voicepool's emulators where installed (auto), or line servers only",
+    )
+    parser.add_argument("--llm-model", default="gpt-4o-mini", help="model for http2 LLM pools")
     return parser.parse_args(argv)
 
 
@@ -217,4 +294,5 @@ if __name__ == "__main__":
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is too chatty
     sys.exit(asyncio.run(main(parse_args())))

@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 MakeServer = Callable[..., Awaitable[EchoServer]]
 # Warnings are errors in the examples too; an unclosed transport shows as "Exception ignored".
-PYTHON = [sys.executable, "-W", "error"]
+# Except one: voicepool.testing.tls keeps its certificate directory until exit, and tempfile's
+# implicit cleanup then warns (reported to the lead; not a socket or transport leak).
+PYTHON = [sys.executable, "-W", "error", "-W", "ignore::ResourceWarning:tempfile"]
 BAD_STDERR = (
     "Traceback",
     "Exception ignored",
@@ -120,11 +122,18 @@ async def test_custom_adapter_example(tmp_path: Path) -> None:
 # -- worker.py ------------------------------------------------------------------------------------
 
 
-async def test_worker_serves_a_fixed_number_of_calls(tmp_path: Path) -> None:
-    args = ("--calls", "6", "--turns", "2", "--hold-ms", "5")
+@pytest.mark.parametrize("services", ["auto", "line"])
+async def test_worker_serves_a_fixed_number_of_calls(tmp_path: Path, services: str) -> None:
+    """auto: the LLM turn streams from voicepool's HTTP/2 LLM emulator once it is installed."""
+    args = ("--calls", "6", "--turns", "2", "--hold-ms", "5", "--services", services)
     async with run(tmp_path, "worker.py", *args) as process:
         ready = await process.line_starting("ready: ")
-        assert "asr=ready llm=ready tts=ready" in ready
+        assert "asr=ready(line)" in ready
+        assert "tts=ready(line)" in ready
+        if services == "line":
+            assert "llm=ready(line)" in ready
+        else:
+            assert "llm=ready(http2)" in ready or "llm=ready(line)" in ready
         assert await process.finish() == 0, process.stderr()
     stopped = process.lines[-1]
     assert stopped.startswith("stopped: graceful, calls=6/6 failed=0 turns=12"), stopped
