@@ -12,13 +12,16 @@ Nothing here is imported at module import time: :func:`load` does it on first us
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import importlib.util
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 __all__ = ["PJSUA_MAX_ACC", "PJSUA_MAX_CALLS", "Binding", "BindingMissing", "available", "load"]
 
@@ -41,6 +44,10 @@ class BindingMissing(ImportError):
     """pjsua2 (or one of the C libraries it ships) cannot be loaded here."""
 
 
+class _PjStr(ctypes.Structure):
+    _fields_ = (("ptr", ctypes.c_void_p), ("slen", ctypes.c_ssize_t))
+
+
 @dataclass(frozen=True, slots=True)
 class Binding:
     """The pjsua2 module plus the C entry points the owner thread calls through ctypes."""
@@ -48,6 +55,7 @@ class Binding:
     pj: ModuleType
     has_tls: bool
     _lib: ctypes.CDLL
+    _hostname: Any = None  # pj_gethostname, when exported
 
     def handle_events(self, msec: int) -> int:
         """``pjsua_handle_events``: poll timers and sockets for up to ``msec`` (GIL released)."""
@@ -68,6 +76,32 @@ class Binding:
         retransmitted over UDP) after its account was abandoned.
         """
         self._lib.pjsip_tsx_set_timers(_T1_MS, _T2_MS, _T4_MS, msec)
+
+    @contextlib.contextmanager
+    def distinct_instance(self, salt: str) -> Iterator[None]:
+        """Make the next ``Account.create()`` derive its own RFC 5626 ``+sip.instance``.
+
+        Over TCP/TLS pjsua adds ``+sip.instance`` (a hash of ``pj_gethostname()``) and
+        ``reg-id=1`` to every account's Contact, and this binding cannot set them (no
+        ``natConfig``). Registrars that follow RFC 5626 then keep ONE binding for all the
+        registrations of an AOR, and un-REGISTERing one removes them all. While this context
+        is open, PJSIP's cached host name reads ``<host>/<salt>``: the account created inside
+        gets an instance of its own. Owner thread only; restored on exit.
+        """
+        if self._hostname is None:
+            yield
+            return
+        name = self._hostname().contents
+        saved = (name.ptr, name.slen)
+        original = ctypes.string_at(name.ptr, name.slen) if name.ptr else b""
+        buf = ctypes.create_string_buffer(original + b"/" + salt.encode())
+        name.ptr = ctypes.cast(buf, ctypes.c_void_p).value
+        name.slen = len(buf.value)
+        try:
+            yield
+        finally:
+            name.ptr, name.slen = saved
+            del buf  # only after PJSIP points back at its own buffer
 
 
 _lock = threading.Lock()
@@ -114,5 +148,9 @@ def load() -> Binding:
         # Built without OpenSSL, the wheel has no TLS transport; creating one would fail an
         # assertion deep inside PJSIP, so the adapter refuses "tls" up front instead.
         has_tls = hasattr(lib, "pjsip_tls_transport_start2")
-        _binding = Binding(pj, has_tls, lib)
+        hostname = getattr(lib, "pj_gethostname", None)
+        if hostname is not None:
+            hostname.argtypes = []
+            hostname.restype = ctypes.POINTER(_PjStr)
+        _binding = Binding(pj, has_tls, lib, hostname)
         return _binding

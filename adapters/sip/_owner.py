@@ -105,6 +105,7 @@ class _Record:
         "incoming",
         "key",
         "loop",
+        "notify_at",
         "objects",
         "registered",
         "sink",
@@ -128,7 +129,8 @@ class _Record:
         self.in_flight = False  # a REGISTER transaction runs: PJSIP refuses a second (EBUSY)
         self.closing = False
         self.unreg_sent = False
-        self.deadline = 0.0
+        self.deadline = 0.0  # closing: finalize (shutdown) at this time
+        self.notify_at = 0.0  # closing: release whoever awaits the close at this time
         self.done: list[cf.Future[None]] = []
         self.objects: dict[str, Any] = {}
         self.incoming: Callable[[OwnerContext, int], None] | None = None
@@ -188,9 +190,14 @@ class Owner:
         self._b.handle_events(msec)
 
     def expire(self, now: float) -> None:
-        """Finalize closing accounts whose un-REGISTER was answered or timed out."""
-        for rec in [r for r in self._records.values() if r.closing and r.deadline <= now]:
-            self._finalize(rec)
+        """Finalize closing accounts whose un-REGISTER was answered or timed out, and release
+        the closers of those still waiting for a REGISTER in flight.
+        """
+        for rec in [r for r in self._records.values() if r.closing]:
+            if rec.deadline <= now:
+                self._finalize(rec)
+            elif rec.notify_at <= now and rec.done:
+                _resolve(rec.done)
 
     def close_all(self) -> None:
         """Start closing every account (un-REGISTER first), for an engine stop."""
@@ -255,7 +262,8 @@ class Owner:
         rec.in_flight = True
         self._records[key] = rec
         try:
-            acc.create(ac)
+            with self._b.distinct_instance(spec.contact_uri_params or str(key)):
+                acc.create(ac)
         except BaseException:
             self._records.pop(key, None)
             rec.account = None
@@ -353,19 +361,25 @@ class Owner:
             rec.done.append(done)
         if rec.closing:
             return
+        now = time.monotonic()
         rec.closing = True
         rec.incoming = None
-        rec.deadline = time.monotonic() + rec.spec.unregister_timeout
+        rec.notify_at = now + rec.spec.unregister_timeout
         if not unregister or rec.account is None:
             rec.deadline = 0.0
         elif rec.in_flight:
-            pass  # un-REGISTER once the outcome of the REGISTER in flight is known
+            # A REGISTER is in flight (a connect given up, a refresh unanswered): a late 200
+            # would leave a binding on the registrar, and shutdown() cannot stop the
+            # transaction. Keep the account until its outcome (at most the transaction
+            # timeout), then un-REGISTER if it succeeded. The closer is released at notify_at.
+            rec.deadline = now + self.config.transaction_timeout + 2.0
         elif rec.registered:
             self._unregister(rec)
         else:
             rec.deadline = 0.0
 
     def _unregister(self, rec: _Record) -> None:
+        rec.deadline = time.monotonic() + rec.spec.unregister_timeout
         try:
             rec.unreg_sent = True
             rec.in_flight = True
@@ -387,9 +401,7 @@ class Owner:
                 log.debug("SIP account #%d: shutdown failed: %s", rec.key, exc)
             del acc  # the last reference: the C++ Account dies here, on the owner thread
         self._free_slot(rec.key)
-        for fut in rec.done:
-            if not fut.done():
-                fut.set_result(None)
+        _resolve(rec.done)
 
     # -- callbacks (inside poll(), from PJSIP) -----------------------------------------------------
 
@@ -422,6 +434,13 @@ class Owner:
             rec.incoming(ctx, call_id)
         finally:
             ctx._expire()
+
+
+def _resolve(futures: list[cf.Future[None]]) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_result(None)
+    futures.clear()
 
 
 def _account_class(pj: Any) -> Any:

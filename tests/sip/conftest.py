@@ -26,6 +26,8 @@ from voicepool.adapters.sip import SipAdapter, SipEngine, SipOptions, configure_
 from voicepool.testing.kamailio import Kamailio, kamailio_available
 from voicepool.testing.sip_registrar import SipRegistrar
 
+KamailioFactory = Callable[..., Awaitable[Kamailio]]
+
 # Pool settings that make a SIP pool react in well under a second.
 FAST = PoolSettings(
     min_size=1,
@@ -85,7 +87,7 @@ async def kamailio() -> AsyncIterator[Kamailio]:
 
 
 @pytest.fixture
-async def kamailio_factory() -> AsyncIterator[Callable[..., Awaitable[Kamailio]]]:
+async def kamailio_factory() -> AsyncIterator[KamailioFactory]:
     """Factory for Kamailio variants (``wrong_password_403=True``, ...); all stopped at the end."""
     if not kamailio_available():
         pytest.skip("kamailio/kamcmd not installed (scripts/install-system-deps.sh installs them)")
