@@ -98,6 +98,8 @@ class H2Connection:
             },
         )
         self._connection_window = connection_window
+        self._loop = asyncio.get_running_loop()
+        self._flush_pending = False
         self._streams: dict[int, H2Stream] = {}  # h2 stream id -> live (unfinished) stream
         self._slots: dict[int, H2Stream] = {}  # pool lease slot -> its stream, until released
         self._pings: dict[bytes, asyncio.Future[None]] = {}
@@ -168,7 +170,7 @@ class H2Connection:
         h2c.initiate_connection()
         if self._connection_window > _DEFAULT_WINDOW:
             h2c.increment_flow_control_window(self._connection_window - _DEFAULT_WINDOW)
-        self._flush()
+        self._flush_now()
         self._reader_task = asyncio.get_running_loop().create_task(
             self._read_loop(), name=f"voicepool:h2:{self.origin}"
         )
@@ -305,7 +307,7 @@ class H2Connection:
             self._closing = True
             try:
                 self._h2.close_connection()
-                self._flush()
+                self._flush_now()
             except h2.exceptions.ProtocolError:
                 pass
             self._fail(ConnectionClosed(f"connection to {self.origin} closed by the client"))
@@ -324,6 +326,15 @@ class H2Connection:
     # -- internals ------------------------------------------------------------------------------
 
     def _flush(self) -> None:
+        """Write what h2 has queued at the end of this loop iteration: the frames of every request
+        started in one iteration (a burst of concurrent calls) go out in one TLS write instead of
+        one syscall each."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
         data = self._h2.data_to_send()
         if data and not self._writer.transport.is_closing():
             self._writer.write(data)
@@ -365,7 +376,7 @@ class H2Connection:
                 try:
                     events = h2c.receive_data(data)
                 except h2.exceptions.ProtocolError as exc:
-                    self._flush()  # h2 queued a GOAWAY for the server
+                    self._flush_now()  # h2 queued a GOAWAY for the server
                     raise ConnectionClosed(
                         f"HTTP/2 protocol error from {self.origin}: {exc}"
                     ) from exc

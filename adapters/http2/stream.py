@@ -144,6 +144,16 @@ class H2Stream:
         self._conn._ack(self, size)
         return data
 
+    def read_nowait(self) -> bytes | None:
+        """A buffered body chunk, ``b""`` at the end, or None when :meth:`read` would wait."""
+        if self._chunks:
+            data, size = self._chunks.popleft()
+            self._conn._ack(self, size)
+            return data
+        if self.error is not None:
+            raise self.error
+        return b"" if self.remote_closed else None
+
     async def send(self, data: bytes, *, end: bool) -> None:
         """Send body bytes under flow control; ``end`` closes our side after them.
 
@@ -181,8 +191,11 @@ class H2Stream:
             if end and last:
                 self.local_closed = True
             view = view[size:]
-            conn._flush()
-            await conn._drain()
+            if size >= 16384:
+                conn._flush_now()  # bulk data: write now, so drain() applies back-pressure
+                await conn._drain()
+            else:
+                conn._flush()
             if end and last:
                 return
 

@@ -102,11 +102,13 @@ class ResponseStreamBase:
         timeout = self._timeout
         try:
             while True:
-                if timeout is None:
-                    chunk = await stream.read()
-                else:
-                    async with asyncio.timeout(timeout):
+                chunk = stream.read_nowait()  # most SSE chunks are already here: no timer
+                if chunk is None:
+                    if timeout is None:
                         chunk = await stream.read()
+                    else:
+                        async with asyncio.timeout(timeout):
+                            chunk = await stream.read()
                 if not chunk:
                     break
                 yield chunk

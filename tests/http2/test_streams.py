@@ -28,25 +28,26 @@ async def _stream(http: httpx.AsyncClient, url: str, headers: dict[str, str] | N
 async def test_300_streams_spread_over_3_connections_in_about_one_stream_time(
     make_pool: MakePool,
 ) -> None:
-    # Each stream lasts ~1 s: first token after 0.2 s, then 4 more at 5 tokens/s.
-    async with LlmEmulator(ttft=0.2, tokens=5, tokens_per_second=5.0) as emu:
+    # Each stream lasts ~1 s: first token after 0.2 s, then 2 more at 2.5 tokens/s.
+    async with LlmEmulator(ttft=0.2, tokens=3, tokens_per_second=2.5) as emu:
         pool = await make_pool(
             emu.url, settings(min_size=3, max_size=4, max_streams=100, acquire_timeout=10.0)
         )
         url = emu.base_url + "/chat/completions"
         async with httpx.AsyncClient(transport=PooledTransport(pool), timeout=30) as http:
             one = time.perf_counter()
-            assert await _stream(http, url) == 7  # 5 tokens, a stop chunk, [DONE]
+            assert await _stream(http, url) == 5  # 3 tokens, a stop chunk, [DONE]
             one = time.perf_counter() - one
             t0 = time.perf_counter()
             results = await asyncio.gather(*(_stream(http, url) for _ in range(300)))
             elapsed = time.perf_counter() - t0
-    assert results == [7] * 300
+    assert results == [5] * 300
     assert emu.peak_open_streams == 300  # all at once: nothing queued behind a full connection
     assert 3 <= pool.stats().connects <= 4  # the 4th opens when the last free stream is taken
-    # httpx's own pool needs ~3x the stream time here (one connection, 100 streams at a time);
-    # the margin is for CPU (client and emulator share this process and a busy machine).
-    assert elapsed < one * 2.0, f"300 streams took {elapsed:.2f}s, one took {one:.2f}s"
+    # All 300 ran at once (peak above), so the time is one stream plus CPU; a client that queues
+    # 100 streams per connection needs 3 stream times. The margin is for CPU: client and
+    # emulator share this process on a busy machine (benchmarks/llm.py measures it apart).
+    assert elapsed < one * 2.5, f"300 streams took {elapsed:.2f}s, one took {one:.2f}s"
 
 
 async def test_cancelling_50_inflight_streams_resets_them_all(

@@ -85,6 +85,15 @@ class HttpResponse:
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 
 
+async def _finish(tasks: set[asyncio.Task[None]], timeout: float = 2.0) -> None:
+    """Wait for connection tasks whose sockets were aborted; cancel any that linger."""
+    if tasks:
+        _, pending = await asyncio.wait(list(tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
 class Http1Connection:
     """Serves HTTP/1.1 requests on one accepted connection until either side closes it.
 
@@ -132,7 +141,7 @@ class Http1Connection:
         finally:
             self.idle = False
             self.writer.close()
-            with contextlib.suppress(OSError, TimeoutError):
+            with contextlib.suppress(OSError, TimeoutError, asyncio.CancelledError):
                 async with asyncio.timeout(1.0):
                     await self.writer.wait_closed()
             self.writer.transport.abort()
@@ -275,9 +284,7 @@ class RestEmulator:
             self._server.close()
         for conn in list(self._conns):
             conn.writer.transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _finish(self._tasks)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None

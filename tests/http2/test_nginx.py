@@ -1,0 +1,97 @@
+"""A real nginx (Debian package) as the TLS HTTP/2 front of the LLM emulator: the pool multiplexes
+through it, adopts its stream limit, and survives its keepalive timeout closing idle connections."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from tests.http2.conftest import MakePool, eventually, settings
+from voicepool.adapters.http2 import PooledTransport
+from voicepool.testing.llm import LlmEmulator
+from voicepool.testing.nginx import Nginx, free_port, nginx_available
+from voicepool.testing.tls import test_certificates
+
+pytestmark = [
+    pytest.mark.needs_bin,
+    pytest.mark.skipif(not nginx_available(), reason="nginx is not installed"),
+]
+
+CHAT = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+NGINX_STREAMS = 32
+KEEPALIVE = 1  # seconds nginx keeps an idle HTTP/2 connection
+
+
+def _http_block(port: int, upstream: int) -> str:
+    certs = test_certificates()
+    # nginx 1.22: "listen ... http2" (the "http2 on" directive is 1.25+); keepalive_timeout also
+    # closes idle HTTP/2 connections (http2_idle_timeout is obsolete since 1.19.7).
+    return f"""
+    upstream llm_emulator {{ server 127.0.0.1:{upstream}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {certs.cert_path};
+        ssl_certificate_key {certs.key_path};
+        keepalive_timeout {KEEPALIVE}s;
+        http2_max_concurrent_streams {NGINX_STREAMS};
+        location / {{
+            proxy_pass http://llm_emulator;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+    """
+
+
+@pytest.fixture
+async def front() -> AsyncIterator[tuple[LlmEmulator, str]]:
+    """The emulator (cleartext HTTP/1.1 upstream) behind nginx; yields (emulator, nginx URL)."""
+    async with LlmEmulator(tls=False, ttft=0.2, tokens=3, tokens_per_second=50.0) as emu:
+        port = free_port()
+        async with Nginx(_http_block(port, emu.port)):
+            yield emu, f"https://127.0.0.1:{port}"
+
+
+async def _stream(http: httpx.AsyncClient, url: str) -> str:
+    async with http.stream("POST", url + "/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status_code == 200
+        return "".join([part async for part in resp.aiter_text()])
+
+
+async def test_pool_multiplexes_through_nginx_within_its_stream_limit(
+    front: tuple[LlmEmulator, str], make_pool: MakePool
+) -> None:
+    emu, url = front
+    pool = await make_pool(url, settings(min_size=1, max_size=3), warmup_path="/v1/models")
+    (conn,) = [rec.conn for rec in pool._conns.values()]
+    assert pool.adapter.stream_capacity(conn) == NGINX_STREAMS  # nginx's SETTINGS, not 100
+    async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
+        texts = await asyncio.gather(*(_stream(http, url) for _ in range(40)))
+    assert all("data: [DONE]" in text for text in texts)
+    assert pool.stats().connects == 2  # 40 streams over 2 connections (32 + 8)
+    assert emu.requests["/v1/chat/completions"] == 40
+    assert pool.stats().streams_in_use == 0
+
+
+async def test_pool_survives_nginx_keepalive_timeout(
+    front: tuple[LlmEmulator, str], make_pool: MakePool
+) -> None:
+    _, url = front
+    # nginx applies keepalive_timeout once a connection has served a request (before that,
+    # client_header_timeout): the warm-up request makes every connection count.
+    pool = await make_pool(url, settings(min_size=2, max_size=2), warmup_path="/v1/models")
+    async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
+        assert "data: [DONE]" in await _stream(http, url)
+        # Left idle, nginx closes both connections after its keepalive timeout; the pool hears
+        # it at once (GOAWAY / EOF) and reopens them without waiting for a request.
+        await eventually(lambda: sum(pool.stats().closed.values()) >= 2, timeout=KEEPALIVE + 5)
+        await eventually(lambda: pool.stats().size == 2 and pool.stats().opening == 0)
+        connects = pool.stats().connects
+        assert connects >= 4
+        texts = await asyncio.gather(*(_stream(http, url) for _ in range(10)))
+    assert all("data: [DONE]" in text for text in texts)
+    assert pool.stats().connects == connects  # served by the replacements, no handshake inline
