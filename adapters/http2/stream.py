@@ -135,10 +135,10 @@ class H2Stream:
     async def read(self) -> bytes:
         """The next body chunk; ``b""`` once the server ended the stream."""
         while not self._chunks:
+            if self.remote_closed:
+                return b""  # complete, even if a reset (e.g. NO_ERROR) followed the end
             if self.error is not None:
                 raise self.error
-            if self.remote_closed:
-                return b""
             await self._wait()
         data, size = self._chunks.popleft()
         self._conn._ack(self, size)
@@ -150,9 +150,11 @@ class H2Stream:
             data, size = self._chunks.popleft()
             self._conn._ack(self, size)
             return data
+        if self.remote_closed:
+            return b""
         if self.error is not None:
             raise self.error
-        return b"" if self.remote_closed else None
+        return None
 
     async def send(self, data: bytes, *, end: bool) -> None:
         """Send body bytes under flow control; ``end`` closes our side after them.

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Literal
 
 import httpx
+from h2.errors import ErrorCodes
 
 from voicepool.errors import PoolError, PoolExhausted, VoicepoolError
 from voicepool.lease import Lease
@@ -237,6 +238,12 @@ class TransportCore:
                     async with asyncio.timeout(write_timeout):
                         await stream.send(chunk, end=False)
             await stream.send(b"", end=True)
+        except StreamReset as exc:
+            # RFC 9113 8.1: a server may answer before the whole body arrived, then reset the
+            # stream with NO_ERROR; the response stands.
+            if exc.error_code == ErrorCodes.NO_ERROR and stream.status is not None:
+                return stream
+            raise
         except (TimeoutError, ConnectionClosed, OSError) as exc:
             raise _translate(self._http, exc, request, "write") from exc
         return stream

@@ -154,3 +154,15 @@ async def test_transport_close_leaves_a_shared_pool_open(pool: Pool[H2Connection
     async with httpx.AsyncClient(transport=PooledTransport(pool)):
         pass
     assert pool.stats().state.value == "ready"
+
+
+async def test_early_response_then_no_error_reset_is_delivered(
+    llm: LlmEmulator, client: httpx.AsyncClient, pool: Pool[H2Connection]
+) -> None:
+    # The server answers 413 before taking the body (bigger than its flow-control window), then
+    # resets the stream with NO_ERROR: the client must return the response, not an error.
+    resp = await client.post(llm.url + "/v1/too-large", content=b"x" * 1_000_000)
+    assert resp.status_code == 413
+    assert pool.stats().streams_in_use == 0
+    assert (await client.get(llm.url + "/v1/models")).status_code == 200
+    assert pool.stats().connects == 1

@@ -6,7 +6,9 @@ TLS certificates come from :mod:`voicepool.testing.tls` (``trustme``).
 
 from voicepool.testing.faultproxy import FaultProxy, ProxyConnection
 from voicepool.testing.kamailio import Kamailio, kamailio_available
+from voicepool.testing.llm import LlmEmulator
 from voicepool.testing.nginx import Nginx, free_port, nginx_available
+from voicepool.testing.rest import RestEmulator
 from voicepool.testing.sip_registrar import RegistrarMode, SipRegistrar
 from voicepool.testing.sipp import Sipp, sipp_available
 from voicepool.testing.tls import TestCertificates, test_certificates
@@ -15,9 +17,11 @@ from voicepool.testing.udp_delay import UdpDelayRelay
 __all__ = [
     "FaultProxy",
     "Kamailio",
+    "LlmEmulator",
     "Nginx",
     "ProxyConnection",
     "RegistrarMode",
+    "RestEmulator",
     "SipRegistrar",
     "Sipp",
     "TestCertificates",

@@ -11,7 +11,8 @@
 Routes: ``GET /v1/models`` (free warm-up), ``POST /v1/chat/completions`` (``stream: true`` answers
 SSE ``chat.completion.chunk`` events, ``stream_options.include_usage`` adds a usage chunk, then
 ``data: [DONE]``), ``POST /v1/messages`` (Anthropic-style SSE), ``POST /v1/echo`` (returns the
-body: flow-control tests). Per request, headers ``x-emulator-ttft`` and ``x-emulator-tokens``
+body: flow-control tests), ``POST /v1/too-large`` (413 before the body, then RST_STREAM
+NO_ERROR). Per request, headers ``x-emulator-ttft`` and ``x-emulator-tokens``
 override the timing; ``x-emulator-head-delay`` holds the response head that many seconds.
 With ``api_key``, ``/v1`` needs ``Authorization: Bearer`` or ``x-api-key``.
 
@@ -149,7 +150,15 @@ class _H2Server:
             if self.goaway_sent or emu._refuse_streams:
                 self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
                 return
-            self.requests[sid] = (list(ev.headers or []), bytearray())
+            headers = list(ev.headers or [])
+            if (b":path", b"/v1/too-large") in headers:
+                # Answer before the body arrives, then RST_STREAM(NO_ERROR) (RFC 9113 8.1).
+                emu.requests["/v1/too-large"] += 1
+                self.h2.send_headers(sid, [(b":status", b"413"), (b"content-length", b"0")], True)
+                self.h2.reset_stream(sid, ErrorCodes.NO_ERROR)
+                self.flush()
+                return
+            self.requests[sid] = (headers, bytearray())
             self.open.add(sid)
             emu.streams_total += 1
             emu.open_streams += 1
