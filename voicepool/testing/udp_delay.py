@@ -46,7 +46,8 @@ class UdpDelayRelay:
         self.relayed = 0  # datagrams forwarded, both directions
         self.dropped = 0
         self._front: asyncio.DatagramTransport | None = None
-        self._backs: dict[_Addr, asyncio.DatagramTransport | list[bytes]] = {}
+        self._backs: dict[_Addr, asyncio.DatagramTransport] = {}
+        self._pending: dict[_Addr, list[bytes]] = {}  # upstream socket still opening
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -73,9 +74,9 @@ class UdpDelayRelay:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for back in self._backs.values():
-            if isinstance(back, asyncio.DatagramTransport):
-                back.close()
+            back.close()
         self._backs.clear()
+        self._pending.clear()
         if self._front is not None:
             self._front.close()
             self._front = None
@@ -111,24 +112,24 @@ class UdpDelayRelay:
 
     def _from_client(self, data: bytes, client: _Addr) -> None:
         back = self._backs.get(client)
-        if isinstance(back, asyncio.DatagramTransport):
+        if back is not None:
             self._later(back, data, self.upstream)
             return
-        if back is None:
-            back = self._backs[client] = []
+        pending = self._pending.get(client)
+        if pending is None:
+            pending = self._pending[client] = []
             task = asyncio.get_running_loop().create_task(self._open_back(client))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        back.append(data)
+        pending.append(data)
 
     async def _open_back(self, client: _Addr) -> None:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
             lambda: _Back(self, client), local_addr=(self.host, 0), family=socket.AF_INET
         )
-        pending = self._backs.get(client)
         self._backs[client] = transport
-        for data in pending if isinstance(pending, list) else ():
+        for data in self._pending.pop(client, ()):
             self._later(transport, data, self.upstream)
 
     def _from_upstream(self, data: bytes, client: _Addr) -> None:
