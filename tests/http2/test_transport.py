@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anthropic
 import httpx
 import httpx2
@@ -43,6 +45,31 @@ async def test_openai_sdk_streams_on_a_connection_opened_at_boot(
     assert llm.connections_accepted == accepted  # no handshake during the request
     assert pool.stats().streams_in_use == 0
     assert pool.stats().connects == 1
+
+
+async def test_cancelling_an_openai_stream_resets_it_at_once(
+    llm: LlmEmulator, pool: Pool[H2Connection], client: httpx.AsyncClient
+) -> None:
+    sdk = openai.AsyncOpenAI(base_url=llm.base_url, api_key=API_KEY, http_client=client)
+    got_token = asyncio.Event()
+
+    async def speak() -> None:
+        stream = await sdk.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "tell me a long story"}],
+            stream=True,
+            extra_headers={"x-emulator-tokens": "100000"},
+        )
+        async for _ in stream:  # no `async with`: cancellation alone must free the stream
+            got_token.set()
+
+    turn = asyncio.create_task(speak())
+    await got_token.wait()
+    turn.cancel()  # the caller barged in
+    await asyncio.gather(turn, return_exceptions=True)
+    assert pool.stats().streams_in_use == 0
+    await llm.wait_for(lambda: llm.open_streams == 0)
+    assert llm.resets_received == 1
 
 
 async def test_openai_sdk_non_streaming_and_models(
