@@ -6,10 +6,12 @@ barge-in stops generation and frees the account's concurrency at once. A context
 socket is discarded only when the socket itself fails.
 
 Idle sockets: Cartesia closes a socket after 5 minutes without a request and has no keepalive
-message. The pool pings idle sockets (WebSocket ping/pong: health, not keepalive), and the adapter
-recycles a socket before the idle close: once nothing was sent on it for ``recycle_after``
-(default 80% of ``max_idle``), ``is_open`` reports it unusable and the pool replaces it, off the
-acquire path.
+message. The pool pings idle sockets (WebSocket ping/pong: health, not keepalive) at least every
+``max_idle / 2``, and the adapter recycles a socket before the idle close: the first ping after
+``recycle_after`` seconds without a request (default 40% of ``max_idle``, so the next ping can never
+come too late) fails on purpose and the pool replaces the socket, off the acquire path. As a last
+guard ``is_open`` reports a socket idle for 90% of ``max_idle`` unusable, so no acquire gets one
+the provider is about to close.
 
 In a call handler::
 
@@ -53,7 +55,7 @@ class CartesiaOptions(EndpointOptions):
     sample_rate: int = Field(16000, gt=0)
     max_contexts: int = Field(5, ge=1, description="Contexts one socket carries at once.")
     max_idle: float | None = Field(300.0, gt=0, description="Cartesia's idle close (5 min).")
-    recycle_after: float | None = Field(None, gt=0, description="Default: 80% of max_idle.")
+    recycle_after: float | None = Field(None, gt=0, description="Default: 40% of max_idle.")
 
 
 class CartesiaDialect:
@@ -134,16 +136,19 @@ class CartesiaDialect:
 
 
 class CartesiaConnection(TTSConnection):
-    """A Cartesia socket; stale (idle past ``recycle_after``) sockets report themselves closed."""
+    """A Cartesia socket that knows how long it has been idle (nothing sent, no context)."""
 
-    recycle_after: float | None = None
+    recycle_after: float | None = None  # the next ping recycles it
+    stale_after: float | None = None  # unusable: the provider may close it any moment
+
+    def idle_for(self, limit: float | None) -> bool:
+        if limit is None or self.contexts:
+            return False
+        return self.loop.time() - self.last_sent >= limit
 
     @property
     def stale(self) -> bool:
-        limit = self.recycle_after
-        return (
-            limit is not None and not self.contexts and self.loop.time() - self.last_sent >= limit
-        )
+        return self.idle_for(self.stale_after)
 
 
 class CartesiaAdapter(BaseWebSocketAdapter[CartesiaConnection]):
@@ -177,16 +182,18 @@ class CartesiaAdapter(BaseWebSocketAdapter[CartesiaConnection]):
             keepalive_interval=None,
             capacity=o.max_contexts,
         )
+        if o.max_idle is not None:
+            conn.recycle_after = 0.4 * o.max_idle
+            conn.stale_after = 0.9 * o.max_idle
         if o.recycle_after is not None:
             conn.recycle_after = o.recycle_after
-        elif o.max_idle is not None:
-            conn.recycle_after = 0.8 * o.max_idle
         conn.start()
         return conn
 
     async def ping(self, conn: CartesiaConnection) -> None:
-        """WebSocket ping/pong (health only). Raises StreamClosed when closed or stale."""
-        if conn.stale:
+        """WebSocket ping/pong (health only). Raises StreamClosed when closed, or idle for
+        ``recycle_after`` (the pool then replaces the socket before Cartesia closes it)."""
+        if conn.idle_for(conn.recycle_after):
             raise StreamClosed(f"{conn.where}: idle for too long; recycling before the idle close")
         await conn.ping()
 

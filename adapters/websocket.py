@@ -487,32 +487,36 @@ class ManagedSocket:
 
     async def aclose(self, goodbye: Iterable[str] = (), *, wait_for_server: bool = False) -> None:
         """Send ``goodbye`` messages (CloseStream, close_socket) if open, optionally wait for the
-        server to close, then close (1000) and stop the reader. Bounded by ``close_timeout``;
-        never raises on a dead peer. Safe to call twice.
+        server to close, then the closing handshake, and stop the reader.
+
+        The whole close takes at most about ``close_timeout``; past it (or if cancelled) the TCP
+        connection is aborted, so nothing is left open. Never raises on a dead peer; idempotent.
         """
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+        deadline = self.loop.time() + self.close_timeout
         try:
-            async with asyncio.timeout(self.close_timeout):
-                if self.is_open:
-                    with contextlib.suppress(StreamClosed):
-                        for message in goodbye:
-                            await self.send(message)
-                    if wait_for_server and self._reader is not None:
-                        await asyncio.shield(self._reader)
-        except TimeoutError:
-            pass
-        with contextlib.suppress(ConnectionClosed, OSError):
-            await self.ws.close()
-        for task in list(self._tasks):
-            task.cancel()
-        reader = self._reader
-        if reader is not None and not reader.done():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.close_timeout):
-                    await asyncio.shield(reader)
-            if not reader.done():
+            try:
+                async with asyncio.timeout_at(deadline):
+                    if self.is_open:
+                        with contextlib.suppress(StreamClosed):
+                            for message in goodbye:
+                                await self.send(message)
+                        if wait_for_server and self._reader is not None:
+                            await asyncio.shield(self._reader)
+                    with contextlib.suppress(ConnectionClosed, OSError):
+                        await self.ws.close()
+            except TimeoutError:
+                pass
+        finally:
+            # Past the deadline, or cancelled: drop the TCP connection rather than leak it.
+            if self.ws.state is not State.CLOSED:
+                self.ws.transport.abort()
+            for task in list(self._tasks):
+                task.cancel()
+            reader = self._reader
+            if reader is not None and not reader.done():
                 reader.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.close_timeout)
+        if self._reader is not None:
+            await asyncio.wait([self._reader, *self._tasks], timeout=self.close_timeout)

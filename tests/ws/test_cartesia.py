@@ -115,7 +115,7 @@ async def test_socket_limit_is_ten_times_the_plan() -> None:
 
 async def test_idle_sockets_are_recycled_before_the_idle_close() -> None:
     async with CartesiaEmulator(tls=True, api_key=API_KEY, idle_timeout=1.2) as server:
-        ad = adapter(server, max_idle=1.2)  # recycles after 0.96 s without a request
+        ad = adapter(server, max_idle=1.2)  # recycled by the first ping after 0.48 s idle
         async with Pool(ad, settings(min_size=2, max_size=2), name="tts") as pool:
             await eventually(lambda: server.accepted >= 4, timeout=5, what="recycling")
             assert server.idle_closes == 0  # the provider never had to close one
