@@ -9,10 +9,13 @@
 
 Built-in scenarios (:data:`SCENARIOS`, from ``shared/reference/sip/``): ``reg200`` (always 200),
 ``regauth`` (401 challenge, then 200 for password "secret", else 403), ``reg503`` (always 503
-with ``Retry-After: 7``), ``regdrop`` (never answers). Any other string is taken as scenario
-XML. SIPp runs in the foreground in its own process group with ``-trace_msg`` into the work
-directory; readiness is a bind probe on its port (nothing is sent to it, so the scenario sees no
-stray message); :meth:`Sipp.aclose` stops it by PID (SIGTERM, then SIGKILL to the group).
+with ``Retry-After: 7``), ``regdrop`` (never answers); SIPp's own ``uas`` (answers calls) and
+``uac`` (places ``calls`` calls to ``remote``, then exits: see :meth:`Sipp.wait`). Any other
+string is taken as scenario XML.
+
+SIPp runs in the foreground in its own process group with ``-trace_msg`` into the work directory;
+readiness is a bind probe on its port (nothing is sent to it, so the scenario sees no stray
+message); :meth:`Sipp.aclose` stops it by PID (SIGTERM, then SIGKILL to the group).
 """
 
 from __future__ import annotations
@@ -158,15 +161,23 @@ class Sipp:
         transport: str = "udp",
         port: int | None = None,
         workdir: str | os.PathLike[str] | None = None,
+        remote: str | None = None,
+        calls: int | None = None,
         extra_args: tuple[str, ...] = (),
         startup_timeout: float = 5.0,
         stop_timeout: float = 3.0,
     ) -> None:
         if transport not in ("udp", "tcp"):
             raise ValueError(f"transport must be 'udp' or 'tcp', got {transport!r}")
+        if remote is not None and not remote.startswith("127."):
+            raise ValueError(f"SIPp only talks to 127.0.0.0/8 here, got {remote!r}")
+        self.builtin = scenario if scenario in ("uac", "uas") else None
         self.scenario = SCENARIOS.get(scenario, scenario)
-        if "<scenario" not in self.scenario:
-            raise ValueError(f"unknown scenario {scenario!r}; built in: {', '.join(SCENARIOS)}")
+        if self.builtin is None and "<scenario" not in self.scenario:
+            names = ", ".join([*SCENARIOS, "uac", "uas"])
+            raise ValueError(f"unknown scenario {scenario!r}; built in: {names}")
+        self.remote = remote
+        self.calls = calls
         self.transport = transport
         self.host = "127.0.0.1"
         self.port = port if port is not None else free_sip_port(self.host)
@@ -211,12 +222,22 @@ class Sipp:
             self._tmp = tempfile.TemporaryDirectory(prefix="voicepool-sipp-")
             self.workdir = Path(self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        scenario = self.workdir / "scenario.xml"
-        scenario.write_text(self.scenario)
+        if self.builtin is not None:
+            scenario_args = ["-sn", self.builtin]
+        else:
+            scenario_file = self.workdir / "scenario.xml"
+            scenario_file.write_text(self.scenario)
+            scenario_args = ["-sf", str(scenario_file)]
+        if self.calls is not None:
+            scenario_args += ["-m", str(self.calls)]
+        # SIPp binds a media port (default 6000) even when it sends no RTP: use a free one.
+        scenario_args += ["-mp", str(free_sip_port(self.host))]
+        if self.remote is not None:
+            scenario_args.append(self.remote)
         err_fd = os.open(self.workdir / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                binary, "-sf", str(scenario),
+                binary, *scenario_args,
                 "-i", self.host, "-p", str(self.port),
                 "-t", "u1" if self.transport == "udp" else "t1",
                 "-nostdin",
@@ -235,6 +256,8 @@ class Sipp:
         try:
             async with asyncio.timeout(self.startup_timeout):
                 while not port_bound(self.host, self.port, kind):
+                    if self._proc.returncode is not None and self.builtin == "uac":
+                        break  # a fast uac may be done before we look
                     if self._proc.returncode is not None:
                         raise SippError(
                             f"sipp exited with status {self._proc.returncode}:\n"
@@ -248,6 +271,16 @@ class Sipp:
                 raise SippError(f"sipp did not bind {self.uri} in time") from None
             raise
         return self
+
+    async def wait(self, timeout: float = 10.0) -> int:
+        """Wait for SIPp to exit by itself (a ``uac`` with ``calls``); return its status
+        (0: every call succeeded). Raises TimeoutError.
+        """
+        proc = self._proc
+        if proc is None:
+            raise SippError("sipp is not running")
+        async with asyncio.timeout(timeout):
+            return await proc.wait()
 
     async def aclose(self) -> None:
         """Stop SIPp by its PID (SIGTERM, SIGKILL to its group after ``stop_timeout``) and remove a
