@@ -207,6 +207,20 @@ async def main():
     assert [e.name for e in call.events][:2] == [
         "voicepool.pool.exhausted", "voicepool.pool.timeout"
     ], call.events
+    assert sdk.instrumentation is None
+    # A second install cannot replace the global providers: it instruments new pools directly.
+    reader2 = InMemoryMetricReader()
+    again = install_sdk(metric_readers=[reader2])
+    assert again.instrumentation is not None
+    async with Pool(A(), PoolSettings(min_size=1, max_size=1), name="third"):
+        data = reader2.get_metrics_data()
+        names = {
+            p.attributes["voicepool.pool.name"]
+            for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+            for p in m.data.data_points
+        }
+        assert names == {"third"}, names
+    again.shutdown()
     sdk.shutdown()
     print("ok")
 

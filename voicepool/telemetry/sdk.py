@@ -69,10 +69,11 @@ def install_sdk(
     ``span_exporter`` defaults to :class:`NullSpanExporter` (spans are built, processed and
     dropped, as they cost in production); ``batch`` chooses BatchSpanProcessor (production) over
     SimpleSpanProcessor (tests, examples that print). With ``set_global`` (the default) the
-    providers become the process-wide ones (OpenTelemetry allows that once per process; later
-    calls leave the first providers in place) and the default instrumentation is enabled, so every
-    pool created afterwards reports through them. With ``set_global=False`` the providers stay
-    private and a dedicated :func:`~voicepool.telemetry.instrument` handle observes new pools.
+    providers become the process-wide ones and the default instrumentation is enabled, so every
+    pool, even one created earlier, reports through them. OpenTelemetry sets global providers once
+    per process: when they were already set, or with ``set_global=False``, the providers stay
+    private and a dedicated :func:`~voicepool.telemetry.instrument` handle (removed by
+    :meth:`SdkTelemetry.shutdown`) makes pools created from now on report through them.
     """
     resource = Resource.create({"service.name": service_name})
     meter_provider = MeterProvider(metric_readers=list(metric_readers), resource=resource)
@@ -80,11 +81,16 @@ def install_sdk(
     exporter = span_exporter if span_exporter is not None else NullSpanExporter()
     processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
     tracer_provider.add_span_processor(processor)
-    inst: Instrumentation | None = None
     if set_global:
         metrics.set_meter_provider(meter_provider)
         trace.set_tracer_provider(tracer_provider)
-        enable_default()
-    else:
-        inst = instrument(meter_provider=meter_provider, tracer_provider=tracer_provider)
+        if (
+            metrics.get_meter_provider() is meter_provider
+            and trace.get_tracer_provider() is tracer_provider
+        ):
+            enable_default()
+            return SdkTelemetry(meter_provider, tracer_provider, None)
+        # Global providers were set before (OpenTelemetry has logged a warning): these stay
+        # private, and a dedicated instrumentation makes new pools report through them anyway.
+    inst = instrument(meter_provider=meter_provider, tracer_provider=tracer_provider)
     return SdkTelemetry(meter_provider, tracer_provider, inst)
