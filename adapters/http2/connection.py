@@ -2,8 +2,10 @@
 
 A single reader task per connection feeds received bytes to ``h2`` and dispatches its events to
 per-stream state (response head, a queue of body chunks, a flow-control window waiter). Everything
-that writes (HEADERS, DATA, RST_STREAM, PING) calls ``h2`` synchronously on the event loop and
-flushes at once, so there is no writer task and no lock.
+that writes (HEADERS, DATA, RST_STREAM, PING) calls ``h2`` synchronously on the event loop, so
+there is no writer task and no lock; h2's output is written once per loop iteration, so a burst of
+concurrent requests costs one TLS write per connection rather than one per request (bulk DATA is
+written at once, under ``drain()`` back-pressure).
 
 Flow control: received DATA is acknowledged to ``h2`` only when the application reads it, so a slow
 consumer back-pressures the server instead of growing a buffer; DATA still buffered when a stream is
@@ -11,10 +13,10 @@ released is acknowledged then, so cancelled streams never shrink the connection 
 waits for WINDOW_UPDATE when either the stream or the connection window is empty.
 
 GOAWAY: ``h2`` moves its connection state machine to CLOSED on a received GOAWAY and then rejects
-the DATA of streams the server is still finishing, which RFC 9113 6.8 allows. :class:`_H2` keeps the
-state machine open instead; the connection stops opening streams (it is *draining*), fails the
-streams the server says it never processed with :class:`StreamRefused` (safe to retry elsewhere),
-and lets the others complete.
+the DATA of streams the server is still finishing, although RFC 9113 6.8 lets them complete.
+:class:`_H2` keeps the state machine open instead; the connection stops opening streams (it is
+*draining*), fails the streams the server says it never processed with :class:`StreamRefused`
+(safe to retry elsewhere), and lets the others complete.
 """
 
 from __future__ import annotations
@@ -131,9 +133,10 @@ class H2Connection:
     ) -> H2Connection:
         """Connect, negotiate HTTP/2 (ALPN ``h2`` over TLS) and wait for the server's SETTINGS.
 
-        Raises :class:`~voicepool.ConnectError` (``fatal=True`` for a certificate the client does
-        not trust or a server that does not speak HTTP/2) or OSError. Cancellation-safe: a
-        cancelled open leaves no socket behind.
+        Raises :class:`~voicepool.ConnectError` (``fatal=True`` when the server does not speak
+        HTTP/2; retryable when it closed before its SETTINGS), ``ssl.SSLError`` (e.g. an
+        untrusted certificate) or OSError. Cancellation-safe: a cancelled open leaves no socket
+        behind.
         """
         reader, writer = await asyncio.open_connection(
             origin.host,

@@ -128,7 +128,9 @@ class H2Stream:
             if self.error is not None:
                 raise self.error
             if self.remote_closed:
-                raise StreamReset("the server ended the stream without a response", 1)
+                raise StreamReset(
+                    "the server ended the stream without a response", ErrorCodes.PROTOCOL_ERROR
+                )
             await self._wait()
         return self.status, self.headers
 

@@ -144,7 +144,7 @@ async def test_refused_connections_are_retryable_connect_errors(llm: LlmEmulator
 
 
 async def test_cleartext_http2_with_prior_knowledge(make_pool: MakePool) -> None:
-    async with LlmEmulator(tls=False, api_key=API_KEY) as emu:
+    async with LlmEmulator(tls=False, api_key=API_KEY, tokens=3) as emu:
         pool = await make_pool(emu.url, warmup_path="/v1/models")
         async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
             resp = await http.post(emu.base_url + "/chat/completions", json=CHAT)
