@@ -14,7 +14,14 @@ from opentelemetry.trace import NonRecordingSpan, SpanKind, StatusCode
 
 from tests.telemetry.conftest import Otel
 from tests.telemetry.fakes import FakeConn, Probe, ScriptedAdapter, auth_error, settle
-from voicepool import ConnectError, Pool, PoolExhausted, PoolSettings, PoolUnavailable
+from voicepool import (
+    ConnectError,
+    Pool,
+    PoolExhausted,
+    PoolSettings,
+    PoolUnavailable,
+    VoicepoolError,
+)
 from voicepool.telemetry import names as n
 
 
@@ -322,3 +329,36 @@ async def test_secrets_never_reach_attributes(
     found.extend(r.getMessage() for r in caplog.records)
     assert len(found) > 50
     assert not [text for text in found if secret in text]
+
+
+@pytest.mark.xfail(reason="engine: _acquire_slow does not call on_wait_failed yet", strict=False)
+async def test_waiter_failed_by_an_opening_circuit_gets_the_unavailable_event(otel: Otel) -> None:
+    adapter = ScriptedAdapter()
+    async with Pool(adapter, settings(), name="asr") as pool:
+        with otel.tracer.start_as_current_span("call", record_exception=False):
+            async with pool.acquire() as lease:
+                waiter = asyncio.create_task(_acquire(pool))  # inherits the "call" span
+                await settle(lambda: pool.stats().waiters == 1)
+                adapter.fail_all_connects = auth_error(adapter)
+                lease.discard()
+            with pytest.raises(PoolUnavailable):
+                await waiter
+    (span,) = otel.spans("call")
+    names = [e.name for e in span.events]
+    assert names == [n.EVENT_EXHAUSTED, n.EVENT_UNAVAILABLE]
+
+
+@pytest.mark.xfail(
+    reason="engine: on_connected is not called for a cancelled connect", strict=False
+)
+async def test_a_connect_cancelled_by_close_still_ends_its_span(otel: Otel) -> None:
+    adapter = ScriptedAdapter(connect_delay=30.0)
+    pool = Pool(adapter, settings(min_size=0), name="asr")
+    await pool.start()
+    task = asyncio.create_task(_acquire(pool))
+    await settle(lambda: pool.stats().opening == 1)
+    await pool.aclose(0)
+    with pytest.raises(VoicepoolError):
+        await task
+    (connect,) = otel.spans(n.SPAN_CONNECT)
+    assert connect.attributes[n.ATTR_CONNECT_CANCELLED] is True
