@@ -1,6 +1,6 @@
 """LLM over HTTP/2: voicepool's pooled transport vs plain httpx, in one run.
 
-    .venv/bin/python benchmarks/llm.py [--rounds 15] [--streams 300] [--rtt 0.020]
+    .venv/bin/python benchmarks/llm.py [--rounds 15] [--streams 300] [--rtt 0.020] [--uvloop]
 
 The OpenAI-compatible emulator (``voicepool.testing.llm``) runs in its own process; the client
 (and, for part 1, the latency proxy) in this one. Every figure is a median over interleaved
@@ -174,13 +174,17 @@ async def part_streams(port: int, ca: str, streams: int, rounds: int) -> dict[st
     return medians
 
 
-async def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="rounds of part 1")
     parser.add_argument("--stream-rounds", type=int, default=3, help="rounds of part 2")
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--rtt", type=float, default=0.020, help="seconds")
-    args = parser.parse_args()
+    parser.add_argument("--uvloop", action="store_true", help="run this process on uvloop")
+    return parser.parse_args()
+
+
+async def main(args: argparse.Namespace) -> None:
     async with emulator_process() as (port, ca):
         ttft = await part_ttft(port, ca, args.rounds, args.rtt)
         many = await part_streams(port, ca, args.streams, args.stream_rounds)
@@ -203,4 +207,10 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    arguments = parse_args()
+    if arguments.uvloop:
+        import uvloop
+
+        uvloop.run(main(arguments))
+    else:
+        asyncio.run(main(arguments))

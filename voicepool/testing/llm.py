@@ -56,6 +56,8 @@ async def _tick_sleep(delay: float) -> None:
     """Sleep ``delay``, waking on a 5 ms grid: tokens of concurrent streams fall due in the same
     loop iteration and leave in one write per connection (each syscall is costly on small VMs,
     and real servers batch too). Timing stays within one tick of the request's."""
+    if delay <= 0:
+        return  # no wait asked (e.g. x-emulator-ttft: 0): no grid either
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
     # call_at with the exact grid time (asyncio.sleep would add its own clock read to it).
