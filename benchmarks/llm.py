@@ -1,6 +1,6 @@
 """LLM over HTTP/2: voicepool's pooled transport vs plain httpx, in one run.
 
-    .venv/bin/python benchmarks/llm.py [--rounds 15] [--streams 300] [--rtt 0.020] [--uvloop]
+    .venv/bin/python benchmarks/llm.py [--rounds 15] [--streams 300] [--rtt 0.020]
 
 The OpenAI-compatible emulator (``voicepool.testing.llm``) runs in its own process; the client
 (and, for part 1, the latency proxy) in this one. Every figure is a median over interleaved
@@ -180,7 +180,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stream-rounds", type=int, default=3, help="rounds of part 2")
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--rtt", type=float, default=0.020, help="seconds")
-    parser.add_argument("--uvloop", action="store_true", help="run this process on uvloop")
     return parser.parse_args()
 
 
@@ -207,10 +206,4 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    if arguments.uvloop:
-        import uvloop
-
-        uvloop.run(main(arguments))
-    else:
-        asyncio.run(main(arguments))
+    asyncio.run(main(parse_args()))
