@@ -502,46 +502,26 @@ class LlmEmulator:
         return HttpResponse.json(404, {"error": {"message": f"no route {req.method} {path}"}})
 
     def _openai(self, body: dict[str, Any], ttft: float, count: int) -> HttpResponse:
-        cid = f"chatcmpl-{next(self._ids)}"
-        created = int(time.time())
+        head = {
+            "id": f"chatcmpl-{next(self._ids)}",
+            "created": int(time.time()),
+            "model": self.model,
+        }
         usage = {"prompt_tokens": 5, "completion_tokens": count, "total_tokens": 5 + count}
+        if not body.get("stream"):
+            text = "".join(f"tok{i} " for i in range(count))
+            reply = {"role": "assistant", "content": text}
+            choice = {"index": 0, "finish_reason": "stop", "message": reply}
+            done = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+            return HttpResponse.json(200, done)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-            choices = (
-                [{"index": 0, "delta": delta, "finish_reason": finish}] if delta or finish else []
-            )
-            obj = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model,
-                "choices": choices,
-                **extra,
-            }
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+            obj = {**head, "object": "chat.completion.chunk", "choices": choices, **extra}
+            if not delta and not finish:
+                obj["choices"] = []  # the usage chunk
             return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-        if not body.get("stream"):
-            return HttpResponse.json(
-                200,
-                {
-                    "id": cid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": self.model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "finish_reason": "stop",
-                            "message": {
-                                "role": "assistant",
-                                "content": "".join(f"tok{i} " for i in range(count)),
-                            },
-                        }
-                    ],
-                    "usage": usage,
-                },
-            )
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         async def events() -> AsyncIterator[bytes]:
             await _tick_sleep(ttft)
@@ -557,31 +537,24 @@ class LlmEmulator:
         return HttpResponse(200, [("content-type", "text/event-stream")], events())
 
     def _anthropic(self, body: dict[str, Any], ttft: float, count: int) -> HttpResponse:
-        mid = f"msg_{next(self._ids)}"
+        message: dict[str, Any] = {"id": f"msg_{next(self._ids)}", "type": "message"}
+        message["role"] = "assistant"
+        message |= {"model": self.model, "stop_reason": None, "stop_sequence": None}
+        if not body.get("stream"):
+            text = {"type": "text", "text": "".join(f"tok{i} " for i in range(count))}
+            message |= {"content": [text], "stop_reason": "end_turn"}
+            message["usage"] = {"input_tokens": 5, "output_tokens": count}
+            return HttpResponse.json(200, message)
 
         def event(kind: str, data: dict[str, Any]) -> bytes:
             payload = json.dumps({"type": kind, **data}, separators=(",", ":"))
             return f"event: {kind}\ndata: {payload}\n\n".encode()
 
         async def events() -> AsyncIterator[bytes]:
-            yield event(
-                "message_start",
-                {
-                    "message": {
-                        "id": mid,
-                        "type": "message",
-                        "role": "assistant",
-                        "model": self.model,
-                        "content": [],
-                        "stop_reason": None,
-                        "stop_sequence": None,
-                        "usage": {"input_tokens": 5, "output_tokens": 0},
-                    }
-                },
-            )
-            yield event(
-                "content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}
-            )
+            usage = {"input_tokens": 5, "output_tokens": 0}
+            yield event("message_start", {"message": {**message, "content": [], "usage": usage}})
+            block = {"type": "text", "text": ""}
+            yield event("content_block_start", {"index": 0, "content_block": block})
             await _tick_sleep(ttft)
             for i in range(count):
                 if i:
@@ -589,30 +562,10 @@ class LlmEmulator:
                 delta = {"type": "text_delta", "text": f"tok{i} "}
                 yield event("content_block_delta", {"index": 0, "delta": delta})
             yield event("content_block_stop", {"index": 0})
-            yield event(
-                "message_delta",
-                {
-                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                    "usage": {"output_tokens": count},
-                },
-            )
+            stop = {"stop_reason": "end_turn", "stop_sequence": None}
+            yield event("message_delta", {"delta": stop, "usage": {"output_tokens": count}})
             yield event("message_stop", {})
 
-        if not body.get("stream"):
-            text = "".join(f"tok{i} " for i in range(count))
-            return HttpResponse.json(
-                200,
-                {
-                    "id": mid,
-                    "type": "message",
-                    "role": "assistant",
-                    "model": self.model,
-                    "content": [{"type": "text", "text": text}],
-                    "stop_reason": "end_turn",
-                    "stop_sequence": None,
-                    "usage": {"input_tokens": 5, "output_tokens": count},
-                },
-            )
         return HttpResponse(200, [("content-type", "text/event-stream")], events())
 
 
