@@ -263,7 +263,8 @@ async def test_malformed_frame_discards_that_socket_only(deepgram: DeepgramEmula
         await eventually(lambda: pool.stats().idle == 2, what="refill")
         assert survivor.id in deepgram.sessions  # untouched
         assert victim.id not in deepgram.sessions
-        assert deepgram.close_codes[1002] == 1  # the client closed it: protocol error
+        # The client closed it with 1002 (protocol error).
+        await eventually(lambda: deepgram.close_codes[1002] == 1, what="1002 close")
         for _ in range(2):
             async with pool.acquire() as lease:
                 await lease.conn.send_audio(b"fine")
