@@ -4,6 +4,7 @@ Every server here listens on 127.0.0.1, port 0 by default, and never contacts an
 TLS certificates come from :mod:`voicepool.testing.tls` (``trustme``).
 """
 
+from voicepool.testing.asr import DeepgramEmulator
 from voicepool.testing.faultproxy import FaultProxy, ProxyConnection
 from voicepool.testing.kamailio import Kamailio, kamailio_available
 from voicepool.testing.llm import LlmEmulator
@@ -12,9 +13,13 @@ from voicepool.testing.rest import RestEmulator
 from voicepool.testing.sip_registrar import RegistrarMode, SipRegistrar
 from voicepool.testing.sipp import Sipp, sipp_available
 from voicepool.testing.tls import TestCertificates, test_certificates
+from voicepool.testing.tts import CartesiaEmulator, ElevenLabsEmulator
 from voicepool.testing.udp_delay import UdpDelayRelay
 
 __all__ = [
+    "CartesiaEmulator",
+    "DeepgramEmulator",
+    "ElevenLabsEmulator",
     "FaultProxy",
     "Kamailio",
     "LlmEmulator",
