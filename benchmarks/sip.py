@@ -128,8 +128,9 @@ async def boot_part(engine: SipEngine, direct: str, relayed: str, args: Any) -> 
     print(row(f"cold engine (pjsua2 start + REGISTER), {rtt}", cold))
     print(row("cold engine, loopback (0 RTT)", cold_lo))
     engine_cost = stats(cold)[0] - stats(warm)[0]
+    tcp = ", +1 RTT for the TCP connection" if args.transport == "tcp" else ""
     print(f"  -> pjsua2 engine start adds ~{engine_cost:.1f} ms once per process; each pool's")
-    print(f"     boot then costs one REGISTER exchange (~2 RTT = {2 * args.rtt * 1e3:g} ms)")
+    print(f"     boot then costs one REGISTER exchange (2 RTT = {2 * args.rtt * 1e3:g} ms{tcp})")
 
 
 async def per_call_part(engine: SipEngine, relayed: str, args: Any) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from .engine import SipEngine, _bridge  # noqa: TID251
 __all__ = ["RegState", "SipAdapter", "SipOptions", "SipRegistration"]
 
 T = TypeVar("T")
+log = logging.getLogger("voicepool.sip")
 
 # Retrying cannot cure these answers to a REGISTER: wrong credentials, forbidden, unknown user.
 FATAL_STATUSES = frozenset({401, 403, 404, 407})
@@ -249,6 +251,10 @@ class SipRegistration:
             self._lapse.cancel()
             self._lapse = None
         if was is RegState.REGISTERED:
+            log.info(
+                "SIP registration of %s (#%s) lost: %s %s", self.aor, self.key, self.status,
+                self.reason,
+            )  # fmt: skip
             self._adapter.connection_changed(self)
 
     def _closing(self) -> None:
@@ -271,8 +277,8 @@ class SipAdapter(Adapter[SipRegistration]):
     answers (503, 408, transport errors) a retryable ``ConnectError`` with the status.
     """
 
-    lease_mode: ClassVar[LeaseMode] = LeaseMode.MULTIPLEXED
-    max_streams: ClassVar[int] = 4
+    lease_mode = LeaseMode.MULTIPLEXED
+    max_streams = 4  # concurrent calls per registration; PoolSettings.max_streams overrides
     max_connections_per_process: ClassVar[int | None] = PJSUA_MAX_ACC
     Options: ClassVar[type[BaseModel] | None] = SipOptions
 
@@ -281,7 +287,6 @@ class SipAdapter(Adapter[SipRegistration]):
             raise ConfigError(f"adapter 'sip': {INSTALL_HINT}")
         self.options = options
         self._engine = engine if engine is not None else SipEngine.get()
-        self._users = 0  # pools attached through watch(): each keeps the engine up
 
     def describe(self) -> str:
         o = self.options
