@@ -351,3 +351,16 @@ async def test_hold_keeps_one_engine_across_pools(registrar: SipRegistrar) -> No
             assert engine.stats().state == "running"
     assert engine.stats().starts == starts + 1
     assert await engine.wait_stopped(5)
+
+
+async def test_pjsua2_objects_never_leave_the_owner_thread(registrar: SipRegistrar) -> None:
+    adapter = sip_adapter(registrar.uri)
+    kept: list[OwnerContext] = []
+    async with Pool(adapter, fast(), name="sip") as pool, pool.acquire() as lease:
+        with pytest.raises(TypeError, match="returned a pjsua2 object"):
+            await lease.conn.run(lambda ctx: ctx.account)  # dropped here, it would abort
+        with pytest.raises(TypeError, match="returned a pjsua2 object"):
+            await lease.conn.run(lambda ctx: (1, ctx.endpoint))
+        await lease.conn.run(kept.append)
+        with pytest.raises(RuntimeError, match="only valid during the call"):
+            kept[0].account  # noqa: B018 - a context kept past its call is empty

@@ -5,8 +5,11 @@ At most 7 registrations at a time (pjsua2's limit is 8 per process, shared by ev
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -21,6 +24,7 @@ pytest.importorskip("pjsua2", reason="pjsua2 (voicepool[sip]) is not installed")
 pytestmark = pytest.mark.needs_bin
 
 SEVEN = fast(min_size=7, max_size=7)
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
@@ -131,3 +135,19 @@ async def test_min_expires_423_is_followed(kamailio_factory: KamailioFactory) ->
     finally:
         await adapter.close(conn)
     assert await kam.binding_count() == 0
+
+
+async def test_process_exit_without_close_unregisters(kamailio: Kamailio) -> None:
+    """A worker that exits without closing its pools leaves no binding behind (atexit)."""
+    script = (
+        "import asyncio\n"
+        "from tests.sip.conftest import sip_adapter\n"
+        "async def main():\n"
+        f"    conn = await sip_adapter('{kamailio.uri}').connect()\n"
+        "    assert conn.registered\n"
+        "asyncio.run(main())\n"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, cwd=REPO)
+    async with asyncio.timeout(20):
+        assert await proc.wait() == 0
+    assert await kamailio.binding_count() == 0
