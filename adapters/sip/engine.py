@@ -13,9 +13,11 @@ worker threads, and aborts (it does not raise) on a 9th account. So:
   ``loop.call_soon_threadsafe``; asyncio code only awaits commands submitted to the thread.
 * Every pjsua2 object is created and dropped on that thread (:mod:`._owner`); PJSIP limits are
   checked in Python before PJSIP is called; callbacks never let an exception into C++.
-* The engine starts with its first user (an account, a pool using a SIP adapter, or a
-  :meth:`~SipEngine.hold`) and stops when the last one goes: un-REGISTER whatever is left,
-  ``shutdown``, ``libDestroy``. It can start again later in the same process.
+* Users keep the engine up: each account, each pool attached to a SIP adapter, each
+  :meth:`~SipEngine.hold`. The thread starts with the first account (lazily, so building a pool
+  costs nothing) and stops when the last user goes: un-REGISTER whatever is left, ``shutdown``,
+  ``libDestroy``. It can start again later in the same process; at interpreter exit it is
+  stopped the same way (atexit), so a worker that forgets to close leaves no binding behind.
 """
 
 from __future__ import annotations
