@@ -156,13 +156,13 @@ class CartesiaAdapter(BaseWebSocketAdapter[CartesiaConnection]):
 
     Options: ClassVar[type[BaseModel] | None] = CartesiaOptions
     options: CartesiaOptions
-    lease_mode: ClassVar[LeaseMode] = LeaseMode.MULTIPLEXED
-    max_streams: ClassVar[int] = 5
-    max_idle: ClassVar[float | None] = 300.0
+    lease_mode: LeaseMode = LeaseMode.MULTIPLEXED
+    max_streams: int = 5
+    max_idle: float | None = 300.0
 
     def __init__(self, options: CartesiaOptions | None = None, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
-        vars(self)["max_streams"] = self.options.max_contexts  # per instance (see max_idle)
+        self.max_streams = self.options.max_contexts
         self.dialect = CartesiaDialect(self.options)
 
     def url(self) -> str:

@@ -346,13 +346,13 @@ class DeepgramAdapter(BaseWebSocketAdapter[DeepgramConnection]):
 
     Options: ClassVar[type[BaseModel] | None] = DeepgramOptions
     options: DeepgramOptions
-    lease_mode: ClassVar[LeaseMode] = LeaseMode.SINGLE_USE
-    max_idle: ClassVar[float | None] = 10.0
+    lease_mode: LeaseMode = LeaseMode.SINGLE_USE
+    max_idle: float | None = 10.0
 
     def __init__(self, options: DeepgramOptions | None = None, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
         if self.options.reuse:
-            vars(self)["lease_mode"] = LeaseMode.EXCLUSIVE  # per instance; see max_idle above
+            self.lease_mode = LeaseMode.EXCLUSIVE
 
     def url(self) -> str:
         o = self.options

@@ -139,15 +139,15 @@ class ElevenLabsAdapter(BaseWebSocketAdapter[TTSConnection]):
 
     Options: ClassVar[type[BaseModel] | None] = ElevenLabsOptions
     options: ElevenLabsOptions
-    lease_mode: ClassVar[LeaseMode] = LeaseMode.MULTIPLEXED
-    max_streams: ClassVar[int] = MAX_CONTEXTS
-    max_idle: ClassVar[float | None] = 20.0
+    lease_mode: LeaseMode = LeaseMode.MULTIPLEXED
+    max_streams: int = MAX_CONTEXTS
+    max_idle: float | None = 20.0
 
     def __init__(self, options: ElevenLabsOptions | None = None, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
-        # Per instance, like max_idle in the base: the socket's real idle close and capacity.
-        vars(self)["max_idle"] = self.options.idle_close()
-        vars(self)["max_streams"] = self.options.max_contexts
+        # Per instance: the socket's real idle close (from the URL) and context capacity.
+        self.max_idle = self.options.idle_close()
+        self.max_streams = self.options.max_contexts
         self.dialect = ElevenLabsDialect(self.options)
 
     def url(self) -> str:

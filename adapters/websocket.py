@@ -196,9 +196,7 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
     def __init__(self, options: EndpointOptions | None = None, **kwargs: Any) -> None:
         self.options = self._build_options(options, kwargs)
         if self.options.max_idle is not None:
-            # Per-instance provider idle close. The pool reads `adapter.max_idle` at run time; the
-            # base declares it a ClassVar, so assign through vars() to keep mypy strict and honest.
-            vars(self)["max_idle"] = self.options.max_idle
+            self.max_idle = self.options.max_idle  # the provider's idle close, per instance
         self._ssl: ssl.SSLContext | None = None
         secret_names = list(self.options.secret_headers)
         if self.options.api_key is not None:

@@ -37,6 +37,7 @@ import contextlib
 import socket
 import struct
 from collections import deque
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final
 
@@ -104,29 +105,18 @@ class _Side(asyncio.Protocol):
         self.link.update_reading()
 
 
+@dataclass(slots=True)
 class _Pipe:
     """One direction of a link: a time-ordered queue of chunks (and EOF/RST markers)."""
 
-    __slots__ = (
-        "down",
-        "eof_done",
-        "hold_until",
-        "last_due",
-        "link_free",
-        "queue",
-        "size",
-        "timer",
-    )
-
-    def __init__(self, down: bool, hold_until: float) -> None:
-        self.down = down
-        self.queue: deque[tuple[float, bytes]] = deque()
-        self.size = 0
-        self.timer: asyncio.TimerHandle | None = None
-        self.hold_until = hold_until
-        self.link_free = 0.0
-        self.last_due = 0.0
-        self.eof_done = False
+    down: bool
+    hold_until: float  # nothing is delivered before (the emulated TCP handshake)
+    queue: deque[tuple[float, bytes]] = field(default_factory=deque)
+    size: int = 0  # bytes queued
+    timer: asyncio.TimerHandle | None = None
+    link_free: float = 0.0  # when the bandwidth-capped link finishes its last chunk
+    last_due: float = 0.0
+    eof_done: bool = False
 
 
 class _Link:
