@@ -137,3 +137,18 @@ def test_options_validation_and_description() -> None:
     assert WebSocketAdapter(ad.options.model_dump()).options == ad.options
     with pytest.raises(ValueError, match="url"):
         WebSocketAdapter(url="ftp://example.test/")
+
+
+def test_entry_points_and_options_from_settings() -> None:
+    from voicepool import get_adapter
+    from voicepool.adapters.cartesia import CartesiaAdapter
+    from voicepool.adapters.deepgram import DeepgramAdapter, DeepgramOptions
+    from voicepool.adapters.elevenlabs import ElevenLabsAdapter
+
+    assert get_adapter("websocket") is WebSocketAdapter
+    assert get_adapter("deepgram") is DeepgramAdapter
+    assert get_adapter("elevenlabs") is ElevenLabsAdapter
+    assert get_adapter("cartesia") is CartesiaAdapter
+    built = DeepgramAdapter.from_options(DeepgramOptions(api_key="k", reuse=True))
+    assert isinstance(built, DeepgramAdapter)
+    assert built.options.reuse
