@@ -279,13 +279,42 @@ async def part_memory(sockets: int, uvloop: bool) -> dict[str, float]:
                     into.append(time.process_time() - c0)
             stats = pool.stats()
             assert stats.size == sockets, stats
+        raw_rss, raw_sweep = await _raw_websockets(asr, sockets)
         return {
             "sockets": float(sockets),
             "open_s": opened,
             "rss_per_socket_kib": (after - before) / sockets,
             "sweep_cpu_ms": statistics.median(sweeps) * 1000,
             "bare_sweep_cpu_ms": statistics.median(bare) * 1000,
+            "raw_rss_per_socket_kib": raw_rss,
+            "raw_sweep_cpu_ms": raw_sweep,
         }
+
+
+async def _raw_websockets(asr: DeepgramAdapter, sockets: int) -> tuple[float, float]:
+    """The same figures for bare ``websockets`` clients (no pool, no reader task): the yardstick."""
+    gc.collect()
+    before = rss_kib()
+    raws: list[Any] = []
+    try:
+        for start in range(0, sockets, 64):
+            batch = min(64, sockets - start)
+            raws += await asyncio.gather(*(asr.open_socket() for _ in range(batch)))
+        gc.collect()
+        await asyncio.sleep(0.5)
+        rss = (rss_kib() - before) / sockets
+
+        async def ping(ws: Any) -> None:
+            await (await ws.ping())
+
+        sweeps = []
+        for _ in range(5):
+            c0 = time.process_time()
+            await asyncio.gather(*(asyncio.ensure_future(ping(ws)) for ws in raws))
+            sweeps.append(time.process_time() - c0)
+        return rss, statistics.median(sweeps) * 1000
+    finally:
+        await asyncio.gather(*(ws.close() for ws in raws), return_exceptions=True)
 
 
 async def _bare_ping(conn: DeepgramConnection) -> None:
@@ -320,11 +349,19 @@ async def main(args: argparse.Namespace) -> int:
         m = await part_memory(args.sockets, args.uvloop)
         print(f"Idle pooled TLS WebSockets ({int(m['sockets'])}, Deepgram adapter, {loop_name}):")
         print(f"  opened in {m['open_s']:.1f} s")
-        print(f"  RSS per socket: {m['rss_per_socket_kib']:.0f} KiB")
+        raw_rss, raw_sweep = m["raw_rss_per_socket_kib"], m["raw_sweep_cpu_ms"]
+        print(
+            f"  RSS per socket: {m['rss_per_socket_kib']:.0f} KiB"
+            f" (bare websockets client: {raw_rss:.0f} KiB)"
+        )
         print(
             f"  CPU of one ping sweep over all (KeepAlive + ping/pong): {m['sweep_cpu_ms']:.1f} ms"
         )
-        print(f"  same, WebSocket ping/pong only: {m['bare_sweep_cpu_ms']:.1f} ms")
+        print(
+            f"  same, WebSocket ping/pong only: {m['bare_sweep_cpu_ms']:.1f} ms"
+            f" (bare websockets clients: {raw_sweep:.1f} ms,"
+            f" ratio {m['bare_sweep_cpu_ms'] / raw_sweep:.2f})"
+        )
     return 0 if ok else 1
 
 
