@@ -240,7 +240,7 @@ class RestAdapter(Adapter[RestConnection]):
     Build with options or keywords: ``RestAdapter(base_url="https://...", health_path="/health")``.
     """
 
-    lease_mode: ClassVar[LeaseMode] = LeaseMode.EXCLUSIVE
+    lease_mode = LeaseMode.EXCLUSIVE
     Options: ClassVar[type[RestOptions]] = RestOptions
 
     def __init__(self, options: RestOptions | None = None, **kwargs: Any) -> None:

@@ -34,8 +34,18 @@ def test_every_package_is_listed_in_pyproject() -> None:
 @pytest.mark.timeout(180)
 def test_wheel_contains_every_package(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     wheel = next(tmp_path.glob("voicepool-*.whl"))
@@ -50,10 +60,25 @@ def test_wheel_contains_every_package(tmp_path: Path) -> None:
 
 def test_public_exports_match_design() -> None:
     expected = {
-        "Adapter", "LeaseMode", "get_adapter", "register_adapter", "registered_adapters",
-        "Lease", "Pool", "PoolSettings", "PoolState", "PoolStats",
-        "AdapterNotFound", "ConfigError", "ConnectError", "LeaseReleased", "PoolClosed",
-        "PoolError", "PoolExhausted", "PoolUnavailable", "VoicepoolError",
+        "Adapter",
+        "LeaseMode",
+        "get_adapter",
+        "register_adapter",
+        "registered_adapters",
+        "Lease",
+        "Pool",
+        "PoolSettings",
+        "PoolState",
+        "PoolStats",
+        "AdapterNotFound",
+        "ConfigError",
+        "ConnectError",
+        "LeaseReleased",
+        "PoolClosed",
+        "PoolError",
+        "PoolExhausted",
+        "PoolUnavailable",
+        "VoicepoolError",
     }
     assert expected <= set(voicepool.__all__)
     for name in voicepool.__all__:

@@ -59,9 +59,10 @@ class Adapter(Generic[C]):
     validated model to the constructor as ``options``.
     """
 
-    lease_mode: ClassVar[LeaseMode] = LeaseMode.EXCLUSIVE
-    max_streams: ClassVar[int] = 1
-    max_idle: ClassVar[float | None] = None
+    # Class-level defaults that an instance may override from its options (e.g. max_streams).
+    lease_mode: LeaseMode = LeaseMode.EXCLUSIVE
+    max_streams: int = 1
+    max_idle: float | None = None
     Options: ClassVar[type[BaseModel] | None] = None
     max_connections_per_process: ClassVar[int | None] = None
     """A hard process-wide limit (pjsua2: 8 SIP accounts); settings reject pools that exceed it."""
@@ -193,7 +194,7 @@ def get_adapter(name: str) -> type[Adapter[Any]]:
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
         try:
             loaded = ep.load()
-        except ImportError as exc:
+        except Exception as exc:  # ImportError, or a module without the advertised class
             raise AdapterNotFound(
                 f"adapter {name!r} is installed ({ep.value}) but cannot be imported: {exc}"
             ) from exc

@@ -16,6 +16,7 @@ Health, lifetime and the acquire-wait alarm live in :mod:`voicepool._engine.heal
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 import math
@@ -27,7 +28,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from voicepool._engine.health import maintain, run_health
+from voicepool._engine.health import flush, maintain, run_health
 from voicepool._engine.observer import PoolObserver, observers_for
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.waitwindow import WaitWindow
@@ -48,6 +49,7 @@ __all__ = ["Pool", "PoolState", "PoolStats"]
 C = TypeVar("C")
 log = logging.getLogger("voicepool.pool")
 
+_MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
 _CLOSE_TIMEOUT = 5.0  # an adapter's polite close gets this long before we stop waiting for it
 
 
@@ -166,6 +168,7 @@ class Pool(Generic[C]):
         self._wake: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
         self._close_task: asyncio.Task[None] | None = None
+        self._hard_close: asyncio.Event | None = None
         self._observers: list[PoolObserver] = observers_for(self)
         adapter.watch(self._on_conn_changed)
 
@@ -221,7 +224,13 @@ class Pool(Generic[C]):
             await self.aclose(0)
             raise err from self._last_error
         self._set_lifecycle(PoolState.READY)
-        self._health_task = loop.create_task(run_health(self), name=f"voicepool:{self.name}:health")
+        self._health_task = loop.create_task(
+            # A fresh context: refills and pings must not become children of whatever span was
+            # current when start() ran (a boot span that ends long before them).
+            run_health(self),
+            name=f"voicepool:{self.name}:health",
+            context=contextvars.Context(),
+        )
         self._grow()
 
     async def aclose(self, timeout: float | None = None) -> None:
@@ -229,11 +238,18 @@ class Pool(Generic[C]):
         then close every connection through the adapter. Idempotent; safe to cancel (the close goes
         on in the background and a later call awaits it).
         """
+        loop = asyncio.get_running_loop()
+        if self._hard_close is None:
+            self._hard_close = asyncio.Event()
         if self._close_task is None:
-            self._close_task = asyncio.get_running_loop().create_task(
+            self._close_task = loop.create_task(
                 self._close(self.settings.drain_timeout if timeout is None else timeout),
                 name=f"voicepool:{self.name}:close",
+                context=contextvars.Context(),
             )
+        elif timeout is not None:
+            # A later, shorter deadline (a second SIGTERM: close hard) cuts a running drain short.
+            loop.call_later(max(0.0, timeout), self._hard_close.set)
         await asyncio.shield(self._close_task)
 
     async def __aenter__(self) -> Pool[C]:
@@ -261,7 +277,7 @@ class Pool(Generic[C]):
 
     def stats(self) -> PoolStats:
         """A snapshot; O(number of connections), no I/O, never raises."""
-        conns = self._conns.values()
+        conns = list(self._conns.values())  # a copy: exporters may call this from their thread
         if self._mux:
             in_use = sum(1 for r in conns if r.streams)
             streams = sum(r.streams for r in conns)
@@ -383,6 +399,9 @@ class Pool(Generic[C]):
             message = self._exhausted_message(timeout) if timed_out else ""
             self._abandon(fut)
             if not timed_out:
+                waited = self._clock() - t0
+                for obs in self._observers:
+                    obs.on_wait_failed(self, waited, exc)
                 raise
             waited = self._clock() - t0
             self._n_timeouts += 1
@@ -455,7 +474,7 @@ class Pool(Generic[C]):
     def _release_idle(self, rec: ConnRecord[C], t0: float) -> None:
         """Clean EXCLUSIVE release with nothing to reset: synchronous."""
         now = self._clock()
-        if self._observers:
+        if self._observers and len(self._use_times) < _MAX_BUFFERED:
             self._use_times.append(now - t0)
         rec.last_used = now
         if rec.expires <= now:
@@ -481,7 +500,7 @@ class Pool(Generic[C]):
             await self._release_stream(lease, rec, exc, reason)
             return
         now = self._clock()
-        if self._observers:
+        if self._observers and len(self._use_times) < _MAX_BUFFERED:
             self._use_times.append(now - lease._t0)
         rec.last_used = now
         if reason is not None:
@@ -526,12 +545,18 @@ class Pool(Generic[C]):
             log.debug("pool %s: release_stream failed: %r", self.name, e, extra=self._extra)
         finally:
             now = self._clock()
-            if self._observers:
+            if self._observers and len(self._use_times) < _MAX_BUFFERED:
                 self._use_times.append(now - lease._t0)
             rec.streams -= 1
             rec.last_used = now
             if not keep:
-                self._retire(rec, "discarded" if lease._discard is not None else "error")
+                if lease._discard is not None:
+                    why = "discarded"
+                elif exc is not None:
+                    why = "error"
+                else:  # a clean release the adapter refused: the peer closed or drained it
+                    why = "remote_closed"
+                self._retire(rec, why)
             self._after_stream_end(rec)
 
     def _after_stream_end(self, rec: ConnRecord[C]) -> None:
@@ -583,8 +608,7 @@ class Pool(Generic[C]):
         if not self._started or self._warming or self._closing:
             return
         if self._retry_at and self._clock() < self._retry_at:
-            self._poke()  # the health task sleeps until then
-            return
+            return  # backing off: the health task wakes at _retry_at (never poke here: it spins)
         size = len(self._conns) + self._opening
         room = self.max_size - size
         if room <= 0:
@@ -617,6 +641,8 @@ class Pool(Generic[C]):
         """Count a slot, then connect into it in a pool task."""
         self._opening += 1
         started = [False]
+        # The current context: a connect started for a waiting caller is part of its trace (it
+        # shows why the call waited); one started by the health task has that task's empty one.
         task = asyncio.get_running_loop().create_task(self._open_one(started))
         self._work.add(task)
 
@@ -647,10 +673,10 @@ class Pool(Generic[C]):
                 err.__cause__ = exc
             else:
                 err = exc
+            duration = self._clock() - t0
+            for obs, tok in zip(self._observers, token, strict=True):
+                obs.on_connected(self, tok, duration, err)
             if isinstance(exc, Exception):
-                duration = self._clock() - t0
-                for obs, tok in zip(self._observers, token, strict=True):
-                    obs.on_connected(self, tok, duration, err)
                 self._connect_failed(err)
             self._check_drained()
             if not isinstance(exc, Exception):
@@ -864,16 +890,25 @@ class Pool(Generic[C]):
         if self._busy():
             if self._drained is None:
                 self._drained = asyncio.Event()
+            assert self._hard_close is not None
             self._check_drained()
+            drained = asyncio.ensure_future(self._drained.wait())
+            hard = asyncio.ensure_future(self._hard_close.wait())
             try:
-                async with asyncio.timeout(timeout):
-                    await self._drained.wait()
-            except TimeoutError:
+                await asyncio.wait([drained, hard], timeout=timeout, return_when="FIRST_COMPLETED")
+            finally:
+                drained.cancel()
+                hard.cancel()
+            held = sum(
+                1
+                for r in self._conns.values()
+                if r.state is ConnState.IN_USE and (not self._mux or r.streams)
+            )
+            if held:
                 log.warning(
-                    "pool %s: %d leases still held after %gs; closing them",
+                    "pool %s: %d leases still held at the drain deadline; closing them",
                     self.name,
-                    sum(1 for r in self._conns.values() if r.state is ConnState.IN_USE),
-                    timeout,
+                    held,
                     extra=self._extra,
                 )
         for rec in list(self._conns.values()):
@@ -881,6 +916,8 @@ class Pool(Generic[C]):
         if self._closers:
             await asyncio.wait(list(self._closers), timeout=_CLOSE_TIMEOUT + 1)
         self.adapter.unwatch(self._on_conn_changed)
+        if self._observers:
+            flush(self, self._clock())
         self._set_lifecycle(PoolState.CLOSED)
         for obs in self._observers:
             obs.on_pool_closed(self)

@@ -103,8 +103,8 @@ class Http2Adapter(Adapter[H2Connection]):
     directly: ``lease.conn.start_request(lease.stream_id, headers, end=...)``.
     """
 
-    lease_mode: ClassVar[LeaseMode] = LeaseMode.MULTIPLEXED
-    max_streams: ClassVar[int] = 100
+    lease_mode = LeaseMode.MULTIPLEXED
+    max_streams = 100
     Options: ClassVar[type[Http2Options]] = Http2Options
 
     def __init__(self, options: Http2Options | None = None, **kwargs: Any) -> None:
@@ -114,7 +114,7 @@ class Http2Adapter(Adapter[H2Connection]):
             raise TypeError("pass either an Http2Options or keyword options, not both")
         self.options = options
         # Per-instance capacity: PoolSettings.resolve() reads it for sizing.
-        self.max_streams = options.max_streams  # type: ignore[misc]
+        self.max_streams = options.max_streams
         parts = urlsplit(options.base_url)
         scheme = parts.scheme
         host = parts.hostname or ""

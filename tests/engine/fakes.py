@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import ClassVar
 
 from voicepool import Adapter, ConnectError, LeaseMode
 
@@ -34,7 +33,7 @@ class FakeAdapter(Adapter[FakeConn]):
     * ``ping_fails``: set of conn ids whose ping raises; ``ping_delay``/``reset_delay`` likewise.
     """
 
-    lease_mode: ClassVar[LeaseMode] = LeaseMode.EXCLUSIVE
+    lease_mode = LeaseMode.EXCLUSIVE
 
     def __init__(self, connect_delay: float = 0.0) -> None:
         self.connect_delay = connect_delay
@@ -123,20 +122,27 @@ class NoResetAdapter(FakeAdapter):
 
 
 class SingleUseAdapter(FakeAdapter):
-    lease_mode: ClassVar[LeaseMode] = LeaseMode.SINGLE_USE
+    lease_mode = LeaseMode.SINGLE_USE
 
 
 class MuxAdapter(FakeAdapter):
     """MULTIPLEXED fake: ``capacity`` per connection id can be changed (0 = draining)."""
 
-    lease_mode: ClassVar[LeaseMode] = LeaseMode.MULTIPLEXED
-    max_streams: ClassVar[int] = 3
+    lease_mode = LeaseMode.MULTIPLEXED
+    max_streams = 3
 
     def __init__(self, connect_delay: float = 0.0) -> None:
         super().__init__(connect_delay)
         self.capacity: dict[int, int] = {}
         self.released: list[tuple[int, int, BaseException | None]] = []
         self.kill_on_error = False
+
+    async def ping(self, conn: FakeConn) -> None:
+        holders, conn.holders = conn.holders, 0  # pings run beside open streams here
+        try:
+            await super().ping(conn)
+        finally:
+            conn.holders += holders
 
     def stream_capacity(self, conn: FakeConn) -> int:
         return self.capacity.get(conn.id, self.max_streams)

@@ -331,7 +331,6 @@ async def test_secrets_never_reach_attributes(
     assert not [text for text in found if secret in text]
 
 
-@pytest.mark.xfail(reason="engine: _acquire_slow does not call on_wait_failed yet", strict=False)
 async def test_waiter_failed_by_an_opening_circuit_gets_the_unavailable_event(otel: Otel) -> None:
     adapter = ScriptedAdapter()
     async with Pool(adapter, settings(), name="asr") as pool:
@@ -348,9 +347,6 @@ async def test_waiter_failed_by_an_opening_circuit_gets_the_unavailable_event(ot
     assert names == [n.EVENT_EXHAUSTED, n.EVENT_UNAVAILABLE]
 
 
-@pytest.mark.xfail(
-    reason="engine: on_connected is not called for a cancelled connect", strict=False
-)
 async def test_a_connect_cancelled_by_close_still_ends_its_span(otel: Otel) -> None:
     adapter = ScriptedAdapter(connect_delay=30.0)
     pool = Pool(adapter, settings(min_size=0), name="asr")

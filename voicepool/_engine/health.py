@@ -53,16 +53,26 @@ def maintain(pool: Pool[Any], now: float) -> float:
     if now >= pool._window.end:
         rotate_window(pool, now)
     due = min(due, pool._window.end)
-    if pool._observers and (pool._use_times or pool._n_acquired != pool._flushed[0]):
+    if pool._observers and (
+        pool._use_times or pool._n_acquired != pool._flushed[0] or pool._n_timeouts
+    ):
         flush(pool, now)
         due = min(due, now + _FLUSH_EVERY)
     idle_timeout = pool.settings.idle_timeout
     surplus = len(pool._conns) - pool.min_size
     candidates = pool._mux_conns if pool._mux else pool._idle
     for rec in list(candidates):  # oldest first: the idle deque is LIFO at the right
-        if rec.state is ConnState.CLOSED or (pool._mux and rec.streams):
-            if pool._mux and rec.streams and rec.expires <= now:
+        if rec.state is ConnState.CLOSED:
+            continue
+        if pool._mux and rec.streams:
+            # Busy multiplexed connections are still pinged (an HTTP/2 PING or a WebSocket ping
+            # runs beside the streams): a black-holed connection under load is found by its ping.
+            if rec.expires <= now:
                 rec.cap = 0  # expired while busy: drain, close when the last stream ends
+            elif rec.next_ping <= now and not rec.pinging:
+                start_ping(pool, rec)
+            else:
+                due = min(due, rec.next_ping, rec.expires)
             continue
         if not pool._is_open(rec.conn):
             pool._retire(rec, "remote_closed")

@@ -17,6 +17,8 @@ class WaitWindow:
     """Tumbling windows of acquire waits. Not thread-safe; used on the event loop only."""
 
     __slots__ = (
+        "_cache_key",
+        "_cache_value",
         "_prev_samples",
         "_prev_total",
         "_seen",
@@ -34,6 +36,8 @@ class WaitWindow:
         self._seen = 0
         self._prev_samples: list[float] = []
         self._prev_total = 0
+        self._cache_key: tuple[int, int, float, float] | None = None
+        self._cache_value = 0.0
 
     def record(self, waited: float) -> None:
         """Record one acquire that waited ``waited`` seconds (slow path only)."""
@@ -63,9 +67,17 @@ class WaitWindow:
         return p95, total
 
     def current(self, acquired: int, q: float = 0.95) -> float:
-        """Quantile of the wait over the previous and the current window (rolling view), seconds."""
-        total = acquired - self.start_count + self._prev_total
-        return percentile(self.samples + self._prev_samples, total, q)
+        """Quantile of the wait over the previous and the current window (rolling view), seconds.
+
+        Cached until a wait or an acquire changes it: stats() is called by metric collection
+        and span events, and sorting thousands of samples each time would add up.
+        """
+        key = (acquired, self._seen, self.start, q)
+        if key != self._cache_key:
+            total = acquired - self.start_count + self._prev_total
+            self._cache_value = percentile(self.samples + self._prev_samples, total, q)
+            self._cache_key = key
+        return self._cache_value
 
 
 def percentile(waited: list[float], total: int, q: float) -> float:

@@ -6,7 +6,9 @@ it through :meth:`TestCertificates.client_context`; nothing is written to the sy
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import ssl
 import tempfile
 from pathlib import Path
@@ -24,8 +26,10 @@ class TestCertificates:
     def __init__(self) -> None:
         self.ca = trustme.CA()
         self.server_cert = self.ca.issue_cert("127.0.0.1", "localhost", "::1")
-        self._dir = tempfile.TemporaryDirectory(prefix="voicepool-tls-")
-        d = Path(self._dir.name)
+        # mkdtemp + atexit rather than TemporaryDirectory: its finalizer warns (ResourceWarning)
+        # at interpreter exit, which scripts run with -W error turn into a failure.
+        d = Path(tempfile.mkdtemp(prefix="voicepool-tls-"))
+        atexit.register(shutil.rmtree, d, True)
         self.ca_path = d / "ca.pem"
         self.cert_path = d / "server.pem"
         self.key_path = d / "server.key"
