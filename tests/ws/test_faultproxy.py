@@ -290,3 +290,33 @@ def test_bad_arguments() -> None:
     proxy = FaultProxy("127.0.0.1", 1)
     with pytest.raises(ValueError, match="after"):
         proxy.kill_idle(0)
+
+
+def test_runs_on_uvloop() -> None:
+    """uvloop's transports are not asyncio's classes: the proxy must not depend on them."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async with EchoServer() as echo, FaultProxy("127.0.0.1", echo.port, latency=0.01) as p:
+            r, w = await _open(p)
+            w.write(b"a")
+            assert await r.readexactly(1) == b"a"
+            p.black_hole()
+            w.write(b"b")
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await r.read(1)
+            p.black_hole(False)
+            assert await r.readexactly(1) == b"b"
+            assert await p.reset_all() == 1
+            with pytest.raises(ConnectionError):
+                await r.read(1)
+            w.close()
+            p.refuse()
+            r2, w2 = await _open(p)
+            with pytest.raises(ConnectionError):
+                await r2.read(1)
+            w2.close()
+            assert (p.accepted, p.refused) == (1, 1)
+
+    uvloop.run(scenario())

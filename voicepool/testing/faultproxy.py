@@ -39,7 +39,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Final
+from typing import Final, cast
 
 __all__ = ["FaultProxy", "ProxyConnection"]
 
@@ -72,13 +72,13 @@ class _Side(asyncio.Protocol):
         self.write_paused = False  # the kernel buffer toward this peer is full
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's transports do not subclass asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.link.proxy._transports.add(transport)
+        self.link.proxy._transports.add(self.transport)
         if not self.upstream:
             self.link.proxy._on_accept(self)
 
