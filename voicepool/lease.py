@@ -10,6 +10,7 @@ import asyncio
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from voicepool._engine.record import ConnState
 from voicepool.errors import LeaseReleased
 
 if TYPE_CHECKING:
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 C = TypeVar("C")
 
 _NEW, _HELD, _RELEASED = 0, 1, 2
+_IDLE, _IN_USE = ConnState.IDLE, ConnState.IN_USE  # module constants: no enum lookups per call
 
 
 class Lease(Generic[C]):
@@ -46,15 +48,18 @@ class Lease(Generic[C]):
         "stream_id",
     )
 
+    _rec: ConnRecord[C]
+    _conn: C
+    _t0: float
+    _leak: asyncio.TimerHandle | None
+
     def __init__(self, pool: Pool[C], timeout: float | None) -> None:
+        # Only what __aexit__ reads unconditionally is set here (this is the hot path); _rec,
+        # _conn and _t0 are set by the acquire, _leak only by leak watching.
         self._pool = pool
         self._timeout = timeout
         self._state = _NEW
-        self._rec: ConnRecord[C] | None = None
-        self._conn: C | None = None
         self._discard: str | None = None
-        self._leak: asyncio.TimerHandle | None = None
-        self._t0 = 0.0
         self.stream_id: int | None = None
 
     @property
@@ -62,7 +67,7 @@ class Lease(Generic[C]):
         """The leased connection. Raises LeaseReleased outside the ``async with`` block."""
         if self._state != _HELD:
             raise LeaseReleased(f"lease of pool {self._pool.name!r} is not held")
-        return self._conn  # type: ignore[return-value]
+        return self._conn
 
     @property
     def pool(self) -> Pool[C]:
@@ -82,9 +87,23 @@ class Lease(Generic[C]):
         self._discard = reason
 
     async def __aenter__(self) -> Lease[C]:
-        if self._state != _NEW:
+        if self._state:
             raise RuntimeError("a Lease can be entered only once; call pool.acquire() again")
         pool = self._pool
+        # The common case, inlined (this is the hot path: every call-level function call costs
+        # tens of ns here): an EXCLUSIVE / SINGLE_USE pool with an idle connection that is open.
+        if pool._simple and pool._idle:
+            rec = pool._idle.pop()
+            conn = rec.conn
+            if pool._is_open(conn):
+                rec.state = _IN_USE
+                self._rec = rec
+                self._conn = conn
+                self._t0 = pool._clock()
+                pool._n_acquired += 1
+                self._state = _HELD
+                return self
+            pool._retire(rec, "remote_closed")
         if pool._instrumented:
             # trace_acquire / leak_threshold: the rarely-enabled, costlier path.
             await pool._acquire_instrumented(self)
@@ -102,12 +121,22 @@ class Lease(Generic[C]):
         if self._state != _HELD:
             return
         self._state = _RELEASED
-        if self._leak is not None:
-            self._leak.cancel()
         pool = self._pool
-        if exc_type is None and self._discard is None and pool._fast_release:
-            pool._release_idle(self._rec, self._t0)  # type: ignore[arg-type]
+        if exc_type is None and pool._fast_release and self._discard is None:
+            # Inlined common case of Pool._release_idle: back to idle, nobody waiting.
+            rec = self._rec
+            now = pool._clock()
+            if pool._observers:
+                pool._record_use(now - self._t0)
+            rec.last_used = now
+            if rec.expires > now and not pool._waiters and not pool._closing:
+                rec.state = _IDLE
+                pool._idle.append(rec)
+            else:
+                pool._release_idle(rec)
             return
+        if pool._instrumented and self._leak is not None:
+            self._leak.cancel()
         await pool._release_slow(self, exc)
 
     def __repr__(self) -> str:

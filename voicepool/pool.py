@@ -49,6 +49,13 @@ __all__ = ["Pool", "PoolState", "PoolStats"]
 C = TypeVar("C")
 log = logging.getLogger("voicepool.pool")
 
+_Waiter = asyncio.Future[tuple[ConnRecord[C], int | None]]
+
+
+class _WaitExpired(Exception):
+    """Set on a waiter's future by the pool timer when its acquire deadline passes."""
+
+
 _MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
 _CLOSE_TIMEOUT = 5.0  # an adapter's polite close gets this long before we stop waiting for it
 
@@ -124,6 +131,9 @@ class Pool(Generic[C]):
         self._is_open = adapter.is_open
         self._leak_threshold = s.leak_threshold
         self._instrumented = s.leak_threshold is not None or s.trace_acquire
+        # Lease inlines the idle fast path for these (see Lease.__aenter__ / __aexit__).
+        self._simple = not self._mux and not self._instrumented
+        self._fast_release = self._fast_release and not self._instrumented
         self._acquire_timeout = s.acquire_timeout
         interval = s.ping_interval
         if adapter.max_idle is not None:
@@ -135,7 +145,11 @@ class Pool(Generic[C]):
         self._conns: dict[int, ConnRecord[C]] = {}  # every open connection, by record id
         self._by_conn: dict[int, ConnRecord[C]] = {}  # id(conn) -> record, for adapter callbacks
         self._mux_conns: list[ConnRecord[C]] = []  # MULTIPLEXED connections that may take streams
-        self._waiters: deque[asyncio.Future[tuple[ConnRecord[C], int | None]]] = deque()
+        # FIFO of (future, deadline in loop time). One pool timer, armed for the earliest
+        # deadline, expires them: a TimerHandle per waiter costs heap churn under contention.
+        self._waiters: deque[tuple[_Waiter[C], float]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self._opening = 0
         self._next_id = 0
 
@@ -380,23 +394,25 @@ class Pool(Generic[C]):
             for obs in self._observers:
                 obs.on_unavailable(self, err)
             raise err from self._last_error
-        fut: asyncio.Future[tuple[ConnRecord[C], int | None]]
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        loop = asyncio.get_running_loop()
+        fut: _Waiter[C] = loop.create_future()
+        timeout = self._acquire_timeout if lease._timeout is None else lease._timeout
+        deadline = loop.time() + timeout
+        self._waiters.append((fut, deadline))
+        if deadline < self._timer_at:
+            self._arm_timer(loop, deadline)
         self._grow()
         if len(self._conns) + self._opening >= self.max_size:
             self._n_exhausted += 1
             for obs in self._observers:
                 obs.on_exhausted(self)
         t0 = self._clock()
-        timeout = self._acquire_timeout if lease._timeout is None else lease._timeout
         try:
-            async with asyncio.timeout(timeout):
-                rec, sid = await fut
+            rec, sid = await fut
         except BaseException as exc:
-            timed_out = isinstance(exc, TimeoutError) and not isinstance(exc, VoicepoolError)
-            # Build the message before leaving the queue so it counts this waiter.
-            message = self._exhausted_message(timeout) if timed_out else ""
+            timed_out = isinstance(exc, _WaitExpired)
+            # The timer already took this waiter out of the queue: count it back in.
+            message = self._exhausted_message(timeout, extra_waiter=1) if timed_out else ""
             self._abandon(fut)
             if not timed_out:
                 waited = self._clock() - t0
@@ -423,6 +439,7 @@ class Pool(Generic[C]):
 
     async def _acquire_instrumented(self, lease: Lease[C]) -> None:
         """Acquire with per-acquire observer hooks (trace_acquire) and leak watching."""
+        lease._leak = None
         tokens = (
             [obs.acquire_started(self) for obs in self._observers]
             if self.settings.trace_acquire
@@ -441,24 +458,50 @@ class Pool(Generic[C]):
         if self._leak_threshold is not None:
             self._watch_leak(lease)
 
-    def _exhausted_message(self, timeout: float) -> str:
+    def _exhausted_message(self, timeout: float, extra_waiter: int = 0) -> str:
         s = self.stats()
         cause = f"; last connect error: {self._last_error}" if self._last_error else ""
         return (
             f"pool {self.name!r} exhausted: no connection within {timeout:g}s"
             f" (size={s.size}/{s.max_size}, in_use={s.in_use}, idle={s.idle},"
-            f" opening={s.opening}, waiters={s.waiters}){cause}"
+            f" opening={s.opening}, waiters={s.waiters + extra_waiter}){cause}"
         )
 
-    def _abandon(self, fut: asyncio.Future[tuple[ConnRecord[C], int | None]]) -> None:
+    def _arm_timer(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._expire_waiters)
+
+    def _expire_waiters(self) -> None:
+        """Pool timer: fail waiters whose deadline passed, re-arm for the next deadline."""
+        self._timer = None
+        self._timer_at = math.inf
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        keep: deque[tuple[_Waiter[C], float]] = deque()
+        nxt = math.inf
+        for fut, deadline in self._waiters:
+            if fut.done():
+                continue
+            if deadline <= now:
+                fut.set_exception(_WaitExpired())
+            else:
+                keep.append((fut, deadline))
+                nxt = min(nxt, deadline)
+        self._waiters = keep
+        if nxt < math.inf:
+            self._arm_timer(loop, nxt)
+
+    def _abandon(self, fut: _Waiter[C]) -> None:
         """A waiter gave up. If it was already handed a connection, pass that on."""
         if not fut.done():
             fut.cancel()
         if fut.cancelled():  # (a task cancelled while awaiting fut cancels fut itself)
-            try:
-                self._waiters.remove(fut)
-            except ValueError:
-                pass
+            for entry in self._waiters:
+                if entry[0] is fut:
+                    self._waiters.remove(entry)
+                    break
             return
         if fut.exception() is not None:
             return
@@ -471,19 +514,20 @@ class Pool(Generic[C]):
 
     # -- release ----------------------------------------------------------------------------------
 
-    def _release_idle(self, rec: ConnRecord[C], t0: float) -> None:
-        """Clean EXCLUSIVE release with nothing to reset: synchronous."""
-        now = self._clock()
-        if self._observers and len(self._use_times) < _MAX_BUFFERED:
-            self._use_times.append(now - t0)
-        rec.last_used = now
-        if rec.expires <= now:
+    def _release_idle(self, rec: ConnRecord[C]) -> None:
+        """Clean EXCLUSIVE release with nothing to reset, once Lease stamped ``last_used``:
+        synchronous, no adapter call. Liveness is checked at the next acquire (is_open) and by
+        the health task, which also schedules the next ping from ``last_used``.
+        """
+        if rec.expires <= rec.last_used:
             self._retire(rec, "expired")
-        elif not self._is_open(rec.conn):
-            self._retire(rec, "remote_closed")
         else:
-            rec.next_ping = now + rec.ping_period
             self._deliver(rec)
+
+    def _record_use(self, held: float) -> None:
+        """Buffer a lease hold time for observers (bounded; flushed by the health task)."""
+        if len(self._use_times) < _MAX_BUFFERED:
+            self._use_times.append(held)
 
     async def _release_slow(self, lease: Lease[C], exc: BaseException | None) -> None:
         """Release with a reset, a discard, an error, single use or a stream to end.
@@ -514,7 +558,9 @@ class Pool(Generic[C]):
         else:
             ok = False
             try:
-                async with asyncio.timeout(self.settings.ping_timeout):
+                # connect_timeout, not ping_timeout: a reset may wait for a provider round trip
+                # (Deepgram's Finalize) and the adapter bounds it more tightly if it wants.
+                async with asyncio.timeout(self.settings.connect_timeout):
                     await self.adapter.reset(rec.conn)
                 ok = self._is_open(rec.conn)
             except Exception as err:
@@ -578,7 +624,7 @@ class Pool(Generic[C]):
             return
         waiters = self._waiters
         while waiters:
-            fut = waiters.popleft()
+            fut = waiters.popleft()[0]
             if not fut.done():
                 rec.state = ConnState.IN_USE
                 fut.set_result((rec, None))
@@ -590,7 +636,7 @@ class Pool(Generic[C]):
         """A MULTIPLEXED connection has room: give streams to waiters in FIFO order."""
         waiters = self._waiters
         while waiters and rec.streams < rec.cap:
-            fut = waiters.popleft()
+            fut = waiters.popleft()[0]
             if not fut.done():
                 rec.streams += 1
                 rec.seq += 1
@@ -623,9 +669,12 @@ class Pool(Generic[C]):
                 need = max(need, 1)  # saturated: one more before the next caller has to wait
             need = max(need, self.min_size - size)
         elif self._single_use:
-            need = max(
-                waiting - self._opening, self.min_size + waiting - len(self._idle) - self._opening
+            # Spares being pinged are out of the idle deque but still spares: counting them as
+            # missing would open (and bill) an extra socket at every ping.
+            spares = len(self._idle) + sum(
+                1 for r in self._conns.values() if r.state is ConnState.PINGING
             )
+            need = max(waiting - self._opening, self.min_size + waiting - spares - self._opening)
         else:
             need = max(waiting - self._opening, self.min_size - size)
         if need <= 0:
@@ -769,7 +818,7 @@ class Pool(Generic[C]):
         log.warning("pool %s: circuit open (%s): %s", self.name, why, err, extra=self._extra)
         self._report_state()
         waiters, self._waiters = self._waiters, deque()
-        for fut in waiters:
+        for fut, _deadline in waiters:
             if not fut.done():
                 self._n_unavailable += 1
                 e = PoolUnavailable(
@@ -875,7 +924,10 @@ class Pool(Generic[C]):
         self._closing = True
         self._set_lifecycle(PoolState.CLOSING)
         waiters, self._waiters = self._waiters, deque()
-        for fut in waiters:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
+        for fut, _deadline in waiters:
             if not fut.done():
                 fut.set_exception(PoolClosed(f"pool {self.name!r} is closing", pool=self.name))
         tasks = list(self._work)

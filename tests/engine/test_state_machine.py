@@ -241,7 +241,7 @@ class PoolMachine(RuleBasedStateMachine):
     def waiters_are_live_callers(self) -> None:
         if self.pool is None:
             return
-        pending = [f for f in self.p._waiters if not f.done()]
+        pending = [f for f, _deadline in self.p._waiters if not f.done()]
         assert len(pending) <= len(self.live())
 
     def teardown(self) -> None:

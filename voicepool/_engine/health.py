@@ -83,11 +83,12 @@ def maintain(pool: Pool[Any], now: float) -> float:
         elif idle_timeout is not None and surplus > 0 and now - rec.last_used >= idle_timeout:
             pool._retire(rec, "idle")
             surplus -= 1
-        elif rec.next_ping <= now:
+        elif max(rec.next_ping, rec.last_used + rec.ping_period) <= now:
+            # (a release does not reschedule the ping: it only stamps last_used)
             if not rec.pinging:
                 start_ping(pool, rec)
         else:
-            nxt = min(rec.next_ping, rec.expires)
+            nxt = min(max(rec.next_ping, rec.last_used + rec.ping_period), rec.expires)
             if idle_timeout is not None and surplus > 0:
                 nxt = min(nxt, rec.last_used + idle_timeout)
             due = min(due, nxt)
