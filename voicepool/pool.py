@@ -184,7 +184,6 @@ class Pool(Generic[C]):
         self._close_task: asyncio.Task[None] | None = None
         self._hard_close: asyncio.Event | None = None
         self._observers: list[PoolObserver] = observers_for(self)
-        adapter.watch(self._on_conn_changed)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -209,6 +208,10 @@ class Pool(Generic[C]):
         loop = asyncio.get_running_loop()
         self._started = True
         self._warming = True
+        # Watch from start (not __init__) to close: adapters may hold process-wide resources
+        # per watching pool (the SIP engine), and a pool that is built but never started must
+        # not pin them.
+        self.adapter.watch(self._on_conn_changed)
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._window.start = self._clock()
