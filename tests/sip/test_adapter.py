@@ -328,8 +328,8 @@ async def test_engine_starts_lazily_and_stops_with_its_last_user(registrar: SipR
     pool = Pool(adapter, fast(), name="sip")  # built, not started: pins nothing
     assert engine.stats().users == 0
     assert engine.stats().state == "stopped"
-    await pool.start()  # attached from start to close: the engine has a user
-    assert engine.stats().users == 1
+    await pool.start()  # attached from start to close: the engine has users
+    assert engine.stats().users >= 1
     assert engine.stats().state == "running"
     await pool.aclose()
     assert await engine.wait_stopped(5)
