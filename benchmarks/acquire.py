@@ -224,8 +224,10 @@ async def main(args: argparse.Namespace) -> None:
         print(f"voicepool is {med['livekit'] / vp:.2f}x faster than livekit (target >= 2x)")
     print(f"voicepool / floor = {vp / floor:.2f}x (target <= 2x)")
     if "voicepool+sdk" in med:
-        print(f"with the SDK installed / without telemetry = {med['voicepool+sdk'] / vp:.2f}x"
-              " (target <= 1.5x)")
+        print(
+            f"with the SDK installed / without telemetry = {med['voicepool+sdk'] / vp:.2f}x"
+            " (target <= 1.5x)"
+        )
 
     # Contended: 100 tasks, 10 connections.
     tasks, per_task = 100, max(20, args.n // 500)
@@ -237,8 +239,10 @@ async def main(args: argparse.Namespace) -> None:
         for name in names:
             cont[name].append(await timed(contended(variants[name], tasks, per_task)) / ops)
     b = statistics.median(base)
-    print(f"\ncontended: {tasks} tasks on 10 connections, ns per acquire above a no-pool baseline"
-          f" ({b:.0f} ns)")
+    print(
+        f"\ncontended: {tasks} tasks on 10 connections, ns per acquire above a no-pool baseline"
+        f" ({b:.0f} ns)"
+    )
     for name in names:
         extra = statistics.median(cont[name]) - b
         note = "  (unbounded: opens a connection per task)" if name == "livekit" else ""
@@ -251,7 +255,9 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")

@@ -17,24 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import enum
 import logging
 import math
-import random
 import time
-import traceback
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
-from voicepool._engine.health import flush, maintain, run_health
+from voicepool._engine.connect import grow, open_one, spawn_connect
+from voicepool._engine.drain import _CLOSE_TIMEOUT, close
+from voicepool._engine.health import maintain, run_health
+from voicepool._engine.leak import watch_leak
 from voicepool._engine.observer import PoolObserver, observers_for
 from voicepool._engine.record import ConnRecord, ConnState
+from voicepool._engine.state import PoolState, PoolStats
 from voicepool._engine.waitwindow import WaitWindow
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import (
-    ConnectError,
     PoolClosed,
     PoolError,
     PoolExhausted,
@@ -57,44 +56,6 @@ class _WaitExpired(Exception):
 
 
 _MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
-_CLOSE_TIMEOUT = 5.0  # an adapter's polite close gets this long before we stop waiting for it
-
-
-class PoolState(enum.Enum):
-    """Lifecycle and circuit state of a pool, as reported by ``stats().state``."""
-
-    NEW = "new"
-    STARTING = "starting"
-    READY = "ready"  # circuit closed and at least min_size open
-    DEGRADED = "degraded"  # circuit closed, below min_size after failures; refilling with backoff
-    UNAVAILABLE = "unavailable"  # circuit open: acquire fails fast, a probe retries in background
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStats:
-    """A cheap snapshot of one pool, for health endpoints, metrics and tests."""
-
-    name: str
-    state: PoolState
-    size: int  # open connections, in use or not (opening excluded)
-    idle: int  # open and not leased (MULTIPLEXED: no stream open)
-    in_use: int  # leased (MULTIPLEXED: at least one stream open)
-    opening: int  # connects in flight (slots already counted)
-    waiters: int
-    streams_in_use: int
-    min_size: int
-    max_size: int
-    acquired: int
-    exhausted: int
-    timeouts: int
-    unavailable: int
-    connects: int
-    connect_failures: int
-    closed: Mapping[str, int] = field(default_factory=dict)
-    wait_p95_ms: float = 0.0
-    last_error: str | None = None
 
 
 class Pool(Generic[C]):
@@ -645,190 +606,22 @@ class Pool(Generic[C]):
                 rec.seq += 1
                 fut.set_result((rec, rec.seq))
 
-    # -- connect, retire, grow --------------------------------------------------------------------
+    # -- connects (voicepool._engine.connect), close (drain), leaks (leak) ----------------------
 
     def _grow(self) -> None:
-        """Decide how many connects to start now, and start them (synchronous, no awaits).
-
-        Demand is the waiters not covered by connects in flight, plus the warm floor
-        (``min_size``; SINGLE_USE: spares). While connects are failing, one at a time, after the
-        backoff delay. Never more than ``max_size`` open + opening.
-        """
-        if not self._started or self._warming or self._closing:
-            return
-        if self._retry_at and self._clock() < self._retry_at:
-            return  # backing off: the health task wakes at _retry_at (never poke here: it spins)
-        size = len(self._conns) + self._opening
-        room = self.max_size - size
-        if room <= 0:
-            return
-        waiting = len(self._waiters)
-        if self._mux:
-            per = self.max_streams
-            free = sum(max(0, r.cap - r.streams) for r in self._mux_conns) + self._opening * per
-            short = waiting - free
-            need = -(-short // per) if short > 0 else 0
-            if free == 0 and self._mux_conns:
-                need = max(need, 1)  # saturated: one more before the next caller has to wait
-            need = max(need, self.min_size - size)
-        elif self._single_use:
-            # Spares being pinged are out of the idle deque but still spares: counting them as
-            # missing would open (and bill) an extra socket at every ping.
-            spares = len(self._idle) + sum(
-                1 for r in self._conns.values() if r.state is ConnState.PINGING
-            )
-            need = max(waiting - self._opening, self.min_size + waiting - spares - self._opening)
-        else:
-            need = max(waiting - self._opening, self.min_size - size)
-        if need <= 0:
-            return
-        if self._consecutive_failures:
-            limit = 1 - self._opening  # probing: one connect at a time
-        else:
-            limit = self.settings.connect_concurrency - self._opening
-        for _ in range(min(need, room, limit)):
-            self._spawn_connect()
+        grow(self)
 
     def _spawn_connect(self) -> None:
-        """Count a slot, then connect into it in a pool task."""
-        self._opening += 1
-        started = [False]
-        # The current context: a connect started for a waiting caller is part of its trace (it
-        # shows why the call waited); one started by the health task has that task's empty one.
-        task = asyncio.get_running_loop().create_task(self._open_one(started))
-        self._work.add(task)
-
-        def done(task: asyncio.Task[None]) -> None:
-            self._work.discard(task)
-            if not started[0]:  # cancelled before it ran: _open_one never freed its slot
-                self._opening -= 1
-                self._check_drained()
-
-        task.add_done_callback(done)
+        spawn_connect(self)
 
     async def _open_one(self, started: list[bool] | None = None) -> None:
-        """Open one connection into a slot already counted in ``_opening`` (which it frees)."""
-        if started is not None:
-            started[0] = True
-        token = [obs.connect_started(self) for obs in self._observers]
-        t0 = self._clock()
-        try:
-            async with asyncio.timeout(self.settings.connect_timeout):
-                conn = await self.adapter.connect()
-        except BaseException as exc:
-            self._opening -= 1
-            if isinstance(exc, TimeoutError) and not isinstance(exc, VoicepoolError):
-                err: BaseException = ConnectError(
-                    f"connect to {self.adapter.describe()} timed out after"
-                    f" {self.settings.connect_timeout:g}s"
-                )
-                err.__cause__ = exc
-            else:
-                err = exc
-            duration = self._clock() - t0
-            for obs, tok in zip(self._observers, token, strict=True):
-                obs.on_connected(self, tok, duration, err)
-            if isinstance(exc, Exception):
-                self._connect_failed(err)
-            self._check_drained()
-            if not isinstance(exc, Exception):
-                raise
-            return
-        self._opening -= 1
-        duration = self._clock() - t0
-        for obs, tok in zip(self._observers, token, strict=True):
-            obs.on_connected(self, tok, duration, None)
-        if self._closing:
-            self._spawn(self._close_conn(conn), self._closers)
-            self._check_drained()
-            return
-        self._n_connects += 1
-        rec = self._new_record(conn)
-        self._connect_succeeded()
-        log.debug(
-            "pool %s: connection #%d open in %.1f ms",
-            self.name,
-            rec.id,
-            duration * 1e3,
-            extra=self._extra,
-        )
-        if self._mux:
-            self._serve_streams(rec)
-        else:
-            self._deliver(rec)
-        self._poke()  # the health task schedules this connection's ping, lifetime and idle time
-        self._grow()
+        await open_one(self, started)
 
-    def _new_record(self, conn: C) -> ConnRecord[C]:
-        now = self._clock()
-        self._next_id += 1
-        lifetime = self.settings.max_lifetime
-        # Jitter lifetimes and ping periods down by up to 10% so a pool opened at once does not
-        # expire or ping at once.
-        expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else math.inf
-        period = self._ping_interval * (1 - 0.1 * random.random())
-        cap = min(self.max_streams, self.adapter.stream_capacity(conn)) if self._mux else 1
-        rec = ConnRecord(conn, self._next_id, now, expires, period, cap)
-        self._conns[rec.id] = rec
-        self._by_conn[id(conn)] = rec
-        if self._mux:
-            rec.state = ConnState.IN_USE
-            self._mux_conns.append(rec)
-        return rec
+    async def _close(self, timeout: float) -> None:
+        await close(self, timeout)
 
-    def _connect_failed(self, err: BaseException) -> None:
-        if not isinstance(err, ConnectError):
-            wrapped = ConnectError(
-                f"connect to {self.adapter.describe()} failed: {type(err).__name__}: {err}",
-                fatal=self.adapter.is_fatal(err),
-            )
-            wrapped.__cause__ = err
-            err = wrapped
-        self._n_connect_failures += 1
-        self._consecutive_failures += 1
-        self._last_error = err
-        fatal = self.adapter.is_fatal(err) or (isinstance(err, ConnectError) and err.fatal)
-        s = self.settings
-        cap = min(
-            s.backoff_max,
-            s.backoff_initial * s.backoff_multiplier ** (self._consecutive_failures - 1),
-        )
-        self._retry_at = self._clock() + random.uniform(0, cap)  # full jitter
-        log.debug(
-            "pool %s: connect failed (%d in a row): %s",
-            self.name,
-            self._consecutive_failures,
-            err,
-            extra=self._extra,
-        )
-        if (fatal or self._consecutive_failures >= s.failure_threshold) and not self._circuit_open:
-            self._open_circuit(err, fatal)
-        self._poke()
-
-    def _connect_succeeded(self) -> None:
-        self._consecutive_failures = 0
-        self._retry_at = 0.0
-        if self._circuit_open:
-            self._circuit_open = False
-            log.warning(
-                "pool %s: circuit closed, provider reachable again", self.name, extra=self._extra
-            )
-        self._report_state()
-
-    def _open_circuit(self, err: BaseException, fatal: bool) -> None:
-        self._circuit_open = True
-        why = "fatal error" if fatal else f"{self._consecutive_failures} connect failures in a row"
-        log.warning("pool %s: circuit open (%s): %s", self.name, why, err, extra=self._extra)
-        self._report_state()
-        waiters, self._waiters = self._waiters, deque()
-        for fut, _deadline in waiters:
-            if not fut.done():
-                self._n_unavailable += 1
-                e = PoolUnavailable(
-                    f"pool {self.name!r} is unavailable ({why}): {err}", pool=self.name
-                )
-                e.__cause__ = err
-                fut.set_exception(e)
+    def _watch_leak(self, lease: Lease[C]) -> None:
+        watch_leak(self, lease)
 
     def _retire(self, rec: ConnRecord[C], reason: str) -> None:
         """Take ``rec`` out of the pool for good and close it in the background."""
@@ -921,76 +714,4 @@ class Pool(Generic[C]):
         return self._opening > 0 or any(
             r.state is ConnState.IN_USE and (not self._mux or r.streams)
             for r in self._conns.values()
-        )
-
-    async def _close(self, timeout: float) -> None:
-        self._closing = True
-        self._set_lifecycle(PoolState.CLOSING)
-        waiters, self._waiters = self._waiters, deque()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer, self._timer_at = None, math.inf
-        for fut, _deadline in waiters:
-            if not fut.done():
-                fut.set_exception(PoolClosed(f"pool {self.name!r} is closing", pool=self.name))
-        tasks = list(self._work)
-        if self._health_task is not None:
-            tasks.append(self._health_task)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for rec in list(self._conns.values()):
-            if rec.state is not ConnState.IN_USE or (self._mux and not rec.streams):
-                self._retire(rec, "shutdown")
-        if self._busy():
-            if self._drained is None:
-                self._drained = asyncio.Event()
-            assert self._hard_close is not None
-            self._check_drained()
-            drained = asyncio.ensure_future(self._drained.wait())
-            hard = asyncio.ensure_future(self._hard_close.wait())
-            try:
-                await asyncio.wait([drained, hard], timeout=timeout, return_when="FIRST_COMPLETED")
-            finally:
-                drained.cancel()
-                hard.cancel()
-            held = sum(
-                1
-                for r in self._conns.values()
-                if r.state is ConnState.IN_USE and (not self._mux or r.streams)
-            )
-            if held:
-                log.warning(
-                    "pool %s: %d leases still held at the drain deadline; closing them",
-                    self.name,
-                    held,
-                    extra=self._extra,
-                )
-        for rec in list(self._conns.values()):
-            self._retire(rec, "shutdown")
-        if self._closers:
-            await asyncio.wait(list(self._closers), timeout=_CLOSE_TIMEOUT + 1)
-        self.adapter.unwatch(self._on_conn_changed)
-        if self._observers:
-            flush(self, self._clock())
-        self._set_lifecycle(PoolState.CLOSED)
-        for obs in self._observers:
-            obs.on_pool_closed(self)
-
-    # -- leak detection ---------------------------------------------------------------------------
-
-    def _watch_leak(self, lease: Lease[C]) -> None:
-        stack = "".join(traceback.format_list(traceback.extract_stack(limit=12)[:-2]))
-        assert self._leak_threshold is not None
-        lease._leak = asyncio.get_running_loop().call_later(
-            self._leak_threshold, self._report_leak, lease, stack
-        )
-
-    def _report_leak(self, lease: Lease[C], stack: str) -> None:
-        log.warning(
-            "pool %s: a lease has been held for more than %gs (possible leak); acquired at:\n%s",
-            self.name,
-            self._leak_threshold,
-            stack,
-            extra=self._extra,
         )

@@ -1,0 +1,46 @@
+"""`PoolState` (lifecycle and circuit) and `PoolStats` (a snapshot), re-exported by voicepool."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["PoolState", "PoolStats"]
+
+
+class PoolState(enum.Enum):
+    """Lifecycle and circuit state of a pool, as reported by ``stats().state``."""
+
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"  # circuit closed and at least min_size open
+    DEGRADED = "degraded"  # circuit closed, below min_size after failures; refilling with backoff
+    UNAVAILABLE = "unavailable"  # circuit open: acquire fails fast, a probe retries in background
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A cheap snapshot of one pool, for health endpoints, metrics and tests."""
+
+    name: str
+    state: PoolState
+    size: int  # open connections, in use or not (opening excluded)
+    idle: int  # open and not leased (MULTIPLEXED: no stream open)
+    in_use: int  # leased (MULTIPLEXED: at least one stream open)
+    opening: int  # connects in flight (slots already counted)
+    waiters: int
+    streams_in_use: int
+    min_size: int
+    max_size: int
+    acquired: int
+    exhausted: int
+    timeouts: int
+    unavailable: int
+    connects: int
+    connect_failures: int
+    closed: Mapping[str, int] = field(default_factory=dict)
+    wait_p95_ms: float = 0.0
+    last_error: str | None = None
