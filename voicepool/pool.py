@@ -10,7 +10,9 @@ How it is built (see DESIGN.md, "The engine"):
   the next waiter, and a release while connects are failing serves the waiter at once.
 * Closes run in background tasks, so a cancelled caller never interrupts a polite close.
 
-Health, lifetime and the acquire-wait alarm live in :mod:`voicepool._engine.health`.
+The engine's other parts, in ``voicepool._engine``: ``connect`` (how many to open, the connect,
+backoff, circuit), ``waiters`` (FIFO, deadlines on one timer), ``release`` (reset, discard, end of
+stream), ``health`` (pings, retirement, refill, the wait alarm), ``drain`` (close), ``leak``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from voicepool._engine.health import maintain, run_health
 from voicepool._engine.leak import watch_leak
 from voicepool._engine.observer import PoolObserver, observers_for
 from voicepool._engine.record import ConnRecord, ConnState
+from voicepool._engine.release import after_stream_end, release_slow
 from voicepool._engine.state import PoolState, PoolStats
+from voicepool._engine.waiters import (
+    Waiter,
+    WaitExpired,
+    abandon,
+    arm_timer,
+    exhausted_message,
+)
 from voicepool._engine.waitwindow import WaitWindow
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import (
@@ -38,7 +48,6 @@ from voicepool.errors import (
     PoolError,
     PoolExhausted,
     PoolUnavailable,
-    VoicepoolError,
 )
 from voicepool.lease import Lease
 from voicepool.pool_settings import PoolSettings
@@ -47,12 +56,6 @@ __all__ = ["Pool", "PoolState", "PoolStats"]
 
 C = TypeVar("C")
 log = logging.getLogger("voicepool.pool")
-
-_Waiter = asyncio.Future[tuple[ConnRecord[C], int | None]]
-
-
-class _WaitExpired(Exception):
-    """Set on a waiter's future by the pool timer when its acquire deadline passes."""
 
 
 _MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
@@ -108,7 +111,7 @@ class Pool(Generic[C]):
         self._mux_conns: list[ConnRecord[C]] = []  # MULTIPLEXED connections that may take streams
         # FIFO of (future, deadline in loop time). One pool timer, armed for the earliest
         # deadline, expires them: a TimerHandle per waiter costs heap churn under contention.
-        self._waiters: deque[tuple[_Waiter[C], float]] = deque()
+        self._waiters: deque[tuple[Waiter, float]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._opening = 0
@@ -359,7 +362,7 @@ class Pool(Generic[C]):
                 obs.on_unavailable(self, err)
             raise err from self._last_error
         loop = asyncio.get_running_loop()
-        fut: _Waiter[C] = loop.create_future()
+        fut: Waiter = loop.create_future()
         timeout = self._acquire_timeout if lease._timeout is None else lease._timeout
         deadline = loop.time() + timeout
         self._waiters.append((fut, deadline))
@@ -374,7 +377,7 @@ class Pool(Generic[C]):
         try:
             rec, sid = await fut
         except BaseException as exc:
-            timed_out = isinstance(exc, _WaitExpired)
+            timed_out = isinstance(exc, WaitExpired)
             # The timer already took this waiter out of the queue: count it back in.
             message = self._exhausted_message(timeout, extra_waiter=1) if timed_out else ""
             self._abandon(fut)
@@ -422,59 +425,22 @@ class Pool(Generic[C]):
         if self._leak_threshold is not None:
             self._watch_leak(lease)
 
+    # -- waiting (voicepool._engine.waiters) and slow releases (voicepool._engine.release) --------
+
     def _exhausted_message(self, timeout: float, extra_waiter: int = 0) -> str:
-        s = self.stats()
-        cause = f"; last connect error: {self._last_error}" if self._last_error else ""
-        return (
-            f"pool {self.name!r} exhausted: no connection within {timeout:g}s"
-            f" (size={s.size}/{s.max_size}, in_use={s.in_use}, idle={s.idle},"
-            f" opening={s.opening}, waiters={s.waiters + extra_waiter}){cause}"
-        )
+        return exhausted_message(self, timeout, extra_waiter)
 
     def _arm_timer(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = loop.call_at(when, self._expire_waiters)
+        arm_timer(self, loop, when)
 
-    def _expire_waiters(self) -> None:
-        """Pool timer: fail waiters whose deadline passed, re-arm for the next deadline."""
-        self._timer = None
-        self._timer_at = math.inf
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        keep: deque[tuple[_Waiter[C], float]] = deque()
-        nxt = math.inf
-        for fut, deadline in self._waiters:
-            if fut.done():
-                continue
-            if deadline <= now:
-                fut.set_exception(_WaitExpired())
-            else:
-                keep.append((fut, deadline))
-                nxt = min(nxt, deadline)
-        self._waiters = keep
-        if nxt < math.inf:
-            self._arm_timer(loop, nxt)
+    def _abandon(self, fut: Waiter) -> None:
+        abandon(self, fut)
 
-    def _abandon(self, fut: _Waiter[C]) -> None:
-        """A waiter gave up. If it was already handed a connection, pass that on."""
-        if not fut.done():
-            fut.cancel()
-        if fut.cancelled():  # (a task cancelled while awaiting fut cancels fut itself)
-            for entry in self._waiters:
-                if entry[0] is fut:
-                    self._waiters.remove(entry)
-                    break
-            return
-        if fut.exception() is not None:
-            return
-        rec, _sid = fut.result()
-        if self._mux:
-            rec.streams -= 1
-            self._after_stream_end(rec)
-        else:
-            self._deliver(rec)
+    async def _release_slow(self, lease: Lease[C], exc: BaseException | None) -> None:
+        await release_slow(self, lease, exc)
+
+    def _after_stream_end(self, rec: ConnRecord[C]) -> None:
+        after_stream_end(self, rec)
 
     # -- release ----------------------------------------------------------------------------------
 
@@ -492,92 +458,6 @@ class Pool(Generic[C]):
         """Buffer a lease hold time for observers (bounded; flushed by the health task)."""
         if len(self._use_times) < _MAX_BUFFERED:
             self._use_times.append(held)
-
-    async def _release_slow(self, lease: Lease[C], exc: BaseException | None) -> None:
-        """Release with a reset, a discard, an error, single use or a stream to end.
-
-        Cancellation-safe: bookkeeping happens in ``finally``; a cancelled reset discards the
-        connection, since its state is then unknown.
-        """
-        rec = lease._rec
-        assert rec is not None
-        reason = lease._discard
-        if reason is None and exc is not None:
-            reason = "error"
-        if self._mux:
-            await self._release_stream(lease, rec, exc, reason)
-            return
-        now = self._clock()
-        if self._observers and len(self._use_times) < _MAX_BUFFERED:
-            self._use_times.append(now - lease._t0)
-        rec.last_used = now
-        if reason is not None:
-            self._retire(rec, "discarded" if lease._discard is not None else "error")
-        elif self._single_use:
-            self._retire(rec, "used")
-        elif rec.expires <= now:
-            self._retire(rec, "expired")
-        elif not self._is_open(rec.conn):
-            self._retire(rec, "remote_closed")
-        else:
-            ok = False
-            try:
-                # connect_timeout, not ping_timeout: a reset may wait for a provider round trip
-                # (Deepgram's Finalize) and the adapter bounds it more tightly if it wants.
-                async with asyncio.timeout(self.settings.connect_timeout):
-                    await self.adapter.reset(rec.conn)
-                ok = self._is_open(rec.conn)
-            except Exception as err:
-                log.debug("pool %s: reset failed: %r", self.name, err, extra=self._extra)
-            finally:
-                if ok:
-                    rec.next_ping = self._clock() + rec.ping_period
-                    self._deliver(rec)
-                else:
-                    self._retire(rec, "error")
-
-    async def _release_stream(
-        self, lease: Lease[C], rec: ConnRecord[C], exc: BaseException | None, reason: str | None
-    ) -> None:
-        keep = False
-        err: BaseException | None = exc
-        if err is None and reason is not None:
-            err = VoicepoolError(f"lease discarded: {reason}")
-        try:
-            if rec.state is not ConnState.CLOSED:
-                keep = await self.adapter.release_stream(rec.conn, lease.stream_id or 0, err)
-        except asyncio.CancelledError:
-            # Cancelled mid-release: the stream's fate is the adapter's (it frees its local state
-            # before its first await); the shared connection is judged by is_open alone.
-            keep = self._is_open(rec.conn)
-            raise
-        except Exception as e:
-            log.debug("pool %s: release_stream failed: %r", self.name, e, extra=self._extra)
-        finally:
-            now = self._clock()
-            if self._observers and len(self._use_times) < _MAX_BUFFERED:
-                self._use_times.append(now - lease._t0)
-            rec.streams -= 1
-            rec.last_used = now
-            if not keep:
-                if lease._discard is not None:
-                    why = "discarded"
-                elif exc is not None:
-                    why = "error"
-                else:  # a clean release the adapter refused: the peer closed or drained it
-                    why = "remote_closed"
-                self._retire(rec, why)
-            self._after_stream_end(rec)
-
-    def _after_stream_end(self, rec: ConnRecord[C]) -> None:
-        """A stream on ``rec`` ended: close a drained connection, or serve waiters with it."""
-        if rec.state is ConnState.CLOSED:
-            self._check_drained()
-            return
-        if rec.streams == 0 and (self._closing or rec.cap == 0 or rec.expires <= self._clock()):
-            self._retire(rec, "shutdown" if self._closing else "expired")
-            return
-        self._serve_streams(rec)
 
     # -- handing out ------------------------------------------------------------------------------
 
