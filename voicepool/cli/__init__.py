@@ -13,6 +13,7 @@ demo's imports. :func:`main` returns the exit status; the console script exits w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,6 +107,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``voicepool`` with ``argv`` (default: the process arguments); return the exit status."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (``voicepool demo | head``): stop quietly, like other CLI tools,
+        # and keep the interpreter's final flush from raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(list(argv) if argv is not None else sys.argv[1:])
     if extra:

@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
             console.clear_status()
             console.line("interrupted")
             return 130
+        except BrokenPipeError:
+            raise
         except (VoicepoolError, RuntimeError, OSError) as exc:
             console.clear_status()
             console.line(f"voicepool demo failed: {type(exc).__name__}: {exc}")
@@ -178,7 +180,7 @@ def _sip_problem(settings: VoicePoolSettings) -> str | None:
     try:
         cfg.adapter_class.from_options(cfg.options)
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return str(exc) or type(exc).__name__
     return None
 
 
@@ -205,8 +207,8 @@ async def _demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     t_start = time.perf_counter()
     rtt = args.rtt / 1000
     console.line(
-        f"voicepool {__version__} demo: {args.calls} calls at once, {args.turns} turns each,"
-        f" {args.rtt:g} ms round trip to every service"
+        f"voicepool {__version__} demo: {args.calls} calls at once,"
+        f" {_plural(args.turns, 'turn')} each, {args.rtt:g} ms round trip to every service"
     )
     _wrapped(
         console,

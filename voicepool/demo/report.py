@@ -8,6 +8,7 @@ with matplotlib when the optional ``chart`` extra is installed.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,11 @@ def render_table(report: Mapping[str, Any]) -> list[str]:
     notes: list[str] = []
     for name, svc in report["services"].items():
         if svc["status"] != "ok":
-            lines.append(f"{name:<8}{'skipped':>9} | {svc['reason']}"[:100])
+            reason = textwrap.wrap(str(svc["reason"]), width=len(sub) - 20)
+            for i, part in enumerate(reason or [""]):
+                lines.append(
+                    f"{name if i == 0 else '':<8}{'skipped' if i == 0 else '':>9} | {part}"
+                )
             continue
         hs = svc["handshake_ms"]
         pc, po = svc["per_call"], svc["pooled"]

@@ -27,12 +27,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
+import logging
 import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from types import TracebackType
+from typing import Any
 
 from voicepool.testing.asr import DeepgramEmulator
 from voicepool.testing.faultproxy import FaultProxy
@@ -50,6 +51,7 @@ DEMO_KEY = "demo-key-not-a-secret"
 
 SIP_USER = "demo"
 SIP_PASSWORD = "demo-sip-password"
+log = logging.getLogger("voicepool.demo")
 _START_TIMEOUT = 30.0  # the child imports, makes a CA and binds its ports well within this
 _STOP_TIMEOUT = 5.0
 
@@ -177,7 +179,6 @@ async def spawn_services(rtt: float, *, api_key: str = DEMO_KEY) -> AsyncIterato
     Raises RuntimeError when the child does not report its endpoints within 30 s (its stderr
     is passed through, so its error is visible). Cancellation-safe: the child is stopped.
     """
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -188,7 +189,6 @@ async def spawn_services(rtt: float, *, api_key: str = DEMO_KEY) -> AsyncIterato
         api_key,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        env=env,
     )
     try:
         assert proc.stdout is not None
@@ -216,7 +216,18 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
+def _network_shrugs(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The child's loop exception handler: a socket error in a relay's callback (a peer that
+    vanished while its half-close was in flight) is what a network does, not a demo failure;
+    anything else goes to asyncio's default handler."""
+    if isinstance(context.get("exception"), OSError):
+        log.debug("demo services: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)
+
+
 async def _serve(rtt: float, api_key: str) -> None:
+    asyncio.get_running_loop().set_exception_handler(_network_shrugs)
     async with ServiceStack(rtt=rtt, api_key=api_key) as endpoints:
         print(endpoints.to_json(), flush=True)
         loop = asyncio.get_running_loop()

@@ -1,0 +1,5 @@
+import sys
+
+from voicepool.cli import main
+
+sys.exit(main())
