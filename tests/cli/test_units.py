@@ -170,3 +170,15 @@ def test_span_event_line_shows_known_attributes_only() -> None:
         },
     )
     assert line == "otel  voicepool.pool.exhausted on span call: pool=tts waiters=3 waited=45.6 ms"
+
+
+def test_bundled_config_is_package_data() -> None:
+    import tomllib
+    from pathlib import Path
+
+    from voicepool.cli.demo import bundled_config
+
+    config = tomllib.loads(bundled_config().read_text())
+    assert set(config["pools"]) == set(SERVICES)
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert "*.toml" in pyproject["tool"]["setuptools"]["package-data"]["voicepool.demo"]

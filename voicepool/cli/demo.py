@@ -3,7 +3,7 @@
 1. Start the emulators (Deepgram-like ASR, ElevenLabs-like TTS, an OpenAI-compatible LLM over
    HTTP/2, a CRM REST API, a SIP registrar) in a child process on 127.0.0.1, behind latency relays
    at ``--rtt`` (FaultProxy for TCP, the UDP delay relay for SIP).
-2. Boot a :class:`~voicepool.PoolManager` from the bundled ``voicepool/data/demo.toml`` (the
+2. Boot a :class:`~voicepool.PoolManager` from the bundled ``voicepool/demo/demo.toml`` (the
    emulators' endpoints and keys passed as settings arguments).
 3. Run ``--calls`` simulated calls at once, ``--turns`` turns each, twice: connecting per call,
    then pooled (:mod:`voicepool.demo.calls`), with a live progress line.
@@ -35,12 +35,13 @@ from voicepool.adapter import Adapter
 from voicepool.cli._output import Console, ConsoleLogHandler
 from voicepool.demo.calls import SERVICES, CallSimulation, Mode, RunResult, SimulationOptions
 from voicepool.demo.report import CHART_HINT, build_report, chart_available, render_table
-from voicepool.demo.services import Endpoints, spawn_services
+from voicepool.demo.services import Endpoints, raise_fd_limit, spawn_services
 from voicepool.errors import VoicepoolError
 
 __all__ = ["EXHAUSTED_POOL", "bundled_config", "demo_settings", "run"]
 
 EXHAUSTED_POOL = "tts"
+_EXHAUST_WINDOW = 0.5  # seconds: the alarm window of the shrunk pool (default 60 s)
 _SIP_ACCOUNTS = 4  # calls that register per call; the pool holds 1 more (pjsua2: 8 a process)
 
 
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"voicepool demo: {problem}", file=sys.stderr)
         return 2
     console = Console(sys.stderr if args.json else sys.stdout)
+    raise_fd_limit()
     with _logging(console, verbose=args.verbose):
         try:
             report = asyncio.run(_demo(args, console))
@@ -106,8 +108,8 @@ def _logging(console: Console, *, verbose: bool) -> Iterator[None]:
 
 
 def bundled_config() -> Path:
-    """Path of the demo's bundled TOML (package data ``voicepool/data/demo.toml``)."""
-    return Path(str(resources.files("voicepool") / "data" / "demo.toml"))
+    """Path of the demo's bundled TOML (package data ``voicepool/demo/demo.toml``)."""
+    return Path(str(resources.files("voicepool.demo") / "demo.toml"))
 
 
 def demo_settings(
@@ -137,7 +139,7 @@ def demo_settings(
         # One socket and a quarter of the calls' contexts: calls queue for the voice. A short
         # alarm window so the p95 alarm is evaluated within the run.
         pools[EXHAUSTED_POOL].update(
-            min_size=1, max_size=1, max_streams=max(1, calls // 4), alarm_window=0.5
+            min_size=1, max_size=1, max_streams=max(1, calls // 4), alarm_window=_EXHAUST_WINDOW
         )
     settings = VoicePoolSettings(
         config=bundled_config(), _env_file=None, defaults={"concurrency": calls}, pools=pools
@@ -248,6 +250,10 @@ async def _demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 sim = CallSimulation(manager, services, adapters, options, lazy=lazy)
                 per_call = await _with_progress(sim, Mode.PER_CALL, console)
                 pooled = await _with_progress(sim, Mode.POOLED, console)
+                if args.exhaust:
+                    # The p95 alarm is judged when its window closes: let the last one close
+                    # before the pools do, so the run's waits are judged too.
+                    await asyncio.sleep(_EXHAUST_WINDOW + 0.1)
             telemetry = _telemetry_summary(printer)
     extra: dict[str, Any] = {
         "version": __version__,
@@ -326,15 +332,19 @@ async def _with_progress(sim: CallSimulation, mode: Mode, console: Console) -> R
     o = sim.options
     task = asyncio.create_task(sim.run(mode))
     width = 24
+    shown = ""
     while not task.done():
         result = sim.result
         if result is not None and result.mode is mode:
             done = result.completed + result.failed
             filled = round(width * result.turns_done / max(1, o.calls * o.turns))
-            console.status(
+            text = (
                 f"{label:<20} [{'#' * filled}{'.' * (width - filled)}] {done}/{o.calls} calls,"
                 f" {result.turns_done}/{o.calls * o.turns} turns, {result.failed} failed"
             )
+            if text != shown:
+                console.status(text)
+                shown = text
         await asyncio.wait({task}, timeout=0.1)
     result = task.result()
     console.clear_status()

@@ -127,7 +127,10 @@ def summarize(target: Target, samples: list[Sample], error: str | None) -> dict[
         },
         "notes": notes,
         "samples_ms": [
-            {"steps": {k: _ms(v) for k, v in s.steps.items()}, "warm": _ms(s.warm or 0.0)}
+            {
+                "steps": {k: _ms(v) for k, v in s.steps.items()},
+                "warm": None if s.warm is None else _ms(s.warm),
+            }
             for s in samples
         ],
         "error": error,

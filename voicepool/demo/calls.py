@@ -105,7 +105,7 @@ class CallSimulation:
     """Runs calls against a started :class:`~voicepool.PoolManager`'s services.
 
     ``services`` names the pools to use (a subset of :data:`SERVICES`; a skipped service is simply
-    absent). ``per_call_adapters`` builds, per service, the adapter a PER_CALL run connects with
+    absent). ``per_call_adapters`` maps each service to the adapter a PER_CALL run connects with
     (the same options as the pool's; REST without its boot warm-up, as a fresh client would be);
     ``lazy`` names those whose ``connect()`` does no I/O (the socket opens inside the first
     request), so no handshake time is recorded for them.
@@ -133,8 +133,9 @@ class CallSimulation:
     async def run(self, mode: Mode) -> RunResult:
         """Run ``options.calls`` calls at once (arriving ``arrival`` apart); return the samples.
 
-        A failing call is counted (``failed``, ``errors`` by exception type) and does not stop
-        the others. Cancelling the run cancels its calls; their connections are closed.
+        A failing call is counted (``failed``; ``errors`` by exception type and message) and does
+        not stop the others. Cancelling the run cancels its calls; their leases are released and
+        their own connections closed (hang-up runs on the way out).
         """
         o = self.options
         result = RunResult(mode, o.calls, o.turns, {s: ServiceSamples() for s in self.services})

@@ -44,7 +44,7 @@ from voicepool.testing.tls import test_certificates
 from voicepool.testing.tts import ElevenLabsEmulator
 from voicepool.testing.udp_delay import UdpDelayRelay
 
-__all__ = ["DEMO_KEY", "Endpoints", "ServiceStack", "spawn_services"]
+__all__ = ["DEMO_KEY", "Endpoints", "ServiceStack", "raise_fd_limit", "spawn_services"]
 
 DEMO_KEY = "demo-key-not-a-secret"
 """The only API key the emulators accept: credentials travel the real path (headers, digest)."""
@@ -242,6 +242,23 @@ async def _serve(rtt: float, api_key: str) -> None:
             transport.close()
 
 
+def raise_fd_limit(wanted: int = 8192) -> None:
+    """Raise this process's soft open-files limit toward ``wanted`` (up to the hard limit).
+
+    A demo with many calls holds thousands of sockets (each proxied connection is three here),
+    more than a default soft limit of 1024. Never raises; a no-op where ``resource`` is missing.
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="voicepool demo services (child process)")
     parser.add_argument("--rtt", type=float, default=0.040, help="round trip, seconds")
@@ -250,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl-C reaches the whole process group: the parent stops this child by closing stdin, and
     # a traceback from here would only clutter the terminal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise_fd_limit()
     asyncio.run(_serve(args.rtt, args.api_key))
 
 
