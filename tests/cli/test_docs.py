@@ -76,7 +76,8 @@ def test_python_examples_parse() -> None:
 def test_embedding_example_is_about_twenty_lines() -> None:
     example = re.findall(r"```python\n(.*?)```", _section("Embedding voicepool in a worker"), re.S)
     assert len(example) == 1
-    assert 15 <= len(example[0].strip().splitlines()) <= 25
+    lines = [line for line in example[0].splitlines() if line.strip()]
+    assert 15 <= len(lines) <= 24, len(lines)
 
 
 def test_docgen_check_command_reports_stale_blocks(tmp_path: Path) -> None:
