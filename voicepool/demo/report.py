@@ -249,14 +249,15 @@ def write_chart(report: Mapping[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")  # files only: never open a window
     import matplotlib.pyplot as plt
 
-    names = [n for n, s in report["services"].items() if s["status"] == "ok"]
+    ran = {n: s for n, s in report["services"].items() if s["status"] == "ok"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     width = 0.38
-    xs = list(range(len(names)))
     for ax, key, title in (
         (axes[0], "first_turn_ms", "first turn of a call"),
         (axes[1], "later_turn_ms", "later turns"),
     ):
+        names = [n for n, s in ran.items() if s["pooled"][key]["n"]]  # sip has no later turns
+        xs = list(range(len(names)))
         per_call = [report["services"][n]["per_call"][key]["p50"] or 0.0 for n in names]
         pooled = [report["services"][n]["pooled"][key]["p50"] or 0.0 for n in names]
         ax.bar(
