@@ -216,7 +216,11 @@ class _Link:
             if item is _EOF:
                 pipe.eof_done = True
                 if dst.transport.can_write_eof() and not dst.transport.is_closing():
-                    dst.transport.write_eof()
+                    try:
+                        dst.transport.write_eof()
+                    except OSError:  # the peer reset while our FIN was queued: it is gone
+                        self.finish(rst=True)
+                        return
                 if self.up.eof_done and self.down.eof_done:
                     self.finish(rst=False)
                     return
