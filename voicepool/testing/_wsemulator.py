@@ -10,7 +10,7 @@ import contextlib
 import logging
 from collections import Counter
 from http import HTTPStatus
-from types import EllipsisType, TracebackType
+from types import EllipsisType
 from typing import Any, ClassVar, Self
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from voicepool.testing._service import LocalService
 from voicepool.testing.tls import test_certificates
 
 __all__ = ["EmulatorSession", "WebSocketEmulator"]
@@ -99,7 +100,7 @@ class EmulatorSession:
             self._idle = None
 
 
-class WebSocketEmulator:
+class WebSocketEmulator(LocalService):
     """Base of the provider emulators: ``async with Emulator(...) as server: server.url``.
 
     ``tls``: serve wss:// with the trustme certificate (clients trust ``server.ca_file``).
@@ -184,17 +185,6 @@ class WebSocketEmulator:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
-
-    async def __aenter__(self) -> Self:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     @property
     def port(self) -> int:

@@ -38,8 +38,9 @@ import socket
 import struct
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Final, cast
+
+from voicepool.testing._service import LocalService
 
 __all__ = ["FaultProxy", "ProxyConnection"]
 
@@ -340,7 +341,7 @@ class ProxyConnection:
         return f"<ProxyConnection #{self.id} {state} black_holed={self._link.black_holed}>"
 
 
-class FaultProxy:
+class FaultProxy(LocalService):
     """A TCP proxy from ``listen_host:listen_port`` (port 0: any free port) to a target.
 
     ``latency`` sets both one-way delays; ``up_latency`` (client to target) and ``down_latency``
@@ -431,17 +432,6 @@ class FaultProxy:
             transport.abort()  # a connect that completed while it was being cancelled
         await server.wait_closed()
         await self._wait_transports_gone(5.0)
-
-    async def __aenter__(self) -> FaultProxy:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     @property
     def host(self) -> str:

@@ -31,8 +31,9 @@ import signal
 import socket
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import NamedTuple
+
+from voicepool.testing._service import LocalService
 
 __all__ = [
     "Kamailio",
@@ -124,7 +125,7 @@ def free_sip_port(host: str = "127.0.0.1") -> int:
     raise OSError(f"no port free for both UDP and TCP on {host}")
 
 
-class Kamailio:
+class Kamailio(LocalService):
     """One Kamailio registrar with a generated configuration (see the module docstring).
 
     ``password`` / ``realm``: the digest credentials every user must present. ``min_expires``,
@@ -383,17 +384,6 @@ request_route {{
         """Stop, then start again on the same port (the location table starts empty)."""
         await self.stop()
         await self.start()
-
-    async def __aenter__(self) -> Kamailio:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- inspection ------------------------------------------------------------------------------
 

@@ -32,7 +32,6 @@ import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
-from types import TracebackType
 from typing import Any
 
 import h2.config
@@ -43,6 +42,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from voicepool.testing._service import LocalService
 from voicepool.testing.rest import Http1Connection, HttpRequest, HttpResponse, _finish
 from voicepool.testing.tls import test_certificates
 
@@ -275,7 +275,7 @@ class _H2Server:
                 self.flush()
 
 
-class LlmEmulator:
+class LlmEmulator(LocalService):
     """An OpenAI-compatible streaming LLM on 127.0.0.1 (see the module docstring)."""
 
     def __init__(
@@ -354,14 +354,6 @@ class LlmEmulator:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-
-    async def __aenter__(self) -> LlmEmulator:
-        return await self.start()
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     # -- faults and observation -----------------------------------------------------------------
 

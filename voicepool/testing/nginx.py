@@ -29,7 +29,8 @@ import signal
 import socket
 import tempfile
 from pathlib import Path
-from types import TracebackType
+
+from voicepool.testing._service import LocalService
 
 __all__ = [
     "Nginx",
@@ -95,7 +96,7 @@ def listen_addresses(http_block: str) -> list[tuple[str, int]]:
     return addrs
 
 
-class Nginx:
+class Nginx(LocalService):
     """One nginx master (plus ``worker_processes`` workers) with a generated configuration.
 
     ``workdir``: the prefix directory (kept); by default a temporary one, removed on exit.
@@ -282,17 +283,6 @@ class Nginx:
                 await proc.wait()
         else:
             await proc.wait()
-
-    async def __aenter__(self) -> Nginx:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"<Nginx pid={self.pid} ports={self.ports} workdir={str(self.workdir)!r}>"

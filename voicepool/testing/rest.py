@@ -24,9 +24,10 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from voicepool.testing._service import LocalService
 
 __all__ = ["Http1Connection", "HttpRequest", "HttpResponse", "RestEmulator"]
 
@@ -226,7 +227,7 @@ class Http1Connection:
                 await aclose()
 
 
-class RestEmulator:
+class RestEmulator(LocalService):
     """A CRM / calendar / tool JSON API over HTTP/1.1 keep-alive on 127.0.0.1.
 
     Endpoints: ``GET /health``; ``GET /v1/contacts[?phone=]``, ``GET /v1/contacts/{id}``,
@@ -288,14 +289,6 @@ class RestEmulator:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-
-    async def __aenter__(self) -> RestEmulator:
-        return await self.start()
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     def close_idle(self) -> int:
         """Close every keep-alive connection that is between requests; returns how many."""

@@ -37,8 +37,9 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import cast
+
+from voicepool.testing._service import LocalService
 
 __all__ = [
     "Binding",
@@ -404,7 +405,7 @@ def _int(value: str | None, default: int) -> int:
     return int(value) if value is not None and value.strip().isdigit() else default
 
 
-class SipRegistrar:
+class SipRegistrar(LocalService):
     """The asyncio driver of :class:`RegistrarCore`: UDP and TCP on one port of ``host``.
 
     Keyword options are the core's (see :class:`RegistrarCore`). Attributes proxy to the core
@@ -527,17 +528,6 @@ class SipRegistrar:
             with contextlib.suppress(OSError, ConnectionError):
                 await writer.wait_closed()
         self._writers.clear()
-
-    async def __aenter__(self) -> SipRegistrar:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)

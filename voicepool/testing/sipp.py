@@ -30,8 +30,8 @@ import socket
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 
+from voicepool.testing._service import LocalService
 from voicepool.testing.kamailio import free_sip_port, port_bound
 
 __all__ = ["SCENARIOS", "Sipp", "SippError", "sipp_available", "sipp_binary"]
@@ -151,7 +151,7 @@ def sipp_available() -> bool:
     return sipp_binary() is not None
 
 
-class Sipp:
+class Sipp(LocalService):
     """One SIPp server process running ``scenario`` on ``transport`` ("udp" or "tcp")."""
 
     def __init__(
@@ -304,17 +304,6 @@ class Sipp:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    async def __aenter__(self) -> Sipp:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _read_log(self) -> str:
         with contextlib.suppress(OSError):

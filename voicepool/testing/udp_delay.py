@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from types import TracebackType
 from typing import cast
+
+from voicepool.testing._service import LocalService
 
 __all__ = ["UdpDelayRelay"]
 
 _Addr = tuple[str, int]
 
 
-class UdpDelayRelay:
+class UdpDelayRelay(LocalService):
     """Relay datagrams between clients and ``upstream`` with ``delay`` seconds each way."""
 
     def __init__(
@@ -81,17 +82,6 @@ class UdpDelayRelay:
             self._front.close()
             self._front = None
         await asyncio.sleep(0)  # let the transports' close callbacks run
-
-    async def __aenter__(self) -> UdpDelayRelay:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- forwarding ------------------------------------------------------------------------------
 
