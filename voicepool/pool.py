@@ -116,6 +116,7 @@ class Pool(Generic[C]):
         self._timer_at = math.inf
         self._opening = 0
         self._next_id = 0
+        self._generation = 0  # bumped by expire_all(): connects started before it retire
 
         self._lifecycle = PoolState.NEW
         self._reported_state = PoolState.NEW
@@ -286,6 +287,19 @@ class Pool(Generic[C]):
             wait_p95_ms=self._window.current(self._n_acquired) * 1000.0,
             last_error=None if self._last_error is None else str(self._last_error),
         )
+
+    def expire_all(self) -> None:
+        """Retire every current connection as soon as it is idle, and any connect in flight.
+
+        For credential rotation or an endpoint change: leases in use are never interrupted (a
+        connection is closed at its release; a multiplexed one drains), idle ones are replaced
+        at the next health pass, and replacements connect with the adapter's current settings.
+        Synchronous, never raises.
+        """
+        self._generation += 1
+        for rec in self._conns.values():
+            rec.expires = -math.inf
+        self._poke()
 
     def _maintain(self, now: float | None = None) -> float:
         """Run one health pass (tests drive it with a fake clock); returns the next due time."""

@@ -562,3 +562,23 @@ async def test_alarm_fires_and_recovers(caplog: pytest.LogCaptureFixture) -> Non
     assert any("p95 50.0 ms is above 5.0 ms" in m for m in messages)
     assert any("back to" in m for m in messages)
     await pool.aclose()
+
+
+async def test_expire_all_rotates_without_interrupting_leases() -> None:
+    adapter = NoResetAdapter(connect_delay=0.01)
+    pool = Pool(adapter, settings(min_size=3, max_size=4), name="rotate")
+    await pool.start()
+    old = set(adapter.open_conns)
+    async with pool.acquire() as lease:
+        held = lease.conn
+        pool._spawn_connect()  # a connect in flight when the credentials rotate
+        pool.expire_all()
+        await wait_for(lambda: all(c.closed for c in old if c is not held))
+        assert not held.closed  # the lease is never interrupted
+    await wait_for(lambda: held.closed)
+    await wait_for(lambda: len(adapter.open_conns) == 3)
+    # Every connection open now was connected after the rotation.
+    assert not old & set(adapter.open_conns)
+    in_flight = next(c for c in adapter.conns if c.id == 4)  # opened under the old credentials
+    await wait_for(lambda: in_flight.closed)
+    await pool.aclose()

@@ -71,7 +71,7 @@ def spawn_connect(pool: Pool[Any]) -> None:
     started = [False]
     # The current context: a connect started for a waiting caller is part of its trace (it
     # shows why the call waited); one started by the health task has that task's empty one.
-    task = asyncio.get_running_loop().create_task(open_one(pool, started))
+    task = asyncio.get_running_loop().create_task(open_one(pool, started, pool._generation))
     pool._work.add(task)
 
     def done(task: asyncio.Task[None]) -> None:
@@ -83,11 +83,15 @@ def spawn_connect(pool: Pool[Any]) -> None:
     task.add_done_callback(done)
 
 
-async def open_one(pool: Pool[Any], started: list[bool] | None = None) -> None:
+async def open_one(
+    pool: Pool[Any], started: list[bool] | None = None, generation: int | None = None
+) -> None:
     """Open one connection into a slot already counted in ``_opening`` (which it frees)."""
     if started is not None:
         started[0] = True
     token = [obs.connect_started(pool) for obs in pool._observers]
+    if generation is None:
+        generation = pool._generation
     t0 = pool._clock()
     try:
         async with asyncio.timeout(pool.settings.connect_timeout):
@@ -121,6 +125,8 @@ async def open_one(pool: Pool[Any], started: list[bool] | None = None) -> None:
         return
     pool._n_connects += 1
     rec = new_record(pool, conn)
+    if generation != pool._generation:
+        rec.expires = -math.inf  # started before expire_all(): old credentials; serve, then retire
     connect_succeeded(pool)
     log.debug(
         "pool %s: connection #%d open in %.1f ms",
