@@ -34,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConnectError
 
+from ._http import check_base_url, header_name  # noqa: TID251
+
 __all__ = ["RestAdapter", "RestConnection", "RestOptions"]
 
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
@@ -69,20 +71,12 @@ class RestOptions(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ValueError("must be an absolute http(s):// URL with a host")
-        if parts.username or parts.password:
-            raise ValueError("must not carry credentials; use api_key")
-        if parts.query or parts.fragment:
-            raise ValueError("must not have a query or fragment")
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-        return value.rstrip("/")
+        return check_base_url(value).rstrip("/")
 
     @field_validator("api_key_header")
     @classmethod
     def _lower(cls, value: str) -> str:
-        return value.strip().lower()
+        return header_name(value)
 
 
 class _CachingResolver(AbstractResolver):

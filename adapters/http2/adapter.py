@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConnectError
 
+from .._http import check_base_url, header_name  # noqa: TID251, TID252
 from .connection import H2Connection  # noqa: TID251
 from .stream import ConnectionClosed, H2Error, Origin  # noqa: TID251
 
@@ -69,15 +70,7 @@ class Http2Options(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ValueError("must be an absolute https:// (or http://) URL with a host")
-        if parts.username or parts.password:
-            raise ValueError("must not carry credentials; use api_key")
-        if parts.query or parts.fragment:
-            raise ValueError("must not have a query or fragment")
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-        return value
+        return check_base_url(value)
 
     @field_validator("headers")
     @classmethod
@@ -92,7 +85,7 @@ class Http2Options(BaseModel):
     @field_validator("api_key_header")
     @classmethod
     def _lower(cls, value: str) -> str:
-        return value.strip().lower()
+        return header_name(value)
 
 
 class Http2Adapter(Adapter[H2Connection]):
