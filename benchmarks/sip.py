@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
@@ -34,9 +35,12 @@ from pydantic import SecretStr
 from voicepool import Pool, PoolSettings
 from voicepool.adapters.sip import SipAdapter, SipEngine, SipOptions, SipRegistration
 from voicepool.testing.faultproxy import FaultProxy
-from voicepool.testing.kamailio import Kamailio, kamailio_available
 from voicepool.testing.sip_registrar import SipRegistrar
 from voicepool.testing.udp_delay import UdpDelayRelay
+
+# The Kamailio runner is a repo-only test peer (tests/peers, not shipped): run from a checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.peers.kamailio import Kamailio, kamailio_available
 
 SETTINGS = PoolSettings(min_size=1, max_size=1, ping_interval=300, ping_timeout=5)
 

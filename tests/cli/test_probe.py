@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 
 from tests.cli.conftest import KEY, RTT, SIP_PASSWORD, Services, assert_clean, run_cli
+from tests.peers.nginx import Nginx, free_port, nginx_available
 from voicepool.cli import main
 from voicepool.cli._probes import parse_target
 from voicepool.testing.llm import LlmEmulator
-from voicepool.testing.nginx import Nginx, free_port, nginx_available
 from voicepool.testing.tls import test_certificates
 
 RTT_MS = RTT * 1e3

@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from tests.http2.conftest import MakePool, eventually, settings
+from tests.peers.nginx import Nginx, free_port, nginx_available
 from voicepool.adapters.http2 import PooledTransport
 from voicepool.testing.llm import LlmEmulator
-from voicepool.testing.nginx import Nginx, free_port, nginx_available
 from voicepool.testing.tls import test_certificates
 
 pytestmark = [

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from tests.peers.kamailio import Kamailio, kamailio_available
 from voicepool import PoolSettings
 from voicepool.adapters.sip import SipAdapter, SipEngine, SipOptions, configure_engine
-from voicepool.testing.kamailio import Kamailio, kamailio_available
 from voicepool.testing.sip_registrar import SipRegistrar
 
 KamailioFactory = Callable[..., Awaitable[Kamailio]]

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from tests.peers.sipp import Sipp, sipp_available
 from tests.sip.conftest import eventually, fast, sip_adapter
 from voicepool import Pool
 from voicepool.adapters.sip import OwnerContext, SipRegistration
 from voicepool.testing.sip_registrar import SipRegistrar
-from voicepool.testing.sipp import Sipp, sipp_available
 
 pj: Any = pytest.importorskip("pjsua2", reason="pjsua2 (voicepool[sip]) is not installed")
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from tests.peers.kamailio import Kamailio
 from tests.sip.conftest import FAST, KamailioFactory, eventually, fast, sip_adapter
 from voicepool import ConnectError, Pool, PoolState, PoolUnavailable
 from voicepool.adapters.sip import SipRegistration
-from voicepool.testing.kamailio import Kamailio
 
 pytest.importorskip("pjsua2", reason="pjsua2 (voicepool[sip]) is not installed")
 

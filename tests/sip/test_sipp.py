@@ -15,10 +15,10 @@ from collections import Counter
 import pytest
 from pydantic import SecretStr
 
+from tests.peers.sipp import Sipp, sipp_available
 from tests.sip.conftest import fast, sip_adapter
 from voicepool import ConnectError, Pool, PoolState, PoolUnavailable
 from voicepool.adapters.sip import SipRegistration
-from voicepool.testing.sipp import Sipp, sipp_available
 
 pytest.importorskip("pjsua2", reason="pjsua2 (voicepool[sip]) is not installed")
 

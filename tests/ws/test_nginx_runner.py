@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from voicepool.testing.nginx import Nginx, NginxError, free_port, listen_addresses, nginx_available
+from tests.peers.nginx import Nginx, NginxError, free_port, listen_addresses, nginx_available
 
 pytestmark = [
     pytest.mark.needs_bin,

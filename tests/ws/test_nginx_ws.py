@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.peers.nginx import Nginx, free_port, nginx_available
 from voicepool import Pool
 from voicepool.adapters.deepgram import DeepgramAdapter
 from voicepool.testing import test_certificates
 from voicepool.testing.asr import DeepgramEmulator
-from voicepool.testing.nginx import Nginx, free_port, nginx_available
 
 from ._util import API_KEY, eventually, settings
 

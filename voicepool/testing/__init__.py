@@ -6,12 +6,9 @@ TLS certificates come from :mod:`voicepool.testing.tls` (``trustme``).
 
 from voicepool.testing.asr import DeepgramEmulator
 from voicepool.testing.faultproxy import FaultProxy, ProxyConnection
-from voicepool.testing.kamailio import Kamailio, kamailio_available
 from voicepool.testing.llm import LlmEmulator
-from voicepool.testing.nginx import Nginx, free_port, nginx_available
 from voicepool.testing.rest import RestEmulator
 from voicepool.testing.sip_registrar import RegistrarMode, SipRegistrar
-from voicepool.testing.sipp import Sipp, sipp_available
 from voicepool.testing.tls import TestCertificates, test_certificates
 from voicepool.testing.tts import CartesiaEmulator, ElevenLabsEmulator
 from voicepool.testing.udp_delay import UdpDelayRelay
@@ -21,19 +18,12 @@ __all__ = [
     "DeepgramEmulator",
     "ElevenLabsEmulator",
     "FaultProxy",
-    "Kamailio",
     "LlmEmulator",
-    "Nginx",
     "ProxyConnection",
     "RegistrarMode",
     "RestEmulator",
     "SipRegistrar",
-    "Sipp",
     "TestCertificates",
     "UdpDelayRelay",
-    "free_port",
-    "kamailio_available",
-    "nginx_available",
-    "sipp_available",
     "test_certificates",
 ]

@@ -31,8 +31,8 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
+from tests.peers.kamailio import free_sip_port, port_bound
 from voicepool.testing._service import LocalService
-from voicepool.testing.kamailio import free_sip_port, port_bound
 
 __all__ = ["SCENARIOS", "Sipp", "SippError", "sipp_available", "sipp_binary"]
 
