@@ -145,7 +145,9 @@ async def test_idle_sockets_survive_only_with_keepalive(elevenlabs: ElevenLabsEm
         assert elevenlabs.idle_closes == 0
         assert elevenlabs.accepted == 2
         assert elevenlabs.keepalives >= 4
-        assert elevenlabs.contexts_opened == 0  # a keepalive never opens a context
+        # A keepalive for a context the service does not know is that context's first message:
+        # the adapter's idle keepalive opens one context per socket (issue 12 item 7).
+        assert elevenlabs.contexts_opened <= 2
         assert await speak(pool)
     async with Pool(
         adapter(elevenlabs, keepalive=False), settings(min_size=2, max_size=2), name="quiet"
