@@ -186,7 +186,7 @@ class ModelApi:
         tool = _tool_name(body, last_input.get("type") == "function_call_output")
         usage = {
             "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": count,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + count,
