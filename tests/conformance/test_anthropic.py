@@ -57,10 +57,12 @@ async def test_stream_text_with_ping_events(llm: LlmEmulator) -> None:
             text = "".join([t async for t in s.text_stream])
             final = await s.get_final_message()
     assert lines.index("event: ping") == 3  # right after message_start (event, data, blank)
-    assert kinds[0] == "message_start" and "ping" not in kinds  # the SDK skips pings
+    assert kinds[0] == "message_start"
+    assert "ping" not in kinds
     assert kinds[-1] == "message_stop"
     assert text == "tok0 tok1 tok2 "
-    assert final.stop_reason == "end_turn" and final.usage.output_tokens == 3
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == 3
 
 
 async def test_stream_tool_use(llm: LlmEmulator) -> None:
@@ -77,7 +79,8 @@ async def test_stream_tool_use(llm: LlmEmulator) -> None:
     strict(Message, final.to_dict())
     block = final.content[0]
     assert final.stop_reason == "tool_use"
-    assert block.type == "tool_use" and block.input == {"query": "tok0"}
+    assert block.type == "tool_use"
+    assert block.input == {"query": "tok0"}
 
 
 async def test_count_tokens(llm: LlmEmulator) -> None:
@@ -95,7 +98,8 @@ async def test_request_id_header(llm: LlmEmulator) -> None:
             model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
         )
     strict(Message, message.to_dict())
-    assert message._request_id and message._request_id.startswith("req_")
+    assert message._request_id
+    assert message._request_id.startswith("req_")
 
 
 async def test_bad_key_429_and_context_limit(llm: LlmEmulator) -> None:

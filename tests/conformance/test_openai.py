@@ -53,7 +53,9 @@ async def test_chat_stream_with_usage_chunk(llm: LlmEmulator) -> None:
     assert text == "tok0 tok1 tok2 tok3 "
     assert chunks[-2].choices[0].finish_reason == "stop"
     usage = chunks[-1].usage
-    assert chunks[-1].choices == [] and usage is not None and usage.completion_tokens == 4
+    assert chunks[-1].choices == []
+    assert usage is not None
+    assert usage.completion_tokens == 4
 
 
 async def test_chat_stream_with_tools_calls_the_tool_then_answers(llm: LlmEmulator) -> None:
@@ -64,7 +66,8 @@ async def test_chat_stream_with_tools_calls_the_tool_then_answers(llm: LlmEmulat
         )
         chunks = [strict(ChatCompletionChunk, c.to_dict()) async for c in stream]
         calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
-        assert calls[0].function and calls[0].function.name == "lookup_order"
+        assert calls[0].function
+        assert calls[0].function.name == "lookup_order"
         arguments = "".join((tc.function.arguments or "") for tc in calls if tc.function)
         assert arguments == '{"query": "tok0"}'
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
@@ -123,7 +126,8 @@ async def test_request_id_and_rate_limit_headers(llm: LlmEmulator) -> None:
         raw = await oa.chat.completions.with_raw_response.create(
             model="m", messages=[{"role": "user", "content": "hi"}]
         )
-    assert raw.request_id and raw.request_id.startswith("req_")
+    assert raw.request_id
+    assert raw.request_id.startswith("req_")
     assert int(raw.headers["x-ratelimit-remaining-requests"]) < int(
         raw.headers["x-ratelimit-limit-requests"]
     )
