@@ -67,8 +67,18 @@ USER_PROGRAM = textwrap.dedent(
 def test_wheel_without_extras_in_a_fresh_venv(tmp_path: Path) -> None:
     wheel_dir = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(wheel_dir), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(ROOT),
+        ],
         check=True,
     )
     wheel = next(wheel_dir.glob("voicepool-*.whl"))
