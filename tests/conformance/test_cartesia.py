@@ -96,3 +96,34 @@ async def test_bad_key_unserved_version_and_concurrency_429() -> None:
             assert isinstance(error, Error)
             assert error.status_code == 429
             await a.cancel()
+
+
+async def test_sdk_bearer_auth_is_accepted() -> None:
+    """Issue 13 item 1: the 4.x SDK sends only ``Authorization: Bearer <key>``."""
+    async with (
+        CartesiaEmulator(tls=True, api_key=KEY) as server,
+        client(server).tts.websocket_connect(websocket_connection_options=options()) as conn,
+    ):
+        conn._dispatch_listener()
+        ctx = conn.context(model_id="sonic-3", voice=VOICE, output_format=FORMAT)
+        await ctx.push("Hi.")
+        await ctx.no_more_inputs()
+        assert isinstance([check(r) async for r in ctx.receive()][-1], Done)
+    assert server.accepted == 1
+
+
+async def test_adapter_sends_the_version_the_sdk_sends() -> None:
+    """Issue 13 item 15: an emulator serving only the SDK's default version accepts the
+    adapter, so a drift between the two fails here."""
+    from voicepool import Pool
+    from voicepool.adapters.cartesia import CartesiaAdapter
+
+    sdk_version = AsyncCartesia(api_key=KEY).default_headers["cartesia-version"]
+    assert sdk_version == API_VERSION
+    async with CartesiaEmulator(tls=True, api_key=KEY, versions=[sdk_version]) as server:
+        adapter = CartesiaAdapter(url=server.url, api_key=KEY, ca_file=server.ca_file)
+        async with Pool(adapter, name="tts") as pool, pool.acquire() as lease:
+            ctx = lease.conn.context(lease.stream_id)  # type: ignore[attr-defined]
+            audio = b"".join([chunk async for chunk in ctx.synthesize("Hello.")])
+        assert audio == synthesize("Hello.", server.bytes_per_char)
+        assert set(server.versions_seen) == {sdk_version}  # (the pool warms several sockets)
