@@ -4,10 +4,13 @@ control endpoint sets a fault, and SIGTERM / SIGINT by PID stop it with exit sta
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -80,3 +83,25 @@ def test_emulate_process_serves_an_sdk_and_stops_on_a_signal(sig: int) -> None:
 def test_emulate_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["emulate", "llm", "--rtt", "-1"]) == 2
     assert "--rtt" in capsys.readouterr().err
+
+
+def test_the_readme_test_suite_runs(tmp_path: Path) -> None:
+    """The README's example suite (conftest.py + test_bot.py), run as a user would."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Testing your bot against the emulators", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        name = block.splitlines()[0].removeprefix("# ").strip()
+        (tmp_path / name).write_text(block, encoding="utf-8")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout

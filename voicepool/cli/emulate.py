@@ -13,7 +13,7 @@ seconds), ``--429 N`` (the next N handshakes or API requests get HTTP 429). The 
 set while running on the control endpoint (127.0.0.1 only)::
 
     GET  /                              endpoints and counters (JSON)
-    POST /<service>/refuse?on=1         POST /<service>/429?count=N
+    POST /<service>/refuse?on=1         POST /<service>/429?count=N&retry_after=S
     POST /<service>/drop-after?seconds=S (0: off)   POST /<service>/reset (RST every connection)
 
 SIGINT (Ctrl-C) and SIGTERM stop it cleanly: proxies first, then the emulators; exit status 0.
@@ -70,9 +70,9 @@ class Emulated:
         ca = str(test_certificates().ca_path) if self.tls else None
         return Endpoint(self.service, url, key, ca)
 
-    def reject(self, count: int) -> None:
+    def reject(self, count: int, retry_after: float = 1.0) -> None:
         if self.service == "llm":
-            self.emulator.fail_next(429, count=count, retry_after=1.0)
+            self.emulator.fail_next(429, count=count, retry_after=retry_after)
         else:
             self.emulator.reject_next(429, count)
 
@@ -120,7 +120,7 @@ async def _control(services: dict[str, Emulated], key: str, req: HttpRequest) ->
         if action == "refuse":
             target.proxy.refuse(query.get("on", "1") not in ("0", "false"))
         elif action == "429":
-            target.reject(int(query.get("count", "1")))
+            target.reject(int(query.get("count", "1")), float(query.get("retry_after", "1")))
         elif action == "drop-after":
             seconds = float(query.get("seconds", "0"))
             target.proxy.kill_idle(seconds if seconds > 0 else None)

@@ -12,8 +12,9 @@ Each behaviour follows docs/providers.md (which names the source of every fact):
   Nova-3 get ``ConfigureFailure`` ``CONFIGURE_KEYTERMS_NOT_SUPPORTED``), ``CloseStream`` (final
   results, a ``Metadata`` message, close 1000). Invalid JSON closes with 1008 ``DATA-0000``; an
   unknown type gets an ``Error`` (``variant: SchemaError``).
-* ``vad_events=true``: ``SpeechStarted`` when speech follows silence. ``utterance_end_ms=N``:
-  ``UtteranceEnd`` once N ms of audio without a word follow the last word.
+* ``vad_events=true``: ``SpeechStarted`` when speech follows silence. ``utterance_end_ms=N``
+  (with ``interim_results=true``): ``UtteranceEnd`` once N ms of audio without a word follow
+  the last word.
 * No audio and no text keepalive for ``idle_timeout`` (Deepgram: about 10 s) closes the socket
   with 1011 ``NET-0001``. WebSocket pings do not count.
 
@@ -55,7 +56,8 @@ class _Stream:
         self.interim = q.get("interim_results", "false").lower() == "true"
         self.vad_events = q.get("vad_events", "false").lower() == "true"
         ms = q.get("utterance_end_ms", "")
-        self.utterance_end = int(ms) / 1000 if ms.isdigit() else None
+        # UtteranceEnd works from interim results: Deepgram requires interim_results=true.
+        self.utterance_end = int(ms) / 1000 if ms.isdigit() and self.interim else None
         self.model = q.get("model", "nova-3")
         self.words: list[dict[str, Any]] = []  # heard since the last final result
         self.speaking = False  # the last frame had words

@@ -56,7 +56,14 @@ from voicepool.testing._wsemulator import EmulatorSession, WebSocketEmulator
 
 __all__ = ["CARTESIA_VERSIONS", "CartesiaEmulator", "ElevenLabsEmulator"]
 
-CARTESIA_VERSIONS = ("2024-06-10", "2024-11-13", "2025-04-16", "2026-08-14")
+CARTESIA_VERSIONS = (
+    "2024-06-10",
+    "2024-11-13",
+    "2025-03-01",
+    "2025-04-16",
+    "2026-03-01",
+    "2026-08-14",
+)
 """``Cartesia-Version`` values the emulator serves (docs/providers.md); the last is what the
 cartesia 4.x SDK sends and what :class:`~voicepool.adapters.cartesia.CartesiaAdapter` uses."""
 
