@@ -149,8 +149,11 @@ class ElevenLabsEmulator(_TTSEmulator):
     max_contexts: ClassVar[int] = 5
     multi_context_unsupported: ClassVar[tuple[str, ...]] = ("eleven_v3",)
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, key_in_first_message: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        # False: a handshake without the xi-api-key header gets HTTP 401 (the service accepts
+        # it and expects the key in the first message; tests of handshake-time auth turn it off).
+        self.key_in_first_message = key_in_first_message
         self.keepalives = 0
         self.flushes = 0
         self.context_limit_closes = 0
@@ -174,8 +177,10 @@ class ElevenLabsEmulator(_TTSEmulator):
 
     def _check_key(self, headers: Headers, query: dict[str, str]) -> bool:
         # Without the header the key may come in the first message (checked in the session).
-        if self.api_key is None or headers.get(self.auth_header) is None:
+        if self.api_key is None:
             return True
+        if headers.get(self.auth_header) is None:
+            return self.key_in_first_message
         return headers.get(self.auth_header) == self.api_key
 
     def _first_message_key_ok(self, msg: dict[str, Any]) -> bool:
