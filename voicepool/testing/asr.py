@@ -168,13 +168,11 @@ class DeepgramEmulator(WebSocketEmulator):
         self.audio_bytes = 0
         self.results_sent = 0
 
-    def _check_key(self, headers: Headers, query: dict[str, str]) -> bool:
+    def offered_keys(self, headers: Headers, query: dict[str, str]) -> list[str]:
         # `Token <api key>`, or `Bearer <temporary token>` (the SDK's access_token); the
-        # emulator treats its one key as both.
-        return self.api_key is None or headers.get(self.auth_header) in (
-            f"Token {self.api_key}",
-            f"Bearer {self.api_key}",
-        )
+        # emulator treats a key as both.
+        scheme, _, key = headers.get(self.auth_header, "").partition(" ")
+        return [key] if scheme in ("Token", "Bearer") else []
 
     def route(self, path: str, query: dict[str, str], headers: Headers) -> int | None:
         if path != self.path:

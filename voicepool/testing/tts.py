@@ -175,19 +175,20 @@ class ElevenLabsEmulator(_TTSEmulator):
             return 403  # multi-context is not available for eleven_v3 (docs/providers.md)
         return None
 
+    def account_of(self, headers: Headers, query: dict[str, str]) -> str | None:
+        if headers.get(self.auth_header) is None and self.key_in_first_message:
+            return self.api_key  # counted under the main account until its first message
+        return super().account_of(headers, query)
+
     def _check_key(self, headers: Headers, query: dict[str, str]) -> bool:
         # Without the header the key may come in the first message (checked in the session).
-        if self.api_key is None:
-            return True
-        if headers.get(self.auth_header) is None:
+        if self.api_key is not None and headers.get(self.auth_header) is None:
             return self.key_in_first_message
-        return headers.get(self.auth_header) == self.api_key
+        return super()._check_key(headers, query)
 
     def _first_message_key_ok(self, msg: dict[str, Any]) -> bool:
-        return self.api_key is None or self.api_key in (
-            msg.get("xi_api_key"),
-            (msg.get("authorization") or "").removeprefix("Bearer "),
-        )
+        offered = {msg.get("xi_api_key"), (msg.get("authorization") or "").removeprefix("Bearer ")}
+        return self.api_key is None or bool(offered & self.api_keys)
 
     async def serve_session(self, session: EmulatorSession) -> None:
         url_timeout = float(session.query.get("inactivity_timeout", "20"))
@@ -375,13 +376,16 @@ class CartesiaEmulator(_TTSEmulator):
 
     @property
     def contexts_active(self) -> int:
-        return sum(
-            1
-            for s in self.sessions.values()
-            if s.state is not None
-            for c in s.state.values()
-            if not c.finished
-        )
+        """Active contexts now, every account."""
+        return sum(self._active(s) for s in self.sessions.values())
+
+    def contexts_active_for(self, account: str | None) -> int:
+        """Active contexts of one account (API key), across all its sockets."""
+        return sum(self._active(s) for s in self.sessions.values() if s.account == account)
+
+    @staticmethod
+    def _active(session: EmulatorSession) -> int:
+        return sum(1 for c in (session.state or {}).values() if not c.finished)
 
     def handshake_limit(self) -> int | None:
         return self.max_sockets
@@ -395,16 +399,11 @@ class CartesiaEmulator(_TTSEmulator):
         self.versions_seen[version] += 1
         return None
 
-    def _check_key(self, headers: Headers, query: dict[str, str]) -> bool:
-        if self.api_key is None:
-            return True
+    def offered_keys(self, headers: Headers, query: dict[str, str]) -> list[str]:
         bearer = headers.get("Authorization", "")
-        offered = (
-            headers.get(self.auth_header),
-            query.get("api_key"),
-            bearer.removeprefix("Bearer ") if bearer.startswith("Bearer ") else None,
-        )
-        return self.api_key in offered
+        offered = [headers.get(self.auth_header), query.get("api_key")]
+        offered.append(bearer.removeprefix("Bearer ") if bearer.startswith("Bearer ") else None)
+        return [k for k in offered if k]
 
     async def serve_session(self, session: EmulatorSession) -> None:
         contexts: dict[str, _CContext] = {}
@@ -450,7 +449,7 @@ class CartesiaEmulator(_TTSEmulator):
                 await self._error(session, cid, 400, f"invalid request: missing {missing}")
                 return
             limit = self.max_concurrency
-            if limit is not None and self.contexts_active >= limit:
+            if limit is not None and self.contexts_active_for(session.account) >= limit:
                 await self._error(session, cid, 429, f"concurrency limit ({limit}) reached")
                 return
             ctx = contexts[cid] = _CContext(cid)
