@@ -11,7 +11,7 @@ from cartesia import AsyncCartesia
 from cartesia.types import WebsocketResponse
 from cartesia.types.websocket_response import Chunk, Done, Error
 from pydantic import TypeAdapter
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from voicepool.adapters.cartesia import API_VERSION
 from voicepool.testing import CartesiaEmulator, test_certificates
@@ -127,3 +127,15 @@ async def test_adapter_sends_the_version_the_sdk_sends() -> None:
             audio = b"".join([chunk async for chunk in ctx.synthesize("Hello.")])
         assert audio == synthesize("Hello.", server.bytes_per_char)
         assert set(server.versions_seen) == {sdk_version}  # (the pool warms several sockets)
+
+
+async def test_idle_socket_is_closed() -> None:
+    async with (
+        CartesiaEmulator(tls=True, api_key=KEY, idle_timeout=0.3) as server,
+        client(server).tts.websocket_connect(websocket_connection_options=options()) as conn,
+    ):
+        with pytest.raises(ConnectionClosed) as closed:
+            await conn.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1000
+    assert server.idle_closes == 1

@@ -155,6 +155,19 @@ async def test_documented_errors() -> None:
         assert (idle.value.rcvd.code, idle.value.rcvd.reason) == (1008, "input_timeout_exceeded")
 
 
+async def test_sdk_reports_429_over_the_concurrency_limit(ca_env: str) -> None:
+    async with ElevenLabsEmulator(tls=True, api_key=KEY, max_concurrency=1) as server:
+        hdr = {"xi-api-key": KEY}
+        url = f"{server.url}/v1/text-to-speech/{VOICE}/multi-stream-input"
+        async with connect(url, ssl=test_certificates().client_context(), additional_headers=hdr):
+            el = ElevenLabs(api_key=KEY, base_url=server.url.replace("wss", "https"))
+            with pytest.raises(InvalidStatus) as over:
+                await asyncio.to_thread(
+                    lambda: list(el.text_to_speech.convert_realtime(VOICE, text=iter(["Hi. "])))
+                )
+    assert over.value.response.status_code == 429
+
+
 async def test_sdk_reports_a_bad_key(ca_env: str) -> None:
     async with ElevenLabsEmulator(tls=True, api_key=KEY) as server:
         el = ElevenLabs(api_key=BAD_KEY, base_url=server.url.replace("wss", "https"))
