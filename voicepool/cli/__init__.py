@@ -145,6 +145,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "emulate":
         from voicepool.cli import emulate
 
+        try:
+            import voicepool.testing  # noqa: F401  (the emulators need the testing extra)
+        except ModuleNotFoundError as exc:
+            return _missing_extra(exc)
         return emulate.run(args)
     if args.command == "check":
         from voicepool.cli import check

@@ -10,13 +10,20 @@
 
 Routes: ``GET /v1/models`` (free warm-up), ``POST /v1/chat/completions`` (``stream: true`` answers
 SSE ``chat.completion.chunk`` events, ``stream_options.include_usage`` adds a usage chunk, then
-``data: [DONE]``), ``POST /v1/messages`` (Anthropic-style SSE), ``POST /v1/echo`` (returns the
-body: flow-control tests), ``POST /v1/too-large`` (413 before the body, then RST_STREAM
-NO_ERROR). Per request, headers ``x-emulator-ttft`` and ``x-emulator-tokens``
-override the timing; ``x-emulator-head-delay`` holds the response head that many seconds.
-With ``api_key``, ``/v1`` needs ``Authorization: Bearer`` or ``x-api-key``.
+``data: [DONE]``), ``POST /v1/responses`` (OpenAI's Responses API, streamed or not),
+``POST /v1/messages`` (Anthropic Messages SSE, with ``ping`` events),
+``POST /v1/messages/count_tokens``, ``POST /v1/echo`` (returns the body: flow-control tests),
+``POST /v1/too-large`` (413 before the body, then RST_STREAM NO_ERROR). Requests that offer
+``tools`` get a tool call first, then text after the tool result. The bodies are built in
+:mod:`voicepool.testing._llm_api` (the shapes the official SDKs parse; docs/providers.md).
+Per request, headers ``x-emulator-ttft`` and ``x-emulator-tokens`` override the timing;
+``x-emulator-head-delay`` holds the response head that many seconds. With ``api_key``, ``/v1``
+needs ``Authorization: Bearer`` or ``x-api-key`` (else the provider's 401 body). Every ``/v1``
+answer carries the provider's request id and rate-limit headers (``rate_limit`` per minute); a
+request whose input exceeds ``context_window`` (estimated tokens) gets the provider's 400.
 
-Faults: :meth:`goaway` (any error code, graceful), :meth:`refuse_connections`,
+Faults: :meth:`fail_next` (429 / 5xx with ``retry-after``), :meth:`goaway` (any error code,
+graceful), :meth:`refuse_connections`,
 :meth:`refuse_streams` (RST_STREAM REFUSED_STREAM), pings closer than ``min_ping_interval`` get
 GOAWAY ENHANCE_YOUR_CALM (like gRPC's too_many_pings). ``tls=False`` serves cleartext: HTTP/1.1,
 or HTTP/2 with prior knowledge (so nginx can proxy to it). ALPN ``http/1.1`` serves HTTP/1.1.
