@@ -23,6 +23,7 @@ from voicepool.errors import (
     PoolClosed,
     PoolError,
     PoolExhausted,
+    PoolLoopError,
     PoolUnavailable,
     VoicepoolError,
 )
@@ -60,6 +61,7 @@ __all__ = [  # noqa: RUF022 - grouped by topic, as the docs list them
     "PoolClosed",
     "PoolError",
     "PoolExhausted",
+    "PoolLoopError",
     "PoolUnavailable",
     "VoicepoolError",
     "__version__",
