@@ -136,7 +136,8 @@ class ElevenLabsEmulator(_TTSEmulator):
     """ElevenLabs-like TTS, single-context ``stream-input`` and ``multi-stream-input``.
 
     Extra counters: ``contexts_open`` (now, all sockets), ``contexts_opened``,
-    ``contexts_closed``, ``max_contexts_per_socket``, ``keepalives``, ``flushes``,
+    ``contexts_closed``, ``max_contexts_per_socket``, ``keepalives``, ``keepalive_contexts``
+    (contexts a keepalive opened: they hold a slot like any other), ``flushes``,
     ``context_limit_closes``, ``policy_closes`` (Counter by reason), ``audio_chunks``.
     """
 
@@ -155,6 +156,7 @@ class ElevenLabsEmulator(_TTSEmulator):
         # it and expects the key in the first message; tests of handshake-time auth turn it off).
         self.key_in_first_message = key_in_first_message
         self.keepalives = 0
+        self.keepalive_contexts = 0  # contexts whose first message was a keepalive ({"text": ""})
         self.flushes = 0
         self.context_limit_closes = 0
         self.policy_closes: Counter[str] = Counter()
@@ -250,6 +252,7 @@ class ElevenLabsEmulator(_TTSEmulator):
                     )
                     workers.append(ctx.worker)
                     self.contexts_opened += 1
+                    self.keepalive_contexts += text == ""
                     self.max_contexts_per_socket = max(self.max_contexts_per_socket, len(open_))
                     if multi:
                         # The first message of a context: its text (if any) is synthesised.
