@@ -104,6 +104,7 @@ class Pool(Generic[C]):
             # Keep well under the provider's idle close (Deepgram ~10 s): ping at half of it.
             interval = min(interval, adapter.max_idle / 2)
         self._ping_interval = interval
+        self._use_proves_liveness = adapter.use_proves_liveness
 
         self._idle: deque[ConnRecord[C]] = deque()  # EXCLUSIVE / SINGLE_USE; LIFO at the right
         self._conns: dict[int, ConnRecord[C]] = {}  # every open connection, by record id

@@ -18,7 +18,7 @@ import importlib
 import importlib.util
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -42,6 +42,11 @@ _T1_MS, _T2_MS, _T4_MS = 500, 4000, 5000
 
 class BindingMissing(ImportError):
     """pjsua2 (or one of the C libraries it ships) cannot be loaded here."""
+
+
+# pjsip_tp_state_callback(pjsip_transport *tp, pjsip_transport_state state, const info *info)
+_TpStateCallback = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+_TP_STATE_DISCONNECTED = 1  # PJSIP_TP_STATE_DISCONNECTED
 
 
 class _PjStr(ctypes.Structure):
@@ -76,6 +81,30 @@ class Binding:
         retransmitted over UDP) after its account was abandoned.
         """
         self._lib.pjsip_tsx_set_timers(_T1_MS, _T2_MS, _T4_MS, msec)
+
+    def watch_transports(self, on_disconnect: Callable[[], None]) -> Any:
+        """Call ``on_disconnect()`` whenever a connection-oriented transport (TCP/TLS) drops.
+
+        The binding has no ``Endpoint.onTransportState``, so this installs a C callback as the
+        transport manager's state callback, in place of pjsua's. pjsua's only acts for
+        accounts with its own retry on (``retryIntervalSec`` > 0; ours are off: the pool owns
+        retries) and then calls ``Endpoint.onTransportState``, which this binding cannot
+        override; the manager's own dispatch (what ``pjsip_tpmgr_get_state_cb`` returns, and
+        what calls this callback) must not be chained, it would call us again. Call after
+        ``libInit``, on the owner thread; the callback runs inside :meth:`handle_events` there.
+        Returns the ctypes callback, to keep alive until after ``libDestroy``.
+        ``on_disconnect`` must not raise and must not call into PJSIP.
+        """
+        lib = self._lib
+
+        def relay(tp: int | None, state: int, info: int | None) -> None:
+            if state == _TP_STATE_DISCONNECTED:
+                on_disconnect()
+
+        callback = _TpStateCallback(relay)
+        manager = lib.pjsip_endpt_get_tpmgr(lib.pjsua_get_pjsip_endpt())
+        lib.pjsip_tpmgr_set_state_cb(manager, callback)
+        return callback
 
     @contextlib.contextmanager
     def distinct_instance(self, salt: str) -> Iterator[None]:
@@ -145,6 +174,12 @@ def load() -> Binding:
         lib.pj_log_set_level.restype = None
         lib.pjsip_tsx_set_timers.argtypes = [ctypes.c_uint] * 4
         lib.pjsip_tsx_set_timers.restype = None
+        lib.pjsua_get_pjsip_endpt.argtypes = []
+        lib.pjsua_get_pjsip_endpt.restype = ctypes.c_void_p
+        lib.pjsip_endpt_get_tpmgr.argtypes = [ctypes.c_void_p]
+        lib.pjsip_endpt_get_tpmgr.restype = ctypes.c_void_p
+        lib.pjsip_tpmgr_set_state_cb.argtypes = [ctypes.c_void_p, _TpStateCallback]
+        lib.pjsip_tpmgr_set_state_cb.restype = ctypes.c_int
         # Built without OpenSSL, the wheel has no TLS transport; creating one would fail an
         # assertion deep inside PJSIP, so the adapter refuses "tls" up front instead.
         has_tls = hasattr(lib, "pjsip_tls_transport_start2")

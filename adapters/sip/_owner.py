@@ -148,6 +148,8 @@ class Owner:
         self._transports: dict[tuple[str, str], int] = {}
         self._account_cls: Any = None
         self._pj_types: tuple[type, ...] | None = None
+        self._transport_watch: Any = None  # a ctypes callback PJSIP calls until libDestroy
+        self._connection_dropped = False
 
     @property
     def idle(self) -> bool:
@@ -182,12 +184,36 @@ class Owner:
         ep.audDevManager.setNullDev()
         ep.libStart()
         b.set_transaction_timeout(round(config.transaction_timeout * 1000))
+        self._transport_watch = b.watch_transports(self._on_connection_dropped)
         self._account_cls = _account_class(pj)
         return host, int(port)
 
     def poll(self, msec: int) -> None:
         assert self._b is not None
         self._b.handle_events(msec)
+        if self._connection_dropped:
+            self._connection_dropped = False
+            self._verify_connected_accounts()
+
+    def _on_connection_dropped(self) -> None:
+        # Inside PJSIP's transport code: only note it; poll() acts once PJSIP has returned.
+        self._connection_dropped = True
+
+    def _verify_connected_accounts(self) -> None:
+        """A TCP/TLS connection dropped: refresh every account registered over TCP/TLS.
+
+        A registrar reaches a TCP/TLS binding only over the connection it was registered on,
+        so the binding is as good as gone with it, and pjsua (its own retry is off) reports
+        nothing. The refresh proves it either way: over a new connection it answers 200, and
+        with the registrar down it fails at once (connection refused), which the adapter
+        records as LOST. Which connection dropped is not looked up (the binding exposes no
+        transport of an account): a refresh of an account whose connection is fine costs one
+        REGISTER exchange, on a rare event.
+        """
+        for rec in list(self._records.values()):
+            if rec.spec.transport != "udp" and rec.registered and not rec.closing:
+                with contextlib.suppress(ConnectError):
+                    self.refresh(rec.key)
 
     def expire(self, now: float) -> None:
         """Finalize closing accounts whose un-REGISTER was answered or timed out, and release
@@ -218,6 +244,7 @@ class Owner:
             except Exception as exc:
                 log.warning("SIP engine: libDestroy failed: %s", exc)
             del ep  # the Endpoint dies here, on the owner thread, after libDestroy
+        self._transport_watch = None  # PJSIP is gone: nothing calls these any more
 
     # -- commands ----------------------------------------------------------------------------------
 

@@ -280,6 +280,8 @@ class SipAdapter(Adapter[SipRegistration]):
     lease_mode = LeaseMode.MULTIPLEXED
     max_streams = 4  # concurrent calls per registration; PoolSettings.max_streams overrides
     max_connections_per_process: ClassVar[int | None] = PJSUA_MAX_ACC
+    # A lease hands out a registration; nothing it does proves the registrar still holds it.
+    use_proves_liveness: ClassVar[bool] = False
     Options: ClassVar[type[BaseModel] | None] = SipOptions
 
     def __init__(self, options: SipOptions, *, engine: SipEngine | None = None) -> None:

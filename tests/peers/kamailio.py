@@ -53,7 +53,7 @@ _MODULE_DIRS = (
     "/usr/local/lib64/kamailio/modules",
     "/usr/local/lib/kamailio/modules",
 )
-_RX = re.compile(r"RX REGISTER t=(\d+\.\d+) .* callid=(\S+) cseq=(\d+) ")
+_RX = re.compile(r"RX REGISTER t=(\d+\.\d+) .* callid=(\S+) cseq=(\d+)\b")
 
 
 class KamailioContact(NamedTuple):

@@ -83,12 +83,12 @@ def maintain(pool: Pool[Any], now: float) -> float:
         elif idle_timeout is not None and surplus > 0 and now - rec.last_used >= idle_timeout:
             pool._retire(rec, "idle")
             surplus -= 1
-        elif max(rec.next_ping, rec.last_used + rec.ping_period) <= now:
+        elif (ping_at := _ping_at(pool, rec)) <= now:
             # (a release does not reschedule the ping: it only stamps last_used)
             if not rec.pinging:
                 start_ping(pool, rec)
         else:
-            nxt = min(max(rec.next_ping, rec.last_used + rec.ping_period), rec.expires)
+            nxt = min(ping_at, rec.expires)
             if idle_timeout is not None and surplus > 0:
                 nxt = min(nxt, rec.last_used + idle_timeout)
             due = min(due, nxt)
@@ -102,6 +102,17 @@ def maintain(pool: Pool[Any], now: float) -> float:
     if pool._retry_at > now:
         due = min(due, pool._retry_at)
     return due
+
+
+def _ping_at(pool: Pool[Any], rec: ConnRecord[Any]) -> float:
+    """When an idle connection is pinged: a ping period after the last ping, and after its last
+    use when a lease proves the connection alive (``Adapter.use_proves_liveness``). A
+    connection leased back to back is then never pinged, which only holds when each lease
+    carried traffic over it: a SIP registration lent with zero hold time did no I/O.
+    """
+    if pool._use_proves_liveness:
+        return max(rec.next_ping, rec.last_used + rec.ping_period)
+    return rec.next_ping
 
 
 def start_ping(pool: Pool[Any], rec: ConnRecord[Any]) -> None:
