@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from voicepool._sip import build_request, new_branch, parse_message
 from voicepool.testing._service import LocalService
 
 __all__ = [
@@ -467,18 +468,22 @@ async def _options_ok(host: str, port: int) -> bool:
     try:
         local = transport.get_extra_info("sockname")
         tag = os.urandom(4).hex()
-        request = (
-            f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP {local[0]}:{local[1]};branch=z9hG4bK{tag};rport\r\n"
-            f"Max-Forwards: 70\r\nFrom: <sip:probe@{host}>;tag={tag}\r\n"
-            f"To: <sip:{host}:{port}>\r\nCall-ID: probe-{tag}\r\nCSeq: 1 OPTIONS\r\n"
-            f"Content-Length: 0\r\n\r\n"
+        request = build_request(
+            "OPTIONS",
+            f"sip:{host}:{port}",
+            via=("udp", local[0], local[1]),
+            branch=new_branch(),
+            from_uri=f"sip:probe@{host}",
+            from_tag=tag,
+            to_uri=f"sip:{host}:{port}",
+            call_id=f"probe-{tag}",
+            cseq=1,
         )
-        transport.sendto(request.encode(), (host, port))
+        transport.sendto(request, (host, port))
         async with asyncio.timeout(0.2):
             data = await answered
-        return data.startswith(b"SIP/2.0 200")
-    except (TimeoutError, OSError):
+        return parse_message(data).status == 200
+    except (TimeoutError, OSError, ValueError):
         return False
     finally:
         transport.close()
