@@ -1,4 +1,4 @@
-"""SIP message code is written once (voicepool._sip) and the probe modules import in one direction."""
+"""SIP message code is written once (voicepool._sip); the probe modules import one way."""
 
 from __future__ import annotations
 
@@ -31,4 +31,5 @@ def test_sip_messages_and_digest_live_in_one_sans_io_module() -> None:
         assert "voicepool._sip" in imports_of(user)
         source = user.read_text()
         assert "hashlib" not in source, f"{user.name} computes a digest of its own"
-        assert "def parse_digest" not in source and "def digest_response" not in source
+        assert "def parse_digest" not in source
+        assert "def digest_response" not in source
