@@ -31,10 +31,10 @@ from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConfigError, ConnectError
 
 from ._binding import (  # noqa: TID251
-    INSTALL_HINT,
     PJSUA_MAX_ACC,
+    TLS_HINT,
     BindingMissing,
-    available,
+    choose,
     load,
 )
 from ._owner import OwnerContext  # noqa: TID251
@@ -72,6 +72,14 @@ class SipOptions(BaseModel):
     proxies: tuple[str, ...] = Field((), description="Outbound proxy URIs, in order.")
     unregister_timeout: float = Field(
         2.0, gt=0, le=30, description="Longest wait for the un-REGISTER answer on close."
+    )
+    tls_ca_file: str | None = Field(
+        None,
+        description="TLS: PEM file of the CAs that sign the registrar's certificate (default:"
+        " the bundled OpenSSL's default paths).",
+    )
+    tls_verify_server: bool = Field(
+        True, description="TLS: refuse a registrar whose certificate or name does not verify."
     )
 
     @field_validator("aor")
@@ -285,8 +293,10 @@ class SipAdapter(Adapter[SipRegistration]):
     Options: ClassVar[type[BaseModel] | None] = SipOptions
 
     def __init__(self, options: SipOptions, *, engine: SipEngine | None = None) -> None:
-        if not available():
-            raise ConfigError(f"adapter 'sip': {INSTALL_HINT}")
+        try:
+            choose()
+        except BindingMissing as exc:
+            raise ConfigError(f"adapter 'sip': {exc}") from None
         self.options = options
         self._engine = engine if engine is not None else SipEngine.get()
 
@@ -309,8 +319,8 @@ class SipAdapter(Adapter[SipRegistration]):
         o = self.options
         if o.transport == "tls" and not binding.has_tls:
             raise ConnectError(
-                "this pjsua2 build has no TLS transport (PJSIP was built without OpenSSL);"
-                " use transport 'tcp' or 'udp'",
+                f"adapter 'sip': {binding.name} has no TLS transport (PJSIP built without"
+                f" OpenSSL). {TLS_HINT}",
                 fatal=True,
             )
         tag = secrets.token_hex(4)
@@ -390,6 +400,8 @@ class SipAdapter(Adapter[SipRegistration]):
             contact_uri_params=f";vpl={tag}",
             proxies=o.proxies,
             unregister_timeout=o.unregister_timeout,
+            tls_ca_file=o.tls_ca_file,
+            tls_verify_server=o.tls_verify_server,
         )
 
     def _discard(self, reg: SipRegistration) -> None:
