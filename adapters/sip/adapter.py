@@ -413,14 +413,19 @@ class SipAdapter(Adapter[SipRegistration]):
     def _register_error(self, event: RegEvent, *, refresh: bool = False) -> ConnectError:
         o = self.options
         what = "refresh REGISTER" if refresh else "REGISTER"
-        fatal = event.code in FATAL_STATUSES
+        # A certificate that does not verify is configuration, not an outage: retrying
+        # cannot cure it (PJSIP reports it as a 503 with status PJSIP_TLS_ECERT*).
+        bad_certificate = "PJSIP_TLS_ECERT" in event.reason
+        fatal = event.code in FATAL_STATUSES or bad_certificate
         hint = ""
-        if event.code in (401, 407):
+        if bad_certificate:
+            hint = " (set tls_ca_file to the CA that signs the registrar's certificate?)"
+        elif event.code in (401, 407):
             hint = " (wrong username or password?)"
         elif event.code == 403:
             hint = " (credentials or account refused)"
         detail = f"{event.code} {event.reason}".strip()
-        if event.status and event.code not in FATAL_STATUSES:
+        if event.status and event.code not in FATAL_STATUSES and not bad_certificate:
             detail += " (no SIP answer: transport error or timeout)"
         return ConnectError(
             f"SIP registrar {o.registrar_uri_base} ({o.transport}) answered the {what} of"
