@@ -52,6 +52,7 @@ __all__ = [
     "available",
     "choose",
     "load",
+    "summary",
 ]
 
 BINDINGS = ("pjsua2-pybind11", "pjsua2-python")
@@ -257,6 +258,17 @@ def choose() -> tuple[str, str, str]:
             f" pip install 'voicepool[{extra}]'"
         )
     raise BindingMissing(INSTALL_HINT)
+
+
+def summary() -> str:
+    """The binding this process uses, for ``voicepool check`` and descriptions. Never raises."""
+    if _binding is not None:
+        return _binding.describe()
+    try:
+        name, _, version = choose()
+    except BindingMissing:
+        return "no pjsua2 binding"
+    return f"{name} {version}"
 
 
 def available() -> bool:

@@ -36,6 +36,7 @@ from ._binding import (  # noqa: TID251
     BindingMissing,
     choose,
     load,
+    summary,
 )
 from ._owner import OwnerContext  # noqa: TID251
 from ._types import AccountSpec, RegEvent  # noqa: TID251
@@ -302,7 +303,7 @@ class SipAdapter(Adapter[SipRegistration]):
 
     def describe(self) -> str:
         o = self.options
-        return f"SIP registrar {o.registrar_uri_base} ({o.transport}) as {o.aor}"
+        return f"SIP registrar {o.registrar_uri_base} ({o.transport}) as {o.aor}, on {summary()}"
 
     # -- the pool contract -------------------------------------------------------------------------
 
