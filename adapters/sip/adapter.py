@@ -10,7 +10,13 @@ the calls it receives (:meth:`~voicepool.adapters.sip.OwnerContext.on_incoming_c
 Health is tracked here, not read from pjsua (whose account info stays "active/200" through an
 outage): each successful REGISTER sets ``valid_until = now + granted expiry``; a failed refresh, a
 lapse past ``valid_until`` or a lost transport marks the registration LOST and tells the pool
-(``connection_changed``), so acquire never hands out a dead registration. The active check
+(``connection_changed``), so acquire never hands out a dead registration. A lost transport is a
+TCP/TLS connection that dropped: the owner thread then refreshes every TCP/TLS registration at
+once (a registrar reaches such a binding only over its connection), which fails within
+milliseconds when the registrar is gone, and fails a REGISTER that was in flight on it. Over UDP
+nothing drops: a silent registrar is found by the ping or the lapse. A lease does no I/O, so
+however often a registration is leased, the pool still pings it every ``ping_interval``
+(``use_proves_liveness = False``). The active check
 (``ping``) is a refresh REGISTER: it proves the registrar is up, still accepts our credentials
 and still holds the binding (2 round trips with digest auth; see benchmarks/sip.py).
 """
