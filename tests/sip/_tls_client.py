@@ -17,10 +17,11 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from tests.sip.conftest import eventually, fast, sip_adapter
+from tests.sip.conftest import fast, sip_adapter
 from voicepool import ConnectError, Pool
 from voicepool.adapters.sip import SipEngine, configure_engine
 from voicepool.adapters.sip._binding import load
+from voicepool.testing import wait_until
 
 
 def say(**fields: Any) -> None:
@@ -35,7 +36,7 @@ async def register_refresh_unregister(uri: str, ca_file: str) -> None:
         async with pool.acquire() as lease:
             reg = lease.conn
         first = reg.registers
-        await eventually(lambda: reg.registers >= first + 2, timeout=5)
+        await wait_until(lambda: reg.registers >= first + 2, timeout=5)
         say(step="registered", registered=reg.registered, registers=reg.registers,
             status=reg.status, expires=reg.expires)  # fmt: skip
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)

@@ -14,9 +14,10 @@ from collections import Counter
 import pytest
 
 from tests.peers.kamailio import Kamailio
-from tests.sip.conftest import eventually, fast, sip_adapter
+from tests.sip.conftest import fast, sip_adapter
 from voicepool import Pool, PoolError, PoolState
 from voicepool.adapters.sip import SipRegistration
+from voicepool.testing import wait_until
 from voicepool.testing.sip_registrar import SipRegistrar
 
 pytest.importorskip("pjsua2", reason="pjsua2 (voicepool[sip]) is not installed")
@@ -35,9 +36,9 @@ async def test_tcp_connection_loss_marks_registrations_lost_at_once(kamailio: Ka
         assert reg.registered
         await kamailio.stop()
         t0 = time.monotonic()
-        took = await eventually(lambda: not reg.registered, timeout=5)
+        took = await wait_until(lambda: not reg.registered, timeout=5)
         assert took < 1.0, took
-        await eventually(lambda: pool.state is PoolState.UNAVAILABLE, timeout=2)
+        await wait_until(lambda: pool.state is PoolState.UNAVAILABLE, timeout=2)
         assert time.monotonic() - t0 < 2.0
     assert kamailio.registers(), "Kamailio.registers() reads the REGISTERs from its log"
 
@@ -120,7 +121,7 @@ async def test_flapping_registrar_never_lends_an_unregistered_binding(
                 await asyncio.sleep(1.0)
                 registrar.mode = "ok"
             healed = time.monotonic()
-            await eventually(lambda: leases.granted(healed), timeout=3)
+            await wait_until(lambda: leases.granted(healed), timeout=3)
         for t, reg in leases.granted(t_start):
             if not any(f"vpl={reg.contact_tag}" in b.contact for b in registrar.bindings()):
                 unbound.append(t - t_start)
@@ -142,8 +143,8 @@ async def test_restart_under_load(kamailio: Kamailio, transport: str) -> None:
             await asyncio.sleep(0.5)  # load before the fault
             await kamailio.restart()
             restarted = time.monotonic()
-            await eventually(lambda: len(leases.granted(restarted)) > 20, timeout=5)
-            took = await eventually(
+            await wait_until(lambda: len(leases.granted(restarted)) > 20, timeout=5)
+            took = await wait_until(
                 lambda: all(
                     reg.registered_at >= restarted
                     for _, reg in leases.granted(time.monotonic() - 0.1)
@@ -153,7 +154,7 @@ async def test_restart_under_load(kamailio: Kamailio, transport: str) -> None:
         stale = [
             t - restarted for t, reg in leases.granted(restarted) if reg.registered_at < restarted
         ]
-        await eventually(lambda: _count(kamailio, 3), timeout=5)
+        await wait_until(lambda: _count(kamailio, 3), timeout=5)
     if transport == "tcp":
         assert not stale, stale  # every lease after the restart is a fresh registration
     else:
