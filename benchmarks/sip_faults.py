@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import statistics
 import sys
 import time
@@ -77,6 +78,9 @@ class Load:
 
     def recover(self, heal: float) -> float | None:
         return next((s.at - heal for s in self.samples if s.at >= heal and s.bound), None)
+
+    def recovered(self, heal: float) -> bool:
+        return self.recover(heal) is not None
 
     def unregistered(self, start: float, end: float = float("inf")) -> tuple[int, int]:
         """(leases handed out unregistered, leases handed out) between start and end."""
@@ -232,7 +236,7 @@ async def flapping(settings: PoolSettings) -> None:
                 detected = load.detect(fault)
                 if detected is not None and detected < heal - fault:
                     detects.append(detected)
-                await until(lambda h=heal: load.recover(h) is not None, 10.0)
+                await until(functools.partial(load.recovered, heal), 10.0)
                 if (rec := load.recover(heal)) is not None:
                     recovers.append(rec)
         bad, total = load.unregistered(t_start)
