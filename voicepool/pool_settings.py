@@ -2,14 +2,15 @@
 
 Sizing (DESIGN.md): ``max_size = ceil(concurrency * per_call * (1 + headroom) / max_streams)``
 unless given; ``min_size`` defaults to ``max_size`` (a warm floor) for EXCLUSIVE and MULTIPLEXED,
-and to a few spares, ``ceil(concurrency * per_call * headroom)``, for SINGLE_USE.
+and to a few spares, ``ceil(concurrency * per_call * headroom)``, for SINGLE_USE; with
+``warm = "adaptive"`` it defaults to 1 (the policy keeps what the traffic needs above it).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -73,6 +74,22 @@ class PoolSettings(BaseModel):
     alarm_wait_p95_ms: float = Field(5.0, gt=0, description="Acquire-wait p95 alarm threshold.")
     alarm_window: float = Field(60.0, gt=0, description="Rolling window of the p95 alarm.")
     trace_acquire: bool = Field(False, description="A span per acquire (debugging; costly).")
+    warm: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description="Warm floor: `fixed` keeps min_size; `adaptive` sizes it from the traffic"
+        " (in use plus the warm_target Poisson quantile of arrivals within a connect time).",
+    )
+    warm_target: float = Field(
+        0.999,
+        gt=0,
+        lt=1,
+        description="Adaptive: probability that arrivals within a connect time find a warm one.",
+    )
+    warm_window: float = Field(
+        300.0,
+        ge=10,
+        description="Adaptive: estimation horizon (s); spares fall by one per window at most.",
+    )
 
     @field_validator("max_size")
     @classmethod
@@ -112,7 +129,9 @@ class PoolSettings(BaseModel):
                 max_size = max(max_size, self.min_size)
         min_size = self.min_size
         if min_size is None:
-            if mode is LeaseMode.SINGLE_USE:
+            if self.warm == "adaptive":
+                min_size = 1  # one warm connection whatever the traffic; the policy adds the rest
+            elif mode is LeaseMode.SINGLE_USE:
                 min_size = min(max_size, max(1, math.ceil(need * self.headroom - 1e-9)))
             else:
                 min_size = max_size

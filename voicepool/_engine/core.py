@@ -85,11 +85,24 @@ class Waiter:
 class SizingPolicy:
     """How many connections the pool keeps warm. The seam for an adaptive warm floor.
 
-    Override :meth:`warm_floor`; the core clamps the answer to ``[0, max_size]``.
+    Override :meth:`warm_floor`; the core clamps the answer to ``[0, max_size]``. The other
+    hooks let a policy that learns from traffic (``voicepool._engine.warm``) see connect times,
+    ask for the timer and retire idle connections; the defaults do nothing (``warm = "fixed"``).
     """
 
     def warm_floor(self, core: PoolCore[Any], now: float) -> int:
         return core.min_size
+
+    def due(self, now: float) -> float:
+        """When the policy wants :meth:`PoolCore.tick` to run next."""
+        return math.inf
+
+    def connected(self, duration: float) -> None:
+        """A connect succeeded after ``duration`` seconds."""
+
+    def surplus(self, core: PoolCore[Any], now: float) -> int:
+        """How many idle connections (least recently used first) to retire now."""
+        return 0
 
 
 class PoolCore(Generic[C]):
@@ -122,6 +135,10 @@ class PoolCore(Generic[C]):
         self.rng = rng
         self.is_open = is_open
         self.describe = describe
+        if policy is None and s.warm == "adaptive":
+            from voicepool._engine.warm import AdaptiveWarm  # (imports this module)
+
+            policy = AdaptiveWarm(s.warm_target, s.warm_window)
         self.policy = policy or SizingPolicy()
         # Backoff caps grow as initial * multiplier ** (step - 1) until backoff_max: the step
         # is clamped first, so a thousand failures in a row never overflow a float.
@@ -168,6 +185,9 @@ class PoolCore(Generic[C]):
         self.n_connects = 0
         self.n_connect_failures = 0
         self.n_waited = 0
+        self.warm_target = self.min_size  # the floor last computed (stats)
+        self.idle_time = 0.0  # socket-seconds open and idle, summed at each event (see _end)
+        self._idle_at = 0.0
         self.closed_by: dict[str, int] = {}
         self.ping_rtt: float | None = None
         self.window = WaitWindow(s.alarm_window, 0.0, rng)
@@ -430,6 +450,7 @@ class PoolCore(Generic[C]):
             self._check_warm(now)
             return self._end(now, out)
         self.n_connects += 1
+        self.policy.connected(now - attempt.started)
         # The health pass schedules by what it saw: tell it about this one's ping and lifetime.
         self._health_due = min(self._health_due, rec.next_ping, rec.expires)
         if s.idle_timeout is not None and len(self.conns) >= self.min_size:
@@ -565,6 +586,13 @@ class PoolCore(Generic[C]):
                 out.append(Alarm(p95, False, count))
         if (health or now >= self._health_due) and not self.closing:
             self._health_due = self._health_pass(now, out)
+        if not self.closing:
+            for _ in range(self.policy.surplus(self, now)):
+                if not self.idle:
+                    break
+                rec = self.idle.popleft()  # the least recently used
+                rec.state = _IN_USE  # out of the deque already: _retire must not look there
+                self._retire(rec, "surplus", now, out)
         self._grow(now, out)
         return self._end(now, out)
 
@@ -872,6 +900,7 @@ class PoolCore(Generic[C]):
         if room <= 0 or limit <= 0:
             return 0
         floor = max(0, min(self.max_size, self.policy.warm_floor(self, now)))
+        self.warm_target = floor
         refill = self._refill
         while refill and refill[0] <= now:
             heapq.heappop(refill)
@@ -937,6 +966,14 @@ class PoolCore(Generic[C]):
 
     def _end(self, now: float, out: list[Action]) -> list[Action]:
         """Every event ends here: report a state change once, and ask for the timer if due."""
+        # Idle socket-seconds, what a provider bills: the idle count since the last event (the
+        # fast path changes it unseen; the timer bounds how stale the count gets).
+        if now > self._idle_at:
+            idle = (
+                len(self.idle) if not self.mux else sum(1 for r in self.mux_conns if not r.streams)
+            )
+            self.idle_time += idle * (now - self._idle_at)
+            self._idle_at = now
         new = self.state
         if new is not self.reported:
             out.append(StateChanged(self.reported, new))
@@ -968,7 +1005,7 @@ class PoolCore(Generic[C]):
             due = min(due, refill[0])
         if self.retry_at > now:
             due = min(due, self.retry_at)
-        return min(due, self.window.end)
+        return min(due, self.window.end, self.policy.due(now))
 
     @property
     def state(self) -> PoolState:
@@ -1026,6 +1063,9 @@ class PoolCore(Generic[C]):
             wait_p95_ms=self.window.current(self.n_acquired) * 1000.0,
             last_error=None if self.last_error is None else str(self.last_error),
             ping_rtt_ms=None if self.ping_rtt is None else self.ping_rtt * 1000.0,
+            waited=self.n_waited,
+            warm_target=self.warm_target,
+            idle_time=self.idle_time,
         )
 
     def check(self) -> None:
