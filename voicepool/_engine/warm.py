@@ -140,6 +140,8 @@ class AdaptiveWarm(SizingPolicy):
 
     def surplus(self, core: PoolCore[Any], now: float) -> int:
         """Idle connections to retire now: 0 or 1 (the least recently used one)."""
+        if now >= self._bucket_end:
+            self._roll(core, now)  # every tick rolls (the floor is not asked at max_size)
         if core.mux or core.single_use or not core.idle or now - self._retired_at < _BUCKET:
             return 0
         floor = self.warm_floor(core, now)
@@ -177,8 +179,10 @@ class AdaptiveWarm(SizingPolicy):
         while len(recent) > span:
             recent.popleft()
         within = sum(recent)
-        if within >= self._burst:
-            self._burst = within
+        if within >= self._burst or 2 * within > self._burst:
+            # A burst as large, or a comparable one (more than half: how it fell across the
+            # buckets varies), renews the memory.
+            self._burst = max(self._burst, within)
             self._burst_until = now + _BURST_MEMORY * self.window
         elif now >= self._burst_until and self._burst > 0:
             self._burst -= 1  # let go of an old burst one connection per window
