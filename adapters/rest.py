@@ -31,6 +31,7 @@ from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from voicepool._redact import describe_error
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConnectError
 
@@ -295,7 +296,10 @@ class RestAdapter(Adapter[RestConnection]):
         except aiohttp.ClientConnectorCertificateError as exc:
             raise ConnectError(f"TLS certificate of {self._origin} rejected", fatal=True) from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise ConnectError(f"{method} {path} on {self._origin} failed: {exc!r}") from exc
+            # Never the repr: aiohttp's request info in it carries the Authorization header.
+            raise ConnectError(
+                f"{method} {path} on {self._origin} failed: {describe_error(exc)}"
+            ) from exc
         if status in (401, 403):
             raise ConnectError(
                 f"{method} {path} on {self._origin} answered HTTP {status}: check the credentials",

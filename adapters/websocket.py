@@ -37,6 +37,7 @@ from websockets.exceptions import (
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
+from voicepool._redact import SECRET_KEY, get_logger
 from voicepool.adapter import Adapter
 from voicepool.errors import ConnectError, VoicepoolError
 
@@ -52,8 +53,8 @@ __all__ = [
     "translate_connect_error",
 ]
 
-log = logging.getLogger("voicepool.adapters.websocket")
-_wire_log = logging.getLogger("voicepool.adapters.websocket.wire")
+log = get_logger("voicepool.adapters.websocket")
+_wire_log = get_logger("voicepool.adapters.websocket.wire")
 
 FATAL_STATUSES = frozenset({400, 401, 403, 404})
 """Handshake statuses that retrying cannot cure: bad key, forbidden, wrong URL or parameters."""
@@ -163,7 +164,9 @@ def translate_connect_error(exc: BaseException, endpoint: str) -> ConnectError:
 
 
 class _RedactingLogger(logging.LoggerAdapter[logging.Logger]):
-    """Passes ``websockets`` debug lines through, with secret header values replaced."""
+    """Passes ``websockets`` debug lines through, with secret header values replaced: the named
+    secret headers, and any header whose name looks like a credential (``Authorization`` given
+    in the plain ``headers`` option). The logger's filter scrubs known values besides."""
 
     def __init__(self, logger: logging.Logger, secret_names: Iterable[str]) -> None:
         super().__init__(logger, {})
@@ -177,7 +180,7 @@ class _RedactingLogger(logging.LoggerAdapter[logging.Logger]):
             args
             and msg == "> %s: %s"
             and len(args) == 2
-            and str(args[0]).lower() in self.secret_names
+            and (str(args[0]).lower() in self.secret_names or SECRET_KEY.search(str(args[0])))
         ):
             args = (args[0], "[redacted]")
         super().log(level, msg, *args, **kwargs)

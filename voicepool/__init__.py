@@ -8,6 +8,7 @@ at boot, keeps them healthy out of band, and lends them with ``async with pool.a
 # Importing voicepool.telemetry registers the default OpenTelemetry observer (global providers:
 # a no-op until the application installs an SDK).
 from voicepool import telemetry as telemetry
+from voicepool._redact import install_root_handler as _install_root_handler
 from voicepool.adapter import (
     Adapter,
     LeaseMode,
@@ -34,6 +35,9 @@ from voicepool.settings import VoicePoolSettings
 from voicepool.shutdown import GracefulShutdown
 
 __version__ = "0.1.0"
+
+# A library's NullHandler (the application decides where logs go), with the credential filter.
+_install_root_handler()
 
 __all__ = [  # noqa: RUF022 - grouped by topic, as the docs list them
     # adapters

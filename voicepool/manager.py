@@ -18,26 +18,25 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from voicepool._redact import get_logger, remember_from, scrub
 from voicepool.adapter import Adapter
 from voicepool.errors import ConfigError, PoolError, PoolUnavailable
 from voicepool.pool import Pool, PoolState, PoolStats
 from voicepool.pool_settings import PoolSettings
-from voicepool.settings import VoicePoolSettings, secret_values
+from voicepool.settings import VoicePoolSettings
 
 if TYPE_CHECKING:
     from voicepool.lease import Lease
 
 __all__ = ["ManagerState", "PoolManager"]
 
-log = logging.getLogger("voicepool.manager")
+log = get_logger("voicepool.manager")
 
-_MASK = "**********"
 _REASON_MAX = 300  # health reasons are for humans and probes, not for full tracebacks
 
 
@@ -63,7 +62,6 @@ class PoolManager:
         self._pools: dict[str, Pool[Any]] = {}
         self._required: dict[str, bool] = {}
         self._adapter_names: dict[str, str] = {}
-        self._secrets: set[str] = set()
         self._boot_errors: dict[str, str] = {}
         self._state = ManagerState.NEW
         self._close_task: asyncio.Task[None] | None = None
@@ -93,15 +91,14 @@ class PoolManager:
         manager = cls()
         manager.settings = settings
         for name, cfg in settings.pools.items():
-            secrets = secret_values(cfg.options)
+            remember_from(cfg.options)
             try:
                 adapter = cfg.adapter_class.from_options(cfg.options)
             except Exception as exc:
-                reason = _scrub(f"{type(exc).__name__}: {exc}", secrets)
+                reason = scrub(f"{type(exc).__name__}: {exc}")
                 raise ConfigError(
                     f"pools.{name}.options: adapter {cfg.adapter!r} rejected its options: {reason}"
                 ) from None
-            manager._secrets |= secrets
             manager._add(name, adapter, cfg.settings, cfg.required, cfg.adapter)
         return manager
 
@@ -130,7 +127,7 @@ class PoolManager:
         self._pools[pool.name] = pool
         self._required[pool.name] = required
         self._adapter_names.setdefault(pool.name, type(pool.adapter).__name__)
-        self._secrets |= _adapter_secrets(pool.adapter)
+        remember_from(pool.adapter)
         try:
             self._check_process_limit(type(pool.adapter))
         except ConfigError:
@@ -424,7 +421,7 @@ class PoolManager:
         if exc is None:
             return "no error recorded"
         text = str(exc) or type(exc).__name__
-        text = _scrub(text, self._secrets)
+        text = scrub(text)
         if len(text) > _REASON_MAX:
             text = text[: _REASON_MAX - 3] + "..."
         return text
@@ -432,20 +429,3 @@ class PoolManager:
     def __repr__(self) -> str:
         pools = ", ".join(f"{n}={p.state.value}" for n, p in self._pools.items())
         return f"<PoolManager {self._state.value} {pools}>"
-
-
-def _scrub(text: str, secrets: Iterable[str]) -> str:
-    # Longest first, so a secret containing another is masked whole.
-    for secret in sorted(secrets, key=len, reverse=True):
-        if secret in text:
-            text = text.replace(secret, _MASK)
-    return text
-
-
-def _adapter_secrets(adapter: Adapter[Any]) -> set[str]:
-    """Credentials an adapter holds in its attributes (its options model, SecretStr fields)."""
-    try:
-        attrs = vars(adapter)
-    except TypeError:  # __slots__ adapters: nothing we can see
-        return set()
-    return secret_values({k: v for k, v in attrs.items() if not k.startswith("_watch")})

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 import math
 import time
 from collections import deque
@@ -42,6 +41,7 @@ from voicepool._engine.waiters import (
     exhausted_message,
 )
 from voicepool._engine.waitwindow import WaitWindow
+from voicepool._redact import get_logger, remember_from, scrub
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import (
     PoolClosed,
@@ -55,7 +55,7 @@ from voicepool.pool_settings import PoolSettings
 __all__ = ["Pool", "PoolState", "PoolStats"]
 
 C = TypeVar("C")
-log = logging.getLogger("voicepool.pool")
+log = get_logger("voicepool.pool")
 
 
 _MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
@@ -78,6 +78,7 @@ class Pool(Generic[C]):
     ) -> None:
         self.name = name
         self.adapter = adapter
+        remember_from(adapter)  # its credentials are masked in every report from now on
         self.settings = s = settings if settings is not None else PoolSettings()
         sizing = s.resolve(adapter)
         self.lease_mode = sizing.lease_mode
@@ -285,7 +286,7 @@ class Pool(Generic[C]):
             connect_failures=self._n_connect_failures,
             closed=dict(self._closed_by),
             wait_p95_ms=self._window.current(self._n_acquired) * 1000.0,
-            last_error=None if self._last_error is None else str(self._last_error),
+            last_error=None if self._last_error is None else scrub(str(self._last_error)),
         )
 
     def expire_all(self) -> None:

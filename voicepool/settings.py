@@ -43,8 +43,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretBytes,
-    SecretStr,
     SerializeAsAny,
     SerializerFunctionWrapHandler,
     ValidationError,
@@ -60,6 +58,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from voicepool._redact import SECRET_KEY, Redacted, redact, remember, scrub, secret_values
 from voicepool.adapter import get_adapter, registered_adapters
 from voicepool.errors import AdapterNotFound, ConfigError
 from voicepool.pool_settings import PoolSettings
@@ -75,10 +74,6 @@ CONFIG_ENV = "VOICEPOOL_CONFIG"
 _POOL_FIELDS = frozenset(PoolSettings.model_fields)
 _ENTRY_KEYS = frozenset({"adapter", "required", "options", "settings"})
 _POOL_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
-# Keys whose string values are treated as credentials even when an adapter forgot SecretStr
-# (e.g. a plain `headers` dict carrying Authorization): masked in reprs and scrubbed from errors.
-_SECRET_KEY = re.compile(r"key|token|secret|passw|auth|credential|cookie|signature", re.I)
-_MASK = "**********"
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _Loc = tuple[int | str, ...]
 # The TOML file the current construction reads, so its errors can name it.
@@ -104,14 +99,12 @@ class _Errors:
         )
 
     def extend(
-        self, exc: ValidationError, prefix: _Loc, *, inputs: bool, scrub: Iterable[str] = ()
+        self, exc: ValidationError, prefix: _Loc, *, inputs: bool, hidden: Iterable[str] = ()
     ) -> None:
-        """Re-home ``exc``'s errors under ``prefix``; inputs are kept only when ``inputs``."""
-        hidden = [s for s in scrub if s]
+        """Re-home ``exc``'s errors under ``prefix``; inputs are kept only when ``inputs``;
+        ``hidden`` values (and every remembered credential) are masked in the messages."""
         for err in exc.errors(include_url=False):
-            message = _plain(err["msg"])
-            for secret in hidden:
-                message = message.replace(secret, _MASK)
+            message = scrub(_plain(err["msg"]), hidden)
             if err["type"] == "extra_forbidden" and not inputs:
                 message = f"unknown option for this adapter ({message.lower()})"
             self.add((*prefix, *err["loc"]), err["type"], message, err["input"] if inputs else None)
@@ -168,7 +161,7 @@ class PoolConfig(BaseModel):
     def _dump_options(self, value: BaseModel | None, handler: SerializerFunctionWrapHandler) -> Any:
         # SecretStr fields dump masked already; plain strings under credential-looking keys (an
         # adapter that forgot SecretStr, a headers dict) are masked too.
-        return _redact("options", handler(value))
+        return redact("options", handler(value))
 
     @property
     def adapter_class(self) -> type[Adapter[Any]]:
@@ -178,7 +171,7 @@ class PoolConfig(BaseModel):
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         yield "adapter", self.adapter
         yield "required", self.required
-        yield "options", None if self.options is None else _Redacted(self.options)
+        yield "options", None if self.options is None else Redacted(self.options)
         yield "settings", _Changed(self.settings)
 
 
@@ -256,12 +249,14 @@ def _parse_entry(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[st
                 errors.add(("options",), "no_options", f"adapter {name!r} takes no options")
         elif isinstance(raw_options, model):
             options = raw_options
+            remember(secret_values(options))
         elif raw_options is None or isinstance(raw_options, Mapping):
             try:
                 options = model.model_validate(dict(raw_options or {}))
+                remember(secret_values(options))
             except ValidationError as exc:
-                scrub = _raw_secrets(model, raw_options or {})
-                errors.extend(exc, ("options",), inputs=False, scrub=scrub)
+                hidden = _raw_secrets(model, raw_options or {})
+                errors.extend(exc, ("options",), inputs=False, hidden=hidden)
         else:
             errors.add(("options",), "dict_type", "Input should be a table of adapter options")
 
@@ -276,7 +271,7 @@ def _raw_secrets(model: type[BaseModel], raw: Mapping[str, Any]) -> list[str]:
     for key, value in raw.items():
         field = model.model_fields.get(str(key))
         is_secret = field is not None and "Secret" in repr(field.annotation)
-        if isinstance(value, str) and (is_secret or _SECRET_KEY.search(str(key))):
+        if isinstance(value, str) and (is_secret or SECRET_KEY.search(str(key))):
             found.append(value)
     return [s for s in found if len(s) >= 4]
 
@@ -478,21 +473,7 @@ def _format(exc: ValidationError, config: Any) -> str:
     return "\n".join([head, *lines])
 
 
-# -- secrets -------------------------------------------------------------------------------------
-
-
-class _Redacted:
-    """Repr of an options model with credential-looking plain strings masked."""
-
-    def __init__(self, model: BaseModel) -> None:
-        self.model = model
-
-    def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{key}={_redact(key, getattr(self.model, key))!r}"
-            for key in type(self.model).model_fields
-        )
-        return f"{type(self.model).__name__}({fields})"
+# -- reprs ---------------------------------------------------------------------------------------
 
 
 class _Changed:
@@ -506,49 +487,3 @@ class _Changed:
             f"{key}={getattr(self.model, key)!r}" for key in sorted(self.model.model_fields_set)
         )
         return f"{type(self.model).__name__}({fields})"
-
-
-def _redact(key: str, value: Any) -> Any:
-    if isinstance(value, SecretStr | SecretBytes):
-        return value
-    if isinstance(value, str) and _SECRET_KEY.search(key):
-        return _MASK
-    if isinstance(value, Mapping):
-        # Children of a credential-looking key (auth = {...}) are credentials too.
-        inherit = bool(_SECRET_KEY.search(key))
-        return {k: _redact(key if inherit else str(k), v) for k, v in value.items()}
-    if isinstance(value, BaseModel):
-        return _Redacted(value)
-    return value
-
-
-def secret_values(obj: Any, _depth: int = 0) -> set[str]:
-    """Every credential reachable from ``obj``: SecretStr / SecretBytes values, and plain strings
-    under credential-looking keys, in models, mappings and sequences (depth-limited).
-
-    The manager scrubs these from the reasons it reports, as defence in depth: adapters must not
-    put secrets in error messages in the first place. Values shorter than 4 characters are
-    ignored (scrubbing them would mangle ordinary text).
-    """
-    found: set[str] = set()
-    if _depth > 6:
-        return found
-    if isinstance(obj, SecretStr):
-        found.add(obj.get_secret_value())
-    elif isinstance(obj, SecretBytes):
-        found.add(obj.get_secret_value().decode("utf-8", "replace"))
-    elif isinstance(obj, BaseModel):
-        for key in type(obj).model_fields:
-            value = getattr(obj, key)
-            if isinstance(value, str) and _SECRET_KEY.search(key):
-                found.add(value)
-            found |= secret_values(value, _depth + 1)
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            if isinstance(value, str) and _SECRET_KEY.search(str(key)):
-                found.add(value)
-            found |= secret_values(value, _depth + 1)
-    elif isinstance(obj, list | tuple | set | frozenset):
-        for value in obj:
-            found |= secret_values(value, _depth + 1)
-    return {s for s in found if len(s) >= 4}

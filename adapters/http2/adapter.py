@@ -8,7 +8,6 @@ when that changes or the connection dies. Health is an HTTP/2 PING (no billable 
 
 from __future__ import annotations
 
-import logging
 import ssl
 import time
 from typing import Any, ClassVar, Literal
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit
 from h2.errors import ErrorCodes
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from voicepool._redact import describe_error, get_logger
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConnectError
 
@@ -26,7 +26,7 @@ from .stream import ConnectionClosed, H2Error, Origin  # noqa: TID251
 
 __all__ = ["Http2Adapter", "Http2Options"]
 
-log = logging.getLogger("voicepool.adapters.http2")
+log = get_logger("voicepool.adapters.http2")
 
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
 
@@ -162,7 +162,7 @@ class Http2Adapter(Adapter[H2Connection]):
                 f"TLS certificate of {self.origin} rejected: {exc.verify_message}", fatal=True
             ) from exc
         except (OSError, H2Error) as exc:
-            raise ConnectError(f"connect to {self.origin} failed: {exc!r}") from exc
+            raise ConnectError(f"connect to {self.origin} failed: {describe_error(exc)}") from exc
         if self.options.warmup_path is not None:
             try:
                 await self._warmup(conn)

@@ -14,6 +14,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from voicepool._engine.record import ConnRecord, ConnState
+from voicepool._redact import describe_error
 from voicepool.errors import ConnectError, PoolUnavailable, VoicepoolError
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ def new_record(pool: Pool[Any], conn: Any) -> ConnRecord[Any]:
 def connect_failed(pool: Pool[Any], err: BaseException) -> None:
     if not isinstance(err, ConnectError):
         wrapped = ConnectError(
-            f"connect to {pool.adapter.describe()} failed: {type(err).__name__}: {err}",
+            f"connect to {pool.adapter.describe()} failed: {describe_error(err)}",
             fatal=pool.adapter.is_fatal(err),
         )
         wrapped.__cause__ = err

@@ -9,7 +9,6 @@ never raise.
 
 from __future__ import annotations
 
-import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -17,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from voicepool._redact import get_logger
 from voicepool.pool import PoolState, PoolStats
 from voicepool.telemetry import names as n
 
 if TYPE_CHECKING:
     from voicepool.pool import Pool
 
-log = logging.getLogger("voicepool.telemetry")
+log = get_logger("voicepool.telemetry")
 
 _MAX_RETIRED = 256  # closed pools whose final counters are still reported (bounded memory)
 
