@@ -41,12 +41,17 @@ __all__ = [
     "remember_from",
     "scrub",
     "secret_values",
+    "silence_header_dumps",
 ]
 
 MASK = "**********"
 
-SECRET_KEY = re.compile(r"key|token|secret|passw|auth|credential|cookie|signature", re.I)
-"""Names whose string values are credentials even without ``SecretStr`` (a plain headers dict)."""
+SECRET_KEY = re.compile(
+    r"(key|token|secret|passw|auth|credential|cookie|signature)(?!\w*_(header|scheme|name|method))",
+    re.I,
+)
+"""Names whose string values are credentials even without ``SecretStr`` (a plain headers dict);
+``auth_header``, ``auth_scheme``, ``api_key_header`` name where a credential goes, not one."""
 
 _MIN_LEN = 4
 # `name: value`, `name=value`, `'name': 'value'` where the name looks like a credential. The value
@@ -226,6 +231,27 @@ class RedactingFilter(logging.Filter):
 _FILTER = RedactingFilter()
 
 
+class _DropDebug(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG
+
+
+def silence_header_dumps(name: str) -> None:
+    """Drop the DEBUG records of a third-party logger that dumps raw headers (``hpack`` logs
+    every header block it encodes or decodes, Authorization included, and Huffman-coded bytes
+    cannot be scrubbed); its other records pass. Idempotent."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _DropDebug) for f in logger.filters):
+        logger.addFilter(_DropDebug())
+
+
+class _ScrubbingNullHandler(logging.NullHandler):
+    """Emits nothing; runs its filters (``NullHandler.handle`` would skip them)."""
+
+    def handle(self, record: logging.LogRecord) -> Any:
+        return self.filter(record)
+
+
 def install_root_handler() -> logging.Handler:
     """Give the ``voicepool`` logger its library ``NullHandler`` (no "no handlers" fallback
     output; the application configures logging), carrying the redacting filter: a handler's
@@ -233,9 +259,9 @@ def install_root_handler() -> logging.Handler:
     root handlers do, so a logger made without :func:`get_logger` is scrubbed too. Idempotent."""
     logger = logging.getLogger("voicepool")
     for handler in logger.handlers:
-        if isinstance(handler, logging.NullHandler) and _FILTER in handler.filters:
+        if isinstance(handler, _ScrubbingNullHandler):
             return handler
-    handler = logging.NullHandler()
+    handler = _ScrubbingNullHandler()
     handler.addFilter(_FILTER)
     logger.addHandler(handler)
     return handler

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from h2.errors import ErrorCodes
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from voicepool._redact import describe_error, get_logger
+from voicepool._redact import describe_error, get_logger, silence_header_dumps
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConnectError
 
@@ -27,6 +27,7 @@ from .stream import ConnectionClosed, H2Error, Origin  # noqa: TID251
 __all__ = ["Http2Adapter", "Http2Options"]
 
 log = get_logger("voicepool.adapters.http2")
+silence_header_dumps("hpack.hpack")  # its DEBUG lines are our request headers, key included
 
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
 
