@@ -424,8 +424,11 @@ def _check_process_limits(pools: Mapping[str, PoolConfig], errors: _Errors) -> N
         try:
             # Class attributes stand in for an instance: sizing reads lease_mode / max_streams.
             sizing = cfg.settings.resolve(cast("Adapter[Any]", cls))
-        except ValueError as exc:
-            errors.add(("pools", name, "min_size"), "sizing", str(exc))
+        except ValueError as exc:  # the message starts with the field it is about
+            field = str(exc).split(" ", 1)[0].rstrip(":")
+            errors.add(
+                ("pools", name, field if field in _POOL_FIELDS else "min_size"), "sizing", str(exc)
+            )
             continue
         if cls.max_connections_per_process is not None:
             by_adapter.setdefault(cls, []).append((name, sizing.max_size))
@@ -445,7 +448,7 @@ def _check_process_limits(pools: Mapping[str, PoolConfig], errors: _Errors) -> N
             errors.add(("pools", name, "max_size"), "process_limit", message)
 
 
-def _format(exc: ValidationError, config: Any) -> str:
+def _format(exc: ValidationError, config: Any, *, head: str = "invalid voicepool settings") -> str:
     """One line per problem, ``path: reason``; inputs shown only for numeric pool settings."""
     lines = []
     for err in exc.errors(include_url=False):
@@ -469,8 +472,8 @@ def _format(exc: ValidationError, config: Any) -> str:
         lines.append("  " + line)
     source = f" (config file {str(config)!r})" if config else ""
     count = len(lines)
-    head = f"invalid voicepool settings{source}: {count} problem{'s' if count != 1 else ''}"
-    return "\n".join([head, *lines])
+    title = f"{head}{source}: {count} problem{'s' if count != 1 else ''}"
+    return "\n".join([title, *lines])
 
 
 # -- reprs ---------------------------------------------------------------------------------------
