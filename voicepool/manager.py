@@ -304,13 +304,19 @@ class PoolManager:
 
         Each pool waits for its leases up to ``timeout`` (default: its own ``drain_timeout``),
         then closes its connections politely; ``timeout=0`` closes at once, leases included.
-        Idempotent (a later call awaits the first close, with the first call's timeout). Safe
-        to cancel: the close goes on in the background. Never raises for a pool's close failure
-        (it is logged).
+        Idempotent: a later call awaits the close under way, and a later ``timeout`` cuts the
+        drain under way short (``aclose(0)`` during a drain closes at once). Safe to cancel: the
+        close goes on in the background. Never raises for a pool's close failure (it is logged).
         """
         if self._close_task is None:
             self._close_task = asyncio.get_running_loop().create_task(
                 self._close(timeout), name="voicepool:manager:close"
+            )
+        elif timeout is not None and not self._close_task.done():
+            # A later, shorter deadline (a second SIGTERM: close hard) reaches the drain under
+            # way: each pool's aclose cuts its own drain short, as Pool.aclose does.
+            await asyncio.gather(
+                *(pool.aclose(timeout) for pool in self._pools.values()), return_exceptions=True
             )
         await asyncio.shield(self._close_task)
 
@@ -342,7 +348,14 @@ class PoolManager:
         # Cancelled (a second SIGTERM through GracefulShutdown, asyncio.run's Ctrl-C): close hard,
         # since whoever cancelled us is not going to wait for a drain. Otherwise drain.
         hard = exc_type is not None and not issubclass(exc_type, Exception)
-        await self.aclose(0 if hard else None)
+        try:
+            await self.aclose(0 if hard else None)
+        except asyncio.CancelledError:
+            # Cancelled while draining (the second SIGTERM arrived after the block was left):
+            # close at once, and finish that close here, so nothing is left pending when the
+            # event loop stops; then let the cancellation go on.
+            await self.aclose(0)
+            raise
 
     # -- reporting ------------------------------------------------------------------------------
 
