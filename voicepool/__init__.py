@@ -9,6 +9,7 @@ at boot, keeps them healthy out of band, and lends them with ``async with pool.a
 # a no-op until the application installs an SDK).
 from voicepool import telemetry as telemetry
 from voicepool._redact import install_root_handler as _install_root_handler
+from voicepool._version import __version__
 from voicepool.adapter import (
     Adapter,
     LeaseMode,
@@ -33,8 +34,6 @@ from voicepool.pool import Pool, PoolState, PoolStats
 from voicepool.pool_settings import PoolSettings
 from voicepool.settings import VoicePoolSettings
 from voicepool.shutdown import GracefulShutdown
-
-__version__ = "0.1.0"
 
 # A library's NullHandler (the application decides where logs go), with the credential filter.
 _install_root_handler()
