@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Iterable, MutableMapping
 from pathlib import Path
@@ -39,6 +40,7 @@ from websockets.typing import Subprotocol
 
 from voicepool._redact import SECRET_KEY, get_logger
 from voicepool.adapter import Adapter
+from voicepool.dns import AddressTracker, default_resolver
 from voicepool.errors import ConnectError, VoicepoolError
 
 __all__ = [
@@ -205,6 +207,9 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
         if self.options.api_key is not None:
             secret_names.append(self.options.auth_header)
         self._logger = _RedactingLogger(_wire_log, secret_names)
+        # Retires connections whose address left DNS (the pool's conn: the socket, or the
+        # ManagedSocket wrapping it).
+        self.addresses = AddressTracker(self, urlsplit(self.url()).hostname or "")
 
     @classmethod
     def _build_options(cls, options: Any, kwargs: dict[str, Any]) -> Any:
@@ -264,9 +269,19 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
         kwargs: dict[str, Any] = {}
         if o.server_hostname is not None:
             kwargs["server_hostname"] = o.server_hostname
+        parts = urlsplit(url)
+        resolver = default_resolver()
+        sock: socket.socket | None = None
         try:
-            return await connect(
+            # The shared DNS cache and happy eyeballs pick the address; websockets gets the socket.
+            async with asyncio.timeout(o.open_timeout):
+                sock = await resolver.connect(
+                    parts.hostname or "", parts.port or (443 if parts.scheme == "wss" else 80)
+                )
+            peer = sock.getpeername()
+            ws = await connect(
                 url,
+                sock=sock,
                 additional_headers=self.request_headers(),
                 subprotocols=[Subprotocol(p) for p in o.subprotocols] or None,
                 ssl=self.ssl_context(),
@@ -281,8 +296,14 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
                 user_agent_header="voicepool",
                 **kwargs,
             )
-        except (InvalidHandshake, OSError, TimeoutError, EOFError, ssl.SSLError) as exc:
-            raise translate_connect_error(exc, safe_endpoint(url)) from exc
+        except BaseException as exc:
+            if sock is not None:
+                sock.close()  # a no-op once websockets' transport owns (and closed) it
+            if isinstance(exc, InvalidHandshake | OSError | TimeoutError | EOFError | ssl.SSLError):
+                raise translate_connect_error(exc, safe_endpoint(url)) from exc
+            raise
+        self.addresses.add(ws, peer, resolver)
+        return ws
 
     def is_fatal(self, exc: BaseException) -> bool:
         if isinstance(exc, ConnectError):
@@ -326,10 +347,11 @@ class WebSocketAdapter(BaseWebSocketAdapter[ClientConnection]):
             raise _closed_error(exc, self.describe()) from exc
 
     def is_open(self, conn: ClientConnection) -> bool:
-        return conn.state is State.OPEN
+        return conn.state is State.OPEN and self.addresses.is_listed(conn)
 
     async def close(self, conn: ClientConnection) -> None:
         """Closing handshake (1000), bounded by ``close_timeout``; never raises on a dead peer."""
+        self.addresses.discard(conn)
         with contextlib.suppress(ConnectionClosed, OSError):
             await conn.close()
 
@@ -371,6 +393,9 @@ class ManagedSocket:
         self._keepalive: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reader: asyncio.Task[None] | None = None
+        self._addresses: AddressTracker | None = getattr(adapter, "addresses", None)
+        if self._addresses is not None:
+            self._addresses.rebind(ws, self)  # the pool holds this object, not the raw socket
 
     def start(self) -> None:
         """Start the reader and the keepalive timer (call once, right after the handshake)."""
@@ -379,7 +404,11 @@ class ManagedSocket:
 
     @property
     def is_open(self) -> bool:
-        return self.error is None and self.ws.state is State.OPEN
+        return (
+            self.error is None
+            and self.ws.state is State.OPEN
+            and (self._addresses is None or self._addresses.is_listed(self))
+        )
 
     def check_open(self) -> None:
         """Raise StreamClosed (a fresh instance) if the socket is gone."""
@@ -496,6 +525,8 @@ class ManagedSocket:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+        if self._addresses is not None:
+            self._addresses.discard(self)
         deadline = self.loop.time() + self.close_timeout
         try:
             try:

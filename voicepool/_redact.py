@@ -60,7 +60,7 @@ _MIN_LEN = 4
 _NAMED_VALUE = re.compile(
     r"""(?P<name>[\w-]*(?:authorization|api[-_]?key|token|secret|password|passwd|cookie|signature)"""
     r"""[\w-]*)(?P<sep>['"]?\s*[:=]\s*(?:b?['"])?)(?P<scheme>(?:Bearer|Basic|Token|Digest)\s+)?"""
-    r"""(?!\d+\b)(?P<value>[^'"\s,&;)}\]]{4,})""",
+    r"""(?!\d+\b)(?P<value>[^'"\s,&;)}\[\]]{4,})""",
     re.I,
 )
 _SCHEME_VALUE = re.compile(r"(?P<scheme>\b(?:Bearer|Basic|Token)\s+)(?P<value>[\w.~+/=-]{4,})")

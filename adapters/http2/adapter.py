@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from voicepool._redact import describe_error, get_logger, silence_header_dumps
 from voicepool.adapter import Adapter, LeaseMode
+from voicepool.dns import AddressTracker, default_resolver
 from voicepool.errors import ConnectError
 
 from .._http import check_base_url, header_name  # noqa: TID251, TID252
@@ -124,6 +125,7 @@ class Http2Adapter(Adapter[H2Connection]):
         self._ping_gap = 0.0  # minimum seconds between PINGs; grows on ENHANCE_YOUR_CALM
         self._calmed: set[int] = set()  # ids of connections whose calm GOAWAY was counted
         self.calm_goaways = 0
+        self.addresses = AddressTracker(self, host)  # retires connections whose address left DNS
 
     def _ssl_context(self) -> ssl.SSLContext:
         opts = self.options
@@ -147,15 +149,23 @@ class Http2Adapter(Adapter[H2Connection]):
         Raises ConnectError, ``fatal=True`` for an untrusted certificate, a server without HTTP/2,
         or a warm-up answered 4xx (401/403: bad credentials). Cancellation-safe.
         """
+        resolver = default_resolver()
         try:
-            conn = await H2Connection.open(
-                self.origin,
-                self._ssl,
-                on_change=self._on_change,
-                stream_window=self.options.stream_window,
-                connection_window=self.options.connection_window,
-                server_hostname=self.options.server_hostname,
-            )
+            sock = await resolver.connect(self.origin.host, self.origin.port)
+            try:
+                conn = await H2Connection.open(
+                    self.origin,
+                    self._ssl,
+                    on_change=self._on_change,
+                    stream_window=self.options.stream_window,
+                    connection_window=self.options.connection_window,
+                    server_hostname=self.options.server_hostname,
+                    sock=sock,
+                )
+            except BaseException:
+                sock.close()  # a no-op once the transport owns (and closed) it
+                raise
+            self.addresses.add(conn, sock.getpeername(), resolver)
         except ConnectError:
             raise
         except ssl.SSLCertVerificationError as exc:
@@ -220,11 +230,12 @@ class Http2Adapter(Adapter[H2Connection]):
         await conn.ping()
 
     def is_open(self, conn: H2Connection) -> bool:
-        return conn.is_open
+        return conn.is_open and self.addresses.is_listed(conn)
 
     async def close(self, conn: H2Connection) -> None:
         """GOAWAY, then a polite TLS close (bounded); never raises."""
         self._calmed.discard(id(conn))
+        self.addresses.discard(conn)
         await conn.aclose()
 
     def is_fatal(self, exc: BaseException) -> bool:
