@@ -48,6 +48,7 @@ __all__ = [
     "Answer",
     "Lookup",
     "Resolver",
+    "aiodns_lookup",
     "default_resolver",
     "set_default_resolver",
     "system_lookup",
@@ -70,46 +71,62 @@ Lookup = Callable[[str], Awaitable[list[Answer]]]
 _NO_TTL = -1.0  # the answer came without a TTL (hosts file, getaddrinfo)
 
 
-async def system_lookup(host: str) -> list[Answer]:
-    """A and AAAA answers with their TTLs through ``aiodns`` (c-ares), else ``getaddrinfo``
-    without TTLs. Raises ``socket.gaierror`` (an OSError) when the name does not resolve."""
-    resolver = _aiodns_resolver()
-    if resolver is not None:
-        try:
-            result = await resolver.getaddrinfo(
-                host, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM
-            )
-        except Exception as exc:  # aiodns.error.DNSError: not an OSError, say it as one
-            raise socket.gaierror(socket.EAI_NONAME, f"{host}: {exc}") from None
+def aiodns_lookup(nameservers: Iterable[str] | None = None, **channel: Any) -> Lookup:
+    """A :data:`Lookup` on ``aiodns`` (c-ares), which reports each record's TTL: A and AAAA
+    answers of the system's resolvers, or of ``nameservers`` (``channel`` options go to
+    ``pycares.Channel``: ``udp_port``, ``lookups``, ``timeout``, ...). Raises ImportError when
+    aiodns is missing; the lookup raises ``socket.gaierror`` when a name does not resolve."""
+    import aiodns
+
+    servers = list(nameservers or [])
+
+    async def lookup(host: str) -> list[Answer]:
+        # A channel per lookup: lookups are rare (one per name and TTL), and a channel left to
+        # the garbage collector at interpreter exit complains.
+        async with aiodns.DNSResolver(servers or None, **channel) as resolver:
+            try:
+                result = await resolver.getaddrinfo(
+                    host, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM
+                )
+            except aiodns.error.DNSError as exc:  # not an OSError: say it as one
+                raise socket.gaierror(socket.EAI_NONAME, f"{host}: {exc}") from None
         answers = []
         for node in result.nodes:
-            ip = node.addr[0].decode() if isinstance(node.addr[0], bytes) else str(node.addr[0])
+            ip = node.addr[0]
+            ip = ip.decode() if isinstance(ip, bytes) else str(ip)
             # c-ares reports ttl 0 for hosts-file answers: they carry none.
             answers.append(Answer(socket.AddressFamily(node.family), ip, node.ttl or _NO_TTL))
         return _unique(answers)
+
+    return lookup
+
+
+_system: Lookup | None = None
+
+
+async def system_lookup(host: str) -> list[Answer]:
+    """The default :data:`Lookup`: :func:`aiodns_lookup` on the system's resolvers when aiodns
+    works here, else the loop's ``getaddrinfo`` (no TTLs). Raises ``socket.gaierror``."""
+    global _system
+    if _system is None:
+        try:
+            _system = aiodns_lookup()
+        except ImportError:
+            _system = _getaddrinfo_lookup
+    try:
+        return await _system(host)
+    except socket.gaierror:
+        raise
+    except Exception:  # no c-ares channel here (e.g. no inotify watches): getaddrinfo it is
+        _system = _getaddrinfo_lookup
+        return await _system(host)
+
+
+async def _getaddrinfo_lookup(host: str) -> list[Answer]:
     infos = await asyncio.get_running_loop().getaddrinfo(
         host, None, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM
     )
     return _unique(Answer(info[0], str(info[4][0]), _NO_TTL) for info in infos)
-
-
-_aiodns_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _aiodns_resolver() -> Any:
-    loop = asyncio.get_running_loop()
-    if loop in _aiodns_by_loop:
-        return _aiodns_by_loop[loop]
-    try:
-        import aiodns
-
-        resolver: Any = aiodns.DNSResolver(loop=loop)
-    except Exception:  # not installed, or no c-ares channel here: getaddrinfo it is
-        resolver = None
-    _aiodns_by_loop[loop] = resolver
-    return resolver
 
 
 def _unique(answers: Iterable[Answer]) -> list[Answer]:

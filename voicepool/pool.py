@@ -568,6 +568,9 @@ class Pool(Generic[C]):
             if rec.state is ConnState.IDLE or (self._mux and rec.streams == 0):
                 self._retire(rec, "remote_closed")
             else:
+                # Lent: never interrupted, retired at its release (its address left DNS, or the
+                # peer closed it), as expire_all does; a multiplexed one drains.
+                rec.expires = -math.inf
                 self._poke()
             return
         if self._mux:
