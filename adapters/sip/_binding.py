@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import importlib
 import importlib.util
+import platform
 import sys
 import threading
 from collections.abc import Iterator
@@ -23,7 +24,15 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-__all__ = ["PJSUA_MAX_ACC", "PJSUA_MAX_CALLS", "Binding", "BindingMissing", "available", "load"]
+__all__ = [
+    "PJSUA_MAX_ACC",
+    "PJSUA_MAX_CALLS",
+    "Binding",
+    "BindingMissing",
+    "available",
+    "install_hint",
+    "load",
+]
 
 PJSUA_MAX_ACC = 8
 """Accounts per process, compiled into the wheel: the 9th ``Account.create()`` aborts (SIGABRT)."""
@@ -31,10 +40,33 @@ PJSUA_MAX_ACC = 8
 PJSUA_MAX_CALLS = 32
 """Compile-time call limit; ``uaConfig.maxCalls`` above it fails an assertion (abort)."""
 
-INSTALL_HINT = (
-    "the SIP adapter needs the optional dependency pjsua2: pip install 'voicepool[sip]'"
-    " (PyPI pjsua2-pybind11: CPython 3.10-3.12 wheels for x86_64 Linux)"
-)
+
+def install_hint(
+    version: tuple[int, int] = sys.version_info[:2],
+    machine: str = platform.machine(),
+    system: str = platform.system(),
+) -> str:
+    """What to do when pjsua2 cannot be imported, for this Python and platform.
+
+    ``voicepool[sip]`` pulls ``pjsua2-pybind11`` only where it has wheels (CPython 3.10-3.12,
+    x86_64 Linux; the marker in pyproject.toml): elsewhere the extra installs nothing and
+    saying "pip install 'voicepool[sip]'" would send the user round in circles."""
+    has_wheel = (3, 10) <= version <= (3, 12) and machine == "x86_64" and system == "Linux"
+    if has_wheel:
+        return (
+            "the SIP adapter needs the optional dependency pjsua2: pip install 'voicepool[sip]'"
+            " (PyPI pjsua2-pybind11)"
+        )
+    here = f"CPython {version[0]}.{version[1]} on {system} {machine}"
+    return (
+        f"the SIP adapter needs pjsua2, and PyPI's pjsua2-pybind11 has no wheel for {here}"
+        " ('voicepool[sip]' installs nothing here): run the worker on CPython 3.10-3.12 on"
+        " x86_64 Linux, or build pjsua2 from pjproject's SWIG bindings for this Python; the"
+        " other adapters work without it"
+    )
+
+
+INSTALL_HINT = install_hint()
 
 # pjsip defaults (RFC 3261 timers, milliseconds): T1, T2, T4.
 _T1_MS, _T2_MS, _T4_MS = 500, 4000, 5000
