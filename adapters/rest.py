@@ -29,12 +29,13 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from voicepool._redact import describe_error
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.dns import AddressTracker, default_resolver
 from voicepool.errors import ConnectError
+from voicepool.settings import NO_SECRET, OptionalSecret
 
 from ._http import check_base_url, header_name  # noqa: TID251
 
@@ -52,27 +53,34 @@ class RestOptions(BaseModel):
     headers: dict[str, str] = Field(
         default_factory=dict, description="Headers sent with every request (not for secrets)."
     )
-    api_key: SecretStr | None = Field(None, description="Credential sent in `api_key_header`.")
+    api_key: OptionalSecret = Field(
+        default=NO_SECRET, description="Credential sent in `api_key_header`."
+    )
     api_key_header: str = Field(
-        "authorization",
+        default="authorization",
         description="`authorization` sends `Bearer <api_key>`; any other name sends the key as is.",
     )
     warmup_path: str | None = Field(
-        "/", description="Request that opens each connection at boot (None: open lazily)."
+        default="/", description="Request that opens each connection at boot (None: open lazily)."
     )
     warmup_method: Literal["GET", "HEAD", "OPTIONS"] = "HEAD"
     health_path: str | None = Field(
-        None, description="Cheap request used as the health ping (default: the warm-up request)."
+        default=None,
+        description="Cheap request used as the health ping (default: the warm-up request).",
     )
     health_method: Literal["GET", "HEAD", "OPTIONS"] = "GET"
-    request_timeout: float = Field(30.0, gt=0, description="Default total timeout per request.")
+    request_timeout: float = Field(
+        default=30.0, gt=0, description="Default total timeout per request."
+    )
     dns_ttl: float = Field(
-        300.0,
+        default=300.0,
         ge=0,
         description="Longest a DNS answer is reused (the record's TTL, when shorter, wins).",
     )
-    ca_file: str | None = Field(None, description="PEM CA bundle to trust instead of the system's.")
-    verify: bool = Field(True, description="Verify the server certificate.")
+    ca_file: str | None = Field(
+        default=None, description="PEM CA bundle to trust instead of the system's."
+    )
+    verify: bool = Field(default=True, description="Verify the server certificate.")
 
     @field_validator("base_url")
     @classmethod

@@ -42,6 +42,7 @@ from voicepool._redact import SECRET_KEY, get_logger
 from voicepool.adapter import Adapter
 from voicepool.dns import AddressTracker, default_resolver
 from voicepool.errors import ConnectError, VoicepoolError
+from voicepool.settings import NO_SECRET, OptionalSecret
 
 __all__ = [
     "FATAL_STATUSES",
@@ -98,18 +99,32 @@ class EndpointOptions(BaseModel):
     secret_headers: dict[str, SecretStr] = Field(
         default_factory=dict, description="Extra headers whose values are secrets."
     )
-    api_key: SecretStr | None = Field(None, description="Sent as `auth_header: auth_scheme key`.")
+    api_key: OptionalSecret = Field(
+        default=NO_SECRET, description="Sent as `auth_header: auth_scheme key`."
+    )
     auth_header: str = "Authorization"
-    auth_scheme: str = Field("Bearer", description="Prefix of the key ('' for the bare key).")
+    auth_scheme: str = Field(
+        default="Bearer", description="Prefix of the key ('' for the bare key)."
+    )
     subprotocols: list[str] = Field(default_factory=list)
-    ca_file: Path | None = Field(None, description="PEM bundle to trust instead of the system's.")
-    verify: bool = Field(True, description="Verify the server certificate (turn off only locally).")
-    server_hostname: str | None = Field(None, description="TLS name to check (default: URL host).")
-    open_timeout: float = Field(10.0, gt=0, description="TCP + TLS + upgrade, seconds.")
-    close_timeout: float = Field(2.0, gt=0, description="Closing handshake, seconds.")
-    max_message_size: int | None = Field(4 * 2**20, description="Largest incoming message.")
-    compression: bool = Field(False, description="permessage-deflate (audio does not compress).")
-    max_idle: float | None = Field(None, gt=0, description="The server's idle close, seconds.")
+    ca_file: Path | None = Field(
+        default=None, description="PEM bundle to trust instead of the system's."
+    )
+    verify: bool = Field(
+        default=True, description="Verify the server certificate (turn off only locally)."
+    )
+    server_hostname: str | None = Field(
+        default=None, description="TLS name to check (default: URL host)."
+    )
+    open_timeout: float = Field(default=10.0, gt=0, description="TCP + TLS + upgrade, seconds.")
+    close_timeout: float = Field(default=2.0, gt=0, description="Closing handshake, seconds.")
+    max_message_size: int | None = Field(default=4 * 2**20, description="Largest incoming message.")
+    compression: bool = Field(
+        default=False, description="permessage-deflate (audio does not compress)."
+    )
+    max_idle: float | None = Field(
+        default=None, gt=0, description="The server's idle close, seconds."
+    )
 
     @field_validator("url")
     @classmethod
@@ -126,7 +141,7 @@ class WebSocketOptions(EndpointOptions):
     """Options of the generic adapter: an endpoint plus an optional text keepalive."""
 
     keepalive_message: str | None = Field(
-        None, description="Text frame sent on each health ping (a provider keepalive)."
+        default=None, description="Text frame sent on each health ping (a provider keepalive)."
     )
 
 

@@ -57,74 +57,95 @@ class PoolSettings(BaseModel):
         __init__.__pydantic_base_init__ = True
 
     concurrency: int = Field(
-        10, ge=1, le=MAX_POOL_SIZE, description="Concurrent calls this worker serves."
+        default=10, ge=1, le=MAX_POOL_SIZE, description="Concurrent calls this worker serves."
     )
     per_call: float = Field(
-        1.0, gt=0, le=1000, description="Leases one call holds at once on this pool."
+        default=1.0, gt=0, le=1000, description="Leases one call holds at once on this pool."
     )
     headroom: float = Field(
-        0.25, ge=0, le=4, description="Spare capacity above the need (0.25=25%)."
+        default=0.25, ge=0, le=4, description="Spare capacity above the need (0.25=25%)."
     )
     min_size: int | None = Field(
-        None, ge=0, le=MAX_POOL_SIZE, description="Warm floor; default from the sizing rule."
+        default=None,
+        ge=0,
+        le=MAX_POOL_SIZE,
+        description="Warm floor; default from the sizing rule.",
     )
     max_size: int | None = Field(
-        None, ge=1, le=MAX_POOL_SIZE, description="Hard bound; default from the sizing rule."
+        default=None,
+        ge=1,
+        le=MAX_POOL_SIZE,
+        description="Hard bound; default from the sizing rule.",
     )
-    lease_mode: LeaseMode | None = Field(None, description="Override the adapter's lease mode.")
+    lease_mode: LeaseMode | None = Field(
+        default=None, description="Override the adapter's lease mode."
+    )
     max_streams: int | None = Field(
-        None,
+        default=None,
         ge=1,
         le=2**31 - 1,
         description="Override the adapter's streams per connection (MULTIPLEXED).",
     )
     acquire_timeout: float = Field(
-        3.0, gt=0, le=_MAX_SECONDS, description="Longest wait for a lease."
+        default=3.0, gt=0, le=_MAX_SECONDS, description="Longest wait for a lease."
     )
     connect_timeout: float = Field(
-        10.0, gt=0, le=_MAX_SECONDS, description="Longest connect + handshakes."
+        default=10.0, gt=0, le=_MAX_SECONDS, description="Longest connect + handshakes."
     )
     connect_concurrency: int = Field(
-        16, ge=1, le=MAX_POOL_SIZE, description="Connects in flight at once."
+        default=16, ge=1, le=MAX_POOL_SIZE, description="Connects in flight at once."
     )
     ping_interval: float = Field(
-        30.0, gt=0, le=_MAX_SECONDS, description="Health ping period of idle connections."
+        default=30.0, gt=0, le=_MAX_SECONDS, description="Health ping period of idle connections."
     )
     ping_timeout: float = Field(
-        5.0, gt=0, le=_MAX_SECONDS, description="A ping slower than this fails."
+        default=5.0, gt=0, le=_MAX_SECONDS, description="A ping slower than this fails."
     )
     max_lifetime: float | None = Field(
-        1800.0,
+        default=1800.0,
         gt=0,
         le=_MAX_SECONDS,
         description="Retire connections older than this (jittered 10% down).",
     )
     idle_timeout: float | None = Field(
-        600.0, gt=0, le=_MAX_SECONDS, description="Close connections above min_size idle this long."
+        default=600.0,
+        gt=0,
+        le=_MAX_SECONDS,
+        description="Close connections above min_size idle this long.",
     )
     failure_threshold: int = Field(
-        5, ge=1, le=1_000_000, description="Consecutive connect failures that open the circuit."
+        default=5,
+        ge=1,
+        le=1_000_000,
+        description="Consecutive connect failures that open the circuit.",
     )
     backoff_initial: float = Field(
-        1.0, gt=0, le=_MAX_SECONDS, description="First retry delay cap after a failure."
+        default=1.0, gt=0, le=_MAX_SECONDS, description="First retry delay cap after a failure."
     )
     backoff_multiplier: float = Field(
-        1.6, ge=1, le=100, description="Growth of the retry delay cap."
+        default=1.6, ge=1, le=100, description="Growth of the retry delay cap."
     )
-    backoff_max: float = Field(30.0, gt=0, le=_MAX_SECONDS, description="Largest retry delay.")
+    backoff_max: float = Field(
+        default=30.0, gt=0, le=_MAX_SECONDS, description="Largest retry delay."
+    )
     drain_timeout: float = Field(
-        10.0, ge=0, le=_MAX_SECONDS, description="aclose() waits this long for leases."
+        default=10.0, ge=0, le=_MAX_SECONDS, description="aclose() waits this long for leases."
     )
     leak_threshold: float | None = Field(
-        None, gt=0, le=_MAX_SECONDS, description="Warn once when a lease is held longer than this."
+        default=None,
+        gt=0,
+        le=_MAX_SECONDS,
+        description="Warn once when a lease is held longer than this.",
     )
     alarm_wait_p95_ms: float = Field(
-        5.0, gt=0, le=_MAX_SECONDS * 1000, description="Acquire-wait p95 alarm threshold."
+        default=5.0, gt=0, le=_MAX_SECONDS * 1000, description="Acquire-wait p95 alarm threshold."
     )
     alarm_window: float = Field(
-        60.0, gt=0, le=_MAX_SECONDS, description="Rolling window of the p95 alarm."
+        default=60.0, gt=0, le=_MAX_SECONDS, description="Rolling window of the p95 alarm."
     )
-    trace_acquire: bool = Field(False, description="A span per acquire (debugging; costly).")
+    trace_acquire: bool = Field(
+        default=False, description="A span per acquire (debugging; costly)."
+    )
 
     @field_validator("max_size")
     @classmethod

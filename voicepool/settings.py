@@ -37,12 +37,13 @@ import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Optional, cast, overload
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     SerializeAsAny,
     SerializerFunctionWrapHandler,
     ValidationError,
@@ -66,10 +67,54 @@ from voicepool.pool_settings import PoolSettings
 if TYPE_CHECKING:
     from voicepool.adapter import Adapter
 
-__all__ = ["CONFIG_ENV", "PoolConfig", "VoicePoolSettings", "secret_values"]
+__all__ = [
+    "CONFIG_ENV",
+    "NO_SECRET",
+    "OptionalSecret",
+    "PoolConfig",
+    "Secret",
+    "VoicePoolSettings",
+    "secret_values",
+]
 
 CONFIG_ENV = "VOICEPOOL_CONFIG"
 """Environment variable naming the TOML file (also read from the .env file)."""
+
+# -- credential fields -----------------------------------------------------------------------------
+# A credential is stored as a SecretStr but given as a plain str too (from code as from the
+# environment). Type checkers learn both from a descriptor: its __set__ takes what the model's
+# __init__ accepts, its __get__ gives what the attribute holds, so a user's
+# `RestOptions(api_key="sk-...")` passes `mypy --strict` without the pydantic plugin, and
+# `options.api_key.get_secret_value()` is typed. At run time the annotation is plain SecretStr.
+if TYPE_CHECKING:
+
+    class Secret:
+        """A required credential field: accepts ``str`` or ``SecretStr``, holds ``SecretStr``."""
+
+        @overload
+        def __get__(self, obj: None, owner: Any) -> Secret: ...
+        @overload
+        def __get__(self, obj: object, owner: Any) -> SecretStr: ...
+        def __get__(self, obj: object, owner: Any) -> SecretStr | Secret: ...
+        def __set__(self, obj: object, value: SecretStr | str) -> None: ...
+
+    class OptionalSecret:
+        """An optional credential field: ``str``, ``SecretStr`` or None; holds SecretStr | None."""
+
+        @overload
+        def __get__(self, obj: None, owner: Any) -> OptionalSecret: ...
+        @overload
+        def __get__(self, obj: object, owner: Any) -> SecretStr | None: ...
+        def __get__(self, obj: object, owner: Any) -> SecretStr | OptionalSecret | None: ...
+        def __set__(self, obj: object, value: SecretStr | str | None) -> None: ...
+
+else:
+    Secret = SecretStr
+    OptionalSecret = Optional[SecretStr]  # noqa: UP045 - a runtime alias, not an annotation
+
+NO_SECRET: Any = None
+"""The default of an :data:`OptionalSecret` field: ``Field(default=NO_SECRET)`` (a plain None
+would not match the descriptor type the checkers see)."""
 
 _POOL_FIELDS = frozenset(PoolSettings.model_fields)
 _ENTRY_KEYS = frozenset({"adapter", "required", "options", "settings"})
@@ -136,12 +181,12 @@ class PoolConfig(BaseModel):
 
     adapter: str = Field(description="Registered adapter name (decorator or entry point).")
     required: bool = Field(
-        True,
+        default=True,
         description="Boot policy: a required pool that cannot open one connection fails the boot;"
         " an optional one starts degraded and recovers in the background.",
     )
     options: SerializeAsAny[BaseModel] | None = Field(
-        None, description="The adapter's validated Options model."
+        default=None, description="The adapter's validated Options model."
     )
     settings: PoolSettings = Field(default_factory=PoolSettings)
 
@@ -298,7 +343,8 @@ class VoicePoolSettings(BaseSettings):
     )
 
     config: Path | None = Field(
-        None, description="The TOML file read (argument, or VOICEPOOL_CONFIG); None: no file."
+        default=None,
+        description="The TOML file read (argument, or VOICEPOOL_CONFIG); None: no file.",
     )
     defaults: PoolSettings = Field(
         default_factory=PoolSettings,

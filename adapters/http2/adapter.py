@@ -14,12 +14,13 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from h2.errors import ErrorCodes
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from voicepool._redact import describe_error, get_logger, silence_header_dumps
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.dns import AddressTracker, default_resolver
 from voicepool.errors import ConnectError
+from voicepool.settings import NO_SECRET, OptionalSecret
 
 from .._http import check_base_url, header_name  # noqa: TID251, TID252
 from .connection import H2Connection  # noqa: TID251
@@ -46,27 +47,38 @@ class Http2Options(BaseModel):
         default_factory=dict,
         description="Headers added to every request that does not set them (not for secrets).",
     )
-    api_key: SecretStr | None = Field(None, description="Credential sent in `api_key_header`.")
+    api_key: OptionalSecret = Field(
+        default=NO_SECRET, description="Credential sent in `api_key_header`."
+    )
     api_key_header: str = Field(
-        "authorization",
+        default="authorization",
         description="`authorization` sends `Bearer <api_key>`; any other name (x-api-key) the key.",
     )
-    max_streams: int = Field(100, ge=1, le=2**31 - 1, description="Streams per connection.")
+    max_streams: int = Field(default=100, ge=1, le=2**31 - 1, description="Streams per connection.")
     warmup_path: str | None = Field(
-        None, description="Request sent on each new connection, e.g. /v1/models (None: no warm-up)."
+        default=None,
+        description="Request sent on each new connection, e.g. /v1/models (None: no warm-up).",
     )
     warmup_method: Literal["GET", "HEAD", "OPTIONS"] = "GET"
-    ca_file: str | None = Field(None, description="PEM CA bundle to trust instead of the system's.")
+    ca_file: str | None = Field(
+        default=None, description="PEM CA bundle to trust instead of the system's."
+    )
     verify: bool = Field(
-        True, description="Verify the server certificate (never off in production)."
+        default=True, description="Verify the server certificate (never off in production)."
     )
-    server_hostname: str | None = Field(None, description="TLS SNI / certificate name override.")
+    server_hostname: str | None = Field(
+        default=None, description="TLS SNI / certificate name override."
+    )
     stream_window: int = Field(
-        1 << 20, ge=65535, le=2**31 - 1, description="Receive window/stream."
+        default=1 << 20, ge=65535, le=2**31 - 1, description="Receive window/stream."
     )
-    connection_window: int = Field(1 << 24, ge=65535, le=2**31 - 1, description="Receive window.")
+    connection_window: int = Field(
+        default=1 << 24, ge=65535, le=2**31 - 1, description="Receive window."
+    )
     ping_backoff: float = Field(
-        2.0, ge=1.0, description="Growth of the minimum ping spacing on GOAWAY ENHANCE_YOUR_CALM."
+        default=2.0,
+        ge=1.0,
+        description="Growth of the minimum ping spacing on GOAWAY ENHANCE_YOUR_CALM.",
     )
 
     @field_validator("base_url")

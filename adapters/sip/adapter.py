@@ -25,10 +25,11 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConfigError, ConnectError
+from voicepool.settings import NO_SECRET, OptionalSecret
 
 from ._binding import (  # noqa: TID251
     INSTALL_HINT,
@@ -57,21 +58,27 @@ class SipOptions(BaseModel):
 
     aor: str = Field(description="Address of record, e.g. sip:alice@carrier.example.")
     registrar: str | None = Field(
-        None, description="Registrar URI, e.g. sip:carrier.example:5060; default: the AOR's host."
+        default=None,
+        description="Registrar URI, e.g. sip:carrier.example:5060; default: the AOR's host.",
     )
-    username: str | None = Field(None, description="Digest user; default: the AOR's user part.")
-    password: SecretStr | None = Field(None, description="Digest password.")
-    realm: str = Field("*", description="Digest realm the credentials answer; * = any.")
+    username: str | None = Field(
+        default=None, description="Digest user; default: the AOR's user part."
+    )
+    password: OptionalSecret = Field(default=NO_SECRET, description="Digest password.")
+    realm: str = Field(default="*", description="Digest realm the credentials answer; * = any.")
     transport: Literal["udp", "tcp", "tls"] = "udp"
     expires: int = Field(
-        300, ge=10, le=86400, description="Requested registration lifetime (s); pjsua needs >= 10."
+        default=300,
+        ge=10,
+        le=86400,
+        description="Requested registration lifetime (s); pjsua needs >= 10.",
     )
     bind_address: str | None = Field(
-        None, description="Local address of the SIP transport; default: all interfaces."
+        default=None, description="Local address of the SIP transport; default: all interfaces."
     )
-    proxies: tuple[str, ...] = Field((), description="Outbound proxy URIs, in order.")
+    proxies: tuple[str, ...] = Field(default=(), description="Outbound proxy URIs, in order.")
     unregister_timeout: float = Field(
-        2.0, gt=0, le=30, description="Longest wait for the un-REGISTER answer on close."
+        default=2.0, gt=0, le=30, description="Longest wait for the un-REGISTER answer on close."
     )
 
     @field_validator("aor")
