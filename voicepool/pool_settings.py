@@ -119,6 +119,12 @@ class PoolSettings(BaseModel):
         le=1_000_000,
         description="Consecutive connect failures that open the circuit.",
     )
+    min_healthy: float = Field(
+        default=2.0,
+        ge=0,
+        le=_MAX_SECONDS,
+        description="A connection lost this soon after opening (unproven) is a failed connect.",
+    )
     backoff_initial: float = Field(
         default=1.0, gt=0, le=_MAX_SECONDS, description="First retry delay cap after a failure."
     )
