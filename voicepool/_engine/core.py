@@ -518,7 +518,10 @@ class PoolCore(Generic[C]):
             if rec.state is _IDLE or (self.mux and rec.streams == 0):
                 self._lost(rec, "remote_closed", now, out)
             else:
-                self._health_due = now  # held: retired at its release; look again soon
+                # Held: never interrupted, retired at its release (as expire_all marks it: the
+                # release path then retires it, fast path included); look again soon.
+                rec.expires = -math.inf
+                self._health_due = now
             return self._end(now, out)
         if self.mux:
             old, rec.cap = rec.cap, min(self.max_streams, cap)
