@@ -23,6 +23,8 @@ Engine (issue 11), shipped settings unless named:
   fail-fast          1-connection pool, provider down: median caller failure latency (goal <= 0.1 s)
   boot-black-hole    start() with min_size 40 against a black hole, connect_timeout 1 s: seconds
                      (goal <= 1.5 x connect_timeout)
+  state-log          a connection lost and its reconnect refused, then the provider back: the
+                     READY -> DEGRADED -> READY changes the DEBUG log missed (goal 0)
 Adapters (issue 12):
   llm-hang-share     shipped ping settings (30 s / 5 s), 10 LLM requests/s, every HTTP/2
                      connection black-holed: share of requests started after the drop that hang
@@ -125,6 +127,12 @@ async def _boot() -> list[Figure]:
     return [Figure("boot-black-hole", value, 1.5, "s", "connect_timeout 1 s")]
 
 
+async def _state_log() -> list[Figure]:
+    r = await engine.degraded_reported(4)
+    note = f"state during: {r.state_during.value}; missed: {', '.join(r.missing) or 'none'}"
+    return [Figure("state-log", len(r.missing), 0, "missed", note)]
+
+
 def _black_hole_figures(kind: str, r: adapters.BlackHoleResult) -> list[Figure]:
     return [
         Figure(
@@ -164,6 +172,7 @@ SCENARIOS: dict[str, tuple[tuple[str, ...], Runner, bool]] = {
     "circuit-min0": (("circuit-min0",), _circuit_min0, False),
     "fail-fast": (("fail-fast",), _fail_fast, False),
     "boot-black-hole": (("boot-black-hole",), _boot, False),
+    "state-log": (("state-log",), _state_log, False),
     "llm": (("llm-hang-share", "llm-dead-streams"), _llm, False),
     "tts": (("tts-hang-share", "tts-dead-streams"), _tts, False),
     "nginx-budget": (("nginx-budget",), _nginx_budget, True),
@@ -199,7 +208,8 @@ def main() -> None:
             print(f"{key:<18} {' '.join(figs)}")
         return
     # The pools log every circuit change at WARNING; the figures are the output here.
-    logging.getLogger("voicepool").setLevel(logging.ERROR)
+    logging.getLogger("voicepool").addHandler(logging.NullHandler())
+    logging.getLogger("voicepool").propagate = False
     figures: list[Figure] = []
     if not args.json:
         print(f"{'figure':<20} {'value':>10} {'unit':<9} goal")

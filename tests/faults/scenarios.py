@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
@@ -250,3 +251,58 @@ async def boot_time(size: int = 40, connect_timeout: float = 1.0) -> float:
         finally:
             await pool.aclose(0)
             proxy.black_hole(False)
+
+
+class _StateLog(logging.Handler):
+    """Collects the pool's DEBUG state-change lines ``pool NAME: OLD -> NEW``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.prefix = f"pool {name}: "
+        self.changes: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith(self.prefix) and " -> " in text:
+            old, _, new = text[len(self.prefix) :].partition(" -> ")
+            self.changes.append((old.strip(), new.split()[0] if new.split() else new))
+
+
+@dataclass(frozen=True, slots=True)
+class DegradedResult:
+    state_during: PoolState  # ``pool.state`` once a reconnect failed
+    logged: list[tuple[str, str]]  # (old, new) state changes in the DEBUG log
+
+    @property
+    def missing(self) -> list[str]:
+        """The changes of READY -> DEGRADED -> READY the log did not report."""
+        want = [("ready", "degraded"), ("degraded", "ready")]
+        return [f"{a} -> {b}" for a, b in want if (a, b) not in self.logged]
+
+
+async def degraded_reported(size: int = 4) -> DegradedResult:
+    """One connection of a full pool is reset while the provider refuses, then the provider comes
+    back: the state changes the DEBUG log reported (READY -> DEGRADED -> READY expected)."""
+    logger = logging.getLogger("voicepool")
+    handler = _StateLog("degrade")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    settings = PoolSettings(min_size=size, backoff_initial=0.1, backoff_max=0.5)
+    try:
+        async with provider() as server, FaultProxy("127.0.0.1", server.port) as proxy:
+            pool = Pool(ws_adapter(f"ws://127.0.0.1:{proxy.port}"), settings, name="degrade")
+            async with started(pool):
+                await wait_until(lambda: pool.stats().size == size, 10.0)
+                proxy.refuse(True)
+                proxy.connections[0].reset()
+                await wait_until(lambda: pool.stats().connect_failures > 0, 10.0)
+                during = pool.state
+                proxy.refuse(False)
+                await wait_until(
+                    lambda: pool.stats().size == size and pool.state is PoolState.READY, 10.0
+                )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    return DegradedResult(during, handler.changes)

@@ -51,3 +51,10 @@ async def test_a_one_connection_pool_fails_callers_fast_while_its_provider_is_do
 async def test_boot_against_a_black_hole_costs_about_one_connect_timeout() -> None:
     connect_timeout = 0.5
     assert await scenarios.boot_time(40, connect_timeout) <= 1.5 * connect_timeout
+
+
+@pytest.mark.xfail(strict=True, reason=f"{ENGINE}: DEGRADED is derived, never reported")
+async def test_ready_degraded_ready_reach_the_debug_log() -> None:
+    result = await scenarios.degraded_reported(2)
+    assert result.state_during.value == "degraded"
+    assert result.missing == []
