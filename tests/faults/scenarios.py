@@ -15,28 +15,20 @@ import contextlib
 import logging
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from voicepool import Pool, PoolError, PoolSettings, PoolState
 from voicepool.adapters.http2 import Http2Adapter
 from voicepool.adapters.websocket import WebSocketAdapter
-from voicepool.testing import DeepgramEmulator, FaultProxy, LlmEmulator, test_certificates
-
-
-async def wait_until(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.01
-) -> float:
-    """Poll ``predicate`` (pool state has no change event) every ``interval``, at most
-    ``timeout`` seconds; return the seconds it took. Raises TimeoutError."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout:g} s")
-        await asyncio.sleep(interval)
-    return time.monotonic() - start
+from voicepool.testing import (
+    DeepgramEmulator,
+    FaultProxy,
+    LlmEmulator,
+    test_certificates,
+    wait_until,
+)
 
 
 def p99(samples: list[float]) -> float:
@@ -161,7 +153,7 @@ async def outage(size: int = 16, length: float = 1.0, limit: float = 40.0) -> Ou
                     lambda: pool.stats().size == size and pool.stats().state is PoolState.READY,
                     limit,
                 )
-            except TimeoutError:
+            except AssertionError:  # wait_until's "not reached in time"
                 refill = None
     return OutageResult(refill, rate)
 
