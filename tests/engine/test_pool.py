@@ -18,7 +18,6 @@ from voicepool import (
     PoolUnavailable,
 )
 from voicepool.errors import ConnectError, PoolError
-
 from voicepool.testing import FakeAdapter, FakeConn, wait_until
 from voicepool.testing import FakeMuxAdapter as MuxAdapter
 from voicepool.testing import FakeNoResetAdapter as NoResetAdapter

@@ -168,7 +168,7 @@ class FakeAdapter(Adapter[FakeConn]):
 class FakeNoResetAdapter(FakeAdapter):
     """EXCLUSIVE with the base no-op reset: the pool takes its synchronous release path."""
 
-    reset = Adapter.reset  # type: ignore[assignment]
+    reset = Adapter.reset
 
 
 class FakeSingleUseAdapter(FakeAdapter):
