@@ -41,6 +41,10 @@ def ws_adapter(url: str, **options: Any) -> WebSocketAdapter:
     return WebSocketAdapter(url=url + "/v1/listen", close_timeout=0.5, **options)
 
 
+def _llm_adapter(url: str) -> Http2Adapter:
+    return Http2Adapter(base_url=url, ca_file=str(test_certificates().ca_path))
+
+
 @contextlib.asynccontextmanager
 async def provider(*, hang_up: bool = False) -> AsyncIterator[DeepgramEmulator]:
     """A WebSocket provider with no idle close; ``hang_up``: it closes every socket with 1013
@@ -90,8 +94,10 @@ async def reconnect_storm(
     """A ``size``-connection pool on a server that hangs up after each upgrade, for ``window``
     seconds, next to a healthy pool whose acquire latency is measured before and during."""
     settings = PoolSettings(min_size=size, max_size=size, connect_timeout=2.0)
-    async with provider() as healthy, provider(hang_up=True) as bad:
-        neighbour = Pool(ws_adapter(healthy.url), PoolSettings(min_size=4), name="neighbour")
+    async with LlmEmulator() as healthy, provider(hang_up=True) as bad:
+        # The neighbour lends HTTP/2 stream slots: an idle hit with no I/O, whatever lease mode
+        # the WebSocket adapters default to.
+        neighbour = Pool(_llm_adapter(healthy.url), PoolSettings(min_size=2), name="neighbour")
         async with started(neighbour):
             stop = asyncio.Event()
             sampler = asyncio.create_task(_acquire_times(neighbour, stop, pause))
@@ -115,7 +121,7 @@ async def zero_stream_handshakes(size: int = 4, window: float = 5.0) -> int:
     advertises SETTINGS_MAX_CONCURRENT_STREAMS 0."""
     settings = PoolSettings(min_size=size, max_size=size, connect_timeout=2.0)
     async with LlmEmulator(max_concurrent_streams=0) as llm:
-        adapter = Http2Adapter(base_url=llm.url, ca_file=str(test_certificates().ca_path))
+        adapter = _llm_adapter(llm.url)
         before = llm.connections_accepted
         t0 = time.monotonic()
         async with started(Pool(adapter, settings, name="zero-streams")):
