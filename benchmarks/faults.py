@@ -136,7 +136,11 @@ async def _state_log() -> list[Figure]:
 def _black_hole_figures(kind: str, r: adapters.BlackHoleResult) -> list[Figure]:
     return [
         Figure(
-            f"{kind}-hang-share", 100 * r.hung_share, 10, "%", f"{r.hung} of {r.after_drop} hung"
+            f"{kind}-hang-share",
+            100 * r.hung_share,
+            10,
+            "%",
+            f"{r.hung} of {r.after_drop} hung, {r.hung_later} of them after the first failed one",
         ),
         Figure(f"{kind}-dead-streams", r.dead_stream_time, 5.0, "s", "window: 10 s after drop"),
     ]

@@ -71,6 +71,7 @@ class BlackHoleResult:
     after_drop: int  # requests started after the drop
     hung: int  # of those, the ones that did not complete within the request timeout
     dead_stream_time: float  # last new stream on a dead connection - first failed stream, s
+    hung_later: int  # hung requests started after the first failed stream (the adapter's part)
 
     @property
     def hung_share(self) -> float:
@@ -123,8 +124,10 @@ def _result(
 ) -> BlackHoleResult:
     late = [r for r in results if r[0] >= drop]
     failures = [end for start, ok, end in late if not ok]
+    first = min(failures, default=float("inf"))
+    later = sum(1 for start, ok, _ in late if not ok and start >= first)
     return BlackHoleResult(
-        len(late), len(failures), _dead_stream_time(drop, opened, streams, failures)
+        len(late), len(failures), _dead_stream_time(drop, opened, streams, failures), later
     )
 
 
