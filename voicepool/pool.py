@@ -178,9 +178,9 @@ class Pool(Generic[C]):
         self._warmed = loop.create_future()
         self._flush_at = self._clock() + _FLUSH_EVERY
         try:
-            # The warm-up's connects run in a fresh context: refills and pings must not become
-            # children of whatever span was current when start() ran.
-            self._timer_ctx.run(self._apply, self._core.start(self._clock()))
+            # Warm-up connects belong to the caller's trace (the boot span); the timer's work
+            # (refills, pings) runs in a context of its own, never a child of a span long ended.
+            self._apply(self._core.start(self._clock()))
             if self._core.warming:
                 await asyncio.shield(self._warmed)
         except BaseException:
@@ -421,10 +421,12 @@ class Pool(Generic[C]):
             how = "discarded"
         elif exc is not None:
             how = "error"
+        elif self.lease_mode is LeaseMode.SINGLE_USE:
+            how = "ok"  # used, whatever state the call left it in: the core closes it
         elif not self._is_open(rec.conn):
             how = "remote_closed"
         else:
-            how = "ok"  # SINGLE_USE: the core closes it as used
+            how = "ok"
         self._apply(self._core.released(rec, now, how))
 
     async def _release_stream(

@@ -27,7 +27,7 @@ def cfg(**kw: Any) -> PoolSettings:
     return PoolSettings.model_validate(kw)
 
 
-# 1. Reconnect storm -----------------------------------------------------------------------------
+# 1. Reconnect storm -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -72,7 +72,7 @@ def test_zero_stream_http2_server_is_a_failed_connect() -> None:
     assert sim.core.closed_by.get("no_capacity", 0) == len(sim.connects)
 
 
-# 2. Slow recovery -------------------------------------------------------------------------------
+# 2. Slow recovery ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
@@ -129,7 +129,7 @@ def test_circuit_of_min_size_0_pool_recovers_without_demand() -> None:
     assert sim.core.state is PoolState.READY
 
 
-# 4. Small pools fail fast ---------------------------------------------------------------------------
+# 4. Small pools fail fast -------------------------------------------------------------------------
 
 
 def test_waiter_whose_deadline_precedes_the_retry_fails_at_once() -> None:
@@ -171,7 +171,7 @@ def test_one_connection_pool_with_provider_down_fails_callers_fast() -> None:
     assert median <= 0.1
 
 
-# 5. Boot held hostage ---------------------------------------------------------------------------
+# 5. Boot held hostage -----------------------------------------------------------------------------
 
 
 def test_warm_up_against_a_black_hole_costs_one_connect_timeout() -> None:
@@ -196,7 +196,7 @@ def test_warm_up_stops_once_the_circuit_opens() -> None:
     assert len(sim.connects) == 4
 
 
-# 6. DEGRADED is reported ----------------------------------------------------------------------------
+# 6. DEGRADED is reported --------------------------------------------------------------------------
 
 
 def test_ready_degraded_ready_are_state_changes() -> None:
@@ -237,7 +237,7 @@ async def test_degraded_reaches_the_on_state_hook_and_the_log(
     await pool.aclose()
 
 
-# 7. One clock, injected randomness, no overflow, O(1) abandonment ------------------------------------
+# 7. One clock, injected randomness, no overflow, O(1) abandonment ---------------------------------
 
 
 def _trace(seed: int) -> list[str]:
@@ -298,7 +298,7 @@ def test_waiter_abandonment_is_constant_time() -> None:
     assert large < small * 4, (small, large)  # flat per waiter, not linear
 
 
-# Ping others on a loss; suspect MULTIPLEXED connections ---------------------------------------------
+# Ping others on a loss; suspect MULTIPLEXED connections -------------------------------------------
 
 
 def test_a_loss_pings_every_other_idle_connection() -> None:

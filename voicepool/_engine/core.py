@@ -729,17 +729,18 @@ class PoolCore(Generic[C]):
         # A network event rarely kills one socket: look at the others now.
         if not ping_others:
             return
-        if self.mux:
-            for other in self.mux_conns:
-                if not other.pinging:
-                    other.pinging = True
-                    out.append(Ping(other))
-        else:
-            for other in self.idle:
-                other.state = _PINGING
-                other.pinging = True
-                out.append(Ping(other))
+        others = [r for r in self.mux_conns if not r.pinging] if self.mux else list(self.idle)
+        if not self.mux:
             self.idle.clear()
+        for other in others:
+            if not self.is_open(other.conn):
+                other.state = _IN_USE if not self.mux else other.state  # (out of idle already)
+                self._lost(other, "remote_closed", now, out, ping_others=False)
+                continue
+            if not self.mux:
+                other.state = _PINGING
+            other.pinging = True
+            out.append(Ping(other))
 
     def _failed(
         self, err: BaseException, fatal: bool, started: float, now: float, out: list[Action]
