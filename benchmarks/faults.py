@@ -9,9 +9,9 @@ The scenarios themselves live in tests/faults/ (the tests run them scaled down).
 
 Engine (issue 11), shipped settings unless named:
   storm-handshakes   a server that closes 1013 right after each upgrade: handshakes in 5 s from a
-                     63-connection pool (goal <= 40)
+                     63-connection pool, worst of 3 rounds (goal <= 40)
   storm-neighbour    a healthy pool's acquire p99, seen from the call's arrival, during that storm
-                     vs before it in the same run (goal <= 3x)
+                     vs before it, paired per round, median of 3 rounds (goal <= 3x)
   zero-streams       an HTTP/2 server advertising MAX_CONCURRENT_STREAMS 0: handshakes in 5 s from
                      a 4-connection pool (goal <= 20)
   outage-refill      16-connection pool, provider reset and refusing for 1 s: seconds from its
@@ -80,17 +80,21 @@ class Figure:
         return f"  {self.name:<18} {value:>10} {self.unit:<9} {goal} {verdict}  {self.note}"
 
 
-async def _storm() -> list[Figure]:
-    r = await engine.reconnect_storm(63, window=5.0, baseline=2.0)
-    ratio = r.storm_p99 / r.baseline_p99
+async def _storm(rounds: int = 3) -> list[Figure]:
+    # Rounds of (baseline, storm), each ratio paired within its round: the machine's noise moves
+    # a p99 of loop lag by several x between runs, far less within one round.
+    results = [await engine.reconnect_storm(63, window=5.0, baseline=2.0) for _ in range(rounds)]
+    ratios = sorted(r.storm_p99 / r.baseline_p99 for r in results)
+    pairs = ", ".join(f"{r.baseline_p99 * 1e3:.2f}->{r.storm_p99 * 1e3:.2f}" for r in results)
+    counts = [r.handshakes for r in results]
     return [
-        Figure("storm-handshakes", r.handshakes, 40, "in 5 s"),
+        Figure("storm-handshakes", max(counts), 40, "in 5 s", f"worst of rounds {counts}"),
         Figure(
             "storm-neighbour",
-            ratio,
+            ratios[len(ratios) // 2],
             3.0,
             "x",
-            f"p99 {r.baseline_p99 * 1e3:.2f} -> {r.storm_p99 * 1e3:.2f} ms",
+            f"median of {rounds} paired rounds; p99 ms {pairs}",
         ),
     ]
 
