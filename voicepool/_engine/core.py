@@ -357,6 +357,7 @@ class PoolCore(Generic[C]):
             else:
                 rec.next_ping = max(rec.next_ping, now + rec.ping_period)
                 self._deliver(rec, now, out)
+            self._grow(now, out)  # a proof may have ended a backoff: waiters get connects
         elif how == "remote_closed":
             self._lost(rec, how, now, out)
         else:
@@ -382,6 +383,7 @@ class PoolCore(Generic[C]):
             return self._end(now, out)
         if why is None:
             self._prove(rec, now)
+            self._grow(now, out)
         elif not rec.suspect:
             rec.suspect = True
             if not rec.pinging:
