@@ -109,6 +109,7 @@ class Pool(Generic[C]):
         )
         self._mux = resolved.lease_mode is LeaseMode.MULTIPLEXED
         self._is_open = adapter.is_open
+        self._check_open = None if type(adapter).is_open is Adapter.is_open else adapter.is_open
         self._leak_threshold = s.leak_threshold
         self._instrumented = s.leak_threshold is not None or s.trace_acquire
         # Lease inlines the idle hit for these, and the clean EXCLUSIVE release.

@@ -202,6 +202,8 @@ class PoolCore(Generic[C]):
         for rec in list(self.conns.values()):
             if rec.state is not _IN_USE or (self.mux and not rec.streams):
                 self._retire(rec, "shutdown", now, out)
+            else:
+                rec.expires = -math.inf  # its release comes to the core (the fast path checks this)
         return self._end(now, out)
 
     def close_all(self, now: float) -> list[Action]:
