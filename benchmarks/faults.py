@@ -219,9 +219,10 @@ def main() -> None:
     logging.getLogger("voicepool").addHandler(logging.NullHandler())
     logging.getLogger("voicepool").propagate = False
     figures: list[Figure] = []
+    keys = _selected(args.only)
     if not args.json:
         print(f"{'figure':<20} {'value':>10} {'unit':<9} goal")
-    for key in _selected(args.only):
+    for key in keys:
         names, runner, needs_nginx = SCENARIOS[key]
         if needs_nginx and not nginx_available():
             rows = [Figure(n, None, 0, "", "SKIPPED: nginx not installed") for n in names]
