@@ -848,8 +848,10 @@ class PoolCore(Generic[C]):
         jittered start. While connects fail: one at a time after the backoff (the probe, which
         runs whatever the demand while the circuit is open). During warm-up: one wave at a time.
         """
-        if self.closing or self.lifecycle is PoolState.NEW:
-            return 0
+        size = len(self.conns)
+        room = self.max_size - size - self.opening
+        if room <= 0 or self.closing or self.lifecycle is PoolState.NEW:
+            return 0  # (full first: the contended hand-off asks this at every wait)
         if self.warming and self.opening:
             return 0  # warm-up dials in waves: a wave that fails ends it (see _check_warm)
         if self.steps:
@@ -860,9 +862,7 @@ class PoolCore(Generic[C]):
             limit = self.settings.connect_concurrency
         else:
             limit = self.settings.connect_concurrency - self.opening
-        size = len(self.conns)
-        room = self.max_size - size - self.opening
-        if room <= 0 or limit <= 0:
+        if limit <= 0:
             return 0
         floor = max(0, min(self.max_size, self.policy.warm_floor(self, now)))
         refill = self._refill
