@@ -156,7 +156,8 @@ class PoolCore(Generic[C]):
         self._refill: list[float] = []  # jittered start times of replacements for lost ones
         self._young: deque[ConnRecord[C]] = deque()  # unproven, in creation order
         self._health_due = 0.0
-        self._wake_at = math.inf
+        self._wake_at = math.inf  # when the driver's timer is armed for
+        self._soonest = math.inf  # the earliest time anything scheduled since then is due
 
         self.n_acquired = 0
         self.n_exhausted = 0
@@ -179,6 +180,7 @@ class PoolCore(Generic[C]):
         self.warming = True
         self.window.start = now
         self._health_due = now
+        self._at(now)
         self._grow(now, out)
         self._check_warm(now)
         return self._end(now, out)
@@ -234,6 +236,7 @@ class PoolCore(Generic[C]):
         for rec in self.conns.values():
             rec.expires = -math.inf
         self._health_due = now
+        self._at(now)
         return self._end(now, out)
 
     # -- acquire ---------------------------------------------------------------------------------
@@ -306,6 +309,7 @@ class PoolCore(Generic[C]):
         self.n_waiting += 1
         self._seq += 1
         heapq.heappush(self._deadlines, (waiter.deadline, self._seq, waiter))
+        self._at(waiter.deadline)
         self._grow(now, out)
         if len(self.conns) + self.opening >= self.max_size:
             self.n_exhausted += 1
@@ -440,6 +444,7 @@ class PoolCore(Generic[C]):
         # recovering it is pinged at once, so a server that accepts and hangs up is found in
         # one round trip.
         self._young.append(rec)
+        self._at(min(self._health_due, now + s.min_healthy))
         if self.mux:
             rec.state = _IN_USE
             self.mux_conns.append(rec)
@@ -520,6 +525,7 @@ class PoolCore(Generic[C]):
                 self._lost(rec, "remote_closed", now, out)
             else:
                 self._health_due = now  # held: retired at its release; look again soon
+                self._at(now)
             return self._end(now, out)
         if self.mux:
             old, rec.cap = rec.cap, min(self.max_streams, cap)
@@ -564,6 +570,7 @@ class PoolCore(Generic[C]):
         if (health or now >= self._health_due) and not self.closing:
             self._health_due = self._health_pass(now, out)
         self._grow(now, out)
+        self._soonest = self.next_due(now)
         return self._end(now, out)
 
     def _health_pass(self, now: float, out: list[Action]) -> float:
@@ -729,7 +736,9 @@ class PoolCore(Generic[C]):
             self._failed(err, False, rec.started, now, out)
         else:
             # Replacements of lost connections start at jittered times, not in one burst.
-            heapq.heappush(self._refill, now + self.rng.uniform(0, self.settings.backoff_initial))
+            at = now + self.rng.uniform(0, self.settings.backoff_initial)
+            heapq.heappush(self._refill, at)
+            self._at(at)
         # A network event rarely kills one socket: look at the others now.
         if not ping_others:
             return
@@ -761,6 +770,7 @@ class PoolCore(Generic[C]):
                 s.backoff_initial * s.backoff_multiplier ** min(self.steps - 1, self._max_step),
             )
             self.retry_at = now + self.rng.uniform(0, cap)  # full jitter
+            self._at(self.retry_at)
         if self.warming:
             self._warm_failed = True
         if (fatal or self.steps >= self.settings.failure_threshold) and not self.circuit_open:
@@ -934,11 +944,18 @@ class PoolCore(Generic[C]):
         if new is not self.reported:
             out.append(StateChanged(self.reported, new))
             self.reported = new
-        due = self.next_due(now)
-        if due < self._wake_at:
+        due = self._soonest
+        if due < self._wake_at and self.lifecycle is not PoolState.CLOSED:
             self._wake_at = due
             out.append(Wake(due))
         return out
+
+    def _at(self, t: float) -> None:
+        """Something is due at ``t``: the transition point arms the timer if that is sooner.
+
+        O(1) on every event; the full :meth:`next_due` runs once per timer tick."""
+        if t < self._soonest:
+            self._soonest = t
 
     def next_due(self, now: float) -> float:
         """When :meth:`tick` must run next (O(1): heap tops and a few fields)."""
