@@ -232,7 +232,10 @@ async def test_ttls_from_a_real_dns_server() -> None:
     transport, _ = await loop.create_datagram_endpoint(lambda: stub, local_addr=("127.0.0.1", 0))
     port = transport.get_extra_info("sockname")[1]
     try:
-        lookup = aiodns_lookup(["127.0.0.1"], udp_port=port, tcp_port=port, lookups="b")
+        # Generous timeout and tries: on a loaded machine a UDP answer can be late.
+        lookup = aiodns_lookup(
+            ["127.0.0.1"], udp_port=port, tcp_port=port, lookups="b", timeout=5.0, tries=4
+        )
         answers = await lookup(HOST)
         assert {(a.address, a.ttl) for a in answers} == {("127.0.0.2", 120), ("127.0.0.1", 120)}
         clock = [0.0]
