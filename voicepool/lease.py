@@ -86,6 +86,12 @@ class Lease(Generic[C]):
             raise LeaseReleased(f"lease of pool {self._pool.name!r} is not held")
         self._discard = reason
 
+    async def release(self, error: BaseException | None = None) -> None:
+        """Give back a lease got with ``pool.lease()``: as leaving ``async with``, with ``error``
+        as the exception raised in the block (None: a clean release). Idempotent.
+        """
+        await self.__aexit__(None if error is None else type(error), error, None)
+
     async def __aenter__(self) -> Lease[C]:
         if self._state:
             raise RuntimeError("a Lease can be entered only once; call pool.acquire() again")

@@ -49,7 +49,7 @@ from voicepool.errors import (
     PoolExhausted,
     PoolUnavailable,
 )
-from voicepool.lease import Lease
+from voicepool.lease import _HELD, Lease
 from voicepool.pool_settings import PoolSettings
 
 __all__ = ["Pool", "PoolState", "PoolStats"]
@@ -300,6 +300,82 @@ class Pool(Generic[C]):
         for rec in self._conns.values():
             rec.expires = -math.inf
         self._poke()
+
+    async def lease(self, timeout: float | None = None) -> Lease[C]:
+        """Borrow a connection without ``async with``; release it with ``await lease.release()``.
+
+        For frameworks whose connect and disconnect are separate calls. Raises what
+        :meth:`acquire` raises on entry; cancellation-safe (a cancelled lease() holds nothing).
+        """
+        lease = Lease(self, timeout)
+        await lease.__aenter__()
+        return lease
+
+    # -- run-time sizing and observers, the public seams PoolGroup is built on ------------------
+
+    def lease_nowait(self) -> Lease[C] | None:
+        """A held lease if a connection (or stream) is free right now, else None.
+
+        Never waits, never connects, never raises: a pool that is not lending (not started,
+        closing, circuit open with nothing idle) answers None. Release the lease as usual.
+        """
+        if not self._started or self._closing:
+            return None
+        lease = Lease(self, None)
+        if not self._take(lease):
+            return None
+        lease._state = _HELD
+        if self._instrumented:
+            lease._leak = None
+            if self._leak_threshold is not None:
+                self._watch_leak(lease)
+        return lease
+
+    @property
+    def can_open(self) -> bool:
+        """True when an acquire that finds nothing free would open a connection rather than wait
+        for a release: below ``max_size``, circuit closed, the last connect did not fail."""
+        return (
+            not self._circuit_open
+            and not self._consecutive_failures
+            and len(self._conns) + self._opening < self.max_size
+        )
+
+    def set_min_size(self, min_size: int) -> None:
+        """Change the warm floor at run time (a standby member of a group grows or shrinks).
+
+        Growing opens the missing connections in the background (with the usual backoff);
+        shrinking closes idle connections above the new floor at once, oldest first, and never
+        touches a lease in use. Raises ValueError outside ``0 <= min_size <= max_size``.
+        Synchronous.
+        """
+        if not 0 <= min_size <= self.max_size:
+            raise ValueError(
+                f"pool {self.name!r}: min_size must be within 0..{self.max_size}, got {min_size}"
+            )
+        self.min_size = min_size
+        if not self._started or self._closing:
+            return
+        surplus = len(self._conns) + self._opening - min_size
+        for rec in list(self._mux_conns if self._mux else self._idle):
+            if surplus <= 0:
+                break
+            if rec.state is ConnState.IDLE or (self._mux and rec.streams == 0):
+                self._retire(rec, "idle")
+                surplus -= 1
+        self._report_state()
+        self._grow()
+        self._poke()
+
+    def add_observer(self, observer: PoolObserver) -> None:
+        """Attach ``observer`` (a :class:`voicepool._engine.observer.PoolObserver`) from now on."""
+        if observer not in self._observers:
+            self._observers.append(observer)
+
+    def remove_observer(self, observer: PoolObserver) -> None:
+        """Detach an observer added with :meth:`add_observer`; unknown ones are ignored."""
+        if observer in self._observers:
+            self._observers.remove(observer)
 
     def _maintain(self, now: float | None = None) -> float:
         """Run one health pass (tests drive it with a fake clock); returns the next due time."""
