@@ -67,6 +67,12 @@ _RTT_SMOOTHING = 0.3  # weight of a new sample in the smoothed round trip (EWMA)
 _USABLE = (PoolState.READY, PoolState.DEGRADED)
 
 
+def _lends(pool: Pool[Any]) -> bool:
+    """Booted well enough to lend: READY, or DEGRADED with at least one connection open."""
+    state = pool.state
+    return state is PoolState.READY or (state is PoolState.DEGRADED and pool.stats().size > 0)
+
+
 class GroupPolicy(enum.Enum):
     """How a group ranks its members."""
 
@@ -297,7 +303,7 @@ class PoolGroup(Generic[C]):
         now = self._clock()
         for m in self._members:
             m.ready_since = now if m.pool.state is PoolState.READY else None
-        if require_ready and not any(m.pool.state in _USABLE for m in self._members):
+        if require_ready and not any(_lends(m.pool) for m in self._members):
             err = self._unavailable()
             await self.aclose(0)
             raise err
