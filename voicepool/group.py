@@ -215,6 +215,7 @@ class PoolGroup(Generic[C]):
         self._failback_timer: asyncio.TimerHandle | None = None
         self._releasers: set[asyncio.Task[None]] = set()
         self._started = False
+        self._chosen = False  # the first choice (after boot) was made
         self._closed = False
         self.failovers = 0
         self.failbacks = 0
@@ -476,8 +477,9 @@ class PoolGroup(Generic[C]):
 
     def _reselect(self, *, initial: bool = False) -> None:
         """Decide the active member from the members' states and round trips (synchronous)."""
-        if not self._started or self._closed:
-            return
+        if (not self._chosen and not initial) or self._closed:
+            return  # members report states while they boot: the first choice is made after
+        self._chosen = True
         now = self._clock()
         cur = self._active
         ranked = self._ranked()

@@ -1,0 +1,342 @@
+"""A region outage under live traffic: a PoolGroup vs a framework-style fallback.
+
+    .venv/bin/python benchmarks/failover.py [--rate 25] [--hold 4] [--standby-min 4]
+                                            [--failback-after 3] [--seconds 4]
+
+Two Deepgram emulators ("regions") behind FaultProxy at 20 and 60 ms round trip, Deepgram adapter
+pools (SINGLE_USE, as Deepgram is used), Poisson call arrivals at ``--rate`` a second, each call
+holding its stream ``--hold`` seconds (about rate x hold calls in flight). A call's first turn is
+acquire + one audio frame + its interim transcript. The primary is killed by resetting every
+connection through its proxy and refusing new ones (what a crashed process looks like to a client).
+
+Phases, one run, every loop bounded in count and time:
+
+1. ``lowest_rtt`` picks the 20 ms region (the smoothed ping round trips are printed).
+2. Normal traffic; the 60 ms region's warm first turn is measured beside it (calls straight to its
+   pool at a low rate): the "normal" the outage figures are compared with.
+3. Kill the primary mid-traffic: calls in flight on it fail (counted apart: their socket died);
+   new calls: acquire wait (max after the circuit opened, and for the first ones), failures,
+   whether the first call on the standby paid a handshake, first-turn p50/p99.
+4. The primary returns: fail-back after ``failback_after`` of READY, the standby shrinks to
+   ``standby_min``.
+5. Flapping: the primary goes down and up every 2 s, 3 times: failovers counted.
+6. The same outage with a framework-style fallback (LiveKit FallbackAdapter, Pipecat's failover
+   switcher): each call connects to the primary, waits for its error, then connects cold to the
+   fallback (the failed provider is skipped for 5 s after an error, then retried).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from voicepool import Pool, PoolGroup, PoolSettings, PoolState, telemetry
+from voicepool.adapters.deepgram import DeepgramAdapter, DeepgramConnection
+from voicepool.group import GroupObserver, add_group_observer_factory
+from voicepool.testing.asr import DeepgramEmulator
+from voicepool.testing.faultproxy import FaultProxy
+
+KEY = "bench-key"
+
+
+@dataclass
+class Call:
+    started: float  # perf_counter at arrival
+    wait: float = 0.0  # seconds in acquire
+    first_turn: float = 0.0  # acquire + audio + interim result
+    member: str = ""
+    error: str = ""
+
+
+class Switches(GroupObserver):
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, str, str, str, bool]] = []
+        self.changed = asyncio.Event()
+
+    def on_switch(self, group: PoolGroup[Any], old: str, new: str, why: str, back: bool) -> None:
+        self.seen.append((time.perf_counter(), old, new, why, back))
+        self.changed.set()
+
+
+async def turn(stream: DeepgramConnection) -> None:
+    await stream.send_audio(b"hello")
+    await stream.recv()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+class Traffic:
+    """Poisson arrivals of calls, each run by ``call()``; bounded by ``stop()`` and a call cap."""
+
+    def __init__(self, rate: float, run: Callable[[Call], Awaitable[None]], cap: int) -> None:
+        self.rate = rate
+        self.run = run
+        self.cap = cap
+        self.calls: list[Call] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._rng = random.Random(7)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._arrivals())
+
+    async def _arrivals(self) -> None:
+        while not self._stop.is_set() and len(self.calls) < self.cap:
+            call = Call(time.perf_counter())
+            self.calls.append(call)
+            task = asyncio.get_running_loop().create_task(self.run(call))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            try:
+                async with asyncio.timeout(self._rng.expovariate(self.rate)):
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=30)
+
+    def since(self, t0: float, t1: float = float("inf")) -> list[Call]:
+        return [c for c in self.calls if t0 <= c.started < t1]
+
+
+def settings(min_size: int) -> PoolSettings:
+    return PoolSettings(
+        concurrency=110,
+        min_size=min_size,
+        ping_interval=0.5,
+        ping_timeout=0.4,
+        connect_timeout=1.0,
+        failure_threshold=1,
+        backoff_initial=0.2,
+        backoff_max=0.5,
+        acquire_timeout=3.0,
+        alarm_wait_p95_ms=1000,
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    telemetry.disable_default()
+    switches = Switches()
+    add_group_observer_factory(lambda group: switches)
+    async with (
+        DeepgramEmulator(api_key=KEY, idle_timeout=None) as em_near,
+        DeepgramEmulator(api_key=KEY, idle_timeout=None) as em_far,
+        FaultProxy("127.0.0.1", em_near.port, latency=0.010) as near_proxy,
+        FaultProxy("127.0.0.1", em_far.port, latency=0.030) as far_proxy,
+    ):
+
+        def adapter(proxy: FaultProxy) -> DeepgramAdapter:
+            return DeepgramAdapter(url=f"ws://127.0.0.1:{proxy.port}", api_key=KEY)
+
+        near = Pool(adapter(near_proxy), settings(args.spares), name="asr_near")
+        far = Pool(adapter(far_proxy), settings(args.spares), name="asr_far")
+        group = PoolGroup(
+            [far, near],  # listed far first: lowest_rtt must still pick near
+            name="asr",
+            policy="lowest_rtt",
+            standby_min=args.standby_min,
+            failback_after=args.failback_after,
+        )
+        async with group:
+            for _ in range(100):  # wait (bounded) until both members have ping round trips
+                if group.rtt("asr_near") is not None and group.rtt("asr_far") is not None:
+                    break
+                await asyncio.sleep(0.1)
+            rtt_near, rtt_far = group.rtt("asr_near"), group.rtt("asr_far")
+            print(
+                f"1. lowest_rtt: active={group.active.name}  ping rtt near="
+                f"{(rtt_near or 0) * 1e3:.1f} ms far={(rtt_far or 0) * 1e3:.1f} ms"
+            )
+
+            async def group_call(call: Call) -> None:
+                try:
+                    t_acquire = time.perf_counter()
+                    async with group.acquire() as lease:
+                        call.wait = time.perf_counter() - t_acquire
+                        call.member = lease.pool.name
+                        await turn(lease.conn)
+                        call.first_turn = time.perf_counter() - call.started
+                        await asyncio.sleep(args.hold)
+                except Exception as exc:
+                    call.error = type(exc).__name__
+
+            far_normal: list[float] = []
+
+            async def far_direct() -> None:
+                for _ in range(int(args.seconds * 5)):
+                    t0 = time.perf_counter()
+                    async with far.acquire() as lease:
+                        await turn(lease.conn)
+                        far_normal.append(time.perf_counter() - t0)
+                    await asyncio.sleep(0.2)
+
+            traffic = Traffic(args.rate, group_call, cap=int(args.rate * 60))
+            traffic.start()
+            t_normal = time.perf_counter()
+            await asyncio.gather(far_direct(), asyncio.sleep(args.seconds))
+            normal = [c.first_turn for c in traffic.since(t_normal) if not c.error and c.first_turn]
+            print(
+                f"2. normal: {len(normal)} calls on {group.active.name}, first turn p50"
+                f" {pct(normal, 0.5):.1f} ms p99 {pct(normal, 0.99):.1f} ms; far region warm"
+                f" (direct) p50 {pct(far_normal, 0.5):.1f} ms p99 {pct(far_normal, 0.99):.1f} ms;"
+                f" far pool size {far.stats().size} (standby_min={args.standby_min} spares)"
+            )
+
+            # -- 3. kill the primary mid-traffic --------------------------------------------------
+            in_flight = [c for c in traffic.calls if c.member == "asr_near" and c.first_turn]
+            in_flight = [c for c in in_flight if c.started > time.perf_counter() - args.hold]
+            far_connects = far.stats().connects
+            n_switch = len(switches.seen)
+            t_kill = time.perf_counter()
+            near_proxy.refuse(True)
+            await near_proxy.reset_all()
+            async with asyncio.timeout(5):
+                while len(switches.seen) == n_switch:
+                    switches.changed.clear()
+                    await switches.changed.wait()
+            t_open = switches.seen[n_switch][0]
+            await asyncio.sleep(args.seconds)
+            new = traffic.since(t_kill, t_kill + args.seconds)
+            after_open = [c for c in new if c.started >= t_open]
+            before_open = [c for c in new if c.started < t_open]
+            failed = [c for c in new if c.error]
+            first_far = next((c for c in after_open if c.member == "asr_far"), None)
+            turns = [c.first_turn for c in new if not c.error]
+            print(
+                f"3. kill: failover {(t_open - t_kill) * 1e3:.1f} ms after the kill"
+                f" ({switches.seen[n_switch][3]}); {len(in_flight)} calls in flight on the"
+                f" primary lost their socket; new calls {len(new)}: failed {len(failed)},"
+                f" max acquire wait after the circuit opened"
+                f" {max((c.wait for c in after_open), default=0) * 1e3:.2f} ms"
+                f" (p99 {pct([c.wait for c in after_open], 0.99):.2f} ms), before it"
+                f" {max((c.wait for c in before_open), default=0) * 1e3:.1f} ms"
+                f" ({len(before_open)} calls); waits > 1 ms after it:"
+                f" {sum(1 for c in after_open if c.wait > 0.001)}"
+            )
+            first_wait = first_far.wait if first_far else 0.0
+            print(
+                f"   first call on the standby waited {first_wait * 1e3:.2f}"
+                f" ms (a handshake is >= 2 x 60 ms); far connects before it: {far_connects};"
+                f" first turn p50 {pct(turns, 0.5):.1f} ms p99 {pct(turns, 0.99):.1f} ms"
+                f" = {pct(turns, 0.99) / pct(far_normal, 0.99):.2f}x the far region's normal p99"
+            )
+            group_p99_ratio = pct(turns, 0.99) / pct(far_normal, 0.99)
+
+            # -- 4. fail-back ---------------------------------------------------------------------
+            n_switch = len(switches.seen)
+            near_proxy.refuse(False)
+            t_back = time.perf_counter()
+            ready_at = None
+            async with asyncio.timeout(args.failback_after + 15):
+                while len(switches.seen) == n_switch:
+                    if ready_at is None and near.state is PoolState.READY:
+                        ready_at = time.perf_counter()
+                    await asyncio.sleep(0.01)
+            t_fb = switches.seen[n_switch][0]
+            for _ in range(100):  # bounded: the standby's idle spares close at once
+                if far.stats().size <= args.standby_min + far.stats().in_use:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+            later = traffic.since(t_fb + 0.2, t_fb + 1.0)
+            on_near = sum(1 for c in later if c.member == "asr_near")
+            print(
+                f"4. fail-back {(t_fb - t_back):.2f} s after the primary returned"
+                f" ({(t_fb - (ready_at or t_back)):.2f} s after it was READY; failback_after"
+                f" {args.failback_after} s): {on_near}/{len(later)} new calls on the primary;"
+                f" standby min_size {far.min_size}, idle {far.stats().idle}"
+            )
+
+            # -- 5. flapping ----------------------------------------------------------------------
+            n_switch = len(switches.seen)
+            for _ in range(3):
+                near_proxy.refuse(True)
+                await near_proxy.reset_all()
+                await asyncio.sleep(2.0)
+                near_proxy.refuse(False)
+                await asyncio.sleep(2.0)
+            flaps = switches.seen[n_switch:]
+            print(
+                f"5. flapping (down/up every 2 s, 3 cycles, failback_after"
+                f" {args.failback_after} s): {sum(1 for s in flaps if not s[4])} failovers,"
+                f" {sum(1 for s in flaps if s[4])} fail-backs"
+            )
+            await traffic.stop()
+            print(
+                f"   over the run: {len(traffic.calls)} calls, failovers {group.failovers},"
+                f" fail-backs {group.failbacks}"
+            )
+
+        # -- 6. the framework-style fallback, same outage ------------------------------------------
+        near_proxy.refuse(False)
+        primary, fallback = adapter(near_proxy), adapter(far_proxy)
+        skip_until = 0.0
+
+        async def framework_call(call: Call) -> None:
+            nonlocal skip_until
+            conn = None
+            t_acquire = time.perf_counter()
+            try:
+                if time.perf_counter() >= skip_until:
+                    try:
+                        async with asyncio.timeout(1.0):
+                            conn = await primary.connect()
+                        call.member = "near"
+                    except Exception:
+                        skip_until = time.perf_counter() + 5.0
+                if conn is None:
+                    conn = await fallback.connect()
+                    call.member = "far"
+                call.wait = time.perf_counter() - t_acquire
+                await turn(conn)
+                call.first_turn = time.perf_counter() - call.started
+                await asyncio.sleep(args.hold)
+            except Exception as exc:
+                call.error = type(exc).__name__
+            finally:
+                if conn is not None:
+                    await (primary if call.member == "near" else fallback).close(conn)
+
+        fw = Traffic(args.rate, framework_call, cap=int(args.rate * 30))
+        fw.start()
+        await asyncio.sleep(2.0)
+        t_kill = time.perf_counter()
+        near_proxy.refuse(True)
+        await near_proxy.reset_all()
+        await asyncio.sleep(args.seconds)
+        await fw.stop()
+        new = fw.since(t_kill, t_kill + args.seconds)
+        turns = [c.first_turn for c in new if not c.error]
+        print(
+            f"6. framework fallback, same outage: new calls {len(new)}, failed"
+            f" {sum(1 for c in new if c.error)}, first turn p50 {pct(turns, 0.5):.1f} ms"
+            f" p99 {pct(turns, 0.99):.1f} ms = {pct(turns, 0.99) / pct(far_normal, 0.99):.2f}x"
+            f" the far region's normal p99 (group: {group_p99_ratio:.2f}x)"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rate", type=float, default=25.0, help="call arrivals a second")
+    parser.add_argument("--hold", type=float, default=4.0, help="seconds a call holds its stream")
+    parser.add_argument("--standby-min", type=int, default=4, help="standby's warm spares")
+    parser.add_argument("--spares", type=int, default=10, help="active member's warm spares")
+    parser.add_argument("--failback-after", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each phase")
+    asyncio.run(main(parser.parse_args()))
