@@ -3,6 +3,7 @@ is lost, calls are placed on the other, at once and on a registration that was a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 
 from tests.group.test_group import Switches
 from tests.peers.sipp import Sipp, sipp_available
-from tests.sip.conftest import eventually, fast, sip_adapter
+from tests.sip.conftest import KamailioFactory, eventually, fast, sip_adapter
 from voicepool import Pool, PoolGroup, PoolState
 from voicepool.adapters.sip import OwnerContext, SipRegistration
 from voicepool.group import GroupObserver, add_group_observer_factory, remove_group_observer_factory
@@ -88,3 +89,30 @@ async def test_carrier_registration_lost_calls_go_to_the_other(switches: Switche
                 assert lease.conn.registered
                 await place_call(lease.conn, f"sip:service@127.0.0.1:{uas.port}")
             assert second.stats().connects == connects  # the call used the warm registration
+
+
+async def test_two_kamailio_carriers_one_stops_calls_go_to_the_other(
+    kamailio_factory: KamailioFactory, switches: Switches
+) -> None:
+    carrier_a, carrier_b = await kamailio_factory(), await kamailio_factory()
+    async with Sipp("uas", transport="udp") as uas:
+        first = Pool(sip_adapter(carrier_a.uri), fast(), name="carrier_a")
+        second = Pool(sip_adapter(carrier_b.uri), fast(), name="carrier_b")
+        async with PoolGroup([first, second], name="pstn", failback_after=60) as group:
+            assert await carrier_a.binding_count("alice") == 1
+            assert await carrier_b.binding_count("alice") == 1  # the standby is registered
+            loop = asyncio.get_running_loop()
+            t_stop = loop.time()
+            await carrier_a.stop()  # its refresh REGISTERs (the pings) go unanswered
+            assert (await switches.next(timeout=8))[:2] == ("carrier_a", "carrier_b")
+            failover_s = loop.time() - t_stop
+            t0 = loop.time()
+            async with group.acquire() as lease:
+                waited = loop.time() - t0
+                assert lease.pool is second
+                await place_call(lease.conn, f"sip:service@127.0.0.1:{uas.port}")
+            assert waited < 0.05
+            print(
+                f"kamailio pair: failover {failover_s * 1e3:.0f} ms after the stop,"
+                f" first acquire on the other carrier {waited * 1e6:.0f} us"
+            )
