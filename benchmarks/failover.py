@@ -4,8 +4,9 @@
                                             [--failback-after 3] [--seconds 4]
 
 Two Deepgram emulators ("regions") behind FaultProxy at 20 and 60 ms round trip, Deepgram adapter
-pools (SINGLE_USE, as Deepgram is used), Poisson call arrivals at ``--rate`` a second, each call
-holding its stream ``--hold`` seconds (about rate x hold calls in flight). A call's first turn is
+pools (EXCLUSIVE, Finalize as the reset; ``--no-reuse``: SINGLE_USE spares), Poisson call
+arrivals at ``--rate`` a second, each call holding its stream ``--hold`` seconds (about rate x
+hold calls in flight). A call's first turn is
 acquire + one audio frame + its interim transcript. The primary is killed by resetting every
 connection through its proxy and refusing new ones (what a crashed process looks like to a client).
 
@@ -31,7 +32,7 @@ import argparse
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +79,9 @@ def pct(values: list[float], q: float) -> float:
 class Traffic:
     """Poisson arrivals of calls, each run by ``call()``; bounded by ``stop()`` and a call cap."""
 
-    def __init__(self, rate: float, run: Callable[[Call], Awaitable[None]], cap: int) -> None:
+    def __init__(
+        self, rate: float, run: Callable[[Call], Coroutine[Any, Any, None]], cap: int
+    ) -> None:
         self.rate = rate
         self.run = run
         self.cap = cap
@@ -115,11 +118,11 @@ class Traffic:
         return [c for c in self.calls if t0 <= c.started < t1]
 
 
-def settings(min_size: int) -> PoolSettings:
+def settings(min_size: int | None) -> PoolSettings:
     return PoolSettings(
         concurrency=110,
         min_size=min_size,
-        ping_interval=0.5,
+        ping_interval=2.0,  # a spare being pinged is not lendable: ping no more than needed
         ping_timeout=0.4,
         connect_timeout=1.0,
         failure_threshold=1,
@@ -142,10 +145,19 @@ async def main(args: argparse.Namespace) -> None:
     ):
 
         def adapter(proxy: FaultProxy) -> DeepgramAdapter:
-            return DeepgramAdapter(url=f"ws://127.0.0.1:{proxy.port}", api_key=KEY)
+            return DeepgramAdapter(
+                url=f"ws://127.0.0.1:{proxy.port}", api_key=KEY, reuse=args.reuse
+            )
 
-        near = Pool(adapter(near_proxy), settings(args.spares), name="asr_near")
-        far = Pool(adapter(far_proxy), settings(args.spares), name="asr_far")
+        floor = None if args.reuse else args.spares  # EXCLUSIVE: the full warm floor
+        near = Pool(adapter(near_proxy), settings(floor), name="asr_near")
+        far = Pool(adapter(far_proxy), settings(floor), name="asr_far")
+        control = Pool(
+            adapter(far_proxy),
+            settings(None).model_copy(update={"min_size": 4}),
+            name="far_control",
+        )
+        await control.start()
         group = PoolGroup(
             [far, near],  # listed far first: lowest_rtt must still pick near
             name="asr",
@@ -176,25 +188,36 @@ async def main(args: argparse.Namespace) -> None:
                 except Exception as exc:
                     call.error = type(exc).__name__
 
-            far_normal: list[float] = []
+            # The control: warm calls to the far region on a pool outside the group, all along,
+            # so the outage's figures are compared with calls made under the same load.
+            control_turns: list[tuple[float, float]] = []
+            control_done = asyncio.Event()
 
-            async def far_direct() -> None:
-                for _ in range(int(args.seconds * 5)):
+            async def control_calls() -> None:
+                for _ in range(int(args.seconds * 10 * 3)):  # bounded: 3 phases at 10 a second
+                    if control_done.is_set():
+                        return
                     t0 = time.perf_counter()
-                    async with far.acquire() as lease:
+                    async with control.acquire() as lease:
                         await turn(lease.conn)
-                        far_normal.append(time.perf_counter() - t0)
-                    await asyncio.sleep(0.2)
+                        control_turns.append((t0, time.perf_counter() - t0))
+                    await asyncio.sleep(0.1)
+
+            def control_window(t0: float, t1: float) -> list[float]:
+                return [v for t, v in control_turns if t0 <= t < t1]
 
             traffic = Traffic(args.rate, group_call, cap=int(args.rate * 60))
             traffic.start()
+            control_task = asyncio.get_running_loop().create_task(control_calls())
             t_normal = time.perf_counter()
-            await asyncio.gather(far_direct(), asyncio.sleep(args.seconds))
+            await asyncio.sleep(args.seconds)
+            far_normal = control_window(t_normal, time.perf_counter())
             normal = [c.first_turn for c in traffic.since(t_normal) if not c.error and c.first_turn]
             print(
                 f"2. normal: {len(normal)} calls on {group.active.name}, first turn p50"
                 f" {pct(normal, 0.5):.1f} ms p99 {pct(normal, 0.99):.1f} ms; far region warm"
-                f" (direct) p50 {pct(far_normal, 0.5):.1f} ms p99 {pct(far_normal, 0.99):.1f} ms;"
+                f" (control pool) p50 {pct(far_normal, 0.5):.1f} ms"
+                f" p99 {pct(far_normal, 0.99):.1f} ms;"
                 f" far pool size {far.stats().size} (standby_min={args.standby_min} spares)"
             )
 
@@ -218,6 +241,9 @@ async def main(args: argparse.Namespace) -> None:
             failed = [c for c in new if c.error]
             first_far = next((c for c in after_open if c.member == "asr_far"), None)
             turns = [c.first_turn for c in new if not c.error]
+            far_outage = control_window(t_kill, t_kill + args.seconds)
+            control_done.set()
+            await control_task
             print(
                 f"3. kill: failover {(t_open - t_kill) * 1e3:.1f} ms after the kill"
                 f" ({switches.seen[n_switch][3]}); {len(in_flight)} calls in flight on the"
@@ -229,14 +255,21 @@ async def main(args: argparse.Namespace) -> None:
                 f" ({len(before_open)} calls); waits > 1 ms after it:"
                 f" {sum(1 for c in after_open if c.wait > 0.001)}"
             )
+            for c in failed:
+                print(
+                    f"   failed: {c.error} {(c.started - t_open) * 1e3:+.1f} ms from the failover,"
+                    f" on {c.member or 'no lease'}"
+                )
             first_wait = first_far.wait if first_far else 0.0
             print(
                 f"   first call on the standby waited {first_wait * 1e3:.2f}"
                 f" ms (a handshake is >= 2 x 60 ms); far connects before it: {far_connects};"
                 f" first turn p50 {pct(turns, 0.5):.1f} ms p99 {pct(turns, 0.99):.1f} ms"
-                f" = {pct(turns, 0.99) / pct(far_normal, 0.99):.2f}x the far region's normal p99"
+                f" = {pct(turns, 0.99) / pct(far_outage, 0.99):.2f}x the far region's warm p99"
+                f" measured beside it ({pct(far_outage, 0.99):.1f} ms; before the outage"
+                f" {pct(far_normal, 0.99):.1f} ms)"
             )
-            group_p99_ratio = pct(turns, 0.99) / pct(far_normal, 0.99)
+            group_p99_ratio = pct(turns, 0.99) / pct(far_outage, 0.99)
 
             # -- 4. fail-back ---------------------------------------------------------------------
             n_switch = len(switches.seen)
@@ -249,18 +282,21 @@ async def main(args: argparse.Namespace) -> None:
                         ready_at = time.perf_counter()
                     await asyncio.sleep(0.01)
             t_fb = switches.seen[n_switch][0]
-            for _ in range(100):  # bounded: the standby's idle spares close at once
-                if far.stats().size <= args.standby_min + far.stats().in_use:
+            shrunk_after = None
+            for _ in range(200):  # bounded: leased standby sockets close as their calls end
+                if far.stats().size <= args.standby_min:
+                    shrunk_after = time.perf_counter() - t_fb
                     break
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(1.0)
             later = traffic.since(t_fb + 0.2, t_fb + 1.0)
             on_near = sum(1 for c in later if c.member == "asr_near")
             print(
                 f"4. fail-back {(t_fb - t_back):.2f} s after the primary returned"
                 f" ({(t_fb - (ready_at or t_back)):.2f} s after it was READY; failback_after"
                 f" {args.failback_after} s): {on_near}/{len(later)} new calls on the primary;"
-                f" standby min_size {far.min_size}, idle {far.stats().idle}"
+                f" standby min_size {far.min_size}, size {far.stats().size}"
+                f" (down to standby_min {shrunk_after or float('nan'):.1f} s after the fail-back;"
+                f" calls hold {args.hold} s)"
             )
 
             # -- 5. flapping ----------------------------------------------------------------------
@@ -285,6 +321,9 @@ async def main(args: argparse.Namespace) -> None:
 
         # -- 6. the framework-style fallback, same outage ------------------------------------------
         near_proxy.refuse(False)
+        control_turns.clear()
+        control_done.clear()
+        control_task = asyncio.get_running_loop().create_task(control_calls())
         primary, fallback = adapter(near_proxy), adapter(far_proxy)
         skip_until = 0.0
 
@@ -321,13 +360,17 @@ async def main(args: argparse.Namespace) -> None:
         await near_proxy.reset_all()
         await asyncio.sleep(args.seconds)
         await fw.stop()
+        control_done.set()
+        await control_task
+        await control.aclose()
         new = fw.since(t_kill, t_kill + args.seconds)
         turns = [c.first_turn for c in new if not c.error]
+        far_outage = control_window(t_kill, t_kill + args.seconds)
         print(
             f"6. framework fallback, same outage: new calls {len(new)}, failed"
             f" {sum(1 for c in new if c.error)}, first turn p50 {pct(turns, 0.5):.1f} ms"
-            f" p99 {pct(turns, 0.99):.1f} ms = {pct(turns, 0.99) / pct(far_normal, 0.99):.2f}x"
-            f" the far region's normal p99 (group: {group_p99_ratio:.2f}x)"
+            f" p99 {pct(turns, 0.99):.1f} ms = {pct(turns, 0.99) / pct(far_outage, 0.99):.2f}x"
+            f" the far region's warm p99 beside it (group: {group_p99_ratio:.2f}x)"
         )
 
 
@@ -335,8 +378,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rate", type=float, default=25.0, help="call arrivals a second")
     parser.add_argument("--hold", type=float, default=4.0, help="seconds a call holds its stream")
-    parser.add_argument("--standby-min", type=int, default=4, help="standby's warm spares")
+    parser.add_argument("--standby-min", type=int, default=10, help="standby's warm spares")
     parser.add_argument("--spares", type=int, default=10, help="active member's warm spares")
+    parser.add_argument(
+        "--reuse",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="EXCLUSIVE Deepgram sockets (Finalize as reset); --no-reuse: SINGLE_USE spares",
+    )
     parser.add_argument("--failback-after", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each phase")
     asyncio.run(main(parser.parse_args()))

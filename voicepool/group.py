@@ -65,12 +65,19 @@ log = logging.getLogger("voicepool.group")
 
 _RTT_SMOOTHING = 0.3  # weight of a new sample in the smoothed round trip (EWMA)
 _USABLE = (PoolState.READY, PoolState.DEGRADED)
+_TRIM_EVERY = 0.5  # seconds between closes of standby connections that came back from a lease
 
 
 def _lends(pool: Pool[Any]) -> bool:
     """Booted well enough to lend: READY, or DEGRADED with at least one connection open."""
     state = pool.state
     return state is PoolState.READY or (state is PoolState.DEGRADED and pool.stats().size > 0)
+
+
+def _can_open(pool: Pool[Any]) -> bool:
+    """READY with room: an acquire that finds nothing free opens a connection (slow path only)."""
+    st = pool.stats()
+    return st.state is PoolState.READY and st.size + st.opening < st.max_size
 
 
 class GroupPolicy(enum.Enum):
@@ -213,6 +220,7 @@ class PoolGroup(Generic[C]):
         self._order: tuple[_Member[C], ...] = tuple(self._members)
         self._announce: tuple[str, str, str] | None = None  # a switch no caller has seen yet
         self._failback_timer: asyncio.TimerHandle | None = None
+        self._trim_timer: asyncio.TimerHandle | None = None
         self._releasers: set[asyncio.Task[None]] = set()
         self._started = False
         self._chosen = False  # the first choice (after boot) was made
@@ -313,9 +321,10 @@ class PoolGroup(Generic[C]):
     async def aclose(self, timeout: float | None = None) -> None:
         """Close every member (see :meth:`voicepool.Pool.aclose`) and stop choosing. Idempotent."""
         self._closed = True
-        if self._failback_timer is not None:
-            self._failback_timer.cancel()
-            self._failback_timer = None
+        for timer in (self._failback_timer, self._trim_timer):
+            if timer is not None:
+                timer.cancel()
+        self._failback_timer = self._trim_timer = None
         for m, watch in zip(self._members, self._watches, strict=True):
             m.pool.remove_observer(watch)
         await asyncio.gather(
@@ -345,7 +354,7 @@ class PoolGroup(Generic[C]):
         first = usable[0]
         got: Lease[C] | None = None
         errors: list[Exception] = []
-        if first.pool.state is PoolState.READY and first.pool.can_open:
+        if _can_open(first.pool):
             # A healthy member that will open a connection for us: no need to queue elsewhere.
             try:
                 got = await first.pool.lease(timeout)
@@ -512,6 +521,27 @@ class PoolGroup(Generic[C]):
             return
         self._switch(cur, new, why, initial)
 
+    def _trim_standbys(self) -> None:
+        """Bring every standby to its standby floor: idle connections above it close now; those
+        still leased close as they come back (checked every _TRIM_EVERY while any is left)."""
+        self._trim_timer = None
+        if self._closed:
+            return
+        left = False
+        for m in self._members:
+            if m is self._active:
+                continue
+            floor = min(self.standby_min, m.full_min)
+            m.pool.set_min_size(floor)
+            if m.pool.state not in (PoolState.CLOSING, PoolState.CLOSED):
+                left = left or m.pool.stats().size > floor
+        if left:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._trim_timer = loop.call_later(_TRIM_EVERY, self._trim_standbys)
+
     def _arm_failback(self, delay: float) -> None:
         if self._failback_timer is not None:
             self._failback_timer.cancel()
@@ -528,8 +558,7 @@ class PoolGroup(Generic[C]):
         self._order = (new, *rest)
         # Grow the new active first, then shrink the others: capacity never dips on a switch.
         new.pool.set_min_size(new.full_min)
-        for m in rest:
-            m.pool.set_min_size(min(self.standby_min, m.full_min))
+        self._trim_standbys()
         if initial or new is cur:
             return
         back = why in ("failback", "lower_rtt")

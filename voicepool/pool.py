@@ -331,16 +331,6 @@ class Pool(Generic[C]):
                 self._watch_leak(lease)
         return lease
 
-    @property
-    def can_open(self) -> bool:
-        """True when an acquire that finds nothing free would open a connection rather than wait
-        for a release: below ``max_size``, circuit closed, the last connect did not fail."""
-        return (
-            not self._circuit_open
-            and not self._consecutive_failures
-            and len(self._conns) + self._opening < self.max_size
-        )
-
     def set_min_size(self, min_size: int) -> None:
         """Change the warm floor at run time (a standby member of a group grows or shrinks).
 
