@@ -13,11 +13,12 @@ connection through its proxy and refusing new ones (what a crashed process looks
 Phases, one run, every loop bounded in count and time:
 
 1. ``lowest_rtt`` picks the 20 ms region (the smoothed ping round trips are printed).
-2. Normal traffic; the 60 ms region's warm first turn is measured beside it (calls straight to its
-   pool at a low rate): the "normal" the outage figures are compared with.
-3. Kill the primary mid-traffic: calls in flight on it fail (counted apart: their socket died);
-   new calls: acquire wait (max after the circuit opened, and for the first ones), failures,
-   whether the first call on the standby paid a handshake, first-turn p50/p99.
+2. Normal traffic. All along, a control pool outside the group makes warm calls to the 60 ms
+   region at 10 a second: the "normal" each outage window is compared with (paired in time).
+3. Kill the primary mid-traffic (``--rounds`` times, each followed by 4.): calls in flight on it
+   fail (counted apart: their socket died); new calls: acquire wait (max after the circuit
+   opened, and for the first ones), failures, whether the first call on the standby paid a
+   handshake, first-turn p50/p99 and its ratio to the control's p99 in the same window.
 4. The primary returns: fail-back after ``failback_after`` of READY, the standby shrinks to
    ``standby_min``.
 5. Flapping: the primary goes down and up every 2 s, 3 times: failovers counted.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -194,7 +196,7 @@ async def main(args: argparse.Namespace) -> None:
             control_done = asyncio.Event()
 
             async def control_calls() -> None:
-                for _ in range(int(args.seconds * 10 * 3)):  # bounded: 3 phases at 10 a second
+                for _ in range(3000):  # bounded: 10 a second for at most 5 minutes
                     if control_done.is_set():
                         return
                     t0 = time.perf_counter()
@@ -221,83 +223,93 @@ async def main(args: argparse.Namespace) -> None:
                 f" far pool size {far.stats().size} (standby_min={args.standby_min} spares)"
             )
 
-            # -- 3. kill the primary mid-traffic --------------------------------------------------
-            in_flight = [c for c in traffic.calls if c.member == "asr_near" and c.first_turn]
-            in_flight = [c for c in in_flight if c.started > time.perf_counter() - args.hold]
-            far_connects = far.stats().connects
-            n_switch = len(switches.seen)
-            t_kill = time.perf_counter()
-            near_proxy.refuse(True)
-            await near_proxy.reset_all()
-            async with asyncio.timeout(5):
-                while len(switches.seen) == n_switch:
-                    switches.changed.clear()
-                    await switches.changed.wait()
-            t_open = switches.seen[n_switch][0]
-            await asyncio.sleep(args.seconds)
-            new = traffic.since(t_kill, t_kill + args.seconds)
-            after_open = [c for c in new if c.started >= t_open]
-            before_open = [c for c in new if c.started < t_open]
-            failed = [c for c in new if c.error]
-            first_far = next((c for c in after_open if c.member == "asr_far"), None)
-            turns = [c.first_turn for c in new if not c.error]
-            far_outage = control_window(t_kill, t_kill + args.seconds)
+            ratios: list[float] = []
+            for r in range(args.rounds):
+                # -- 3. kill the primary mid-traffic ----------------------------------------------
+                in_flight = [c for c in traffic.calls if c.member == "asr_near" and c.first_turn]
+                in_flight = [c for c in in_flight if c.started > time.perf_counter() - args.hold]
+                far_connects = far.stats().connects
+                n_switch = len(switches.seen)
+                t_kill = time.perf_counter()
+                near_proxy.refuse(True)
+                await near_proxy.reset_all()
+                async with asyncio.timeout(5):
+                    while len(switches.seen) == n_switch:
+                        switches.changed.clear()
+                        await switches.changed.wait()
+                t_open = switches.seen[n_switch][0]
+                await asyncio.sleep(args.seconds)
+                new = traffic.since(t_kill, t_kill + args.seconds)
+                after_open = [c for c in new if c.started >= t_open]
+                before_open = [c for c in new if c.started < t_open]
+                failed = [c for c in new if c.error]
+                first_far = next((c for c in after_open if c.member == "asr_far"), None)
+                turns = [c.first_turn for c in new if not c.error]
+                far_outage = control_window(t_kill, t_kill + args.seconds)
+                print(
+                    f"3.{r + 1} kill: failover {(t_open - t_kill) * 1e3:.1f} ms after the kill"
+                    f" ({switches.seen[n_switch][3]}); {len(in_flight)} calls in flight on the"
+                    f" primary lost their socket; new calls {len(new)}: failed {len(failed)},"
+                    f" max acquire wait after the circuit opened"
+                    f" {max((c.wait for c in after_open), default=0) * 1e3:.2f} ms"
+                    f" (p99 {pct([c.wait for c in after_open], 0.99):.2f} ms), before it"
+                    f" {max((c.wait for c in before_open), default=0) * 1e3:.1f} ms"
+                    f" ({len(before_open)} calls); waits > 1 ms after it:"
+                    f" {sum(1 for c in after_open if c.wait > 0.001)}"
+                )
+                for c in failed:
+                    print(
+                        f"   failed: {c.error} {(c.started - t_open) * 1e3:+.1f} ms from the"
+                        f" failover, on {c.member or 'no lease'}"
+                    )
+                first_wait = first_far.wait if first_far else 0.0
+                print(
+                    f"   first call on the standby waited {first_wait * 1e3:.2f}"
+                    f" ms (a handshake is >= 2 x 60 ms); far connects before it: {far_connects};"
+                    f" first turn p50 {pct(turns, 0.5):.1f} ms p99 {pct(turns, 0.99):.1f} ms"
+                    f" = {pct(turns, 0.99) / pct(far_outage, 0.99):.2f}x the far region's warm p99"
+                    f" measured beside it ({pct(far_outage, 0.99):.1f} ms; before the outage"
+                    f" {pct(far_normal, 0.99):.1f} ms)"
+                )
+                ratios.append(pct(turns, 0.99) / pct(far_outage, 0.99))
+
+                # -- 4. fail-back -----------------------------------------------------------------
+                n_switch = len(switches.seen)
+                near_proxy.refuse(False)
+                t_back = time.perf_counter()
+                ready_at = None
+                async with asyncio.timeout(args.failback_after + 15):
+                    while len(switches.seen) == n_switch:
+                        if ready_at is None and near.state is PoolState.READY:
+                            ready_at = time.perf_counter()
+                        await asyncio.sleep(0.01)
+                t_fb = switches.seen[n_switch][0]
+                shrunk_after = None
+                for _ in range(200):  # bounded: leased standby sockets close as their calls end
+                    if far.stats().size <= args.standby_min:
+                        shrunk_after = time.perf_counter() - t_fb
+                        break
+                    await asyncio.sleep(0.05)
+                later = traffic.since(t_fb + 0.2, t_fb + 1.0)
+                on_near = sum(1 for c in later if c.member == "asr_near")
+                print(
+                    f"4.{r + 1} fail-back {(t_fb - t_back):.2f} s after the primary returned"
+                    f" ({(t_fb - (ready_at or t_back)):.2f} s after it was READY; failback_after"
+                    f" {args.failback_after} s): {on_near}/{len(later)} new calls on the primary;"
+                    f" standby min_size {far.min_size}, size {far.stats().size}"
+                    f" (down to standby_min {shrunk_after or float('nan'):.1f} s after the"
+                    f" fail-back; calls hold {args.hold} s)"
+                )
+                await asyncio.sleep(args.hold)  # the next round starts with calls on the primary
+
+            group_p99_ratio = statistics.median(ratios)
+            print(
+                f"   group first-turn p99 during the outage / warm control p99 beside it, median"
+                f" of {args.rounds} rounds: {group_p99_ratio:.2f}x"
+                f" ({', '.join(f'{x:.2f}' for x in ratios)})"
+            )
             control_done.set()
             await control_task
-            print(
-                f"3. kill: failover {(t_open - t_kill) * 1e3:.1f} ms after the kill"
-                f" ({switches.seen[n_switch][3]}); {len(in_flight)} calls in flight on the"
-                f" primary lost their socket; new calls {len(new)}: failed {len(failed)},"
-                f" max acquire wait after the circuit opened"
-                f" {max((c.wait for c in after_open), default=0) * 1e3:.2f} ms"
-                f" (p99 {pct([c.wait for c in after_open], 0.99):.2f} ms), before it"
-                f" {max((c.wait for c in before_open), default=0) * 1e3:.1f} ms"
-                f" ({len(before_open)} calls); waits > 1 ms after it:"
-                f" {sum(1 for c in after_open if c.wait > 0.001)}"
-            )
-            for c in failed:
-                print(
-                    f"   failed: {c.error} {(c.started - t_open) * 1e3:+.1f} ms from the failover,"
-                    f" on {c.member or 'no lease'}"
-                )
-            first_wait = first_far.wait if first_far else 0.0
-            print(
-                f"   first call on the standby waited {first_wait * 1e3:.2f}"
-                f" ms (a handshake is >= 2 x 60 ms); far connects before it: {far_connects};"
-                f" first turn p50 {pct(turns, 0.5):.1f} ms p99 {pct(turns, 0.99):.1f} ms"
-                f" = {pct(turns, 0.99) / pct(far_outage, 0.99):.2f}x the far region's warm p99"
-                f" measured beside it ({pct(far_outage, 0.99):.1f} ms; before the outage"
-                f" {pct(far_normal, 0.99):.1f} ms)"
-            )
-            group_p99_ratio = pct(turns, 0.99) / pct(far_outage, 0.99)
-
-            # -- 4. fail-back ---------------------------------------------------------------------
-            n_switch = len(switches.seen)
-            near_proxy.refuse(False)
-            t_back = time.perf_counter()
-            ready_at = None
-            async with asyncio.timeout(args.failback_after + 15):
-                while len(switches.seen) == n_switch:
-                    if ready_at is None and near.state is PoolState.READY:
-                        ready_at = time.perf_counter()
-                    await asyncio.sleep(0.01)
-            t_fb = switches.seen[n_switch][0]
-            shrunk_after = None
-            for _ in range(200):  # bounded: leased standby sockets close as their calls end
-                if far.stats().size <= args.standby_min:
-                    shrunk_after = time.perf_counter() - t_fb
-                    break
-                await asyncio.sleep(0.05)
-            later = traffic.since(t_fb + 0.2, t_fb + 1.0)
-            on_near = sum(1 for c in later if c.member == "asr_near")
-            print(
-                f"4. fail-back {(t_fb - t_back):.2f} s after the primary returned"
-                f" ({(t_fb - (ready_at or t_back)):.2f} s after it was READY; failback_after"
-                f" {args.failback_after} s): {on_near}/{len(later)} new calls on the primary;"
-                f" standby min_size {far.min_size}, size {far.stats().size}"
-                f" (down to standby_min {shrunk_after or float('nan'):.1f} s after the fail-back;"
-                f" calls hold {args.hold} s)"
-            )
 
             # -- 5. flapping ----------------------------------------------------------------------
             n_switch = len(switches.seen)
@@ -388,4 +400,5 @@ if __name__ == "__main__":
     )
     parser.add_argument("--failback-after", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each phase")
+    parser.add_argument("--rounds", type=int, default=3, help="outage + fail-back rounds")
     asyncio.run(main(parser.parse_args()))
