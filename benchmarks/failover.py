@@ -6,8 +6,9 @@
 Two Deepgram emulators ("regions") behind FaultProxy at 20 and 60 ms round trip, Deepgram adapter
 pools (EXCLUSIVE, Finalize as the reset; ``--no-reuse``: SINGLE_USE spares), Poisson call
 arrivals at ``--rate`` a second, each call holding its stream ``--hold`` seconds (about rate x
-hold calls in flight). A call's first turn is
-acquire + one audio frame + its interim transcript. The primary is killed by resetting every
+hold calls in flight). A call's first turn is acquire + one audio frame + its interim transcript.
+The regions (emulators and proxies) run in a child process, so their work does not share the
+clients' event loop, controlled over its stdin. The primary is killed by resetting every
 connection through its proxy and refusing new ones (what a crashed process looks like to a client).
 
 Phases, one run, every loop bounded in count and time:
@@ -31,10 +32,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import random
+import re
 import statistics
+import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +59,82 @@ class Call:
     first_turn: float = 0.0  # acquire + audio + interim result
     member: str = ""
     error: str = ""
+
+
+# -- the child process: both regions (emulator + proxy), killed and revived on command -----------
+
+
+async def serve() -> None:
+    """Run the two regions; print their proxy ports; obey "kill" / "revive" lines on stdin."""
+    async with (
+        DeepgramEmulator(api_key=KEY, idle_timeout=None) as em_near,
+        DeepgramEmulator(api_key=KEY, idle_timeout=None) as em_far,
+        FaultProxy("127.0.0.1", em_near.port, latency=0.010) as near_proxy,
+        FaultProxy("127.0.0.1", em_far.port, latency=0.030) as far_proxy,
+    ):
+        print(f"ports near={near_proxy.port} far={far_proxy.port}", flush=True)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := (await reader.readline()).strip():
+            if line == b"kill":  # what a crashed process looks like: RSTs, then refusals
+                near_proxy.refuse(True)
+                await near_proxy.reset_all()
+            elif line == b"revive":
+                near_proxy.refuse(False)
+            print("ok", flush=True)
+
+
+class Regions:
+    """The parent's handle on the child process (stopped by its handle, never by name)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, near: int, far: int) -> None:
+        self.proc = proc
+        self.near_port = near
+        self.far_port = far
+
+    async def command(self, what: str) -> None:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(f"{what}\n".encode())
+        await self.proc.stdin.drain()
+        async with asyncio.timeout(10):
+            assert (await self.proc.stdout.readline()).strip() == b"ok"
+
+    async def kill(self) -> None:
+        await self.command("kill")
+
+    async def revive(self) -> None:
+        await self.command("revive")
+
+
+@contextlib.asynccontextmanager
+async def regions() -> AsyncIterator[Regions]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--serve",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(30):
+            line = (await proc.stdout.readline()).decode()
+        found = re.search(r"near=(\d+) far=(\d+)", line)
+        if found is None:
+            raise RuntimeError(f"regions did not start: {line!r}")
+        yield Regions(proc, int(found.group(1)), int(found.group(2)))
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            async with asyncio.timeout(5):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()  # by its handle (PID) only
+            await proc.wait()
 
 
 class Switches(GroupObserver):
@@ -139,23 +220,18 @@ async def main(args: argparse.Namespace) -> None:
     telemetry.disable_default()
     switches = Switches()
     add_group_observer_factory(lambda group: switches)
-    async with (
-        DeepgramEmulator(api_key=KEY, idle_timeout=None) as em_near,
-        DeepgramEmulator(api_key=KEY, idle_timeout=None) as em_far,
-        FaultProxy("127.0.0.1", em_near.port, latency=0.010) as near_proxy,
-        FaultProxy("127.0.0.1", em_far.port, latency=0.030) as far_proxy,
-    ):
+    async with regions() as region:
 
-        def adapter(proxy: FaultProxy) -> DeepgramAdapter:
-            return DeepgramAdapter(
-                url=f"ws://127.0.0.1:{proxy.port}", api_key=KEY, reuse=args.reuse
-            )
+        def adapter(port: int) -> DeepgramAdapter:
+            return DeepgramAdapter(url=f"ws://127.0.0.1:{port}", api_key=KEY, reuse=args.reuse)
+
+        near_port, far_port = region.near_port, region.far_port
 
         floor = None if args.reuse else args.spares  # EXCLUSIVE: the full warm floor
-        near = Pool(adapter(near_proxy), settings(floor), name="asr_near")
-        far = Pool(adapter(far_proxy), settings(floor), name="asr_far")
+        near = Pool(adapter(near_port), settings(floor), name="asr_near")
+        far = Pool(adapter(far_port), settings(floor), name="asr_far")
         control = Pool(
-            adapter(far_proxy),
+            adapter(far_port),
             settings(None).model_copy(update={"min_size": 4}),
             name="far_control",
         )
@@ -208,7 +284,7 @@ async def main(args: argparse.Namespace) -> None:
             def control_window(t0: float, t1: float) -> list[float]:
                 return [v for t, v in control_turns if t0 <= t < t1]
 
-            traffic = Traffic(args.rate, group_call, cap=int(args.rate * 60))
+            traffic = Traffic(args.rate, group_call, cap=int(args.rate * 300))
             traffic.start()
             control_task = asyncio.get_running_loop().create_task(control_calls())
             t_normal = time.perf_counter()
@@ -231,8 +307,7 @@ async def main(args: argparse.Namespace) -> None:
                 far_connects = far.stats().connects
                 n_switch = len(switches.seen)
                 t_kill = time.perf_counter()
-                near_proxy.refuse(True)
-                await near_proxy.reset_all()
+                await region.kill()
                 async with asyncio.timeout(5):
                     while len(switches.seen) == n_switch:
                         switches.changed.clear()
@@ -275,7 +350,7 @@ async def main(args: argparse.Namespace) -> None:
 
                 # -- 4. fail-back -----------------------------------------------------------------
                 n_switch = len(switches.seen)
-                near_proxy.refuse(False)
+                await region.revive()
                 t_back = time.perf_counter()
                 ready_at = None
                 async with asyncio.timeout(args.failback_after + 15):
@@ -314,10 +389,9 @@ async def main(args: argparse.Namespace) -> None:
             # -- 5. flapping ----------------------------------------------------------------------
             n_switch = len(switches.seen)
             for _ in range(3):
-                near_proxy.refuse(True)
-                await near_proxy.reset_all()
+                await region.kill()
                 await asyncio.sleep(2.0)
-                near_proxy.refuse(False)
+                await region.revive()
                 await asyncio.sleep(2.0)
             flaps = switches.seen[n_switch:]
             print(
@@ -332,11 +406,11 @@ async def main(args: argparse.Namespace) -> None:
             )
 
         # -- 6. the framework-style fallback, same outage ------------------------------------------
-        near_proxy.refuse(False)
+        await region.revive()
         control_turns.clear()
         control_done.clear()
         control_task = asyncio.get_running_loop().create_task(control_calls())
-        primary, fallback = adapter(near_proxy), adapter(far_proxy)
+        primary, fallback = adapter(near_port), adapter(far_port)
         skip_until = 0.0
 
         async def framework_call(call: Call) -> None:
@@ -368,8 +442,7 @@ async def main(args: argparse.Namespace) -> None:
         fw.start()
         await asyncio.sleep(2.0)
         t_kill = time.perf_counter()
-        near_proxy.refuse(True)
-        await near_proxy.reset_all()
+        await region.kill()
         await asyncio.sleep(args.seconds)
         await fw.stop()
         control_done.set()
@@ -401,4 +474,6 @@ if __name__ == "__main__":
     parser.add_argument("--failback-after", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each phase")
     parser.add_argument("--rounds", type=int, default=3, help="outage + fail-back rounds")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parsed = parser.parse_args()
+    asyncio.run(serve() if parsed.serve else main(parsed))

@@ -8,7 +8,7 @@ everything outside the markers is hand-written. Blocks:
 
 * ``pool-settings``: every :class:`~voicepool.PoolSettings` field (type, default, description);
 * ``pool-entry``: the keys of a ``[pools.<name>]`` table besides the pool settings;
-* ``group-entry``: the keys of a ``[groups.<name>]`` table (:class:`~voicepool.settings.GroupConfig`);
+* ``group-entry``: the keys of a ``[groups.<name>]`` table (``GroupConfig``);
 * ``adapter-options``: each built-in adapter's ``Options`` model (docs/configuration.md);
 * ``telemetry``: every name in :mod:`voicepool.telemetry.names`, with its comment.
 """
