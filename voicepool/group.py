@@ -48,6 +48,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from voicepool._engine.observer import PoolObserver
+from voicepool.adapter import Adapter
 from voicepool.errors import ConfigError, PoolClosed, PoolError, PoolExhausted, PoolUnavailable
 from voicepool.lease import Lease
 from voicepool.pool import Pool, PoolState
@@ -57,6 +58,7 @@ __all__ = [
     "GroupPolicy",
     "PoolGroup",
     "add_group_observer_factory",
+    "compatible",
     "remove_group_observer_factory",
 ]
 
@@ -66,6 +68,12 @@ log = logging.getLogger("voicepool.group")
 _RTT_SMOOTHING = 0.3  # weight of a new sample in the smoothed round trip (EWMA)
 _USABLE = (PoolState.READY, PoolState.DEGRADED)
 _TRIM_EVERY = 0.5  # seconds between closes of standby connections that came back from a lease
+
+
+def compatible(a: type[Adapter[Any]], b: type[Adapter[Any]]) -> bool:
+    """Whether pools of adapters ``a`` and ``b`` may be members of one group: the same adapter,
+    or two adapters that declare the same :attr:`~voicepool.Adapter.service`."""
+    return a is b or (a.service is not None and a.service == b.service)
 
 
 def _lends(pool: Pool[Any]) -> bool:
@@ -167,7 +175,8 @@ class PoolGroup(Generic[C]):
 
     ``async with PoolGroup([eu, us], name="tts") as group:`` starts the members (concurrently) and
     closes them; ``async with group.acquire() as lease:`` borrows from the serving member
-    (``lease.pool`` says which). Members must be pools of the same adapter class and lease mode.
+    (``lease.pool`` says which: with adapters of two providers, the handler branches on it).
+    Members share one lease mode and one adapter, or adapters of one ``Adapter.service``.
     Raises ConfigError for an empty or mixed member list, a repeated member, or a bad setting.
     """
 
@@ -190,12 +199,15 @@ class PoolGroup(Generic[C]):
             raise ConfigError(f"groups.{name}.members: a pool is listed twice: {names}")
         first = members[0]
         for p in members[1:]:
-            if type(p.adapter) is not type(first.adapter) or p.lease_mode is not first.lease_mode:
+            if not compatible(type(first.adapter), type(p.adapter)) or (
+                p.lease_mode is not first.lease_mode
+            ):
                 raise ConfigError(
                     f"groups.{name}.members: {p.name!r} ({type(p.adapter).__name__},"
                     f" {p.lease_mode.value}) is not compatible with {first.name!r}"
                     f" ({type(first.adapter).__name__}, {first.lease_mode.value}): members of a"
-                    " group must use the same adapter and lease mode"
+                    " group must use one lease mode and the same adapter (or adapters of one"
+                    " service, Adapter.service)"
                 )
         if standby_min < 0:
             raise ConfigError(f"groups.{name}.standby_min: must be >= 0, got {standby_min}")

@@ -68,7 +68,7 @@ from pydantic_settings import (
 
 from voicepool.adapter import get_adapter, registered_adapters
 from voicepool.errors import AdapterNotFound, ConfigError
-from voicepool.group import GroupPolicy
+from voicepool.group import GroupPolicy, compatible
 from voicepool.pool_settings import PoolSettings
 
 if TYPE_CHECKING:
@@ -297,7 +297,8 @@ class GroupConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     members: list[str] = Field(
-        min_length=1, description="Pool names, in priority order (pools of the same adapter)."
+        min_length=1,
+        description="Pool names, in priority order (one adapter, or adapters of one service).",
     )
     policy: GroupPolicy = Field(
         GroupPolicy.PRIORITY, description="Which member serves: in order, or lowest ping RTT."
@@ -337,12 +338,17 @@ def _check_groups(
                 )
             owner.setdefault(member, name)
             adapters[member] = pools[member].adapter
-        if len(set(adapters.values())) > 1:
-            listed = ", ".join(f"{m} ({a})" for m, a in adapters.items())
+        classes = {m: pools[m].adapter_class for m in adapters}
+        first = next(iter(classes.values()), None)
+        if first is not None and not all(compatible(first, c) for c in classes.values()):
+            listed = ", ".join(
+                f"{m} ({a}, service {classes[m].service or 'none'})" for m, a in adapters.items()
+            )
             errors.add(
                 (*loc, "members"),
                 "incompatible_members",
-                f"members use different adapters: {listed}; a group's members must share one",
+                f"members use incompatible adapters: {listed}; a group's members share one"
+                " adapter, or adapters of one service",
             )
 
 

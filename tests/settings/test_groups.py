@@ -70,6 +70,24 @@ async def test_group_with_no_member_up_fails_the_boot_with_each_error(
     assert len(group_error.__cause__.exceptions) == 2
 
 
+def test_adapters_of_one_service_may_share_a_group() -> None:
+    tts = {"url": "wss://127.0.0.1:1", "api_key": "k"}
+    settings = VoicePoolSettings(
+        pools={
+            "tts": {"adapter": "elevenlabs", "options": tts},
+            "tts_backup": {"adapter": "cartesia", "options": tts},
+            "asr": {"adapter": "deepgram", "options": tts},
+        },
+        groups={"voice": {"members": ["tts", "tts_backup"]}},
+    )
+    assert settings.groups["voice"].members == ["tts", "tts_backup"]
+    with pytest.raises(ConfigError, match=r"groups\.bad\.members: .*service tts.*service asr"):
+        VoicePoolSettings(
+            pools=dict(settings.pools),
+            groups={"bad": {"members": ["tts", "asr"]}},
+        )
+
+
 @pytest.mark.parametrize(
     ("groups", "message"),
     [
@@ -78,7 +96,7 @@ async def test_group_with_no_member_up_fails_the_boot_with_each_error(
             {"g": {"members": ["a"]}, "h": {"members": ["a", "b"]}},
             r"groups\.h\.members: pool 'a' is already a member of group 'g'",
         ),
-        ({"g": {"members": ["a", "c"]}}, r"groups\.g\.members: members use different adapters"),
+        ({"g": {"members": ["a", "c"]}}, r"groups\.g\.members: members use incompatible adapters"),
         ({"a": {"members": ["b"]}}, r"groups\.a: a pool is named 'a' too"),
         ({"g": {"members": ["a"], "policy": "fastest"}}, r"groups\.g\.policy"),
         ({"g": {"members": ["a"], "standby_min": -1}}, r"groups\.g\.standby_min"),
