@@ -10,6 +10,9 @@ Choosing, per acquire (no await unless nothing is free):
 1. The active member, then the others in policy order: the first that is not UNAVAILABLE and has
    a connection free right now lends it (``pool.lease_nowait()``). A free connection on a later
    member beats a handshake on an earlier one: a call never pays a connect a standby could spare.
+   A member that just lost a connection or a ping (until a connect or ping succeeds again) is
+   *suspect*: its idle connections are lent only when no other member has one free, so the calls
+   between a provider's crash and its circuit opening do not get its other dead sockets.
 2. Nothing free: if the first usable member can open a connection (below ``max_size``, its last
    connect did not fail), the caller waits on it alone; otherwise on every usable member at once
    (each member keeps its FIFO, and a group waiter is queued in all of them, so the group is FIFO
@@ -67,6 +70,7 @@ log = logging.getLogger("voicepool.group")
 
 _RTT_SMOOTHING = 0.3  # weight of a new sample in the smoothed round trip (EWMA)
 _USABLE = (PoolState.READY, PoolState.DEGRADED)
+_LOSSES = frozenset({"remote_closed", "ping_failed"})  # close reasons that make a member suspect
 _TRIM_EVERY = 0.5  # seconds between closes of standby connections that came back from a lease
 
 
@@ -135,6 +139,10 @@ class _Member(Generic[C]):
     ready_since: float | None = None  # clock time it last turned READY (None: not READY now)
     rtt: float | None = None  # smoothed ping round trip, seconds
     connect: float | None = None  # smoothed connect time, seconds (ranks until pings arrive)
+    # A connection was lost or failed its ping, and no connect or ping succeeded since: its other
+    # idle connections may be dead too (a network event rarely kills one socket), so new leases
+    # prefer the other members' free connections until it proves itself again.
+    suspect: bool = False
 
     @property
     def name(self) -> str:
@@ -152,17 +160,25 @@ class _MemberWatch(PoolObserver):
         self.group._member_state(self.member, new)
 
     def on_ping(self, pool: Pool[Any], duration: float, error: BaseException | None) -> None:
-        if error is None:
-            m = self.member
-            m.rtt = duration if m.rtt is None else m.rtt + _RTT_SMOOTHING * (duration - m.rtt)
-            if self.group.policy is GroupPolicy.LOWEST_RTT:
-                self.group._reselect()
+        m = self.member
+        if error is not None:
+            m.suspect = True
+            return
+        m.suspect = False
+        m.rtt = duration if m.rtt is None else m.rtt + _RTT_SMOOTHING * (duration - m.rtt)
+        if self.group.policy is GroupPolicy.LOWEST_RTT:
+            self.group._reselect()
+
+    def on_closed(self, pool: Pool[Any], reason: str) -> None:
+        if reason in _LOSSES:
+            self.member.suspect = True
 
     def on_connected(
         self, pool: Pool[Any], token: object, duration: float, error: BaseException | None
     ) -> None:
         if error is None:
             m = self.member
+            m.suspect = False
             m.connect = (
                 duration
                 if m.connect is None
@@ -293,8 +309,12 @@ class PoolGroup(Generic[C]):
         """
         if self._closed:
             raise PoolError(f"group {self.name!r} is closed", pool=self.name)
+        suspects = None
         for m in self._order:
             pool = m.pool
+            if m.suspect:
+                suspects = [m] if suspects is None else [*suspects, m]
+                continue
             if pool.state is PoolState.UNAVAILABLE:
                 continue
             got = pool.lease_nowait()
@@ -302,6 +322,11 @@ class PoolGroup(Generic[C]):
                 if self._announce is not None:
                     self._served(m, None)
                 return got
+        for m in suspects or ():  # nothing free elsewhere: a suspect's connection, if any
+            if m.pool.state is not PoolState.UNAVAILABLE:
+                got = m.pool.lease_nowait()
+                if got is not None:
+                    return got
         return await self._lease_slow(timeout)
 
     async def start(self, *, require_ready: bool = True) -> None:

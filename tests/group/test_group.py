@@ -339,3 +339,26 @@ async def test_set_min_size_grows_and_shrinks_without_touching_leases() -> None:
             assert pool.stats().size == 1  # the idle ones went, the lease stayed
         with pytest.raises(ValueError):
             pool.set_min_size(99)
+
+
+async def test_a_member_that_lost_a_connection_is_suspect_until_it_connects_again(
+    pair: tuple[PoolGroup[FakeConn], FakeAdapter, FakeAdapter],
+) -> None:
+    group, a, _b = pair
+    eu, us = group.members
+    gate = asyncio.Event()
+    a.gate = gate  # hold eu's refill in flight: it stays suspect meanwhile
+    dead = a.open_conns[0]
+    dead.open = False
+    a.connection_changed(dead)  # one socket lost: its neighbours may be dead too
+    assert eu.state is PoolState.READY
+    first = await group.lease()
+    assert first.pool is us  # a free connection elsewhere beats a suspect's idle one
+    second = await group.lease()
+    assert second.pool is eu  # nothing free elsewhere: the suspect's idle one is lent
+    await first.release()
+    await second.release()
+    gate.set()  # the refill succeeds: eu proved itself
+    await settle(lambda: eu.stats().size == 4)
+    async with group.acquire() as lease:
+        assert lease.pool is eu
