@@ -12,10 +12,11 @@ import pytest
 
 from tests.group.test_group import Switches
 from tests.peers.sipp import Sipp, sipp_available
-from tests.sip.conftest import KamailioFactory, eventually, fast, sip_adapter
+from tests.sip.conftest import KamailioFactory, fast, sip_adapter
 from voicepool import Pool, PoolGroup, PoolState
 from voicepool.adapters.sip import OwnerContext, SipRegistration
 from voicepool.group import GroupObserver, add_group_observer_factory, remove_group_observer_factory
+from voicepool.testing.fake import wait_until
 from voicepool.testing.sip_registrar import SipRegistrar
 
 pj: Any = pytest.importorskip("pjsua2", reason="pjsua2 (voicepool[sip]) is not installed")
@@ -64,7 +65,7 @@ async def place_call(reg: SipRegistration, target: str) -> None:
         ctx.drop("out")
 
     await reg.run(dial)
-    await eventually(lambda: reg.run(confirmed), timeout=5)
+    await wait_until(lambda: reg.run(confirmed), timeout=5)
     await reg.run(hang_up)
 
 

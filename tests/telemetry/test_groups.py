@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tests.engine.fakes import NoResetAdapter
 from tests.group.test_group import kill, revive, settings
 from tests.telemetry.conftest import Otel
 from voicepool import Pool, PoolGroup
 from voicepool.group import GroupObserver, add_group_observer_factory, remove_group_observer_factory
 from voicepool.telemetry import names as n
+from voicepool.testing.fake import FakeNoResetAdapter
 
 
 class Switched(GroupObserver):
@@ -23,7 +23,7 @@ class Switched(GroupObserver):
 
 
 async def test_failover_event_counters_and_wait_by_member(otel: Otel) -> None:
-    a, b = NoResetAdapter(), NoResetAdapter()
+    a, b = FakeNoResetAdapter(), FakeNoResetAdapter()
     switched = Switched()
 
     def factory(group: PoolGroup[Any]) -> GroupObserver:
