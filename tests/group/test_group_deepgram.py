@@ -40,6 +40,7 @@ def asr_settings() -> PoolSettings:
         failure_threshold=1,
         backoff_initial=0.05,
         backoff_max=0.1,
+        drain_timeout=1.0,  # a probe connect in flight to the dead region is not waited for
     )
 
 
