@@ -300,6 +300,7 @@ class SipAdapter(Adapter[SipRegistration]):
     answers (503, 408, transport errors) a retryable ``ConnectError`` with the status.
     """
 
+    service: ClassVar[str | None] = "sip"
     lease_mode = LeaseMode.MULTIPLEXED
     max_streams = 4  # concurrent calls per registration; PoolSettings.max_streams overrides
     max_connections_per_process: ClassVar[int | None] = PJSUA_MAX_ACC

@@ -243,6 +243,23 @@ class PoolCore(Generic[C]):
         self._at(now)
         return self._end(now, out)
 
+    def set_min_size(self, min_size: int, now: float) -> list[Action]:
+        """The warm floor changes at run time (a PoolGroup's standby grows or shrinks): idle
+        connections above the new floor are retired at once, oldest first; missing ones open."""
+        out: list[Action] = []
+        self.min_size = min_size
+        if self.lifecycle is PoolState.NEW or self.closing:
+            return out
+        surplus = len(self.conns) + self.opening - min_size
+        spare = [r for r in self.mux_conns if not r.streams] if self.mux else list(self.idle)
+        for rec in spare:  # the idle deque is LIFO at the right: oldest first
+            if surplus <= 0:
+                break
+            self._retire(rec, "idle", now, out)
+            surplus -= 1
+        self._grow(now, out)
+        return self._end(now, out)
+
     # -- acquire ---------------------------------------------------------------------------------
 
     def take(self, now: float) -> tuple[ConnRecord[C] | None, list[Action] | tuple[Action, ...]]:
