@@ -25,7 +25,7 @@ MAX_POOL_SIZE = 100_000
 """The most connections one pool may hold (given or from the sizing rule): far above what one
 worker process can serve, low enough that a typo (``concurrency = 1e12``) is an error, not a
 boot that tries to open a trillion sockets."""
-_MAX_SECONDS = 365 * 86400.0  # durations: finite and at most a year (inf/nan are refused too)
+MAX_SECONDS = 365 * 86400.0  # durations: finite and at most a year (inf/nan are refused too)
 
 
 class PoolSettings(BaseModel):
@@ -87,30 +87,30 @@ class PoolSettings(BaseModel):
         description="Override the adapter's streams per connection (MULTIPLEXED).",
     )
     acquire_timeout: float = Field(
-        default=3.0, gt=0, le=_MAX_SECONDS, description="Longest wait for a lease."
+        default=3.0, gt=0, le=MAX_SECONDS, description="Longest wait for a lease."
     )
     connect_timeout: float = Field(
-        default=10.0, gt=0, le=_MAX_SECONDS, description="Longest connect + handshakes."
+        default=10.0, gt=0, le=MAX_SECONDS, description="Longest connect + handshakes."
     )
     connect_concurrency: int = Field(
         default=16, ge=1, le=MAX_POOL_SIZE, description="Connects in flight at once."
     )
     ping_interval: float = Field(
-        default=30.0, gt=0, le=_MAX_SECONDS, description="Health ping period of idle connections."
+        default=30.0, gt=0, le=MAX_SECONDS, description="Health ping period of idle connections."
     )
     ping_timeout: float = Field(
-        default=5.0, gt=0, le=_MAX_SECONDS, description="A ping slower than this fails."
+        default=5.0, gt=0, le=MAX_SECONDS, description="A ping slower than this fails."
     )
     max_lifetime: float | None = Field(
         default=1800.0,
         gt=0,
-        le=_MAX_SECONDS,
+        le=MAX_SECONDS,
         description="Retire connections older than this (jittered 10% down).",
     )
     idle_timeout: float | None = Field(
         default=600.0,
         gt=0,
-        le=_MAX_SECONDS,
+        le=MAX_SECONDS,
         description="Close connections above min_size idle this long.",
     )
     failure_threshold: int = Field(
@@ -122,32 +122,32 @@ class PoolSettings(BaseModel):
     min_healthy: float = Field(
         default=2.0,
         ge=0,
-        le=_MAX_SECONDS,
+        le=MAX_SECONDS,
         description="A connection lost this soon after opening (unproven) is a failed connect.",
     )
     backoff_initial: float = Field(
-        default=1.0, gt=0, le=_MAX_SECONDS, description="First retry delay cap after a failure."
+        default=1.0, gt=0, le=MAX_SECONDS, description="First retry delay cap after a failure."
     )
     backoff_multiplier: float = Field(
         default=1.6, ge=1, le=100, description="Growth of the retry delay cap."
     )
     backoff_max: float = Field(
-        default=30.0, gt=0, le=_MAX_SECONDS, description="Largest retry delay."
+        default=30.0, gt=0, le=MAX_SECONDS, description="Largest retry delay."
     )
     drain_timeout: float = Field(
-        default=10.0, ge=0, le=_MAX_SECONDS, description="aclose() waits this long for leases."
+        default=10.0, ge=0, le=MAX_SECONDS, description="aclose() waits this long for leases."
     )
     leak_threshold: float | None = Field(
         default=None,
         gt=0,
-        le=_MAX_SECONDS,
+        le=MAX_SECONDS,
         description="Warn once when a lease is held longer than this.",
     )
     alarm_wait_p95_ms: float = Field(
-        default=5.0, gt=0, le=_MAX_SECONDS * 1000, description="Acquire-wait p95 alarm threshold."
+        default=5.0, gt=0, le=MAX_SECONDS * 1000, description="Acquire-wait p95 alarm threshold."
     )
     alarm_window: float = Field(
-        default=60.0, gt=0, le=_MAX_SECONDS, description="Rolling window of the p95 alarm."
+        default=60.0, gt=0, le=MAX_SECONDS, description="Rolling window of the p95 alarm."
     )
     trace_acquire: bool = Field(
         default=False, description="A span per acquire (debugging; costly)."

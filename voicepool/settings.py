@@ -69,7 +69,7 @@ from voicepool._redact import SECRET_KEY, Redacted, redact, remember, scrub, sec
 from voicepool.adapter import get_adapter, registered_adapters
 from voicepool.errors import AdapterNotFound, ConfigError
 from voicepool.group import GroupPolicy, compatible
-from voicepool.pool_settings import PoolSettings
+from voicepool.pool_settings import MAX_POOL_SIZE, MAX_SECONDS, PoolSettings
 
 if TYPE_CHECKING:
     from voicepool.adapter import Adapter
@@ -335,7 +335,7 @@ def _raw_secrets(model: type[BaseModel], raw: Mapping[str, Any]) -> list[str]:
 class GroupConfig(BaseModel):
     """One ``[groups.<name>]`` table: a :class:`~voicepool.PoolGroup` over named pools."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     members: list[str] = Field(
         min_length=1,
@@ -346,11 +346,15 @@ class GroupConfig(BaseModel):
         description="Which member serves: in order, or lowest ping RTT.",
     )
     standby_min: int = Field(
-        default=1, ge=0, description="Warm, pinged connections each standby keeps."
+        default=1,
+        ge=0,
+        le=MAX_POOL_SIZE,
+        description="Warm, pinged connections each standby keeps.",
     )
     failback_after: float = Field(
         default=30.0,
         ge=0,
+        le=MAX_SECONDS,
         description="Seconds an earlier member stays READY before it serves again.",
     )
     required: bool = Field(

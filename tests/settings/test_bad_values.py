@@ -88,3 +88,13 @@ def test_sizing_rule_beyond_the_limit_names_max_size() -> None:
         Pool(adapter, settings, name="crm")
     with pytest.raises(ConfigError, match=r"pools\.crm\.max_size: max_size from the sizing rule"):
         VoicePoolSettings(pools={"crm": {**POOL, "concurrency": 100_000, "per_call": 1000}})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("failback_after", INF), ("failback_after", NAN), ("standby_min", 10**9)]
+)
+def test_group_values(field: str, value: object) -> None:
+    pools = {"a": POOL, "b": POOL}
+    with pytest.raises(ConfigError) as info:
+        VoicePoolSettings(pools=pools, groups={"crm": {"members": ["a", "b"], field: value}})
+    _check(info.value, f"groups.crm.{field}:")
