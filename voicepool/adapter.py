@@ -70,6 +70,9 @@ class Adapter(Generic[C]):
     Options: ClassVar[type[BaseModel] | None] = None
     max_connections_per_process: ClassVar[int | None] = None
     """A hard process-wide limit (pjsua2: 8 SIP accounts); settings reject pools that exceed it."""
+    service: ClassVar[str | None] = None
+    """What the connections are for ("asr", "tts", "llm", "rest", "sip"): a PoolGroup may mix
+    adapters of one service (ElevenLabs with a Cartesia fallback); None: only the same adapter."""
 
     _watchers: list[Callable[[Any], None]] | None = None
 

@@ -8,17 +8,19 @@ when that changes or the connection dies. Health is an HTTP/2 PING (no billable 
 
 from __future__ import annotations
 
-import logging
 import ssl
 import time
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from h2.errors import ErrorCodes
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from voicepool._redact import describe_error, get_logger, silence_header_dumps
 from voicepool.adapter import Adapter, LeaseMode
+from voicepool.dns import AddressTracker, default_resolver
 from voicepool.errors import ConnectError
+from voicepool.settings import NO_SECRET, OptionalSecret
 
 from .._http import check_base_url, header_name  # noqa: TID251, TID252
 from .connection import H2Connection  # noqa: TID251
@@ -26,7 +28,8 @@ from .stream import ConnectionClosed, H2Error, Origin  # noqa: TID251
 
 __all__ = ["Http2Adapter", "Http2Options"]
 
-log = logging.getLogger("voicepool.adapters.http2")
+log = get_logger("voicepool.adapters.http2")
+silence_header_dumps("hpack.hpack")  # its DEBUG lines are our request headers, key included
 
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
 
@@ -44,27 +47,38 @@ class Http2Options(BaseModel):
         default_factory=dict,
         description="Headers added to every request that does not set them (not for secrets).",
     )
-    api_key: SecretStr | None = Field(None, description="Credential sent in `api_key_header`.")
+    api_key: OptionalSecret = Field(
+        default=NO_SECRET, description="Credential sent in `api_key_header`."
+    )
     api_key_header: str = Field(
-        "authorization",
+        default="authorization",
         description="`authorization` sends `Bearer <api_key>`; any other name (x-api-key) the key.",
     )
-    max_streams: int = Field(100, ge=1, le=2**31 - 1, description="Streams per connection.")
+    max_streams: int = Field(default=100, ge=1, le=2**31 - 1, description="Streams per connection.")
     warmup_path: str | None = Field(
-        None, description="Request sent on each new connection, e.g. /v1/models (None: no warm-up)."
+        default=None,
+        description="Request sent on each new connection, e.g. /v1/models (None: no warm-up).",
     )
     warmup_method: Literal["GET", "HEAD", "OPTIONS"] = "GET"
-    ca_file: str | None = Field(None, description="PEM CA bundle to trust instead of the system's.")
+    ca_file: str | None = Field(
+        default=None, description="PEM CA bundle to trust instead of the system's."
+    )
     verify: bool = Field(
-        True, description="Verify the server certificate (never off in production)."
+        default=True, description="Verify the server certificate (never off in production)."
     )
-    server_hostname: str | None = Field(None, description="TLS SNI / certificate name override.")
+    server_hostname: str | None = Field(
+        default=None, description="TLS SNI / certificate name override."
+    )
     stream_window: int = Field(
-        1 << 20, ge=65535, le=2**31 - 1, description="Receive window/stream."
+        default=1 << 20, ge=65535, le=2**31 - 1, description="Receive window/stream."
     )
-    connection_window: int = Field(1 << 24, ge=65535, le=2**31 - 1, description="Receive window.")
+    connection_window: int = Field(
+        default=1 << 24, ge=65535, le=2**31 - 1, description="Receive window."
+    )
     ping_backoff: float = Field(
-        2.0, ge=1.0, description="Growth of the minimum ping spacing on GOAWAY ENHANCE_YOUR_CALM."
+        default=2.0,
+        ge=1.0,
+        description="Growth of the minimum ping spacing on GOAWAY ENHANCE_YOUR_CALM.",
     )
 
     @field_validator("base_url")
@@ -96,6 +110,7 @@ class Http2Adapter(Adapter[H2Connection]):
     directly: ``lease.conn.start_request(lease.stream_id, headers, end=...)``.
     """
 
+    service: ClassVar[str | None] = "llm"
     lease_mode = LeaseMode.MULTIPLEXED
     max_streams = 100
     Options: ClassVar[type[Http2Options]] = Http2Options
@@ -123,6 +138,7 @@ class Http2Adapter(Adapter[H2Connection]):
         self._ping_gap = 0.0  # minimum seconds between PINGs; grows on ENHANCE_YOUR_CALM
         self._calmed: set[int] = set()  # ids of connections whose calm GOAWAY was counted
         self.calm_goaways = 0
+        self.addresses = AddressTracker(self, host)  # retires connections whose address left DNS
 
     def _ssl_context(self) -> ssl.SSLContext:
         opts = self.options
@@ -146,15 +162,23 @@ class Http2Adapter(Adapter[H2Connection]):
         Raises ConnectError, ``fatal=True`` for an untrusted certificate, a server without HTTP/2,
         or a warm-up answered 4xx (401/403: bad credentials). Cancellation-safe.
         """
+        resolver = default_resolver()
         try:
-            conn = await H2Connection.open(
-                self.origin,
-                self._ssl,
-                on_change=self._on_change,
-                stream_window=self.options.stream_window,
-                connection_window=self.options.connection_window,
-                server_hostname=self.options.server_hostname,
-            )
+            sock = await resolver.connect(self.origin.host, self.origin.port)
+            try:
+                conn = await H2Connection.open(
+                    self.origin,
+                    self._ssl,
+                    on_change=self._on_change,
+                    stream_window=self.options.stream_window,
+                    connection_window=self.options.connection_window,
+                    server_hostname=self.options.server_hostname,
+                    sock=sock,
+                )
+            except BaseException:
+                sock.close()  # a no-op once the transport owns (and closed) it
+                raise
+            self.addresses.add(conn, sock.getpeername(), resolver)
         except ConnectError:
             raise
         except ssl.SSLCertVerificationError as exc:
@@ -162,7 +186,7 @@ class Http2Adapter(Adapter[H2Connection]):
                 f"TLS certificate of {self.origin} rejected: {exc.verify_message}", fatal=True
             ) from exc
         except (OSError, H2Error) as exc:
-            raise ConnectError(f"connect to {self.origin} failed: {exc!r}") from exc
+            raise ConnectError(f"connect to {self.origin} failed: {describe_error(exc)}") from exc
         if self.options.warmup_path is not None:
             try:
                 await self._warmup(conn)
@@ -219,11 +243,12 @@ class Http2Adapter(Adapter[H2Connection]):
         await conn.ping()
 
     def is_open(self, conn: H2Connection) -> bool:
-        return conn.is_open
+        return conn.is_open and self.addresses.is_listed(conn)
 
     async def close(self, conn: H2Connection) -> None:
         """GOAWAY, then a polite TLS close (bounded); never raises."""
         self._calmed.discard(id(conn))
+        self.addresses.discard(conn)
         await conn.aclose()
 
     def is_fatal(self, exc: BaseException) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -130,6 +131,7 @@ class H2Connection:
         stream_window: int = 1 << 20,
         connection_window: int = 1 << 24,
         server_hostname: str | None = None,
+        sock: socket.socket | None = None,
     ) -> H2Connection:
         """Connect, negotiate HTTP/2 (ALPN ``h2`` over TLS) and wait for the server's SETTINGS.
 
@@ -138,9 +140,11 @@ class H2Connection:
         untrusted certificate) or OSError. Cancellation-safe: a cancelled open leaves no socket
         behind.
         """
+        # ``sock``: already connected (the shared DNS cache and happy eyeballs chose the address).
         reader, writer = await asyncio.open_connection(
-            origin.host,
-            origin.port,
+            None if sock is not None else origin.host,
+            None if sock is not None else origin.port,
+            sock=sock,
             ssl=ssl_context,
             server_hostname=(server_hostname or origin.host) if ssl_context else None,
         )

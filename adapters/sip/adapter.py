@@ -31,10 +31,11 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConfigError, ConnectError
+from voicepool.settings import NO_SECRET, OptionalSecret
 
 from ._binding import (  # noqa: TID251
     PJSUA_MAX_ACC,
@@ -64,29 +65,36 @@ class SipOptions(BaseModel):
 
     aor: str = Field(description="Address of record, e.g. sip:alice@carrier.example.")
     registrar: str | None = Field(
-        None, description="Registrar URI, e.g. sip:carrier.example:5060; default: the AOR's host."
+        default=None,
+        description="Registrar URI, e.g. sip:carrier.example:5060; default: the AOR's host.",
     )
-    username: str | None = Field(None, description="Digest user; default: the AOR's user part.")
-    password: SecretStr | None = Field(None, description="Digest password.")
-    realm: str = Field("*", description="Digest realm the credentials answer; * = any.")
+    username: str | None = Field(
+        default=None, description="Digest user; default: the AOR's user part."
+    )
+    password: OptionalSecret = Field(default=NO_SECRET, description="Digest password.")
+    realm: str = Field(default="*", description="Digest realm the credentials answer; * = any.")
     transport: Literal["udp", "tcp", "tls"] = "udp"
     expires: int = Field(
-        300, ge=10, le=86400, description="Requested registration lifetime (s); pjsua needs >= 10."
+        default=300,
+        ge=10,
+        le=86400,
+        description="Requested registration lifetime (s); pjsua needs >= 10.",
     )
     bind_address: str | None = Field(
-        None, description="Local address of the SIP transport; default: all interfaces."
+        default=None, description="Local address of the SIP transport; default: all interfaces."
     )
-    proxies: tuple[str, ...] = Field((), description="Outbound proxy URIs, in order.")
+    proxies: tuple[str, ...] = Field(default=(), description="Outbound proxy URIs, in order.")
     unregister_timeout: float = Field(
-        2.0, gt=0, le=30, description="Longest wait for the un-REGISTER answer on close."
+        default=2.0, gt=0, le=30, description="Longest wait for the un-REGISTER answer on close."
     )
     tls_ca_file: str | None = Field(
-        None,
+        default=None,
         description="TLS: PEM file of the CAs that sign the registrar's certificate (default:"
         " the bundled OpenSSL's default paths).",
     )
     tls_verify_server: bool = Field(
-        True, description="TLS: refuse a registrar whose certificate or name does not verify."
+        default=True,
+        description="TLS: refuse a registrar whose certificate or name does not verify.",
     )
 
     @field_validator("aor")
@@ -292,6 +300,7 @@ class SipAdapter(Adapter[SipRegistration]):
     answers (503, 408, transport errors) a retryable ``ConnectError`` with the status.
     """
 
+    service: ClassVar[str | None] = "sip"
     lease_mode = LeaseMode.MULTIPLEXED
     max_streams = 4  # concurrent calls per registration; PoolSettings.max_streams overrides
     max_connections_per_process: ClassVar[int | None] = PJSUA_MAX_ACC

@@ -6,14 +6,14 @@ Nothing here decides anything; each function does one adapter call and says how 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
 
+from voicepool._redact import describe_error, get_logger
 from voicepool.adapter import Adapter
 from voicepool.errors import ConnectError, VoicepoolError
 
-log = logging.getLogger("voicepool.pool")
+log = get_logger("voicepool.pool")
 
 C = TypeVar("C")
 
@@ -39,7 +39,7 @@ async def connect(adapter: Adapter[C], timeout: float) -> C:
         ) from exc
     except Exception as exc:
         raise ConnectError(
-            f"connect to {adapter.describe()} failed: {type(exc).__name__}: {exc}",
+            f"connect to {adapter.describe()} failed: {describe_error(exc)}",
             fatal=adapter.is_fatal(exc),
         ) from exc
 

@@ -40,6 +40,7 @@ from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
 from voicepool._engine.waitqueue import Waiter, WaitQueue
 from voicepool._engine.waitwindow import WaitWindow
+from voicepool._redact import scrub
 from voicepool.adapter import LeaseMode
 from voicepool.errors import ConnectError, PoolClosed, PoolExhausted, PoolUnavailable
 from voicepool.pool_settings import PoolSettings, ResolvedSizing
@@ -210,6 +211,23 @@ class PoolCore(Generic[C]):
             rec.expires = -math.inf
         self._health_due = now
         self._at(now)
+        return self._end(now, out)
+
+    def set_min_size(self, min_size: int, now: float) -> list[Action]:
+        """The warm floor changes at run time (a PoolGroup's standby grows or shrinks): idle
+        connections above the new floor are retired at once, oldest first; missing ones open."""
+        out: list[Action] = []
+        self.min_size = min_size
+        if self.lifecycle is PoolState.NEW or self.closing:
+            return out
+        surplus = len(self.conns) + self.opening - min_size
+        spare = [r for r in self.mux_conns if not r.streams] if self.mux else list(self.idle)
+        for rec in spare:  # the idle deque is LIFO at the right: oldest first
+            if surplus <= 0:
+                break
+            self._retire(rec, "idle", now, out)
+            surplus -= 1
+        self._grow(now, out)
         return self._end(now, out)
 
     # -- acquire ---------------------------------------------------------------------------------
@@ -493,7 +511,10 @@ class PoolCore(Generic[C]):
             if rec.state is _IDLE or (self.mux and rec.streams == 0):
                 self._lost(rec, "remote_closed", now, out)
             else:
-                self._health_due = now  # held: retired at its release; look again soon
+                # Held: never interrupted, retired at its release (as expire_all marks it: the
+                # release path then retires it, fast path included); look again soon.
+                rec.expires = -math.inf
+                self._health_due = now
                 self._at(now)
             return self._end(now, out)
         if self.mux:
@@ -978,7 +999,7 @@ class PoolCore(Generic[C]):
             connect_failures=self.n_connect_failures,
             closed=dict(self.closed_by),
             wait_p95_ms=self.window.current(self.n_acquired) * 1000.0,
-            last_error=None if self.last_error is None else str(self.last_error),
+            last_error=None if self.last_error is None else scrub(str(self.last_error)),
             ping_rtt_ms=None if self.ping_rtt is None else self.ping_rtt * 1000.0,
         )
 
