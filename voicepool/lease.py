@@ -153,14 +153,13 @@ class Lease(Generic[C]):
             if not pool._is_open(self._conn):
                 pool._reset_failed(rec, now, ConnectionError("closed by its reset"))
                 return
-        core = pool._core
-        if rec.expires > now and not core.n_waiting:
+        if rec.expires > now and not pool._waiters.count:
             # Back to idle, nobody waiting: what core.released would do, without its actions.
             # (A closing pool has expired every connection: those go through the core.)
             rec.state = _IDLE
             pool._idle.append(rec)
             return
-        pool._apply(core.released(rec, now, "ok"))
+        pool._apply(pool._core.released(rec, now, "ok"))
 
     async def release(self, error: BaseException | None = None) -> None:
         """Return the connection, for leases from :meth:`Pool.lease` (no ``async with``).

@@ -32,10 +32,11 @@ from voicepool._engine.actions import (
     StateChanged,
     Wake,
 )
-from voicepool._engine.core import PoolCore, SizingPolicy, Waiter
+from voicepool._engine.core import PoolCore, SizingPolicy
 from voicepool._engine.observer import PoolObserver, observers_for
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
+from voicepool._engine.waitqueue import Waiter
 from voicepool._redact import get_logger, remember_from
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import (
@@ -122,6 +123,7 @@ class Pool(Generic[C]):
             None if type(adapter).reset is Adapter.reset else adapter.reset
         )
         self._idle = self._core.idle  # the fast path's view (the core mutates it in place)
+        self._waiters = self._core.waiters  # ... and whether anyone waits (its count)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._timer: asyncio.TimerHandle | None = None
@@ -321,7 +323,7 @@ class Pool(Generic[C]):
         core = self._core
         return (
             f"<Pool {self.name!r} {core.state.value} size={len(core.conns)}/{self.max_size}"
-            f" opening={core.opening} waiters={core.n_waiting}>"
+            f" opening={core.opening} waiters={core.waiters.count}>"
         )
 
     # -- acquire (the part Lease does not inline) ------------------------------------------------
@@ -612,7 +614,7 @@ class Pool(Generic[C]):
                 a.count,
                 len(core.conns),
                 self.max_size,
-                core.n_waiting,
+                core.waiters.count,
                 extra=self._extra,
             )
         else:

@@ -38,13 +38,14 @@ from voicepool._engine.actions import (
 )
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
+from voicepool._engine.waitqueue import Waiter, WaitQueue
 from voicepool._engine.waitwindow import WaitWindow
 from voicepool._redact import scrub
 from voicepool.adapter import LeaseMode
 from voicepool.errors import ConnectError, PoolClosed, PoolExhausted, PoolUnavailable
 from voicepool.pool_settings import PoolSettings, ResolvedSizing
 
-__all__ = ["NO_ACTIONS", "PoolCore", "SizingPolicy", "Waiter"]
+__all__ = ["NO_ACTIONS", "PoolCore", "SizingPolicy"]
 
 C = TypeVar("C")
 
@@ -59,28 +60,6 @@ _IDLE, _IN_USE, _PINGING, _CLOSED = (
 )
 # Losses that tell us about the provider (a network event), not about one lease.
 _LOSSES = frozenset({"remote_closed", "ping_failed"})
-
-
-class Waiter:
-    """One queued acquire. The driver owns ``future``; the core owns the rest.
-
-    ``state``: 0 waiting, 1 granted (``rec``/``stream_id`` set), 2 finished (failed, gave up, or
-    its grant was taken). ``exhausted`` is set when it queued at ``max_size``.
-    """
-
-    __slots__ = ("deadline", "exhausted", "future", "rec", "state", "stream_id", "timeout")
-
-    def __init__(self, deadline: float, timeout: float, future: Any = None) -> None:
-        self.deadline = deadline
-        self.timeout = timeout
-        self.future = future
-        self.rec: ConnRecord[Any] | None = None
-        self.stream_id: int | None = None
-        self.state = 0
-        self.exhausted = False
-
-    def __repr__(self) -> str:
-        return f"<Waiter state={self.state} deadline={self.deadline:.3f}>"
 
 
 class SizingPolicy:
@@ -140,12 +119,7 @@ class PoolCore(Generic[C]):
         self.generation = 0
         self._next_id = 0
 
-        # FIFO of waiters, lazily deleted (a finished waiter stays until it reaches the front or
-        # a compaction): abandonment is O(1). Deadlines in a heap for the one timer.
-        self.waiters: deque[Waiter] = deque()
-        self.n_waiting = 0
-        self._deadlines: list[tuple[float, int, Waiter]] = []
-        self._seq = 0
+        self.waiters = WaitQueue()  # FIFO, O(1) abandonment, deadlines for the one timer
 
         self.lifecycle = PoolState.NEW
         self.reported = PoolState.NEW
@@ -198,13 +172,9 @@ class PoolCore(Generic[C]):
         self.warming = False
         self.lifecycle = PoolState.CLOSING
         err = PoolClosed(f"pool {self.name!r} is closing", pool=self.name)
-        for w in self.waiters:
-            if w.state == 0:
-                w.state = 2
-                out.append(Fail(w, err))
-        self.waiters.clear()
-        self._deadlines.clear()
-        self.n_waiting = 0
+        for w in self.waiters.clear():
+            w.state = 2
+            out.append(Fail(w, err))
         for rec in list(self.conns.values()):
             if rec.state is not _IN_USE or (self.mux and not rec.streams):
                 self._retire(rec, "shutdown", now, out)
@@ -326,10 +296,7 @@ class PoolCore(Generic[C]):
             waiter.state = 2
             out.append(Fail(waiter, self._unavailable()))
             return self._end(now, out)
-        self.waiters.append(waiter)
-        self.n_waiting += 1
-        self._seq += 1
-        heapq.heappush(self._deadlines, (waiter.deadline, self._seq, waiter))
+        self.waiters.push(waiter)
         self._at(waiter.deadline)
         self._grow(now, out)
         if len(self.conns) + self.opening >= self.max_size:
@@ -341,9 +308,7 @@ class PoolCore(Generic[C]):
         """The waiter's caller left (cancelled). A grant it never took passes to the next one."""
         out: list[Action] = []
         if waiter.state == 0:
-            waiter.state = 2
-            self.n_waiting -= 1
-            self._compact()
+            self.waiters.leave(waiter)
             return self._end(now, out)
         if waiter.state == 1:
             waiter.state = 2
@@ -692,16 +657,13 @@ class PoolCore(Generic[C]):
         if self.closing:
             self._retire(rec, "shutdown", now, out)
             return
-        waiters = self.waiters
-        while waiters:
-            w = waiters.popleft()
-            if w.state == 0:
-                w.state = 1
-                w.rec = rec
-                self.n_waiting -= 1
-                rec.state = _IN_USE
-                out.append(Grant(w))
-                return
+        w = self.waiters.pop()
+        if w is not None:
+            w.state = 1
+            w.rec = rec
+            rec.state = _IN_USE
+            out.append(Grant(w))
+            return
         rec.state = _IDLE
         self.idle.append(rec)
 
@@ -709,17 +671,16 @@ class PoolCore(Generic[C]):
         """A MULTIPLEXED connection has room: streams to waiters, FIFO."""
         if rec.suspect or rec.state is _CLOSED:
             return
-        waiters = self.waiters
-        while waiters and rec.streams < rec.cap:
-            w = waiters.popleft()
-            if w.state == 0:
-                w.state = 1
-                rec.streams += 1
-                rec.seq += 1
-                w.rec = rec
-                w.stream_id = rec.seq
-                self.n_waiting -= 1
-                out.append(Grant(w))
+        while rec.streams < rec.cap:
+            w = self.waiters.pop()
+            if w is None:
+                return
+            w.state = 1
+            rec.streams += 1
+            rec.seq += 1
+            w.rec = rec
+            w.stream_id = rec.seq
+            out.append(Grant(w))
 
     def _stream_ended(self, rec: ConnRecord[C], now: float, out: list[Action]) -> None:
         if rec.state is _CLOSED:
@@ -805,23 +766,17 @@ class PoolCore(Generic[C]):
             self._warm_failed = True
         if (fatal or self.steps >= self.settings.failure_threshold) and not self.circuit_open:
             self.circuit_open = True
-            for w in self.waiters:
-                if w.state == 0:
-                    w.state = 2
-                    out.append(Fail(w, self._unavailable()))
-            self.waiters.clear()
-            self._deadlines.clear()
-            self.n_waiting = 0
+            for w in self.waiters.clear():
+                w.state = 2
+                out.append(Fail(w, self._unavailable()))
             return
         if not self.conns and not self.opening:
             # No connection and the last connect failed: a waiter whose deadline comes before
             # the next retry cannot be served; tell it now instead of at its deadline.
             for w in self.waiters:
-                if w.state == 0 and w.deadline < self.retry_at:
-                    w.state = 2
-                    self.n_waiting -= 1
+                if w.deadline < self.retry_at:
+                    self.waiters.leave(w)
                     out.append(Fail(w, self._unavailable()))
-            self._compact()
 
     def _retry_too_late(self, deadline: float, now: float) -> bool:
         return (
@@ -909,7 +864,7 @@ class PoolCore(Generic[C]):
         while refill and refill[0] <= now:
             heapq.heappop(refill)
         paced = len(refill)
-        waiting = self.n_waiting
+        waiting = self.waiters.count
         if self.mux:
             per = self.max_streams
             free = sum(max(0, r.cap - r.streams) for r in self.mux_conns if not r.suspect)
@@ -942,29 +897,11 @@ class PoolCore(Generic[C]):
             self.lifecycle = PoolState.READY
 
     def _expire_waiters(self, now: float, out: list[Action]) -> None:
-        heap = self._deadlines
-        while heap and (heap[0][2].state != 0 or heap[0][0] <= now):
-            _deadline, _seq, w = heapq.heappop(heap)
-            if w.state != 0:
-                continue
-            w.state = 2
-            self.n_waiting -= 1
+        for w in self.waiters.expired(now):
             self.n_timeouts += 1
             err = PoolExhausted(self.exhausted_message(w.timeout, extra_waiter=1), pool=self.name)
             err.__cause__ = self.last_error
             out.append(Fail(w, err))
-        self._compact()
-
-    def _compact(self) -> None:
-        """Drop finished waiters from the FIFO once they outnumber live ones (bounded memory)."""
-        waiters = self.waiters
-        while waiters and waiters[0].state != 0:
-            waiters.popleft()
-        if len(waiters) > 2 * self.n_waiting + 64:
-            self.waiters = deque(w for w in waiters if w.state == 0)
-        if len(self._deadlines) > 2 * self.n_waiting + 64:
-            self._deadlines = [e for e in self._deadlines if e[2].state == 0]
-            heapq.heapify(self._deadlines)
 
     # -- the transition point ---------------------------------------------------------------------
 
@@ -992,11 +929,9 @@ class PoolCore(Generic[C]):
         if self.lifecycle is PoolState.NEW or self.lifecycle is PoolState.CLOSED:
             return math.inf
         due = self._health_due if not self.closing else math.inf
-        heap = self._deadlines
-        while heap and heap[0][2].state != 0:
-            heapq.heappop(heap)
-        if heap:
-            due = min(due, heap[0][0])
+        first = self.waiters.earliest()
+        if first is not None:
+            due = min(due, first)
         if self.closing:
             return due
         if self._young:
@@ -1031,7 +966,7 @@ class PoolCore(Generic[C]):
         return (
             f"pool {self.name!r} exhausted: no connection within {timeout:g}s"
             f" (size={size}/{self.max_size}, in_use={in_use}, idle={size - in_use},"
-            f" opening={self.opening}, waiters={self.n_waiting + extra}){cause}"
+            f" opening={self.opening}, waiters={self.waiters.count + extra}){cause}"
         )
 
     def _in_use(self) -> tuple[int, int]:
@@ -1052,7 +987,7 @@ class PoolCore(Generic[C]):
             idle=size - in_use,
             in_use=in_use,
             opening=self.opening,
-            waiters=self.n_waiting,
+            waiters=self.waiters.count,
             streams_in_use=streams,
             min_size=self.min_size,
             max_size=self.max_size,
@@ -1072,8 +1007,7 @@ class PoolCore(Generic[C]):
         """Assert every invariant of the bookkeeping (tests call it after each step)."""
         assert self.opening >= 0, self.opening
         assert len(self.conns) + self.opening <= self.max_size, (len(self.conns), self.opening)
-        assert self.n_waiting == sum(1 for w in self.waiters if w.state == 0), "waiter count"
-        assert self.n_waiting >= 0
+        self.waiters.check()
         idle_ids = {id(r) for r in self.idle}
         assert len(idle_ids) == len(self.idle), "a record is twice in idle"
         for rec in self.conns.values():
@@ -1090,10 +1024,10 @@ class PoolCore(Generic[C]):
             assert all(self.conns.get(r.id) is r for r in self.mux_conns)
             assert len(self.mux_conns) == len(self.conns)
         if self.closing:
-            assert self.n_waiting == 0
+            assert self.waiters.count == 0
         if self.circuit_open:
-            assert self.n_waiting == 0, "waiters queued behind an open circuit"
-        if self.n_waiting and not self.closing and self.lifecycle is PoolState.READY:
+            assert self.waiters.count == 0, "waiters queued behind an open circuit"
+        if self.waiters.count and not self.closing and self.lifecycle is PoolState.READY:
             # Someone waits: a connect runs, or one is scheduled, or every slot is busy.
             assert (
                 self.opening
