@@ -15,7 +15,8 @@ name at run time (ruff's TID251 ban sees the folder name, hence the ``noqa``).
 
 from .adapter import Http2Adapter, Http2Options  # noqa: TID251
 from .connection import H2Connection  # noqa: TID251
-from .stream import ConnectionClosed, H2Error, H2Stream, Origin, StreamRefused, StreamReset  # noqa: TID251
+from .protocol import ConnectionClosed, H2Error, Origin, StreamRefused, StreamReset  # noqa: TID251
+from .stream import H2Stream  # noqa: TID251
 from .transport import PooledTransport  # noqa: TID251
 
 Options = Http2Options

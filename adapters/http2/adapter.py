@@ -22,7 +22,7 @@ from voicepool.errors import ConnectError
 
 from .._http import check_base_url, header_name  # noqa: TID251, TID252
 from .connection import H2Connection  # noqa: TID251
-from .stream import ConnectionClosed, H2Error, Origin  # noqa: TID251
+from .protocol import ConnectionClosed, H2Error, Origin  # noqa: TID251
 
 __all__ = ["Http2Adapter", "Http2Options"]
 

@@ -29,7 +29,8 @@ from voicepool.pool import Pool
 
 from .adapter import Http2Adapter  # noqa: TID251
 from .connection import H2Connection  # noqa: TID251
-from .stream import ConnectionClosed, H2Error, H2Stream, StreamRefused, StreamReset  # noqa: TID251
+from .protocol import ConnectionClosed, H2Error, StreamRefused, StreamReset  # noqa: TID251
+from .stream import H2Stream  # noqa: TID251
 
 __all__ = ["PooledTransport", "ResponseStreamBase", "TransportCore"]
 
