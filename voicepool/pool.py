@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
-from voicepool._engine.connect import grow, open_one, spawn_connect
+from voicepool._engine.connect import connect_failed, grow, open_one, spawn_connect
 from voicepool._engine.drain import _CLOSE_TIMEOUT, close
 from voicepool._engine.health import maintain, run_health
 from voicepool._engine.leak import watch_leak
@@ -56,6 +56,9 @@ __all__ = ["Pool", "PoolState", "PoolStats"]
 
 C = TypeVar("C")
 log = logging.getLogger("voicepool.pool")
+# Close reasons the pool infers (drained, closed by the peer): the adapter may name them better
+# (an HTTP/2 GOAWAY is "goaway", not "expired").
+_PEER_NAMED = frozenset({"expired", "remote_closed"})
 
 
 _MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
@@ -526,6 +529,8 @@ class Pool(Generic[C]):
                 self._idle.remove(rec)
             except ValueError:
                 pass  # already popped by the caller
+        if reason in _PEER_NAMED:
+            reason = self.adapter.close_reason(rec.conn) or reason
         rec.state = ConnState.CLOSED
         self._conns.pop(rec.id, None)
         self._by_conn.pop(id(rec.conn), None)
@@ -541,6 +546,8 @@ class Pool(Generic[C]):
             "pool %s: connection #%d closed (%s)", self.name, rec.id, reason, extra=self._extra
         )
         self._spawn(self._close_conn(rec.conn), self._closers)
+        if not self._closing:
+            self._learn_error(rec.conn)
         if self._closing:
             self._check_drained()
         else:
@@ -558,11 +565,22 @@ class Pool(Generic[C]):
         into.add(task)
         task.add_done_callback(into.discard)
 
+    def _learn_error(self, conn: C) -> None:
+        """Record the adapter's account of what ended ``conn``; a fatal one (a credential refused
+        on a request) opens the circuit as a fatal connect error would, once per error."""
+        err = self.adapter.connection_error(conn)
+        if err is None or err is self._last_error:
+            return
+        self._last_error = err
+        if self.adapter.is_fatal(err) and not self._circuit_open:
+            connect_failed(self, err)
+
     def _on_conn_changed(self, conn: Any) -> None:
         """Adapter callback: re-read ``conn``'s capacity and liveness now."""
         rec = self._by_conn.get(id(conn))
         if rec is None or rec.state is ConnState.CLOSED:
             return
+        self._learn_error(conn)
         if not self._is_open(conn):
             if rec.state is ConnState.IDLE or (self._mux and rec.streams == 0):
                 self._retire(rec, "remote_closed")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+import weakref
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -123,6 +124,8 @@ class Http2Adapter(Adapter[H2Connection]):
         self._ping_gap = 0.0  # minimum seconds between PINGs; grows on ENHANCE_YOUR_CALM
         self._calmed: set[int] = set()  # ids of connections whose calm GOAWAY was counted
         self.calm_goaways = 0
+        self._live: weakref.WeakSet[H2Connection] = weakref.WeakSet()  # for credentials_rejected
+        self._rejected: dict[int, ConnectError] = {}  # id(conn) -> the 401/403 that drained it
 
     def _ssl_context(self) -> ssl.SSLContext:
         opts = self.options
@@ -130,7 +133,9 @@ class Http2Adapter(Adapter[H2Connection]):
         if not opts.verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        ctx.set_alpn_protocols(["h2"])
+        # Offer HTTP/1.1 too: a server without HTTP/2 then completes the handshake and picks it,
+        # and connect() refuses it with a clear "does not speak HTTP/2" instead of a TLS alert.
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
         return ctx
 
     @property
@@ -169,6 +174,7 @@ class Http2Adapter(Adapter[H2Connection]):
             except BaseException:
                 await conn.aclose(0)
                 raise
+        self._live.add(conn)
         return conn
 
     async def _warmup(self, conn: H2Connection) -> None:
@@ -224,6 +230,8 @@ class Http2Adapter(Adapter[H2Connection]):
     async def close(self, conn: H2Connection) -> None:
         """GOAWAY, then a polite TLS close (bounded); never raises."""
         self._calmed.discard(id(conn))
+        self._live.discard(conn)
+        self._rejected.pop(id(conn), None)
         await conn.aclose()
 
     def is_fatal(self, exc: BaseException) -> bool:
@@ -233,9 +241,50 @@ class Http2Adapter(Adapter[H2Connection]):
 
     def stream_capacity(self, conn: H2Connection) -> int:
         """min(max_streams, the server's SETTINGS_MAX_CONCURRENT_STREAMS); 0 while draining."""
-        if conn.draining:
+        if conn.draining or id(conn) in self._rejected:
             return 0
         return min(self.options.max_streams, conn.remote_max_streams)
+
+    def close_reason(self, conn: H2Connection) -> str | None:
+        """``"rejected"`` after a 401/403 drained it, ``"goaway"`` after the server's GOAWAY,
+        ``"protocol_error"`` after the server broke HTTP/2; else None (the pool names it)."""
+        if id(conn) in self._rejected:
+            return "rejected"
+        if conn.goaway_code is not None:
+            return "goaway"
+        if conn.protocol.violated:
+            return "protocol_error"
+        return None
+
+    def connection_error(self, conn: H2Connection) -> BaseException | None:
+        """The 401/403 :class:`ConnectError` (fatal) that drained ``conn``, or the server's error
+        that ended it (protocol violation, GOAWAY with an error code, lost socket)."""
+        rejected = self._rejected.get(id(conn))
+        if rejected is not None:
+            return rejected
+        return conn.protocol.ended_by()
+
+    def credentials_rejected(self, conn: H2Connection, status: int, target: str) -> None:
+        """A request on ``conn`` was answered 401/403 (``target``: method and path, no query).
+
+        The credentials are the adapter's, so every connection stops taking streams (in-flight
+        ones finish) and reports a fatal :class:`ConnectError` naming the status: the pool opens
+        its circuit once, and later acquires fail at once with ``PoolUnavailable``. Calls for a
+        connection already drained this way are ignored (no per-request storm). Never raises.
+        """
+        if id(conn) in self._rejected:
+            return
+        hint = "check the credentials" if status == 401 else "the credentials lack access"
+        err = ConnectError(
+            f"{self.origin} answered HTTP {status} to {target}: {hint}", fatal=True, status=status
+        )
+        log.warning(
+            "%s answered HTTP %d to %s; draining its connections", self.origin, status, target
+        )
+        for live in [conn, *(c for c in self._live if c is not conn)]:
+            if live.is_open and id(live) not in self._rejected:
+                self._rejected[id(live)] = err
+                self.connection_changed(live)
 
     async def release_stream(
         self, conn: H2Connection, stream_id: int, error: BaseException | None

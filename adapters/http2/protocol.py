@@ -224,6 +224,8 @@ class H2Protocol(Generic[S]):
         self.error: BaseException | None = None
         self.goaway_code: ErrorCodes | int | None = None
         self.goaway_last_stream: int | None = None
+        self.goaway_data: bytes | None = None  # the GOAWAY's debug data (a reason, by convention)
+        self.violated = False  # the server broke the protocol (we answered GOAWAY)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -241,6 +243,21 @@ class H2Protocol(Generic[S]):
     def remote_max_streams(self) -> int:
         """The server's SETTINGS_MAX_CONCURRENT_STREAMS (unlimited until it says otherwise)."""
         return int(self.h2.remote_settings.max_concurrent_streams)
+
+    def ended_by(self) -> BaseException | None:
+        """The server's error that ended or drained this connection, if it was one: a protocol
+        violation, a GOAWAY with an error code, a lost socket. None for a graceful GOAWAY
+        (NO_ERROR), a close we started, or while open."""
+        if self.goaway_code not in (None, ErrorCodes.NO_ERROR):
+            assert self.goaway_code is not None
+            detail = self.goaway_data.decode("utf-8", "replace")[:200] if self.goaway_data else ""
+            return ConnectionClosed(
+                f"{self.origin} sent GOAWAY {_code_name(self.goaway_code)}"
+                + (f": {detail}" if detail else "")
+            )
+        if self.closed and not self.closing and self.goaway_code is None:
+            return self.error
+        return None
 
     def data_to_send(self) -> bytes:
         """The bytes queued for the server since the last call."""
@@ -366,6 +383,7 @@ class H2Protocol(Generic[S]):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
+            self.violated = True
             raise ConnectionClosed(f"HTTP/2 protocol error from {self.origin}: {exc}") from exc
         changes = Changes()
         for event in events:
@@ -447,6 +465,7 @@ class H2Protocol(Generic[S]):
         last = event.last_stream_id if event.last_stream_id is not None else LAST_STREAM_ID
         self.goaway_code = event.error_code if event.error_code is not None else 0
         self.goaway_last_stream = last
+        self.goaway_data = event.additional_data
         for stream_id in [s for s in self.streams if s > last]:
             stream = self.streams.pop(stream_id)
             stream._fail(
