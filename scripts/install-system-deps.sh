@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the real protocol peers the integration tests start on 127.0.0.1: Kamailio (SIP
-# registrar), SIPp (sip-tester) and nginx. Idempotent: does nothing when they are present.
+# registrar), SIPp (sip-tester), nginx, and Node.js (its http2 module is the HTTP/2 server that
+# refuses streams in tests/http2/test_node.py). Idempotent: does nothing when they are present.
 # Services are NOT started by the packages (policy-rc.d); the tests start their own instances.
 set -euo pipefail
 missing=()
 command -v kamailio >/dev/null 2>&1 || [ -x /usr/sbin/kamailio ] || missing+=(kamailio)
 command -v sipp >/dev/null 2>&1 || missing+=(sip-tester)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "install-system-deps: no apt-get; install ${missing[*]} yourself (tests needing them skip)" >&2
