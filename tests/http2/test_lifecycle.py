@@ -14,6 +14,7 @@ from voicepool import ConnectError, Pool, PoolUnavailable
 from voicepool.adapters.http2 import PooledTransport
 from voicepool.testing.faultproxy import FaultProxy
 from voicepool.testing.llm import LlmEmulator
+from voicepool.testing.tls import test_certificates
 
 CHAT = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -165,3 +166,69 @@ async def test_ping_round_trip_and_close(llm: LlmEmulator) -> None:
     assert not adapter.is_open(conn)
     assert adapter.stream_capacity(conn) == 0
     await llm.wait_for(lambda: llm.open_connections == 0)
+
+
+async def test_401_on_the_request_path_opens_the_circuit_once(
+    llm: LlmEmulator, make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The README's configuration: no warm-up request, so the bad key shows on the first call.
+    pool = await make_pool(llm.url, settings(min_size=2, max_size=2), api_key="sk-revoked")
+    url = llm.base_url + "/chat/completions"
+    async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
+        first = await asyncio.gather(*(http.post(url, json=CHAT) for _ in range(10)))
+        assert [r.status_code for r in first] == [401] * 10  # the answers themselves stand
+        assert pool.stats().state.value == "unavailable"
+        t0 = asyncio.get_running_loop().time()
+        for _ in range(20):  # no per-request storm: the pool answers, the server sees nothing
+            with pytest.raises(httpx.ConnectError, match="HTTP 401"):
+                await http.post(url, json=CHAT)
+        assert asyncio.get_running_loop().time() - t0 < 0.5
+    assert llm.requests["/v1/chat/completions"] == 10
+    with pytest.raises(PoolUnavailable) as info:
+        async with pool.acquire():
+            pass
+    cause = info.value.__cause__
+    assert isinstance(cause, ConnectError)
+    assert cause.fatal
+    assert cause.status == 401
+    assert "HTTP 401 to POST /v1/chat/completions" in str(cause)
+    assert "sk-revoked" not in str(cause)
+    assert pool.stats().closed.get("rejected") == 2
+    opened = [r for r in caplog.records if "circuit open" in r.getMessage()]
+    assert len(opened) == 1
+
+
+async def test_goaway_with_an_error_code_is_a_goaway_close_with_a_last_error(
+    make_pool: MakePool,
+) -> None:
+    async with LlmEmulator() as emu:
+        pool = await make_pool(emu.url, settings(min_size=1, max_size=1))
+        assert emu.goaway(ErrorCodes.INTERNAL_ERROR) == 1
+        await eventually(lambda: pool.stats().closed.get("goaway") == 1)
+        assert "expired" not in pool.stats().closed
+        assert "sent GOAWAY INTERNAL_ERROR" in str(pool.last_error)
+
+
+async def test_protocol_error_is_recorded_with_a_useful_last_error(make_pool: MakePool) -> None:
+    # A "server" that speaks just enough HTTP/2 (its SETTINGS), then sends DATA on stream 0,
+    # which RFC 9113 6.1 makes a connection error of type PROTOCOL_ERROR.
+    go = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(24)  # the client preface
+        writer.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # SETTINGS, empty
+        await go.wait()
+        writer.write(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")  # DATA on stream 0
+        await reader.read()  # until the client closes (after its GOAWAY)
+        writer.close()
+
+    server = await asyncio.start_server(
+        serve, "127.0.0.1", 0, ssl=test_certificates().server_context(["h2"])
+    )
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        pool = await make_pool(f"https://127.0.0.1:{port}", settings(min_size=1, max_size=1))
+        go.set()
+        await eventually(lambda: pool.stats().closed.get("protocol_error") == 1)
+        assert "HTTP/2 protocol error from" in str(pool.last_error)
+        await pool.aclose(1.0)
