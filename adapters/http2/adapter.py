@@ -215,13 +215,20 @@ class Http2Adapter(Adapter[H2Connection]):
         """HTTP/2 PING, answered by the server's ACK (the pool applies ``ping_timeout``).
 
         After a GOAWAY ENHANCE_YOUR_CALM, a ping that comes sooner than :attr:`ping_gap` after the
-        last one on this connection is skipped, which lengthens the effective interval.
+        last one on this connection is skipped, which lengthens the effective interval, but only
+        while the skip tells the truth: the server was heard from within that gap and after the
+        last stream that ended in an error. A connection in doubt (the pool pings it at once
+        after a failed stream) is always pinged, so a black hole shows within ``ping_timeout``.
         Raises ConnectionClosed when the connection is gone.
         """
         if not conn.is_open:
             raise ConnectionClosed(f"connection to {self.origin} is closed")
-        if self._ping_gap and time.monotonic() - conn.last_ping < self._ping_gap:
-            return
+        gap = self._ping_gap
+        if gap:
+            now = time.monotonic()
+            heard = conn.last_received
+            if now - conn.last_ping < gap and now - heard < gap and heard > conn.last_stream_error:
+                return
         await conn.ping()
 
     def is_open(self, conn: H2Connection) -> bool:
@@ -290,7 +297,12 @@ class Http2Adapter(Adapter[H2Connection]):
         self, conn: H2Connection, stream_id: int, error: BaseException | None
     ) -> bool:
         """RST_STREAM(CANCEL) the lease's stream if it is unfinished (barge-in). Never suspends,
-        so it completes even in a cancelled task. False only when the connection is broken."""
+        so it completes even in a cancelled task. False only when the connection is broken.
+
+        A stream that ended in an error puts the connection in doubt until the server is heard
+        from again (see :meth:`ping`)."""
+        if error is not None:
+            conn.last_stream_error = time.monotonic()
         return conn.release_slot(stream_id)
 
     def describe(self) -> str:

@@ -68,6 +68,7 @@ class H2Connection:
         self._reader_task: asyncio.Task[None] | None = None
         self.created = time.monotonic()
         self.last_received = self.created  # when bytes last arrived from the server
+        self.last_stream_error = 0.0  # when a stream on it last ended in an error (the adapter)
         self.last_ping = self.created  # when the last PING was sent (or the connection opened)
         self.ping_gap: float | None = None  # time between the last two PINGs sent
         self.pings_sent = 0

@@ -232,3 +232,37 @@ async def test_protocol_error_is_recorded_with_a_useful_last_error(make_pool: Ma
         await eventually(lambda: pool.stats().closed.get("protocol_error") == 1)
         assert "HTTP/2 protocol error from" in str(pool.last_error)
         await pool.aclose(1.0)
+
+
+async def test_ping_after_a_failed_stream_detects_a_black_hole_despite_the_calm_gap() -> None:
+    # After a GOAWAY ENHANCE_YOUR_CALM the adapter skips pings that come too soon; a connection
+    # whose stream just timed out is in doubt, and its ping must go out and fail, not be skipped.
+    async with (
+        LlmEmulator(min_ping_interval=60.0) as emu,
+        FaultProxy("127.0.0.1", emu.port) as proxy,
+    ):
+        adapter = adapter_for(
+            f"https://127.0.0.1:{proxy.port}", server_hostname="127.0.0.1", ping_backoff=1e5
+        )
+        calm = await adapter.connect()
+        await adapter.ping(calm)  # too soon for this server: GOAWAY ENHANCE_YOUR_CALM
+        await eventually(lambda: adapter.calm_goaways == 1)
+        assert adapter.ping_gap >= 1.0
+        await adapter.close(calm)
+        conn = await adapter.connect()
+        proxy.black_hole(True, new_connections=False)
+        headers = [
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":authority", b"127.0.0.1"),
+            (b":path", b"/v1/models"),
+        ]
+        stream = conn.start_request(1, headers, end=True)
+        with pytest.raises(TimeoutError) as timed_out:
+            async with asyncio.timeout(0.2):
+                await stream.response()
+        assert await adapter.release_stream(conn, 1, timed_out.value)  # still open: in doubt
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):  # the pool's ping_timeout
+                await adapter.ping(conn)
+        await adapter.close(conn)
