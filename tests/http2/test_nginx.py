@@ -69,7 +69,7 @@ async def test_pool_multiplexes_through_nginx_within_its_stream_limit(
 ) -> None:
     emu, url = front
     pool = await make_pool(url, settings(min_size=1, max_size=3), warmup_path="/v1/models")
-    (conn,) = [rec.conn for rec in pool._conns.values()]
+    (conn,) = [rec.conn for rec in pool._core.conns.values()]
     assert pool.adapter.stream_capacity(conn) == NGINX_STREAMS  # nginx's SETTINGS, not 100
     async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
         texts = await asyncio.gather(*(_stream(http, url) for _ in range(40)))

@@ -123,4 +123,4 @@ async def test_stream_capacity_follows_server_max_concurrent_streams(
 
 def _conns(pool: object) -> list[object]:
     """The open connections of a pool (test introspection)."""
-    return [rec.conn for rec in pool._conns.values()]  # type: ignore[attr-defined]
+    return [rec.conn for rec in pool._core.conns.values()]  # type: ignore[attr-defined]
