@@ -266,3 +266,29 @@ async def test_ping_after_a_failed_stream_detects_a_black_hole_despite_the_calm_
             async with asyncio.timeout(0.3):  # the pool's ping_timeout
                 await adapter.ping(conn)
         await adapter.close(conn)
+
+
+async def test_black_holed_connection_takes_no_stream_after_one_timed_out(
+    llm: LlmEmulator, make_pool: MakePool
+) -> None:
+    # Shipped ping interval (30 s): only the failed stream can reveal the black hole. Its
+    # connection becomes suspect at once (no new streams), its ping fails within ping_timeout.
+    async with FaultProxy("127.0.0.1", llm.port) as proxy:
+        url = f"https://127.0.0.1:{proxy.port}"
+        pool = await make_pool(
+            url,
+            settings(min_size=1, max_size=2, ping_interval=30.0, ping_timeout=0.5),
+            server_hostname="127.0.0.1",
+        )
+        async with httpx.AsyncClient(transport=PooledTransport(pool), timeout=1.0) as http:
+            assert (await http.get(url + "/v1/models")).status_code == 200
+            proxy.black_hole(True, new_connections=False)
+            with pytest.raises(httpx.ReadTimeout):
+                await http.get(url + "/v1/models", timeout=0.3)
+            t_fail = asyncio.get_running_loop().time()
+            after = await asyncio.gather(
+                *(http.get(url + "/v1/models") for _ in range(10)), return_exceptions=True
+            )
+            assert [getattr(r, "status_code", r) for r in after] == [200] * 10  # none hung
+            await eventually(lambda: pool.stats().closed.get("ping_failed") == 1)
+            assert asyncio.get_running_loop().time() - t_fail < 0.5 + 0.5
