@@ -126,6 +126,10 @@ class Http2Adapter(Adapter[H2Connection]):
         self.calm_goaways = 0
         self._live: weakref.WeakSet[H2Connection] = weakref.WeakSet()  # for credentials_rejected
         self._rejected: dict[int, ConnectError] = {}  # id(conn) -> the 401/403 that drained it
+        # After a 401/403, new connections take one stream until a request on them is accepted,
+        # so the reconnect that closes the pool's circuit lets one request retest the key, not all.
+        self._last_rejection: ConnectError | None = None
+        self._probation: set[int] = set()
 
     def _ssl_context(self) -> ssl.SSLContext:
         opts = self.options
@@ -137,6 +141,11 @@ class Http2Adapter(Adapter[H2Connection]):
         # and connect() refuses it with a clear "does not speak HTTP/2" instead of a TLS alert.
         ctx.set_alpn_protocols(["h2", "http/1.1"])
         return ctx
+
+    @property
+    def on_probation(self) -> bool:
+        """Connections opened after a 401/403 take one stream until a request is accepted."""
+        return bool(self._probation)
 
     @property
     def ping_gap(self) -> float:
@@ -175,6 +184,8 @@ class Http2Adapter(Adapter[H2Connection]):
                 await conn.aclose(0)
                 raise
         self._live.add(conn)
+        if self._last_rejection is not None:
+            self._probation.add(id(conn))
         return conn
 
     async def _warmup(self, conn: H2Connection) -> None:
@@ -239,6 +250,7 @@ class Http2Adapter(Adapter[H2Connection]):
         self._calmed.discard(id(conn))
         self._live.discard(conn)
         self._rejected.pop(id(conn), None)
+        self._probation.discard(id(conn))
         await conn.aclose()
 
     def is_fatal(self, exc: BaseException) -> bool:
@@ -250,6 +262,8 @@ class Http2Adapter(Adapter[H2Connection]):
         """min(max_streams, the server's SETTINGS_MAX_CONCURRENT_STREAMS); 0 while draining."""
         if conn.draining or id(conn) in self._rejected:
             return 0
+        if id(conn) in self._probation:
+            return 1
         return min(self.options.max_streams, conn.remote_max_streams)
 
     def close_reason(self, conn: H2Connection) -> str | None:
@@ -271,6 +285,16 @@ class Http2Adapter(Adapter[H2Connection]):
             return rejected
         return conn.protocol.ended_by()
 
+    def credentials_accepted(self, conn: H2Connection) -> None:
+        """A request on ``conn`` was answered with neither 401 nor 403: after a rejection, the
+        key works again, and a connection on probation (one stream) gets its full capacity."""
+        if id(conn) in self._probation:
+            self._probation.discard(id(conn))
+            self._last_rejection = None
+            self._probation.clear()  # the others too: the key is the adapter's
+            for live in list(self._live):
+                self.connection_changed(live)
+
     def credentials_rejected(self, conn: H2Connection, status: int, target: str) -> None:
         """A request on ``conn`` was answered 401/403 (``target``: method and path, no query).
 
@@ -288,6 +312,8 @@ class Http2Adapter(Adapter[H2Connection]):
         log.warning(
             "%s answered HTTP %d to %s; draining its connections", self.origin, status, target
         )
+        self._last_rejection = err
+        self._probation.discard(id(conn))
         for live in [conn, *(c for c in self._live if c is not conn)]:
             if live.is_open and id(live) not in self._rejected:
                 self._rejected[id(live)] = err

@@ -223,6 +223,8 @@ class TransportCore:
             if status in _AUTH_REJECTED:
                 target = f"{request.method} {url.path}"  # no query: it may carry a key
                 self._adapter.credentials_rejected(lease.conn, status, target)
+            elif self._adapter.on_probation:
+                self._adapter.credentials_accepted(lease.conn)
             return http.Response(
                 status,
                 headers=resp_headers,

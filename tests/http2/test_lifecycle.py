@@ -292,3 +292,29 @@ async def test_black_holed_connection_takes_no_stream_after_one_timed_out(
             assert [getattr(r, "status_code", r) for r in after] == [200] * 10  # none hung
             await eventually(lambda: pool.stats().closed.get("ping_failed") == 1)
             assert asyncio.get_running_loop().time() - t_fail < 0.5 + 0.5
+
+
+async def test_after_a_401_one_request_per_new_connection_retests_the_key(
+    llm: LlmEmulator, make_pool: MakePool
+) -> None:
+    pool = await make_pool(llm.url, settings(min_size=1, max_size=2), api_key="sk-revoked")
+    url = llm.base_url + "/chat/completions"
+    async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
+        assert (await http.post(url, json=CHAT)).status_code == 401
+        assert pool.stats().state.value == "unavailable"
+        await eventually(lambda: pool.stats().state.value == "ready")  # the probe reconnected
+        seen = llm.requests["/v1/chat/completions"]
+        burst = await asyncio.gather(
+            *(http.post(url, json=CHAT) for _ in range(10)), return_exceptions=True
+        )
+        # The reconnect closed the circuit, but a connection after a 401 takes one stream until
+        # the key is accepted: at most one request per connection reached the server.
+        assert llm.requests["/v1/chat/completions"] - seen <= 2
+        assert all(isinstance(r, httpx.ConnectError) or r.status_code == 401 for r in burst)
+        llm.api_key = "sk-revoked"  # the operator fixed the key on the server's side
+        await eventually(lambda: pool.stats().state.value == "ready")
+        assert (await http.post(url, json=CHAT)).status_code == 200
+        conns = [rec.conn for rec in pool._core.conns.values()]
+        assert [pool.adapter.stream_capacity(c) for c in conns] == [100] * len(conns)
+        texts = await asyncio.gather(*(http.post(url, json=CHAT) for _ in range(10)))
+        assert [r.status_code for r in texts] == [200] * 10
