@@ -741,9 +741,12 @@ class PoolCore(Generic[C]):
             # It died before it proved itself: the connect did not really succeed. Counting
             # it as a failure is what stops a server that accepts and hangs up from storming.
             ms = (now - rec.created) * 1e3
+            cause = self.connection_error(rec.conn)  # the adapter's account, if it has one
             err = ConnectError(
                 f"connection to {self.describe} lost {ms:.0f} ms after it opened ({reason})"
+                + (f": {cause}" if cause is not None else "")
             )
+            err.__cause__ = cause
             self._failed(err, False, rec.started, now, out)
         else:
             # Replacements of lost connections start at jittered times, not in one burst.
