@@ -64,6 +64,13 @@ class Http2Options(BaseModel):
         1 << 20, ge=65535, le=2**31 - 1, description="Receive window/stream."
     )
     connection_window: int = Field(1 << 24, ge=65535, le=2**31 - 1, description="Receive window.")
+    stall_timeout: float | None = Field(
+        0.5,
+        gt=0,
+        description="A stream started on a connection quiet for a quarter of this carries a PING;"
+        " no answer within it and the connection takes no new streams (a black hole shows"
+        " before any request times out). None: off.",
+    )
     ping_backoff: float = Field(
         2.0, ge=1.0, description="Growth of the minimum ping spacing on GOAWAY ENHANCE_YOUR_CALM."
     )
@@ -167,6 +174,8 @@ class Http2Adapter(Adapter[H2Connection]):
                 on_change=self._on_change,
                 stream_window=self.options.stream_window,
                 connection_window=self.options.connection_window,
+                stall_timeout=self.options.stall_timeout,
+                min_ping_gap=lambda: self._ping_gap,
                 server_hostname=self.options.server_hostname,
             )
         except ConnectError:
@@ -259,18 +268,23 @@ class Http2Adapter(Adapter[H2Connection]):
         return super().is_fatal(exc)
 
     def stream_capacity(self, conn: H2Connection) -> int:
-        """min(max_streams, the server's SETTINGS_MAX_CONCURRENT_STREAMS); 0 while draining."""
-        if conn.draining or id(conn) in self._rejected:
+        """min(max_streams, the server's SETTINGS_MAX_CONCURRENT_STREAMS); 0 while draining,
+        while stalled (its liveness PING unanswered: back when the server is heard again), or
+        after a 401/403; 1 on probation after a 401/403."""
+        if conn.draining or conn.stalled or id(conn) in self._rejected:
             return 0
         if id(conn) in self._probation:
             return 1
         return min(self.options.max_streams, conn.remote_max_streams)
 
     def close_reason(self, conn: H2Connection) -> str | None:
-        """``"rejected"`` after a 401/403 drained it, ``"goaway"`` after the server's GOAWAY,
+        """``"rejected"`` after a 401/403 drained it, ``"stalled"`` when its liveness PING went
+        unanswered, ``"goaway"`` after the server's GOAWAY,
         ``"protocol_error"`` after the server broke HTTP/2; else None (the pool names it)."""
         if id(conn) in self._rejected:
             return "rejected"
+        if conn.stalled:
+            return "stalled"
         if conn.goaway_code is not None:
             return "goaway"
         if conn.protocol.violated:

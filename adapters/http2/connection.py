@@ -49,6 +49,8 @@ class H2Connection:
         on_change: Callable[[H2Connection], None],
         stream_window: int,
         connection_window: int,
+        stall_timeout: float | None = None,
+        min_ping_gap: Callable[[], float] | None = None,
     ) -> None:
         self.origin = origin
         self._reader = reader
@@ -72,6 +74,11 @@ class H2Connection:
         self.last_ping = self.created  # when the last PING was sent (or the connection opened)
         self.ping_gap: float | None = None  # time between the last two PINGs sent
         self.pings_sent = 0
+        self._stall_timeout = stall_timeout
+        self._min_ping_gap = min_ping_gap
+        self._liveness_sent: float | None = None  # when the outstanding liveness PING went out
+        self._liveness_timer: asyncio.TimerHandle | None = None
+        self.stalled = False  # a liveness PING went unanswered: no new streams until heard from
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -85,6 +92,8 @@ class H2Connection:
         stream_window: int = 1 << 20,
         connection_window: int = 1 << 24,
         server_hostname: str | None = None,
+        stall_timeout: float | None = None,
+        min_ping_gap: Callable[[], float] | None = None,
     ) -> H2Connection:
         """Connect, negotiate HTTP/2 (ALPN over TLS) and wait for the server's SETTINGS.
 
@@ -92,6 +101,9 @@ class H2Connection:
         HTTP/2, e.g. it picked ``http/1.1``; retryable when it closed before its SETTINGS),
         ``ssl.SSLError`` (e.g. an untrusted certificate) or OSError. Cancellation-safe: a
         cancelled open leaves no socket behind.
+
+        ``stall_timeout``: see :meth:`start_request`. ``min_ping_gap()``: the least spacing of
+        PINGs the server tolerates (after ENHANCE_YOUR_CALM); liveness PINGs respect it.
         """
         reader, writer = await asyncio.open_connection(
             origin.host,
@@ -116,6 +128,8 @@ class H2Connection:
                 on_change=on_change,
                 stream_window=stream_window,
                 connection_window=connection_window,
+                stall_timeout=stall_timeout,
+                min_ping_gap=min_ping_gap,
             )
             await conn._start()
         except BaseException:
@@ -195,10 +209,46 @@ class H2Connection:
 
         Raises :class:`StreamRefused` when the connection is draining or at the server's stream
         limit (retry on another connection), :class:`ConnectionClosed` when it is closed.
+
+        Liveness: when the server has been quiet for a quarter of ``stall_timeout``, a PING goes
+        out with the stream; if nothing at all arrives within ``stall_timeout``, the connection is
+        :attr:`stalled` (no new streams, the adapter is told) until the server is heard again.
+        So a silently dead connection stops taking streams before its first request times out.
         """
         stream = self._protocol.start_request(slot, headers, end=end)
+        if self._stall_timeout is not None and self._liveness_sent is None:
+            self._check_liveness(self._stall_timeout)
         self._flush()
         return stream
+
+    def _check_liveness(self, stall_timeout: float) -> None:
+        now = time.monotonic()
+        if now - self.last_received < stall_timeout / 4 or self.stalled:
+            return
+        gap = self._min_ping_gap() if self._min_ping_gap is not None else 0.0
+        if gap and now - self.last_ping < gap:
+            return  # the server asked for fewer PINGs (ENHANCE_YOUR_CALM)
+        payload = next(self._ping_ids).to_bytes(8, "big")
+        if self.pings_sent:
+            self.ping_gap = now - self.last_ping
+        self.last_ping = now
+        self.pings_sent += 1
+        self._liveness_sent = now
+        self._protocol.ping(payload)  # the ACK is not awaited: any byte received proves life
+        self._liveness_timer = self._loop.call_later(stall_timeout, self._liveness_due)
+
+    def _liveness_due(self) -> None:
+        # One more loop iteration: bytes already in the socket reach the read loop first (its
+        # task step was queued before this timer ran), so a late-but-present answer counts.
+        self._loop.call_soon(self._liveness_verdict)
+
+    def _liveness_verdict(self) -> None:
+        sent, self._liveness_sent = self._liveness_sent, None
+        self._liveness_timer = None
+        if sent is None or not self.is_open or self.last_received >= sent:
+            return
+        self.stalled = True
+        self._on_change(self)
 
     def release_slot(self, slot: int) -> bool:
         """End the stream of pool slot ``slot``: RST_STREAM(CANCEL) if unfinished (barge-in), and
@@ -285,6 +335,9 @@ class H2Connection:
         """The connection is over: fail every stream and ping (idempotent)."""
         if not self._protocol.fail(error):
             return
+        if self._liveness_timer is not None:
+            self._liveness_timer.cancel()
+            self._liveness_timer = None
         self._settings.set()  # wakes an open() still waiting for the server's SETTINGS
         for fut in self._pings.values():
             if not fut.done():
@@ -299,6 +352,9 @@ class H2Connection:
                 if not data:
                     raise ConnectionClosed(f"{self.origin} closed the connection")
                 self.last_received = time.monotonic()
+                if self.stalled:
+                    self.stalled = False  # heard from again: it takes streams again
+                    self._on_change(self)
                 try:
                     changes = protocol.receive_data(data)
                 except ConnectionClosed:

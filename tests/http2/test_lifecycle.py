@@ -4,6 +4,7 @@ back-off on ENHANCE_YOUR_CALM, and how connect failures are classified."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -318,3 +319,58 @@ async def test_after_a_401_one_request_per_new_connection_retests_the_key(
         assert [pool.adapter.stream_capacity(c) for c in conns] == [100] * len(conns)
         texts = await asyncio.gather(*(http.post(url, json=CHAT) for _ in range(10)))
         assert [r.status_code for r in texts] == [200] * 10
+
+
+async def test_a_black_hole_stops_new_streams_before_any_request_times_out(
+    llm: LlmEmulator, make_pool: MakePool
+) -> None:
+    # The stream started on a quiet connection carries a PING; no answer within stall_timeout
+    # and the connection takes no new streams, long before the request's own timeout.
+    async with FaultProxy("127.0.0.1", llm.port) as proxy:
+        url = f"https://127.0.0.1:{proxy.port}"
+        pool = await make_pool(
+            url,
+            settings(min_size=1, max_size=2, ping_interval=30.0, ping_timeout=5.0),
+            server_hostname="127.0.0.1",
+            stall_timeout=0.4,
+        )
+        (conn,) = [rec.conn for rec in pool._core.conns.values()]
+        adapter = pool.adapter
+        async with httpx.AsyncClient(transport=PooledTransport(pool), timeout=5.0) as http:
+            assert (await http.get(url + "/v1/models")).status_code == 200
+            proxy.black_hole(True, new_connections=False)
+            await eventually(lambda: time.monotonic() - conn.last_received > 0.1)
+            t0 = time.monotonic()
+            hung = asyncio.create_task(http.get(url + "/v1/models"))
+            await eventually(lambda: adapter.stream_capacity(conn) == 0, timeout=3.0)
+            assert time.monotonic() - t0 < 0.4 + 0.3
+            assert adapter.close_reason(conn) == "stalled"
+            fresh = await http.get(url + "/v1/models")  # a new connection, no wait
+            assert fresh.status_code == 200
+            assert not hung.done()  # the stream on the dead connection still waits for its timeout
+            hung.cancel()
+            await asyncio.gather(hung, return_exceptions=True)
+
+
+async def test_a_stalled_connection_takes_streams_again_when_the_server_answers(
+    llm: LlmEmulator, make_pool: MakePool
+) -> None:
+    async with FaultProxy("127.0.0.1", llm.port) as proxy:
+        url = f"https://127.0.0.1:{proxy.port}"
+        pool = await make_pool(
+            url,
+            settings(min_size=1, max_size=1, ping_interval=30.0),
+            server_hostname="127.0.0.1",
+            stall_timeout=0.2,
+        )
+        (conn,) = [rec.conn for rec in pool._core.conns.values()]
+        adapter = pool.adapter
+        async with httpx.AsyncClient(transport=PooledTransport(pool), timeout=5.0) as http:
+            await eventually(lambda: time.monotonic() - conn.last_received > 0.05)
+            proxy.set_latency(0.0, 0.5)  # answers come, but later than stall_timeout
+            slow = asyncio.create_task(http.get(url + "/v1/models"))
+            await eventually(lambda: adapter.stream_capacity(conn) == 0)
+            await eventually(lambda: adapter.stream_capacity(conn) == 100)  # heard again
+            assert (await slow).status_code == 200
+            assert pool.stats().size == 1
+            assert pool.stats().connects == 1
