@@ -112,6 +112,7 @@ class Pool(Generic[C]):
         )
         self._mux = resolved.lease_mode is LeaseMode.MULTIPLEXED
         self._is_open = adapter.is_open
+        self._check_open = None if type(adapter).is_open is Adapter.is_open else adapter.is_open
         self._leak_threshold = s.leak_threshold
         self._instrumented = s.leak_threshold is not None or s.trace_acquire
         # Lease inlines the idle hit for these, and the clean EXCLUSIVE release.
@@ -181,9 +182,9 @@ class Pool(Generic[C]):
         self._warmed = loop.create_future()
         self._flush_at = self._clock() + _FLUSH_EVERY
         try:
-            # The warm-up's connects run in a fresh context: refills and pings must not become
-            # children of whatever span was current when start() ran.
-            self._timer_ctx.run(self._apply, self._core.start(self._clock()))
+            # Warm-up connects belong to the caller's trace (the boot span); the timer's work
+            # (refills, pings) runs in a context of its own, never a child of a span long ended.
+            self._apply(self._core.start(self._clock()))
             if self._core.warming:
                 await asyncio.shield(self._warmed)
         except BaseException:
@@ -281,8 +282,10 @@ class Pool(Generic[C]):
             pool=self.name,
         )
 
-    async def _acquire(self, lease: Lease[C]) -> None:
-        """Take without waiting, else queue FIFO; see :meth:`acquire` for what escapes."""
+    async def _acquire(self, lease: Lease[C], traced: bool = False) -> None:
+        """Take without waiting, else queue FIFO; see :meth:`acquire` for what escapes.
+
+        ``traced``: called by :meth:`_acquire_instrumented`, which wraps this one."""
         if not self._started:
             if self._close_task is not None:
                 raise PoolClosed(f"pool {self.name!r} is closed", pool=self.name)
@@ -293,12 +296,9 @@ class Pool(Generic[C]):
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             raise self._wrong_loop()
-        if self._instrumented:
-            await self._acquire_instrumented(lease, loop)
-        else:
-            await self._acquire_core(lease, loop)
-
-    async def _acquire_core(self, lease: Lease[C], loop: asyncio.AbstractEventLoop) -> None:
+        if self._instrumented and not traced:
+            await self._acquire_instrumented(lease)
+            return
         core = self._core
         t0 = self._clock()
         if not core.closing:
@@ -351,7 +351,7 @@ class Pool(Generic[C]):
         lease.stream_id = sid
         lease._t0 = now
 
-    async def _acquire_instrumented(self, lease: Lease[C], loop: asyncio.AbstractEventLoop) -> None:
+    async def _acquire_instrumented(self, lease: Lease[C]) -> None:
         """Acquire with per-acquire observer hooks (trace_acquire) and leak watching."""
         lease._leak = None
         tokens = (
@@ -361,7 +361,7 @@ class Pool(Generic[C]):
         )
         error: BaseException | None = None
         try:
-            await self._acquire_core(lease, loop)
+            await self._acquire(lease, traced=True)
         except BaseException as exc:
             error = exc
             raise
@@ -370,7 +370,9 @@ class Pool(Generic[C]):
                 obs.on_acquire_end(self, tok, lease, error)
         if self._leak_threshold is not None:
             stack = "".join(traceback.format_list(traceback.extract_stack(limit=12)[:-3]))
-            lease._leak = loop.call_later(self._leak_threshold, self._report_leak, stack)
+            lease._leak = asyncio.get_running_loop().call_later(
+                self._leak_threshold, self._report_leak, stack
+            )
 
     def _report_leak(self, stack: str) -> None:
         log.warning(
@@ -424,10 +426,12 @@ class Pool(Generic[C]):
             how = "discarded"
         elif exc is not None:
             how = "error"
+        elif self.lease_mode is LeaseMode.SINGLE_USE:
+            how = "ok"  # used, whatever state the call left it in: the core closes it
         elif not self._is_open(rec.conn):
             how = "remote_closed"
         else:
-            how = "ok"  # SINGLE_USE: the core closes it as used
+            how = "ok"
         self._apply(self._core.released(rec, now, how))
 
     async def _release_stream(
@@ -440,9 +444,22 @@ class Pool(Generic[C]):
         why = "discarded" if reason is not None else ("error" if exc is not None else None)
         try:
             if rec.state is not ConnState.CLOSED:
-                keep = await calls.release_stream(
-                    self.adapter, rec.conn, lease.stream_id or 0, err, self.name
-                )
+                # Driven once here: a release_stream that completes without suspending (most
+                # do: they free local state and queue a frame) costs no extra coroutine level.
+                coro = self.adapter.release_stream(rec.conn, lease.stream_id or 0, err)
+                try:
+                    first = coro.send(None)
+                except StopIteration as done:
+                    keep = bool(done.value)
+                except Exception as e:
+                    log.debug("pool %s: release_stream failed: %r", self.name, e, extra=self._extra)
+                else:
+                    try:
+                        keep = bool(await calls.Resume(coro, first))
+                    except Exception as e:
+                        log.debug(
+                            "pool %s: release_stream failed: %r", self.name, e, extra=self._extra
+                        )
         except asyncio.CancelledError:
             # Cancelled mid-release: the stream's fate is the adapter's (it frees its local state
             # before its first await); the shared connection is judged by is_open alone.

@@ -17,9 +17,9 @@ from voicepool import (
     registered_adapters,
 )
 from voicepool.adapter import ENTRY_POINT_GROUP
-from voicepool.testing.fake import FakeAdapter
-from voicepool.testing.fake import FakeMuxAdapter as MuxAdapter
-from voicepool.testing.fake import FakeSingleUseAdapter as SingleUseAdapter
+from voicepool.testing import FakeAdapter
+from voicepool.testing import FakeMuxAdapter as MuxAdapter
+from voicepool.testing import FakeSingleUseAdapter as SingleUseAdapter
 
 
 def test_register_and_get_by_name() -> None:

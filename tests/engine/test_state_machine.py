@@ -226,7 +226,7 @@ class CoreMachine(RuleBasedStateMachine):
             how = "remote_closed"  # what the driver reports for a connection found closed
         self.apply(self.c.released(rec, self.now, how))
 
-    # -- the provider's side -----------------------------------------------------------------------
+    # -- the provider's side -------------------------------------------------------------------
 
     @precondition(lambda self: bool(self.w.connects))
     @rule(data=st.data(), outcome=st.sampled_from(["ok", "ok", "ok", "fail", "fatal", "zero"]))
@@ -273,7 +273,7 @@ class CoreMachine(RuleBasedStateMachine):
     def expire_all(self) -> None:
         self.apply(self.c.expire_all(self.now))
 
-    # -- invariants ---------------------------------------------------------------------------------
+    # -- invariants -------------------------------------------------------------------------
 
     @invariant()
     def consistent(self) -> None:
@@ -335,7 +335,8 @@ class CoreMachine(RuleBasedStateMachine):
             self.now += 1.0
             self.wake_at = math.inf
             self.apply(c.tick(self.now))
-        assert not (w.waiting or w.granted), (w.waiting, w.granted, c.stats())
+        assert not w.waiting, (w.waiting, c.stats())
+        assert not w.granted, (w.granted, c.stats())
         self.apply(c.close(self.now))
         for attempt in list(w.connects):
             w.connects.remove(attempt)
@@ -359,6 +360,4 @@ CoreMachine.TestCase.settings = settings(
 )
 
 
-@pytest.mark.timeout(300)
-class TestCoreStateMachine(CoreMachine.TestCase):  # type: ignore[name-defined,misc]
-    pass
+TestCoreStateMachine = pytest.mark.timeout(300)(CoreMachine.TestCase)

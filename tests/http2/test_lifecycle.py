@@ -10,9 +10,10 @@ import httpx
 import pytest
 from h2.errors import ErrorCodes
 
-from tests.http2.conftest import API_KEY, MakePool, adapter_for, eventually, settings
+from tests.http2.conftest import API_KEY, MakePool, adapter_for, settings
 from voicepool import ConnectError, Pool, PoolUnavailable
 from voicepool.adapters.http2 import PooledTransport
+from voicepool.testing import wait_until
 from voicepool.testing.faultproxy import FaultProxy
 from voicepool.testing.llm import LlmEmulator
 from voicepool.testing.tls import test_certificates
@@ -51,7 +52,7 @@ async def test_goaway_mid_stream_drains_while_new_streams_go_to_a_replacement(
             assert text.rstrip().endswith("data: [DONE]")
         # Retired once: when its last stream ended, or when the server closed it after draining
         # (the engine then labels the release "error").
-        await eventually(lambda: sum(pool.stats().closed.values()) == 1)
+        await wait_until(lambda: sum(pool.stats().closed.values()) == 1)
         assert pool.stats().size == 1
         assert pool.stats().streams_in_use == 0
 
@@ -83,8 +84,8 @@ async def test_black_holed_connection_is_detected_by_ping_and_replaced(
         )
         await llm.wait_for(lambda: llm.pings_received >= 1)  # healthy pings get answers
         proxy.black_hole(True, new_connections=False)  # the old socket goes silent, no FIN/RST
-        await eventually(lambda: pool.stats().closed.get("ping_failed") == 1)
-        await eventually(lambda: pool.stats().size == 1)
+        await wait_until(lambda: pool.stats().closed.get("ping_failed") == 1)
+        await wait_until(lambda: pool.stats().size == 1)
         async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
             resp = await http.get(f"https://127.0.0.1:{proxy.port}/v1/models")
         assert resp.status_code == 200
@@ -100,7 +101,7 @@ async def test_enhance_your_calm_lengthens_the_ping_interval(make_pool: MakePool
         # Pings every ~0.1 s are "too many": GOAWAY ENHANCE_YOUR_CALM, the connection is
         # replaced and the adapter spaces its pings out until the server is content.
         await emu.wait_for(lambda: emu.calm_goaways >= 1, timeout=10)
-        await eventually(lambda: adapter.ping_gap >= 0.3, timeout=10)  # type: ignore[attr-defined]
+        await wait_until(lambda: adapter.ping_gap >= 0.3, timeout=10)  # type: ignore[attr-defined]
         calms = emu.calm_goaways
         pings = emu.pings_received
         await emu.wait_for(lambda: emu.pings_received >= pings + 3, timeout=10)
@@ -205,7 +206,7 @@ async def test_goaway_with_an_error_code_is_a_goaway_close_with_a_last_error(
     async with LlmEmulator() as emu:
         pool = await make_pool(emu.url, settings(min_size=1, max_size=1))
         assert emu.goaway(ErrorCodes.INTERNAL_ERROR) == 1
-        await eventually(lambda: pool.stats().closed.get("goaway") == 1)
+        await wait_until(lambda: pool.stats().closed.get("goaway") == 1)
         assert "expired" not in pool.stats().closed
         assert "sent GOAWAY INTERNAL_ERROR" in str(pool.last_error)
 
@@ -230,7 +231,7 @@ async def test_protocol_error_is_recorded_with_a_useful_last_error(make_pool: Ma
     async with server:
         pool = await make_pool(f"https://127.0.0.1:{port}", settings(min_size=1, max_size=1))
         go.set()
-        await eventually(lambda: pool.stats().closed.get("protocol_error") == 1)
+        await wait_until(lambda: pool.stats().closed.get("protocol_error") == 1)
         assert "HTTP/2 protocol error from" in str(pool.last_error)
         await pool.aclose(1.0)
 
@@ -247,7 +248,7 @@ async def test_ping_after_a_failed_stream_detects_a_black_hole_despite_the_calm_
         )
         calm = await adapter.connect()
         await adapter.ping(calm)  # too soon for this server: GOAWAY ENHANCE_YOUR_CALM
-        await eventually(lambda: adapter.calm_goaways == 1)
+        await wait_until(lambda: adapter.calm_goaways == 1)
         assert adapter.ping_gap >= 1.0
         await adapter.close(calm)
         conn = await adapter.connect()
@@ -291,7 +292,7 @@ async def test_black_holed_connection_takes_no_stream_after_one_timed_out(
                 *(http.get(url + "/v1/models") for _ in range(10)), return_exceptions=True
             )
             assert [getattr(r, "status_code", r) for r in after] == [200] * 10  # none hung
-            await eventually(lambda: pool.stats().closed.get("ping_failed") == 1)
+            await wait_until(lambda: pool.stats().closed.get("ping_failed") == 1)
             assert asyncio.get_running_loop().time() - t_fail < 0.5 + 0.5
 
 
@@ -303,7 +304,7 @@ async def test_after_a_401_one_request_per_new_connection_retests_the_key(
     async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
         assert (await http.post(url, json=CHAT)).status_code == 401
         assert pool.stats().state.value == "unavailable"
-        await eventually(lambda: pool.stats().state.value == "ready")  # the probe reconnected
+        await wait_until(lambda: pool.stats().state.value == "ready")  # the probe reconnected
         seen = llm.requests["/v1/chat/completions"]
         burst = await asyncio.gather(
             *(http.post(url, json=CHAT) for _ in range(10)), return_exceptions=True
@@ -313,7 +314,7 @@ async def test_after_a_401_one_request_per_new_connection_retests_the_key(
         assert llm.requests["/v1/chat/completions"] - seen <= 2
         assert all(isinstance(r, httpx.ConnectError) or r.status_code == 401 for r in burst)
         llm.api_key = "sk-revoked"  # the operator fixed the key on the server's side
-        await eventually(lambda: pool.stats().state.value == "ready")
+        await wait_until(lambda: pool.stats().state.value == "ready")
         assert (await http.post(url, json=CHAT)).status_code == 200
         conns = [rec.conn for rec in pool._core.conns.values()]
         assert [pool.adapter.stream_capacity(c) for c in conns] == [100] * len(conns)
@@ -339,10 +340,10 @@ async def test_a_black_hole_stops_new_streams_before_any_request_times_out(
         async with httpx.AsyncClient(transport=PooledTransport(pool), timeout=5.0) as http:
             assert (await http.get(url + "/v1/models")).status_code == 200
             proxy.black_hole(True, new_connections=False)
-            await eventually(lambda: time.monotonic() - conn.last_received > 0.1)
+            await wait_until(lambda: time.monotonic() - conn.last_received > 0.1)
             t0 = time.monotonic()
             hung = asyncio.create_task(http.get(url + "/v1/models"))
-            await eventually(lambda: adapter.stream_capacity(conn) == 0, timeout=3.0)
+            await wait_until(lambda: adapter.stream_capacity(conn) == 0, timeout=3.0)
             assert time.monotonic() - t0 < 0.4 + 0.3
             assert adapter.close_reason(conn) == "stalled"
             fresh = await http.get(url + "/v1/models")  # a new connection, no wait
@@ -366,11 +367,11 @@ async def test_a_stalled_connection_takes_streams_again_when_the_server_answers(
         (conn,) = [rec.conn for rec in pool._core.conns.values()]
         adapter = pool.adapter
         async with httpx.AsyncClient(transport=PooledTransport(pool), timeout=5.0) as http:
-            await eventually(lambda: time.monotonic() - conn.last_received > 0.05)
+            await wait_until(lambda: time.monotonic() - conn.last_received > 0.05)
             proxy.set_latency(0.0, 0.5)  # answers come, but later than stall_timeout
             slow = asyncio.create_task(http.get(url + "/v1/models"))
-            await eventually(lambda: adapter.stream_capacity(conn) == 0)
-            await eventually(lambda: adapter.stream_capacity(conn) == 100)  # heard again
+            await wait_until(lambda: adapter.stream_capacity(conn) == 0)
+            await wait_until(lambda: adapter.stream_capacity(conn) == 100)  # heard again
             assert (await slow).status_code == 200
             assert pool.stats().size == 1
             assert pool.stats().connects == 1

@@ -111,19 +111,3 @@ async def finish_reset(coro: Coroutine[Any, Any, None], first: Any, timeout: flo
     or CancelledError."""
     async with asyncio.timeout(timeout):
         await Resume(coro, first)
-
-
-async def release_stream(
-    adapter: Adapter[C], conn: C, stream_id: int, error: BaseException | None, name: str
-) -> bool:
-    """``adapter.release_stream``: whether the shared connection is kept. A failing adapter
-    drops it; CancelledError propagates (the caller judges the connection by ``is_open``)."""
-    try:
-        return await adapter.release_stream(conn, stream_id, error)
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        log.debug(
-            "pool %s: release_stream failed: %r", name, e, extra={"voicepool.pool.name": name}
-        )
-        return False

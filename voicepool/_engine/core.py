@@ -177,7 +177,8 @@ class PoolCore(Generic[C]):
         self._refill: list[float] = []  # jittered start times of replacements for lost ones
         self._young: deque[ConnRecord[C]] = deque()  # unproven, in creation order
         self._health_due = 0.0
-        self._wake_at = math.inf
+        self._wake_at = math.inf  # when the driver's timer is armed for
+        self._soonest = math.inf  # the earliest time anything scheduled since then is due
 
         self.n_acquired = 0
         self.n_exhausted = 0
@@ -200,6 +201,7 @@ class PoolCore(Generic[C]):
         self.warming = True
         self.window.start = now
         self._health_due = now
+        self._at(now)
         self._grow(now, out)
         self._check_warm(now)
         return self._end(now, out)
@@ -223,6 +225,8 @@ class PoolCore(Generic[C]):
         for rec in list(self.conns.values()):
             if rec.state is not _IN_USE or (self.mux and not rec.streams):
                 self._retire(rec, "shutdown", now, out)
+            else:
+                rec.expires = -math.inf  # its release comes to the core (the fast path checks this)
         return self._end(now, out)
 
     def close_all(self, now: float) -> list[Action]:
@@ -253,6 +257,7 @@ class PoolCore(Generic[C]):
         for rec in self.conns.values():
             rec.expires = -math.inf
         self._health_due = now
+        self._at(now)
         return self._end(now, out)
 
     # -- acquire ---------------------------------------------------------------------------------
@@ -325,6 +330,7 @@ class PoolCore(Generic[C]):
         self.n_waiting += 1
         self._seq += 1
         heapq.heappush(self._deadlines, (waiter.deadline, self._seq, waiter))
+        self._at(waiter.deadline)
         self._grow(now, out)
         if len(self.conns) + self.opening >= self.max_size:
             self.n_exhausted += 1
@@ -378,6 +384,7 @@ class PoolCore(Generic[C]):
             else:
                 rec.next_ping = max(rec.next_ping, now + rec.ping_period)
                 self._deliver(rec, now, out)
+            self._grow(now, out)  # a proof may have ended a backoff: waiters get connects
         elif how == "remote_closed":
             self._lost(rec, how, now, out)
         else:
@@ -403,6 +410,7 @@ class PoolCore(Generic[C]):
             return self._end(now, out)
         if why is None:
             self._prove(rec, now)
+            self._grow(now, out)
         elif not rec.suspect:
             rec.suspect = True
             if not rec.pinging:
@@ -457,6 +465,7 @@ class PoolCore(Generic[C]):
         # recovering it is pinged at once, so a server that accepts and hangs up is found in
         # one round trip.
         self._young.append(rec)
+        self._at(min(self._health_due, now + s.min_healthy))
         if self.mux:
             rec.state = _IN_USE
             self.mux_conns.append(rec)
@@ -538,6 +547,7 @@ class PoolCore(Generic[C]):
                 self._lost(rec, "remote_closed", now, out)
             else:
                 self._health_due = now  # held: retired at its release; look again soon
+                self._at(now)
             return self._end(now, out)
         if self.mux:
             old, rec.cap = rec.cap, min(self.max_streams, cap)
@@ -582,6 +592,7 @@ class PoolCore(Generic[C]):
         if (health or now >= self._health_due) and not self.closing:
             self._health_due = self._health_pass(now, out)
         self._grow(now, out)
+        self._soonest = self.next_due(now)
         return self._end(now, out)
 
     def _health_pass(self, now: float, out: list[Action]) -> float:
@@ -750,21 +761,24 @@ class PoolCore(Generic[C]):
             self._failed(err, False, rec.started, now, out)
         else:
             # Replacements of lost connections start at jittered times, not in one burst.
-            heapq.heappush(self._refill, now + self.rng.uniform(0, self.settings.backoff_initial))
+            at = now + self.rng.uniform(0, self.settings.backoff_initial)
+            heapq.heappush(self._refill, at)
+            self._at(at)
         # A network event rarely kills one socket: look at the others now.
         if not ping_others:
             return
-        if self.mux:
-            for other in self.mux_conns:
-                if not other.pinging:
-                    other.pinging = True
-                    out.append(Ping(other))
-        else:
-            for other in self.idle:
-                other.state = _PINGING
-                other.pinging = True
-                out.append(Ping(other))
+        others = [r for r in self.mux_conns if not r.pinging] if self.mux else list(self.idle)
+        if not self.mux:
             self.idle.clear()
+        for other in others:
+            if not self.is_open(other.conn):
+                other.state = _IN_USE if not self.mux else other.state  # (out of idle already)
+                self._lost(other, "remote_closed", now, out, ping_others=False)
+                continue
+            if not self.mux:
+                other.state = _PINGING
+            other.pinging = True
+            out.append(Ping(other))
 
     def _failed(
         self, err: BaseException, fatal: bool, started: float, now: float, out: list[Action]
@@ -781,6 +795,7 @@ class PoolCore(Generic[C]):
                 s.backoff_initial * s.backoff_multiplier ** min(self.steps - 1, self._max_step),
             )
             self.retry_at = now + self.rng.uniform(0, cap)  # full jitter
+            self._at(self.retry_at)
         if self.warming:
             self._warm_failed = True
         if (fatal or self.steps >= self.settings.failure_threshold) and not self.circuit_open:
@@ -883,8 +898,10 @@ class PoolCore(Generic[C]):
         jittered start. While connects fail: one at a time after the backoff (the probe, which
         runs whatever the demand while the circuit is open). During warm-up: one wave at a time.
         """
-        if self.closing or self.lifecycle is PoolState.NEW:
-            return 0
+        size = len(self.conns)
+        room = self.max_size - size - self.opening
+        if room <= 0 or self.closing or self.lifecycle is PoolState.NEW:
+            return 0  # (full first: the contended hand-off asks this at every wait)
         if self.warming and self.opening:
             return 0  # warm-up dials in waves: a wave that fails ends it (see _check_warm)
         if self.steps:
@@ -895,9 +912,7 @@ class PoolCore(Generic[C]):
             limit = self.settings.connect_concurrency
         else:
             limit = self.settings.connect_concurrency - self.opening
-        size = len(self.conns)
-        room = self.max_size - size - self.opening
-        if room <= 0 or limit <= 0:
+        if limit <= 0:
             return 0
         floor = max(0, min(self.max_size, self.policy.warm_floor(self, now)))
         refill = self._refill
@@ -969,11 +984,18 @@ class PoolCore(Generic[C]):
         if new is not self.reported:
             out.append(StateChanged(self.reported, new))
             self.reported = new
-        due = self.next_due(now)
-        if due < self._wake_at:
+        due = self._soonest
+        if due < self._wake_at and self.lifecycle is not PoolState.CLOSED:
             self._wake_at = due
             out.append(Wake(due))
         return out
+
+    def _at(self, t: float) -> None:
+        """Something is due at ``t``: the transition point arms the timer if that is sooner.
+
+        O(1) on every event; the full :meth:`next_due` runs once per timer tick."""
+        if t < self._soonest:
+            self._soonest = t
 
     def next_due(self, now: float) -> float:
         """When :meth:`tick` must run next (O(1): heap tops and a few fields)."""

@@ -13,6 +13,7 @@ that no event announces (pool stats), bounded.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,7 +35,8 @@ __all__ = [
 async def wait_until(
     predicate: Callable[[], object], timeout: float = 5.0, what: str = ""
 ) -> float:
-    """Wait until ``predicate()`` is truthy; return the seconds it took.
+    """Wait until ``predicate()`` is truthy (it may return an awaitable); return the seconds it
+    took.
 
     For state no event announces (pool stats, a peer's table): re-checked at every loop
     iteration for the first few, then every 5 ms. Raises AssertionError naming ``what`` (or the
@@ -42,13 +44,16 @@ async def wait_until(
     """
     t0 = time.monotonic()
     spins = 0
-    while not predicate():
-        elapsed = time.monotonic() - t0
-        if elapsed > timeout:
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
             raise AssertionError(f"not reached within {timeout:g}s: {what or predicate}")
         spins += 1
         await asyncio.sleep(0 if spins < 20 else 0.005)
-    return time.monotonic() - t0
 
 
 class FakeConn:
@@ -168,7 +173,7 @@ class FakeAdapter(Adapter[FakeConn]):
 class FakeNoResetAdapter(FakeAdapter):
     """EXCLUSIVE with the base no-op reset: the pool takes its synchronous release path."""
 
-    reset = Adapter.reset  # type: ignore[assignment, unused-ignore]
+    reset = Adapter.reset
 
 
 class FakeSingleUseAdapter(FakeAdapter):
