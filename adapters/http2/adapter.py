@@ -279,8 +279,8 @@ class Http2Adapter(Adapter[H2Connection]):
 
     def close_reason(self, conn: H2Connection) -> str | None:
         """``"rejected"`` after a 401/403 drained it, ``"stalled"`` when its liveness PING went
-        unanswered, ``"goaway"`` after the server's GOAWAY,
-        ``"protocol_error"`` after the server broke HTTP/2; else None (the pool names it)."""
+        unanswered, ``"goaway"`` after the server's GOAWAY, ``"protocol_error"`` after the server
+        broke HTTP/2; else None (the pool names it)."""
         if id(conn) in self._rejected:
             return "rejected"
         if conn.stalled:
