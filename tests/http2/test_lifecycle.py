@@ -267,7 +267,7 @@ async def test_ping_after_a_failed_stream_detects_a_black_hole_despite_the_calm_
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):  # the pool's ping_timeout
                 await adapter.ping(conn)
-        await adapter.close(conn)
+        await conn.aclose(0.1)  # black-holed: no polite TLS close to wait for
 
 
 async def test_black_holed_connection_takes_no_stream_after_one_timed_out(
