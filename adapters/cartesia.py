@@ -156,6 +156,7 @@ class CartesiaAdapter(BaseWebSocketAdapter[CartesiaConnection]):
 
     Options: ClassVar[type[BaseModel] | None] = CartesiaOptions
     options: CartesiaOptions
+    service: ClassVar[str | None] = "tts"
     lease_mode: LeaseMode = LeaseMode.MULTIPLEXED
     max_streams: int = 5
     max_idle: float | None = 300.0

@@ -346,6 +346,7 @@ class DeepgramAdapter(BaseWebSocketAdapter[DeepgramConnection]):
 
     Options: ClassVar[type[BaseModel] | None] = DeepgramOptions
     options: DeepgramOptions
+    service: ClassVar[str | None] = "asr"
     lease_mode: LeaseMode = LeaseMode.SINGLE_USE
     max_idle: float | None = 10.0
 

@@ -139,6 +139,7 @@ class ElevenLabsAdapter(BaseWebSocketAdapter[TTSConnection]):
 
     Options: ClassVar[type[BaseModel] | None] = ElevenLabsOptions
     options: ElevenLabsOptions
+    service: ClassVar[str | None] = "tts"
     lease_mode: LeaseMode = LeaseMode.MULTIPLEXED
     max_streams: int = MAX_CONTEXTS
     max_idle: float | None = 20.0

@@ -234,6 +234,7 @@ class RestAdapter(Adapter[RestConnection]):
     Build with options or keywords: ``RestAdapter(base_url="https://...", health_path="/health")``.
     """
 
+    service: ClassVar[str | None] = "rest"
     lease_mode = LeaseMode.EXCLUSIVE
     Options: ClassVar[type[RestOptions]] = RestOptions
 

@@ -28,6 +28,7 @@ from voicepool.errors import (
     PoolUnavailable,
     VoicepoolError,
 )
+from voicepool.group import GroupPolicy, PoolGroup
 from voicepool.lease import Lease
 from voicepool.manager import PoolManager
 from voicepool.pool import Pool, PoolState, PoolStats
@@ -48,6 +49,9 @@ __all__ = [  # noqa: RUF022 - grouped by topic, as the docs list them
     "PoolSettings",
     "PoolState",
     "PoolStats",
+    # groups of pools (failover, regions)
+    "GroupPolicy",
+    "PoolGroup",
     # settings, manager, worker embedding
     "GracefulShutdown",
     "PoolManager",

@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from voicepool.adapter import Adapter
 from voicepool.errors import ConfigError, PoolError, PoolUnavailable
+from voicepool.group import PoolGroup
 from voicepool.pool import Pool, PoolState, PoolStats
 from voicepool.pool_settings import PoolSettings
 from voicepool.settings import VoicePoolSettings, secret_values
 
 if TYPE_CHECKING:
+    from voicepool.group import _GroupAcquire
     from voicepool.lease import Lease
 
 __all__ = ["ManagerState", "PoolManager"]
@@ -61,6 +63,9 @@ class PoolManager:
 
     def __init__(self, pools: Iterable[Pool[Any]] = (), *, optional: Iterable[str] = ()) -> None:
         self._pools: dict[str, Pool[Any]] = {}
+        self._groups: dict[str, PoolGroup[Any]] = {}
+        self._group_required: dict[str, bool] = {}
+        self._grouped: dict[str, str] = {}  # member pool name -> its group
         self._required: dict[str, bool] = {}
         self._adapter_names: dict[str, str] = {}
         self._secrets: set[str] = set()
@@ -103,7 +108,44 @@ class PoolManager:
                 ) from None
             manager._secrets |= secrets
             manager._add(name, adapter, cfg.settings, cfg.required, cfg.adapter)
+        for name, gcfg in settings.groups.items():
+            group: PoolGroup[Any] = PoolGroup(
+                [manager._pools[m] for m in gcfg.members],
+                name=name,
+                policy=gcfg.policy,
+                standby_min=gcfg.standby_min,
+                failback_after=gcfg.failback_after,
+            )
+            manager.add_group(group, required=gcfg.required)
         return manager
+
+    def add_group(self, group: PoolGroup[Any], *, required: bool = True) -> PoolGroup[Any]:
+        """Add a group whose members are pools of this manager (before :meth:`start`).
+
+        The manager boots the group (ready when one member is) instead of its members, and
+        :meth:`acquire` resolves the group's name. Raises ConfigError when the name is taken, a
+        member is not in the manager, or a member is already in another group.
+        """
+        name = group.name
+        if self._state is not ManagerState.NEW:
+            raise PoolError(f"cannot add group {name!r}: the manager has already started")
+        if name in self._pools or name in self._groups:
+            raise ConfigError(f"groups.{name}: a pool or group with this name is already here")
+        for pool in group.members:
+            if self._pools.get(pool.name) is not pool:
+                raise ConfigError(
+                    f"groups.{name}.members: pool {pool.name!r} is not in the manager"
+                )
+            if pool.name in self._grouped:
+                raise ConfigError(
+                    f"groups.{name}.members: pool {pool.name!r} is already a member of group"
+                    f" {self._grouped[pool.name]!r}"
+                )
+        for pool in group.members:
+            self._grouped[pool.name] = name
+        self._groups[name] = group
+        self._group_required[name] = required
+        return group
 
     def add_adapter(
         self,
@@ -208,12 +250,20 @@ class PoolManager:
         """The boot policy of pool ``name`` (KeyError if unknown)."""
         return self._required[self[name].name]
 
-    def acquire(self, name: str, timeout: float | None = None) -> Lease[Any]:
-        """``manager[name].acquire(timeout)``: see :meth:`voicepool.Pool.acquire`.
+    @property
+    def groups(self) -> Mapping[str, PoolGroup[Any]]:
+        """Read-only view of the groups by name."""
+        return MappingProxyType(self._groups)
+
+    def acquire(self, name: str, timeout: float | None = None) -> Lease[Any] | _GroupAcquire[Any]:
+        """``group.acquire(timeout)`` for a group's name, else ``manager[name].acquire(timeout)``.
 
         Raises KeyError for an unknown name (at once); the lease raises on entry as the pool's
-        acquire does (PoolExhausted, PoolUnavailable, PoolClosed). Cancellation-safe.
+        (or group's) acquire does (PoolExhausted, PoolUnavailable, PoolClosed). Cancellation-safe.
         """
+        group = self._groups.get(name)
+        if group is not None:
+            return group.acquire(timeout)
         return self[name].acquire(timeout)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -235,7 +285,11 @@ class PoolManager:
         tasks = {
             loop.create_task(self._start_one(name), name=f"voicepool:boot:{name}"): name
             for name in self._pools
+            if name not in self._grouped
         }
+        for name in self._groups:
+            task = loop.create_task(self._start_group(name), name=f"voicepool:boot:{name}")
+            tasks[task] = name
         failed: list[tuple[str, BaseException]] = []
         try:
             pending = set(tasks)
@@ -291,6 +345,17 @@ class PoolManager:
                 self._reason(pool.last_error),
             )
 
+    async def _start_group(self, name: str) -> None:
+        group = self._groups[name]
+        required = self._group_required[name]
+        try:
+            await group.start(require_ready=required)
+        except Exception as exc:
+            if required:
+                raise
+            self._boot_errors[name] = self._reason(exc)
+            log.warning("voicepool: optional group %s failed to start: %s", name, exc)
+
     async def _abort(self, tasks: Mapping[asyncio.Task[None], str]) -> None:
         """Cancel boots still running and close every pool at once (no drain: nothing is lent)."""
         self._state = ManagerState.CLOSING
@@ -323,6 +388,10 @@ class PoolManager:
         self._state = ManagerState.CLOSING
         t0 = time.monotonic()
         names = list(self._pools)
+        # Groups first (they stop choosing), then every pool; a pool's aclose is idempotent.
+        await asyncio.gather(
+            *(group.aclose(timeout) for group in self._groups.values()), return_exceptions=True
+        )
         results = await asyncio.gather(
             *(self._pools[name].aclose(timeout) for name in names), return_exceptions=True
         )

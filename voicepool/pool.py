@@ -47,7 +47,7 @@ from voicepool.errors import (
     PoolUnavailable,
     VoicepoolError,
 )
-from voicepool.lease import Lease
+from voicepool.lease import _HELD, Lease
 from voicepool.pool_settings import PoolSettings
 
 if TYPE_CHECKING:
@@ -109,6 +109,7 @@ class Pool(Generic[C]):
             close_reason=adapter.close_reason,
             connection_error=adapter.connection_error,
             is_fatal=adapter.is_fatal,
+            use_proves_liveness=adapter.use_proves_liveness,
         )
         self._mux = resolved.lease_mode is LeaseMode.MULTIPLEXED
         self._is_open = adapter.is_open
@@ -264,6 +265,59 @@ class Pool(Generic[C]):
         self._apply(self._core.tick(now, health=True))
         if self._observers:
             self._flush(now)
+
+    # -- run-time sizing and observers: the public seams PoolGroup is built on ------------------
+
+    def lease_nowait(self) -> Lease[C] | None:
+        """A held lease if a connection (or stream) is free right now, else None.
+
+        Never waits, never connects, never raises: a pool that is not lending (not started,
+        closing, or nothing free) answers None. Release the lease as usual.
+        """
+        core = self._core
+        if not self._started or core.closing:
+            return None
+        now = self._clock()
+        rec, actions = core.take(now)
+        if actions:
+            self._apply(actions)
+        if rec is None:
+            return None
+        lease = Lease(self, None)
+        self._lend(lease, rec, rec.seq if self._mux else None, now)
+        lease._state = _HELD
+        if self._instrumented:
+            lease._leak = None
+            if self._leak_threshold is not None:
+                stack = "".join(traceback.format_list(traceback.extract_stack(limit=12)[:-1]))
+                loop = asyncio.get_running_loop()
+                lease._leak = loop.call_later(self._leak_threshold, self._report_leak, stack)
+        return lease
+
+    def set_min_size(self, min_size: int) -> None:
+        """Change the warm floor at run time (a standby member of a group grows or shrinks).
+
+        Growing opens the missing connections in the background (with the usual backoff);
+        shrinking closes idle connections above the new floor at once, oldest first, and never
+        touches a lease in use. Raises ValueError outside ``0 <= min_size <= max_size``.
+        Synchronous.
+        """
+        if not 0 <= min_size <= self.max_size:
+            raise ValueError(
+                f"pool {self.name!r}: min_size must be within 0..{self.max_size}, got {min_size}"
+            )
+        self.min_size = min_size
+        self._apply(self._core.set_min_size(min_size, self._clock()))
+
+    def add_observer(self, observer: PoolObserver) -> None:
+        """Attach ``observer`` (a :class:`voicepool._engine.observer.PoolObserver`) from now on."""
+        if observer not in self._observers:
+            self._observers.append(observer)
+
+    def remove_observer(self, observer: PoolObserver) -> None:
+        """Detach an observer added with :meth:`add_observer`; unknown ones are ignored."""
+        if observer in self._observers:
+            self._observers.remove(observer)
 
     def __repr__(self) -> str:
         core = self._core

@@ -22,6 +22,12 @@ The file layout (see config/voicepool.example.toml)::
     [pools.asr.options]         # the adapter's own options, validated by its Options model
     api_key = "..."             # credentials are SecretStr in the adapter's model
 
+    [groups.asr_any]            # a PoolGroup (failover, regions): see voicepool.group
+    members = ["asr", "asr_eu"] # pools of the same adapter, each in at most one group
+    policy = "priority"         # or "lowest_rtt"
+    standby_min = 1             # warm connections each standby keeps
+    failback_after = 30         # seconds an earlier member stays READY before it serves again
+
 Errors: constructing :class:`VoicePoolSettings` raises :class:`~voicepool.ConfigError` (a
 ``ValueError``) whose message lists every problem as ``path: reason``, e.g.
 ``pools.asr.max_size: Input should be greater than or equal to 1 (got -1)``. The pydantic
@@ -62,12 +68,13 @@ from pydantic_settings import (
 
 from voicepool.adapter import get_adapter, registered_adapters
 from voicepool.errors import AdapterNotFound, ConfigError
+from voicepool.group import GroupPolicy, compatible
 from voicepool.pool_settings import PoolSettings
 
 if TYPE_CHECKING:
     from voicepool.adapter import Adapter
 
-__all__ = ["CONFIG_ENV", "PoolConfig", "VoicePoolSettings", "secret_values"]
+__all__ = ["CONFIG_ENV", "GroupConfig", "PoolConfig", "VoicePoolSettings", "secret_values"]
 
 CONFIG_ENV = "VOICEPOOL_CONFIG"
 """Environment variable naming the TOML file (also read from the .env file)."""
@@ -281,6 +288,70 @@ def _raw_secrets(model: type[BaseModel], raw: Mapping[str, Any]) -> list[str]:
     return [s for s in found if len(s) >= 4]
 
 
+# -- one group of pools ---------------------------------------------------------------------------
+
+
+class GroupConfig(BaseModel):
+    """One ``[groups.<name>]`` table: a :class:`~voicepool.PoolGroup` over named pools."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    members: list[str] = Field(
+        min_length=1,
+        description="Pool names, in priority order (one adapter, or adapters of one service).",
+    )
+    policy: GroupPolicy = Field(
+        GroupPolicy.PRIORITY, description="Which member serves: in order, or lowest ping RTT."
+    )
+    standby_min: int = Field(1, ge=0, description="Warm, pinged connections each standby keeps.")
+    failback_after: float = Field(
+        30.0, ge=0, description="Seconds an earlier member stays READY before it serves again."
+    )
+    required: bool = Field(True, description="Boot fails when no member can open a connection.")
+
+
+def _check_groups(
+    groups: Mapping[str, GroupConfig], pools: Mapping[str, PoolConfig], errors: _Errors
+) -> None:
+    """Members exist, share one adapter, belong to one group; group and pool names differ."""
+    owner: dict[str, str] = {}
+    for name, group in groups.items():
+        loc: _Loc = ("groups", name)
+        if name in pools:
+            errors.add(loc, "group_name", f"a pool is named {name!r} too: names must be unique")
+        adapters: dict[str, str] = {}
+        for member in group.members:
+            if member not in pools:
+                known = ", ".join(sorted(pools)) or "none"
+                errors.add(
+                    (*loc, "members"),
+                    "unknown_member",
+                    f"no pool named {member!r} (pools: {known})",
+                )
+                continue
+            if member in owner:
+                errors.add(
+                    (*loc, "members"),
+                    "member_taken",
+                    f"pool {member!r} is already a member of group {owner[member]!r}"
+                    " (a pool belongs to at most one group)",
+                )
+            owner.setdefault(member, name)
+            adapters[member] = pools[member].adapter
+        classes = {m: pools[m].adapter_class for m in adapters}
+        first = next(iter(classes.values()), None)
+        if first is not None and not all(compatible(first, c) for c in classes.values()):
+            listed = ", ".join(
+                f"{m} ({a}, service {classes[m].service or 'none'})" for m, a in adapters.items()
+            )
+            errors.add(
+                (*loc, "members"),
+                "incompatible_members",
+                f"members use incompatible adapters: {listed}; a group's members share one"
+                " adapter, or adapters of one service",
+            )
+
+
 # -- the whole configuration ---------------------------------------------------------------------
 
 
@@ -310,6 +381,7 @@ class VoicePoolSettings(BaseSettings):
         description="PoolSettings values applied to every pool that does not set them.",
     )
     pools: dict[str, PoolConfig] = Field(default_factory=dict)
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
 
     def __init__(self, **values: Any) -> None:
         token = _reading.set(None)
@@ -398,6 +470,24 @@ class VoicePoolSettings(BaseSettings):
                     errors.extend(exc, loc, inputs=True)
             _check_process_limits(pools, errors)
             data["pools"] = pools
+        raw_groups = data.get("groups")
+        if isinstance(raw_groups, Mapping):
+            groups: dict[str, GroupConfig] = {}
+            for name, entry in raw_groups.items():
+                loc = ("groups", str(name))
+                if not _POOL_NAME.match(str(name)):
+                    errors.add(loc, "group_name", "group names are written like pool names")
+                    continue
+                try:
+                    groups[str(name)] = (
+                        entry
+                        if isinstance(entry, GroupConfig)
+                        else GroupConfig.model_validate(entry)
+                    )
+                except ValidationError as exc:
+                    errors.extend(exc, loc, inputs=True)
+            _check_groups(groups, data.get("pools") or {}, errors)
+            data["groups"] = groups
         errors.raise_if_any(cls.__name__)
         return data
 
@@ -405,6 +495,7 @@ class VoicePoolSettings(BaseSettings):
         yield "config", self.config
         yield "defaults", _Changed(self.defaults)
         yield "pools", self.pools
+        yield "groups", self.groups
 
 
 def _config_path(*sources: PydanticBaseSettingsSource) -> Path | None:

@@ -104,6 +104,7 @@ class Http2Adapter(Adapter[H2Connection]):
     directly: ``lease.conn.start_request(lease.stream_id, headers, end=...)``.
     """
 
+    service: ClassVar[str | None] = "llm"
     lease_mode = LeaseMode.MULTIPLEXED
     max_streams = 100
     Options: ClassVar[type[Http2Options]] = Http2Options

@@ -124,6 +124,7 @@ class PoolCore(Generic[C]):
         close_reason: Callable[[C], str | None] = _no_reason,
         connection_error: Callable[[C], BaseException | None] = _no_error,
         is_fatal: Callable[[BaseException], bool] = _never_fatal,
+        use_proves_liveness: bool = True,
     ) -> None:
         self.name = name
         self.settings = s = settings
@@ -134,6 +135,8 @@ class PoolCore(Generic[C]):
         self.mux = sizing.lease_mode is LeaseMode.MULTIPLEXED
         self.single_use = sizing.lease_mode is LeaseMode.SINGLE_USE
         self.ping_interval = ping_interval
+        # Adapter.use_proves_liveness: whether a finished lease postpones the idle ping.
+        self.use_proves_liveness = use_proves_liveness
         self.rng = rng
         self.is_open = is_open
         self.close_reason = close_reason
@@ -260,6 +263,23 @@ class PoolCore(Generic[C]):
         self._at(now)
         return self._end(now, out)
 
+    def set_min_size(self, min_size: int, now: float) -> list[Action]:
+        """The warm floor changes at run time (a PoolGroup's standby grows or shrinks): idle
+        connections above the new floor are retired at once, oldest first; missing ones open."""
+        out: list[Action] = []
+        self.min_size = min_size
+        if self.lifecycle is PoolState.NEW or self.closing:
+            return out
+        surplus = len(self.conns) + self.opening - min_size
+        spare = [r for r in self.mux_conns if not r.streams] if self.mux else list(self.idle)
+        for rec in spare:  # the idle deque is LIFO at the right: oldest first
+            if surplus <= 0:
+                break
+            self._retire(rec, "idle", now, out)
+            surplus -= 1
+        self._grow(now, out)
+        return self._end(now, out)
+
     # -- acquire ---------------------------------------------------------------------------------
 
     def take(self, now: float) -> tuple[ConnRecord[C] | None, list[Action] | tuple[Action, ...]]:
@@ -382,7 +402,8 @@ class PoolCore(Generic[C]):
             elif rec.expires <= now:
                 self._retire(rec, "expired", now, out)
             else:
-                rec.next_ping = max(rec.next_ping, now + rec.ping_period)
+                if self.use_proves_liveness:
+                    rec.next_ping = max(rec.next_ping, now + rec.ping_period)
                 self._deliver(rec, now, out)
             self._grow(now, out)  # a proof may have ended a backoff: waiters get connects
         elif how == "remote_closed":
@@ -663,7 +684,12 @@ class PoolCore(Generic[C]):
             return "expired", 0.0
         if idle_timeout is not None and surplus > 0 and now - rec.last_used >= idle_timeout:
             return "idle", 0.0
-        ping_at = max(rec.next_ping, rec.last_used + rec.ping_period)
+        ping_at = rec.next_ping
+        if self.use_proves_liveness:
+            # A lease carried traffic over the connection: the ping waits a period after it.
+            # Not when a lease does no I/O (a SIP registration leased back to back with zero
+            # hold time would never be pinged).
+            ping_at = max(ping_at, rec.last_used + rec.ping_period)
         if ping_at <= now:
             return "ping", 0.0
         nxt = min(ping_at, rec.expires)

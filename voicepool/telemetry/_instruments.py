@@ -242,3 +242,19 @@ class Instruments:
             unit="{alarm}",
             description="Alarm windows whose acquire-wait p95 was above alarm_wait_p95_ms.",
         )
+        self.group_failovers = meter.create_counter(
+            n.GROUP_FAILOVERS,
+            unit="{switch}",
+            description="A group's serving member changed because it became unusable.",
+        )
+        self.group_failbacks = meter.create_counter(
+            n.GROUP_FAILBACKS,
+            unit="{switch}",
+            description="A group went back to a recovered (or nearer) member after failback_after.",
+        )
+        self.group_wait_time = meter.create_histogram(
+            n.GROUP_WAIT_TIME,
+            unit="s",
+            description="Wait of a group acquire that found nothing free at once, by member.",
+            explicit_bucket_boundaries_advisory=WAIT_BUCKETS,
+        )
