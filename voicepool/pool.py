@@ -108,6 +108,9 @@ class Pool(Generic[C]):
             is_open=adapter.is_open,
             describe=adapter.describe(),
             policy=sizing,
+            close_reason=adapter.close_reason,
+            connection_error=adapter.connection_error,
+            is_fatal=adapter.is_fatal,
             use_proves_liveness=adapter.use_proves_liveness,
         )
         self._mux = resolved.lease_mode is LeaseMode.MULTIPLEXED

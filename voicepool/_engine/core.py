@@ -60,6 +60,21 @@ _IDLE, _IN_USE, _PINGING, _CLOSED = (
 )
 # Losses that tell us about the provider (a network event), not about one lease.
 _LOSSES = frozenset({"remote_closed", "ping_failed"})
+# Close reasons the core infers (drained, closed by the peer): the adapter may name them better
+# (an HTTP/2 GOAWAY is "goaway", not "expired"; see Adapter.close_reason).
+_PEER_NAMED = frozenset({"expired", "remote_closed"})
+
+
+def _no_reason(conn: object) -> str | None:
+    return None
+
+
+def _no_error(conn: object) -> BaseException | None:
+    return None
+
+
+def _never_fatal(exc: BaseException) -> bool:
+    return False
 
 
 class SizingPolicy:
@@ -86,6 +101,9 @@ class PoolCore(Generic[C]):
         is_open: Callable[[C], bool],
         describe: str = "",
         policy: SizingPolicy | None = None,
+        close_reason: Callable[[C], str | None] = _no_reason,
+        connection_error: Callable[[C], BaseException | None] = _no_error,
+        is_fatal: Callable[[BaseException], bool] = _never_fatal,
         use_proves_liveness: bool = True,
     ) -> None:
         self.name = name
@@ -101,6 +119,9 @@ class PoolCore(Generic[C]):
         self.use_proves_liveness = use_proves_liveness
         self.rng = rng
         self.is_open = is_open
+        self.close_reason = close_reason
+        self.connection_error = connection_error
+        self.is_fatal = is_fatal
         self.describe = describe
         self.policy = policy or SizingPolicy()
         # Backoff caps grow as initial * multiplier ** (step - 1) until backoff_max: the step
@@ -507,6 +528,7 @@ class PoolCore(Generic[C]):
         rec = self.by_conn.get(id(conn))
         if rec is None or rec.state is _CLOSED:
             return out
+        self._learn_error(rec, now, out)
         if not is_open:
             if rec.state is _IDLE or (self.mux and rec.streams == 0):
                 self._lost(rec, "remote_closed", now, out)
@@ -721,9 +743,12 @@ class PoolCore(Generic[C]):
             # It died before it proved itself: the connect did not really succeed. Counting
             # it as a failure is what stops a server that accepts and hangs up from storming.
             ms = (now - rec.created) * 1e3
+            cause = self.connection_error(rec.conn)  # the adapter's account, if it has one
             err = ConnectError(
                 f"connection to {self.describe} lost {ms:.0f} ms after it opened ({reason})"
+                + (f": {cause}" if cause is not None else "")
             )
+            err.__cause__ = cause
             self._failed(err, False, rec.started, now, out)
         else:
             # Replacements of lost connections start at jittered times, not in one burst.
@@ -808,6 +833,8 @@ class PoolCore(Generic[C]):
                 self.idle.remove(rec)
             except ValueError:
                 pass  # already popped by the caller
+        if reason in _PEER_NAMED:
+            reason = self.close_reason(rec.conn) or reason
         rec.state = _CLOSED
         rec.pinging = False
         del self.conns[rec.id]
@@ -820,7 +847,20 @@ class PoolCore(Generic[C]):
         self.closed_by[reason] = self.closed_by.get(reason, 0) + 1
         out.append(Close(rec, reason))
         if not self.closing:
+            self._learn_error(rec, now, out)
             self._grow(now, out)
+
+    def _learn_error(self, rec: ConnRecord[C], now: float, out: list[Action]) -> None:
+        """Record the adapter's account of what ended or drained ``rec`` (a protocol error, a
+        credential refused on a request); a fatal one opens the circuit as a fatal connect
+        would, once per error object (every connection a 401 drained reports the same one)."""
+        err = self.connection_error(rec.conn)
+        if err is None or err is self.last_error:
+            return
+        if self.is_fatal(err):
+            self._failed(err, True, now, now, out)
+        else:
+            self.last_error = err
 
     def _grow(self, now: float, out: list[Action]) -> None:
         """Start the connects the pool needs now; a slot is counted before each one."""
