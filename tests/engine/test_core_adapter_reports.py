@@ -20,8 +20,8 @@ class Conn:
     error: BaseException | None = None
 
 
-def _core(conns: int) -> tuple[PoolCore[Conn], list[Conn]]:
-    cfg = PoolSettings(min_size=conns, max_size=conns, failure_threshold=5, min_healthy=0.0)
+def _core(conns: int, min_healthy: float = 0.0) -> tuple[PoolCore[Conn], list[Conn]]:
+    cfg = PoolSettings(min_size=conns, max_size=conns, failure_threshold=5, min_healthy=min_healthy)
     core: PoolCore[Conn] = PoolCore(
         "llm",
         cfg,
@@ -74,4 +74,29 @@ def test_a_fatal_error_on_draining_connections_opens_the_circuit_once() -> None:
     (fail,) = [a for a in core.wait(waiter, 5.1) if isinstance(a, Fail)]
     assert isinstance(fail.error, PoolUnavailable)
     assert fail.error.__cause__ is rejected
+    core.check()
+
+
+def test_a_young_loss_keeps_the_adapters_fatal_error_and_its_status() -> None:
+    """A SIP refresh refused with 403 inside min_healthy: the circuit opens with that error."""
+    core, (conn,) = _core(1, min_healthy=2.0)
+    conn.error = ConnectError(
+        "registrar answered the refresh REGISTER with 403", fatal=True, status=403
+    )
+    core.changed(conn, False, 0, 0.5)
+    assert core.state is PoolState.UNAVAILABLE
+    assert core.last_error is conn.error
+    assert core.stats().connect_failures == 1
+    core.check()
+
+
+def test_a_young_loss_wraps_a_retryable_error_and_keeps_its_status() -> None:
+    core, (conn,) = _core(1, min_healthy=2.0)
+    conn.error = ConnectError("registrar answered the refresh REGISTER with 503", status=503)
+    core.changed(conn, False, 0, 0.5)
+    last = core.last_error
+    assert isinstance(last, ConnectError)
+    assert last.status == 503
+    assert last.__cause__ is conn.error
+    assert "lost 400 ms after it opened" in str(last)
     core.check()

@@ -739,14 +739,19 @@ class PoolCore(Generic[C]):
         self._retire(rec, reason, now, out)
         if self.closing:
             return
-        if young:
+        cause = self.connection_error(rec.conn) if young else None  # the adapter's account
+        if young and cause is not None and self.is_fatal(cause):
+            # A fatal account (a 403 on a refresh): _retire already counted it as a fatal
+            # failed connect, with the adapter's own error (its status) as last_error.
+            pass
+        elif young:
             # It died before it proved itself: the connect did not really succeed. Counting
             # it as a failure is what stops a server that accepts and hangs up from storming.
             ms = (now - rec.created) * 1e3
-            cause = self.connection_error(rec.conn)  # the adapter's account, if it has one
             err = ConnectError(
                 f"connection to {self.describe} lost {ms:.0f} ms after it opened ({reason})"
-                + (f": {cause}" if cause is not None else "")
+                + (f": {cause}" if cause is not None else ""),
+                status=cause.status if isinstance(cause, ConnectError) else None,
             )
             err.__cause__ = cause
             self._failed(err, False, rec.started, now, out)
