@@ -35,7 +35,8 @@ ENGINE_COV := --cov=voicepool.pool --cov=voicepool._engine --cov=voicepool.lease
 
 # The edit loop: lint, format, types and the fast tests (pure engine core, settings, units, docs),
 # no apt and no real peers; under a minute. `make test` stays the whole suite.
-FAST_TESTS := tests/engine tests/settings/test_settings.py tests/cli/test_units.py \
+FAST_TESTS := tests/engine tests/settings/test_settings.py tests/settings/test_bad_values.py \
+	tests/cli/test_units.py \
 	tests/cli/test_docs.py tests/testing/test_sip_registrar.py
 
 check: lint typecheck

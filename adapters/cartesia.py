@@ -49,13 +49,15 @@ class CartesiaOptions(EndpointOptions):
     auth_scheme: str = ""
     version: str = API_VERSION
     model_id: str = "sonic-2"
-    voice_id: str = Field("a0e99841-438c-4a64-b679-ae501e7d6091", min_length=1)
+    voice_id: str = Field(default="a0e99841-438c-4a64-b679-ae501e7d6091", min_length=1)
     language: str | None = "en"
     encoding: str = "pcm_s16le"
-    sample_rate: int = Field(16000, gt=0)
-    max_contexts: int = Field(5, ge=1, description="Contexts one socket carries at once.")
-    max_idle: float | None = Field(300.0, gt=0, description="Cartesia's idle close (5 min).")
-    recycle_after: float | None = Field(None, gt=0, description="Default: 40% of max_idle.")
+    sample_rate: int = Field(default=16000, gt=0)
+    max_contexts: int = Field(default=5, ge=1, description="Contexts one socket carries at once.")
+    max_idle: float | None = Field(
+        default=300.0, gt=0, description="Cartesia's idle close (5 min)."
+    )
+    recycle_after: float | None = Field(default=None, gt=0, description="Default: 40% of max_idle.")
 
 
 class CartesiaDialect:
@@ -156,6 +158,7 @@ class CartesiaAdapter(BaseWebSocketAdapter[CartesiaConnection]):
 
     Options: ClassVar[type[BaseModel] | None] = CartesiaOptions
     options: CartesiaOptions
+    service: ClassVar[str | None] = "tts"
     lease_mode: LeaseMode = LeaseMode.MULTIPLEXED
     max_streams: int = 5
     max_idle: float | None = 300.0

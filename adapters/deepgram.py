@@ -168,20 +168,30 @@ class DeepgramOptions(EndpointOptions):
     encoding: Literal["linear16", "linear32", "flac", "mulaw", "alaw", "opus", "speex"] | None = (
         "linear16"
     )
-    sample_rate: int | None = Field(16000, gt=0)
-    channels: int = Field(1, ge=1)
+    sample_rate: int | None = Field(default=16000, gt=0)
+    channels: int = Field(default=1, ge=1)
     interim_results: bool = True
-    endpointing: int | Literal[False] | None = Field(300, description="ms of silence; False: off")
+    endpointing: int | Literal[False] | None = Field(
+        default=300, description="ms of silence; False: off"
+    )
     utterance_end_ms: int | None = None
     vad_events: bool = False
     smart_format: bool = False
     punctuate: bool | None = None
     params: dict[str, str] = Field(default_factory=dict, description="More query parameters.")
-    max_idle: float | None = Field(10.0, gt=0, description="Deepgram's idle close (about 10 s).")
-    keepalive: bool = Field(True, description="Send KeepAlive (off only to test the idle close).")
-    keepalive_interval: float = Field(4.0, gt=0, description="KeepAlive period of held sockets.")
-    reuse: bool = Field(False, description="EXCLUSIVE leases with Finalize as the reset.")
-    finalize_timeout: float = Field(3.0, gt=0, description="reset() waits this for Finalize.")
+    max_idle: float | None = Field(
+        default=10.0, gt=0, description="Deepgram's idle close (about 10 s)."
+    )
+    keepalive: bool = Field(
+        default=True, description="Send KeepAlive (off only to test the idle close)."
+    )
+    keepalive_interval: float = Field(
+        default=4.0, gt=0, description="KeepAlive period of held sockets."
+    )
+    reuse: bool = Field(default=False, description="EXCLUSIVE leases with Finalize as the reset.")
+    finalize_timeout: float = Field(
+        default=3.0, gt=0, description="reset() waits this for Finalize."
+    )
 
     @model_validator(mode="after")
     def _keepalive_fits(self) -> DeepgramOptions:
@@ -346,6 +356,7 @@ class DeepgramAdapter(BaseWebSocketAdapter[DeepgramConnection]):
 
     Options: ClassVar[type[BaseModel] | None] = DeepgramOptions
     options: DeepgramOptions
+    service: ClassVar[str | None] = "asr"
     lease_mode: LeaseMode = LeaseMode.SINGLE_USE
     max_idle: float | None = 10.0
 

@@ -47,16 +47,22 @@ class ElevenLabsOptions(EndpointOptions):
     url: str = "wss://api.elevenlabs.io"
     auth_header: str = "xi-api-key"
     auth_scheme: str = ""
-    voice_id: str = Field("21m00Tcm4TlvDq8ikWAM", min_length=1)
+    voice_id: str = Field(default="21m00Tcm4TlvDq8ikWAM", min_length=1)
     model_id: str = "eleven_flash_v2_5"
     output_format: str = "pcm_16000"
-    inactivity_timeout: int = Field(20, ge=5, le=180, description="ElevenLabs idle close, s.")
+    inactivity_timeout: int = Field(
+        default=20, ge=5, le=180, description="ElevenLabs idle close, s."
+    )
     voice_settings: dict[str, Any] | None = None
     params: dict[str, str] = Field(default_factory=dict, description="More query parameters.")
-    max_contexts: int = Field(MAX_CONTEXTS, ge=1, le=MAX_CONTEXTS)
-    max_idle: float | None = Field(None, gt=0, description="Default: inactivity_timeout.")
-    keepalive: bool = Field(True, description="Send keepalives (off only to test the idle close).")
-    keepalive_interval: float | None = Field(None, gt=0, description="Default: max_idle / 3.")
+    max_contexts: int = Field(default=MAX_CONTEXTS, ge=1, le=MAX_CONTEXTS)
+    max_idle: float | None = Field(default=None, gt=0, description="Default: inactivity_timeout.")
+    keepalive: bool = Field(
+        default=True, description="Send keepalives (off only to test the idle close)."
+    )
+    keepalive_interval: float | None = Field(
+        default=None, gt=0, description="Default: max_idle / 3."
+    )
     keepalive_context_id: str = "vp-keepalive"
 
     @model_validator(mode="after")
@@ -139,6 +145,7 @@ class ElevenLabsAdapter(BaseWebSocketAdapter[TTSConnection]):
 
     Options: ClassVar[type[BaseModel] | None] = ElevenLabsOptions
     options: ElevenLabsOptions
+    service: ClassVar[str | None] = "tts"
     lease_mode: LeaseMode = LeaseMode.MULTIPLEXED
     max_streams: int = MAX_CONTEXTS
     max_idle: float | None = 20.0

@@ -11,8 +11,9 @@ request and kept warm by the health request, so a call never pays DNS + TCP + TL
         async with lease.conn.get("/v1/contacts", params={"phone": caller}) as resp:
             contacts = await resp.json()
 
-DNS answers are cached once per adapter (``dns_ttl``) and shared by every connection. When the
-server closes a keep-alive socket, the pool hears of it at once and opens a replacement.
+DNS answers come from the event loop's shared cache (:mod:`voicepool.dns`: TTLs, background
+refresh, happy eyeballs); a connection whose address left DNS is retired at its next idle moment.
+When the server closes a keep-alive socket, the pool hears of it at once and opens a replacement.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import time
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -29,10 +29,13 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from voicepool._redact import describe_error
 from voicepool.adapter import Adapter, LeaseMode
+from voicepool.dns import AddressTracker, default_resolver
 from voicepool.errors import ConnectError
+from voicepool.settings import NO_SECRET, OptionalSecret
 
 from ._http import check_base_url, header_name  # noqa: TID251
 
@@ -50,23 +53,34 @@ class RestOptions(BaseModel):
     headers: dict[str, str] = Field(
         default_factory=dict, description="Headers sent with every request (not for secrets)."
     )
-    api_key: SecretStr | None = Field(None, description="Credential sent in `api_key_header`.")
+    api_key: OptionalSecret = Field(
+        default=NO_SECRET, description="Credential sent in `api_key_header`."
+    )
     api_key_header: str = Field(
-        "authorization",
+        default="authorization",
         description="`authorization` sends `Bearer <api_key>`; any other name sends the key as is.",
     )
     warmup_path: str | None = Field(
-        "/", description="Request that opens each connection at boot (None: open lazily)."
+        default="/", description="Request that opens each connection at boot (None: open lazily)."
     )
     warmup_method: Literal["GET", "HEAD", "OPTIONS"] = "HEAD"
     health_path: str | None = Field(
-        None, description="Cheap request used as the health ping (default: the warm-up request)."
+        default=None,
+        description="Cheap request used as the health ping (default: the warm-up request).",
     )
     health_method: Literal["GET", "HEAD", "OPTIONS"] = "GET"
-    request_timeout: float = Field(30.0, gt=0, description="Default total timeout per request.")
-    dns_ttl: float = Field(300.0, ge=0, description="Seconds a DNS answer is reused.")
-    ca_file: str | None = Field(None, description="PEM CA bundle to trust instead of the system's.")
-    verify: bool = Field(True, description="Verify the server certificate.")
+    request_timeout: float = Field(
+        default=30.0, gt=0, description="Default total timeout per request."
+    )
+    dns_ttl: float = Field(
+        default=300.0,
+        ge=0,
+        description="Longest a DNS answer is reused (the record's TTL, when shorter, wins).",
+    )
+    ca_file: str | None = Field(
+        default=None, description="PEM CA bundle to trust instead of the system's."
+    )
+    verify: bool = Field(default=True, description="Verify the server certificate.")
 
     @field_validator("base_url")
     @classmethod
@@ -79,47 +93,32 @@ class RestOptions(BaseModel):
         return header_name(value)
 
 
-class _CachingResolver(AbstractResolver):
-    """Shares one DNS answer between all connections of an adapter for ``ttl`` seconds;
-    concurrent lookups of the same name (the boot warm-up) make one query."""
+class _SharedResolver(AbstractResolver):
+    """aiohttp's resolver interface over the event loop's shared :mod:`voicepool.dns` cache
+    (TTLs, background refresh); aiohttp then runs happy eyeballs across the answers."""
 
-    def __init__(self, ttl: float) -> None:
-        self._ttl = ttl
-        self._inner: AbstractResolver | None = None
-        self._cache: dict[tuple[str, int, int], tuple[float, list[ResolveResult]]] = {}
-        self._inflight: dict[tuple[str, int, int], asyncio.Future[list[ResolveResult]]] = {}
-        self.lookups = 0
+    def __init__(self, max_age: float) -> None:
+        self._max_age = max_age
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        key = (host, port, int(family))
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        if self._inner is None:
-            self._inner = aiohttp.ThreadedResolver()
-        fut: asyncio.Future[list[ResolveResult]] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
-        self.lookups += 1
-        try:
-            result = await self._inner.resolve(host, port, family)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: joiners re-raise it, nobody else has to
-            raise
-        finally:
-            self._inflight.pop(key, None)
-        fut.set_result(result)
-        self._cache[key] = (time.monotonic() + self._ttl, result)
-        return result
+        answers = await default_resolver().resolve(host, max_age=self._max_age)
+        return [
+            ResolveResult(
+                hostname=host,
+                host=a.address,
+                port=port,
+                family=a.family,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for a in answers
+            if family in (socket.AF_UNSPEC, a.family)
+        ]
 
     async def close(self) -> None:
-        if self._inner is not None:
-            await self._inner.close()
+        pass  # the shared cache outlives any one session
 
 
 class _Connector(aiohttp.TCPConnector):
@@ -156,6 +155,8 @@ class RestConnection:
             ssl=adapter.ssl_context if adapter.ssl_context is not None else False,
             resolver=adapter.resolver,
             use_dns_cache=False,  # the shared resolver caches
+            happy_eyeballs_delay=0.25,
+            interleave=1,
             keepalive_timeout=None,  # the pool decides when an idle socket goes, not aiohttp
         )
         connector.on_protocol = self._on_protocol
@@ -173,7 +174,7 @@ class RestConnection:
     @property
     def is_open(self) -> bool:
         """The session is open and its socket (once opened) still connected. No I/O."""
-        if self.session.closed:
+        if self.session.closed or not self._adapter.addresses.is_listed(self):
             return False
         proto = self._protocol
         return proto is None or bool(proto.is_connected())
@@ -204,6 +205,7 @@ class RestConnection:
             return await resp.json()
 
     async def aclose(self) -> None:
+        self._adapter.addresses.discard(self)
         await self.session.close()
 
     async def _on_connect(self, session: Any, ctx: Any, params: Any) -> None:
@@ -214,6 +216,10 @@ class RestConnection:
         if proto is self._protocol:
             return
         self._protocol = proto
+        transport = proto.transport
+        if transport is not None:
+            peer = transport.get_extra_info("peername")
+            self._adapter.addresses.add(self, peer, default_resolver())
         closed = proto.closed
         if closed is not None:
             closed.add_done_callback(lambda fut: self._on_socket_closed(fut, proto))
@@ -234,6 +240,7 @@ class RestAdapter(Adapter[RestConnection]):
     Build with options or keywords: ``RestAdapter(base_url="https://...", health_path="/health")``.
     """
 
+    service: ClassVar[str | None] = "rest"
     lease_mode = LeaseMode.EXCLUSIVE
     Options: ClassVar[type[RestOptions]] = RestOptions
 
@@ -259,12 +266,14 @@ class RestAdapter(Adapter[RestConnection]):
             name = options.api_key_header
             headers[name] = f"Bearer {key}" if name == "authorization" else key
         self.default_headers = headers
-        self.resolver = _CachingResolver(options.dns_ttl)
+        self.resolver = _SharedResolver(options.dns_ttl)
+        self.addresses = AddressTracker(self, parts.hostname or "")
+        self._host = parts.hostname or ""
 
     @property
     def dns_lookups(self) -> int:
-        """DNS queries made so far (the rest were served from the shared cache)."""
-        return self.resolver.lookups
+        """DNS queries made for this adapter's host on the running loop's shared cache."""
+        return default_resolver().lookups_by_host.get(self._host, 0)
 
     def url(self, path: str) -> str:
         """``base_url + path``; absolute URLs are refused so credentials stay on this origin."""
@@ -295,7 +304,10 @@ class RestAdapter(Adapter[RestConnection]):
         except aiohttp.ClientConnectorCertificateError as exc:
             raise ConnectError(f"TLS certificate of {self._origin} rejected", fatal=True) from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise ConnectError(f"{method} {path} on {self._origin} failed: {exc!r}") from exc
+            # Never the repr: aiohttp's request info in it carries the Authorization header.
+            raise ConnectError(
+                f"{method} {path} on {self._origin} failed: {describe_error(exc)}"
+            ) from exc
         if status in (401, 403):
             raise ConnectError(
                 f"{method} {path} on {self._origin} answered HTTP {status}: check the credentials",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Iterable, MutableMapping
 from pathlib import Path
@@ -37,8 +38,11 @@ from websockets.exceptions import (
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
+from voicepool._redact import SECRET_KEY, get_logger
 from voicepool.adapter import Adapter
+from voicepool.dns import AddressTracker, default_resolver
 from voicepool.errors import ConnectError, VoicepoolError
+from voicepool.settings import NO_SECRET, OptionalSecret
 
 __all__ = [
     "FATAL_STATUSES",
@@ -52,8 +56,8 @@ __all__ = [
     "translate_connect_error",
 ]
 
-log = logging.getLogger("voicepool.adapters.websocket")
-_wire_log = logging.getLogger("voicepool.adapters.websocket.wire")
+log = get_logger("voicepool.adapters.websocket")
+_wire_log = get_logger("voicepool.adapters.websocket.wire")
 
 FATAL_STATUSES = frozenset({400, 401, 403, 404})
 """Handshake statuses that retrying cannot cure: bad key, forbidden, wrong URL or parameters."""
@@ -95,18 +99,32 @@ class EndpointOptions(BaseModel):
     secret_headers: dict[str, SecretStr] = Field(
         default_factory=dict, description="Extra headers whose values are secrets."
     )
-    api_key: SecretStr | None = Field(None, description="Sent as `auth_header: auth_scheme key`.")
+    api_key: OptionalSecret = Field(
+        default=NO_SECRET, description="Sent as `auth_header: auth_scheme key`."
+    )
     auth_header: str = "Authorization"
-    auth_scheme: str = Field("Bearer", description="Prefix of the key ('' for the bare key).")
+    auth_scheme: str = Field(
+        default="Bearer", description="Prefix of the key ('' for the bare key)."
+    )
     subprotocols: list[str] = Field(default_factory=list)
-    ca_file: Path | None = Field(None, description="PEM bundle to trust instead of the system's.")
-    verify: bool = Field(True, description="Verify the server certificate (turn off only locally).")
-    server_hostname: str | None = Field(None, description="TLS name to check (default: URL host).")
-    open_timeout: float = Field(10.0, gt=0, description="TCP + TLS + upgrade, seconds.")
-    close_timeout: float = Field(2.0, gt=0, description="Closing handshake, seconds.")
-    max_message_size: int | None = Field(4 * 2**20, description="Largest incoming message.")
-    compression: bool = Field(False, description="permessage-deflate (audio does not compress).")
-    max_idle: float | None = Field(None, gt=0, description="The server's idle close, seconds.")
+    ca_file: Path | None = Field(
+        default=None, description="PEM bundle to trust instead of the system's."
+    )
+    verify: bool = Field(
+        default=True, description="Verify the server certificate (turn off only locally)."
+    )
+    server_hostname: str | None = Field(
+        default=None, description="TLS name to check (default: URL host)."
+    )
+    open_timeout: float = Field(default=10.0, gt=0, description="TCP + TLS + upgrade, seconds.")
+    close_timeout: float = Field(default=2.0, gt=0, description="Closing handshake, seconds.")
+    max_message_size: int | None = Field(default=4 * 2**20, description="Largest incoming message.")
+    compression: bool = Field(
+        default=False, description="permessage-deflate (audio does not compress)."
+    )
+    max_idle: float | None = Field(
+        default=None, gt=0, description="The server's idle close, seconds."
+    )
 
     @field_validator("url")
     @classmethod
@@ -123,7 +141,7 @@ class WebSocketOptions(EndpointOptions):
     """Options of the generic adapter: an endpoint plus an optional text keepalive."""
 
     keepalive_message: str | None = Field(
-        None, description="Text frame sent on each health ping (a provider keepalive)."
+        default=None, description="Text frame sent on each health ping (a provider keepalive)."
     )
 
 
@@ -163,7 +181,9 @@ def translate_connect_error(exc: BaseException, endpoint: str) -> ConnectError:
 
 
 class _RedactingLogger(logging.LoggerAdapter[logging.Logger]):
-    """Passes ``websockets`` debug lines through, with secret header values replaced."""
+    """Passes ``websockets`` debug lines through, with secret header values replaced: the named
+    secret headers, and any header whose name looks like a credential (``Authorization`` given
+    in the plain ``headers`` option). The logger's filter scrubs known values besides."""
 
     def __init__(self, logger: logging.Logger, secret_names: Iterable[str]) -> None:
         super().__init__(logger, {})
@@ -177,7 +197,7 @@ class _RedactingLogger(logging.LoggerAdapter[logging.Logger]):
             args
             and msg == "> %s: %s"
             and len(args) == 2
-            and str(args[0]).lower() in self.secret_names
+            and (str(args[0]).lower() in self.secret_names or SECRET_KEY.search(str(args[0])))
         ):
             args = (args[0], "[redacted]")
         super().log(level, msg, *args, **kwargs)
@@ -202,6 +222,9 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
         if self.options.api_key is not None:
             secret_names.append(self.options.auth_header)
         self._logger = _RedactingLogger(_wire_log, secret_names)
+        # Retires connections whose address left DNS (the pool's conn: the socket, or the
+        # ManagedSocket wrapping it).
+        self.addresses = AddressTracker(self, urlsplit(self.url()).hostname or "")
 
     @classmethod
     def _build_options(cls, options: Any, kwargs: dict[str, Any]) -> Any:
@@ -261,9 +284,19 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
         kwargs: dict[str, Any] = {}
         if o.server_hostname is not None:
             kwargs["server_hostname"] = o.server_hostname
+        parts = urlsplit(url)
+        resolver = default_resolver()
+        sock: socket.socket | None = None
         try:
-            return await connect(
+            # The shared DNS cache and happy eyeballs pick the address; websockets gets the socket.
+            async with asyncio.timeout(o.open_timeout):
+                sock = await resolver.connect(
+                    parts.hostname or "", parts.port or (443 if parts.scheme == "wss" else 80)
+                )
+            peer = sock.getpeername()
+            ws = await connect(
                 url,
+                sock=sock,
                 additional_headers=self.request_headers(),
                 subprotocols=[Subprotocol(p) for p in o.subprotocols] or None,
                 ssl=self.ssl_context(),
@@ -278,8 +311,14 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
                 user_agent_header="voicepool",
                 **kwargs,
             )
-        except (InvalidHandshake, OSError, TimeoutError, EOFError, ssl.SSLError) as exc:
-            raise translate_connect_error(exc, safe_endpoint(url)) from exc
+        except BaseException as exc:
+            if sock is not None:
+                sock.close()  # a no-op once websockets' transport owns (and closed) it
+            if isinstance(exc, InvalidHandshake | OSError | TimeoutError | EOFError | ssl.SSLError):
+                raise translate_connect_error(exc, safe_endpoint(url)) from exc
+            raise
+        self.addresses.add(ws, peer, resolver)
+        return ws
 
     def is_fatal(self, exc: BaseException) -> bool:
         if isinstance(exc, ConnectError):
@@ -323,10 +362,11 @@ class WebSocketAdapter(BaseWebSocketAdapter[ClientConnection]):
             raise _closed_error(exc, self.describe()) from exc
 
     def is_open(self, conn: ClientConnection) -> bool:
-        return conn.state is State.OPEN
+        return conn.state is State.OPEN and self.addresses.is_listed(conn)
 
     async def close(self, conn: ClientConnection) -> None:
         """Closing handshake (1000), bounded by ``close_timeout``; never raises on a dead peer."""
+        self.addresses.discard(conn)
         with contextlib.suppress(ConnectionClosed, OSError):
             await conn.close()
 
@@ -368,6 +408,9 @@ class ManagedSocket:
         self._keepalive: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reader: asyncio.Task[None] | None = None
+        self._addresses: AddressTracker | None = getattr(adapter, "addresses", None)
+        if self._addresses is not None:
+            self._addresses.rebind(ws, self)  # the pool holds this object, not the raw socket
 
     def start(self) -> None:
         """Start the reader and the keepalive timer (call once, right after the handshake)."""
@@ -376,7 +419,11 @@ class ManagedSocket:
 
     @property
     def is_open(self) -> bool:
-        return self.error is None and self.ws.state is State.OPEN
+        return (
+            self.error is None
+            and self.ws.state is State.OPEN
+            and (self._addresses is None or self._addresses.is_listed(self))
+        )
 
     def check_open(self) -> None:
         """Raise StreamClosed (a fresh instance) if the socket is gone."""
@@ -493,6 +540,8 @@ class ManagedSocket:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+        if self._addresses is not None:
+            self._addresses.discard(self)
         deadline = self.loop.time() + self.close_timeout
         try:
             try:

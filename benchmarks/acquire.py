@@ -1,22 +1,27 @@
 """Cost of acquire + release: voicepool's Pool against the floor and livekit-agents' pool.
 
-All rows are measured in one run, interleaved round by round, and compared as ratios (these
-machines are noisy; absolute numbers drift, ratios measured together do not).
+Every row is measured in one run, interleaved round by round, and reported as a ratio PAIRED
+PER ROUND (row time / floor time in the same round), then the median over rounds: these
+machines are noisy, and a ratio of two numbers measured side by side is stable where a
+difference of two medians is not.
 
-Rows, uncontended (one task, a warm pool, ``async with pool.acquire(): pass``):
-  floor            a minimal deque pool with a class-based async context manager and waiter
-                   futures: the least any correct asyncio pool can cost
-  voicepool        Pool with telemetry off
-  voicepool+api    Pool with the default telemetry on, OpenTelemetry API only (no SDK)
-  voicepool+sdk    Pool with the SDK MeterProvider and TracerProvider installed
-  livekit          livekit-agents 1.8.9 ``utils.ConnectionPool`` (``pip install -e '.[bench]'``)
+Uncontended (one task, a warm pool, ``async with pool.acquire(): pass``):
+  floor             a minimal deque pool with a class-based async context manager and waiter
+                    futures: the least any correct asyncio pool can cost
+  exclusive         Pool, EXCLUSIVE, base reset, telemetry disabled       (target <= 1.5x)
+  exclusive+reset   the same with a trivial ``async def reset(...): pass`` (target <= 1.5x)
+  single_use        SINGLE_USE: every release closes, spares refill       (printed)
+  multiplexed       MULTIPLEXED, 10 streams a connection                  (target <= 2x)
+  exclusive+api     default telemetry, OpenTelemetry API only, as imported (<= 1.2x exclusive)
+  exclusive+sdk     the SDK MeterProvider and TracerProvider installed    (printed)
+  livekit           livekit-agents 1.8.9 ``utils.ConnectionPool``        (>= 3x slower)
 
-Contended: 100 tasks on 10 connections, each holding across one loop iteration; the cost per
-acquire above a no-pool baseline (the same tasks doing the same iteration without a pool).
-
-Also: memory per pooled connection (the pool's own bookkeeping, measured with tracemalloc).
+Contended: 100 tasks on 10 connections, each holding across one loop iteration: every acquire
+is a hand-off from a releasing task to a waiting one. Ratio to the floor doing the same, paired
+per round (target <= 1.5x).
 
 Run: ``.venv/bin/python benchmarks/acquire.py [--rounds 15] [--n 20000] [--uvloop]``
+(livekit's row needs ``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from voicepool import Adapter, Pool, PoolSettings, telemetry
+from voicepool import Adapter, LeaseMode, Pool, PoolSettings, telemetry
 
 Op = Callable[[], Awaitable[None]]
 
@@ -47,12 +52,21 @@ class Conn:
 class NullAdapter(Adapter[Conn]):
     """Connections that cost nothing: what is measured is the pool alone."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: LeaseMode = LeaseMode.EXCLUSIVE) -> None:
         self.count = 0
+        self.lease_mode = mode
+        self.max_streams = 10 if mode is LeaseMode.MULTIPLEXED else 1
 
     async def connect(self) -> Conn:
         self.count += 1
         return Conn(self.count)
+
+
+class TrivialResetAdapter(NullAdapter):
+    """An override of reset that awaits nothing: must cost no task and no timer."""
+
+    async def reset(self, conn: Conn) -> None:
+        pass
 
 
 # -- the floor --------------------------------------------------------------------------------
@@ -129,23 +143,33 @@ async def timed(op: Op) -> float:
 
 async def make_pools(size: int) -> tuple[dict[str, Callable[[], Any]], list[Any], Any]:
     """Build every variant; returns acquire callables, things to close, and the SDK handle."""
-    settings = PoolSettings(min_size=size, max_size=size)
+    settings = PoolSettings(min_size=size, max_size=size, idle_timeout=None)
     closers: list[Any] = []
     variants: dict[str, Callable[[], Any]] = {}
     floor = FloorPool(size)
     variants["floor"] = floor.acquire
 
-    telemetry.disable_default()
-    plain = Pool(NullAdapter(), settings, name="plain")
-    await plain.start()
-    closers.append(plain)
-    variants["voicepool"] = plain.acquire
+    async def pool(name: str, adapter: NullAdapter, s: PoolSettings = settings) -> None:
+        p = Pool(adapter, s, name=name)
+        await p.start()
+        closers.append(p)
+        variants[name] = p.acquire
 
+    telemetry.disable_default()
+    await pool("exclusive", NullAdapter())
+    await pool("exclusive+reset", TrivialResetAdapter())
+    await pool(
+        "single_use",
+        NullAdapter(LeaseMode.SINGLE_USE),
+        PoolSettings(min_size=size, max_size=2 * size, idle_timeout=None),
+    )
+    await pool(
+        "multiplexed",
+        NullAdapter(LeaseMode.MULTIPLEXED),
+        PoolSettings(min_size=1, max_size=size, idle_timeout=None),
+    )
     telemetry.enable_default()
-    api = Pool(NullAdapter(), settings, name="api")
-    await api.start()
-    closers.append(api)
-    variants["voicepool+api"] = api.acquire
+    await pool("exclusive+api", NullAdapter())
 
     sdk = None
     try:
@@ -153,13 +177,10 @@ async def make_pools(size: int) -> tuple[dict[str, Callable[[], Any]], list[Any]
 
         from voicepool.telemetry.sdk import install_sdk
     except ImportError:
-        print("(no opentelemetry-sdk: the voicepool+sdk row is skipped; pip install -e '.[otel]')")
+        print("(no opentelemetry-sdk: the exclusive+sdk row is skipped; pip install -e '.[otel]')")
     else:
         sdk = install_sdk(metric_readers=[InMemoryMetricReader()])
-        with_sdk = Pool(NullAdapter(), settings, name="sdk")
-        await with_sdk.start()
-        closers.append(with_sdk)
-        variants["voicepool+sdk"] = with_sdk.acquire
+        await pool("exclusive+sdk", NullAdapter())
 
     try:
         from livekit.agents.utils import ConnectionPool
@@ -203,6 +224,14 @@ def memory_per_connection(count: int = 1000) -> float:
     return asyncio.run(build())
 
 
+def paired(samples: dict[str, list[float]], base: str) -> dict[str, float]:
+    """Median over rounds of (row / base) within each round."""
+    return {
+        k: statistics.median(x / y for x, y in zip(v, samples[base], strict=True))
+        for k, v in samples.items()
+    }
+
+
 async def main(args: argparse.Namespace) -> None:
     variants, closers, sdk = await make_pools(10)
     names = list(variants)
@@ -210,43 +239,41 @@ async def main(args: argparse.Namespace) -> None:
     for _ in range(3):  # warm-up
         for name in names:
             await timed(uncontended(variants[name], 2000))
-    for _ in range(args.rounds):
-        for name in names:
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no fixed position
+        for name in order:
             samples[name].append(await timed(uncontended(variants[name], args.n)) / args.n)
 
+    vs_floor = paired(samples, "floor")
+    vs_excl = paired(samples, "exclusive")
     med = {k: statistics.median(v) for k, v in samples.items()}
-    floor, vp = med["floor"], med["voicepool"]
-    print(f"\nuncontended acquire+release, median of {args.rounds} rounds x {args.n} (ns/op)")
-    print(f"{'':16}{'ns/op':>8}  {'vs floor':>9}  {'vs voicepool':>13}")
+    print(
+        f"\nuncontended acquire+release, {args.rounds} rounds x {args.n}; ratios paired per round"
+    )
+    print(f"{'':17}{'ns/op':>8}  {'vs floor':>9}  {'vs exclusive':>13}")
     for name in names:
-        print(f"{name:16}{med[name]:8.0f}  {med[name] / floor:8.2f}x  {med[name] / vp:12.2f}x")
+        print(f"{name:17}{med[name]:8.0f}  {vs_floor[name]:8.2f}x  {vs_excl[name]:12.2f}x")
+    print(f"exclusive / floor        = {vs_floor['exclusive']:.2f}x (target <= 1.5x)")
+    print(f"exclusive+reset / floor  = {vs_floor['exclusive+reset']:.2f}x (target <= 1.5x)")
+    print(f"multiplexed / floor      = {vs_floor['multiplexed']:.2f}x (target <= 2x)")
+    print(f"exclusive+api / exclusive = {vs_excl['exclusive+api']:.2f}x (target <= 1.2x)")
     if "livekit" in med:
-        print(f"voicepool is {med['livekit'] / vp:.2f}x faster than livekit (target >= 2x)")
-    print(f"voicepool / floor = {vp / floor:.2f}x (target <= 2x)")
-    if "voicepool+sdk" in med:
-        print(
-            f"with the SDK installed / without telemetry = {med['voicepool+sdk'] / vp:.2f}x"
-            " (target <= 1.5x)"
-        )
+        lk = paired(samples, "livekit")
+        print(f"livekit / exclusive      = {1 / lk['exclusive']:.2f}x (target >= 3x)")
 
-    # Contended: 100 tasks, 10 connections.
+    # Contended: 100 tasks, 10 connections; each round pairs a pool with the floor.
     tasks, per_task = 100, max(20, args.n // 500)
     ops = tasks * per_task
-    base: list[float] = []
-    cont: dict[str, list[float]] = {k: [] for k in names}
-    for _ in range(max(5, args.rounds // 2)):
-        base.append(await timed(contended(None, tasks, per_task)) / ops)
-        for name in names:
+    rows = ["floor", "exclusive", "exclusive+reset", "exclusive+api"]
+    cont: dict[str, list[float]] = {k: [] for k in rows}
+    for r in range(max(7, args.rounds)):
+        for name in rows[r % len(rows) :] + rows[: r % len(rows)]:
             cont[name].append(await timed(contended(variants[name], tasks, per_task)) / ops)
-    b = statistics.median(base)
-    print(
-        f"\ncontended: {tasks} tasks on 10 connections, ns per acquire above a no-pool baseline"
-        f" ({b:.0f} ns)"
-    )
-    for name in names:
-        extra = statistics.median(cont[name]) - b
-        note = "  (unbounded: opens a connection per task)" if name == "livekit" else ""
-        print(f"{name:16}{extra:8.0f}{note}")
+    c_floor = paired(cont, "floor")
+    print(f"\ncontended: {tasks} tasks on 10 connections (hand-offs), ratios paired per round")
+    for name in rows:
+        print(f"{name:17}{statistics.median(cont[name]):8.0f}  {c_floor[name]:8.2f}x")
+    print(f"contended exclusive / floor = {c_floor['exclusive']:.2f}x (target <= 1.5x)")
 
     for c in closers:
         await c.aclose()

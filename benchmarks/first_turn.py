@@ -269,7 +269,9 @@ async def part_memory(sockets: int, uvloop: bool) -> dict[str, float]:
             gc.collect()
             await asyncio.sleep(0.5)
             after = rss_kib()
-            conns = [rec.conn for rec in pool._conns.values()]  # benchmark-only peek
+            # Held through the sweeps (a SINGLE_USE release would close them), released after.
+            leases = [await pool.lease() for _ in range(pool.stats().size)]
+            conns = [lease.conn for lease in leases]
             sweeps: list[float] = []
             bare: list[float] = []
             for _ in range(5):
@@ -278,6 +280,8 @@ async def part_memory(sockets: int, uvloop: bool) -> dict[str, float]:
                     await asyncio.gather(*(asyncio.ensure_future(ping(c)) for c in conns))
                     into.append(time.process_time() - c0)
             stats = pool.stats()
+            for lease in leases:
+                await lease.release()
             assert stats.size == sockets, stats
         raw_rss, raw_sweep = await _raw_websockets(asr, sockets)
         return {

@@ -70,6 +70,8 @@ def test_public_exports_match_design() -> None:
         "PoolSettings",
         "PoolState",
         "PoolStats",
+        "GroupPolicy",
+        "PoolGroup",
         "AdapterNotFound",
         "ConfigError",
         "ConnectError",

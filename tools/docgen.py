@@ -8,6 +8,7 @@ everything outside the markers is hand-written. Blocks:
 
 * ``pool-settings``: every :class:`~voicepool.PoolSettings` field (type, default, description);
 * ``pool-entry``: the keys of a ``[pools.<name>]`` table besides the pool settings;
+* ``group-entry``: the keys of a ``[groups.<name>]`` table (``GroupConfig``);
 * ``adapter-options``: each built-in adapter's ``Options`` model (docs/configuration.md);
 * ``telemetry``: every name in :mod:`voicepool.telemetry.names`, with its comment.
 """
@@ -138,6 +139,12 @@ def pool_entry() -> str:
     return "\n".join(lines)
 
 
+def group_entry() -> str:
+    from voicepool.settings import GroupConfig
+
+    return "\n".join(_model_table(GroupConfig))
+
+
 def adapter_options() -> str:
     from voicepool.adapter import get_adapter
 
@@ -205,6 +212,7 @@ def telemetry() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     "pool-settings": pool_settings,
     "pool-entry": pool_entry,
+    "group-entry": group_entry,
     "adapter-options": adapter_options,
     "telemetry": telemetry,
 }

@@ -8,6 +8,7 @@ at boot, keeps them healthy out of band, and lends them with ``async with pool.a
 # Importing voicepool.telemetry registers the default OpenTelemetry observer (global providers:
 # a no-op until the application installs an SDK).
 from voicepool import telemetry as telemetry
+from voicepool._redact import install_root_handler as _install_root_handler
 from voicepool._version import __version__
 from voicepool.adapter import (
     Adapter,
@@ -28,12 +29,16 @@ from voicepool.errors import (
     PoolUnavailable,
     VoicepoolError,
 )
+from voicepool.group import GroupPolicy, PoolGroup
 from voicepool.lease import Lease
 from voicepool.manager import PoolManager
 from voicepool.pool import Pool, PoolState, PoolStats
 from voicepool.pool_settings import PoolSettings
 from voicepool.settings import VoicePoolSettings
 from voicepool.shutdown import GracefulShutdown
+
+# A library's NullHandler (the application decides where logs go), with the credential filter.
+_install_root_handler()
 
 __all__ = [  # noqa: RUF022 - grouped by topic, as the docs list them
     # adapters
@@ -48,6 +53,9 @@ __all__ = [  # noqa: RUF022 - grouped by topic, as the docs list them
     "PoolSettings",
     "PoolState",
     "PoolStats",
+    # groups of pools (failover, regions)
+    "GroupPolicy",
+    "PoolGroup",
     # settings, manager, worker embedding
     "GracefulShutdown",
     "PoolManager",

@@ -70,6 +70,9 @@ class Adapter(Generic[C]):
     Options: ClassVar[type[BaseModel] | None] = None
     max_connections_per_process: ClassVar[int | None] = None
     """A hard process-wide limit (pjsua2: 8 SIP accounts); settings reject pools that exceed it."""
+    service: ClassVar[str | None] = None
+    """What the connections are for ("asr", "tts", "llm", "rest", "sip"): a PoolGroup may mix
+    adapters of one service (ElevenLabs with a Cartesia fallback); None: only the same adapter."""
 
     _watchers: list[Callable[[Any], None]] | None = None
 
@@ -133,6 +136,24 @@ class Adapter(Generic[C]):
         pool keeps the connection while :meth:`is_open` holds and does not call again.
         """
         return self.is_open(conn)
+
+    # -- why a connection ended (read by the pool when it retires one) ----------------------------
+
+    def close_reason(self, conn: C) -> str | None:
+        """Why ``conn`` stopped taking leases, as the peer said it (``"goaway"``: HTTP/2 GOAWAY;
+        ``"rejected"``: credentials refused on it), or None to let the pool name it (expired,
+        remote_closed). The pool uses it as the close reason in ``stats().closed``. No I/O.
+        """
+        return None
+
+    def connection_error(self, conn: C) -> BaseException | None:
+        """The error that ended or drained ``conn`` (a protocol error, a GOAWAY with an error
+        code, a 401 on a request), or None. The pool records it as its ``last_error`` when it
+        retires ``conn``, and treats it as a failed connect (circuit open at once) when
+        :meth:`is_fatal` accepts it: this is how a request-path failure that no retry can cure
+        reaches the pool, once. No I/O.
+        """
+        return None
 
     # -- notifications to the pool ----------------------------------------------------------------
 

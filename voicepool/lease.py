@@ -99,12 +99,14 @@ class Lease(Generic[C]):
             if idle:
                 rec = idle[-1]
                 conn = rec.conn
-                if pool._is_open(conn) and _get_running_loop() is pool._loop:
+                check = pool._check_open  # None when the adapter keeps the base is_open
+                if (check is None or check(conn)) and _get_running_loop() is pool._loop:
                     idle.pop()
                     rec.state = _IN_USE
                     self._rec = rec
                     self._conn = conn
-                    self._t0 = pool._clock()
+                    if pool._observers:  # (hold times are for observers only)
+                        self._t0 = pool._clock()
                     pool._core.n_acquired += 1
                     self._state = _HELD
                     return self
@@ -151,13 +153,13 @@ class Lease(Generic[C]):
             if not pool._is_open(self._conn):
                 pool._reset_failed(rec, now, ConnectionError("closed by its reset"))
                 return
-        core = pool._core
-        if rec.expires > now and not core.n_waiting and not core.closing:
+        if rec.expires > now and not pool._waiters.count:
             # Back to idle, nobody waiting: what core.released would do, without its actions.
+            # (A closing pool has expired every connection: those go through the core.)
             rec.state = _IDLE
             pool._idle.append(rec)
             return
-        pool._apply(core.released(rec, now, "ok"))
+        pool._apply(pool._core.released(rec, now, "ok"))
 
     async def release(self, error: BaseException | None = None) -> None:
         """Return the connection, for leases from :meth:`Pool.lease` (no ``async with``).

@@ -18,26 +18,27 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from voicepool._redact import get_logger, remember_from, scrub
 from voicepool.adapter import Adapter
 from voicepool.errors import ConfigError, PoolError, PoolUnavailable
+from voicepool.group import PoolGroup
 from voicepool.pool import Pool, PoolState, PoolStats
 from voicepool.pool_settings import PoolSettings
-from voicepool.settings import VoicePoolSettings, secret_values
+from voicepool.settings import VoicePoolSettings
 
 if TYPE_CHECKING:
+    from voicepool.group import _GroupAcquire
     from voicepool.lease import Lease
 
 __all__ = ["ManagerState", "PoolManager"]
 
-log = logging.getLogger("voicepool.manager")
+log = get_logger("voicepool.manager")
 
-_MASK = "**********"
 _REASON_MAX = 300  # health reasons are for humans and probes, not for full tracebacks
 
 
@@ -61,9 +62,11 @@ class PoolManager:
 
     def __init__(self, pools: Iterable[Pool[Any]] = (), *, optional: Iterable[str] = ()) -> None:
         self._pools: dict[str, Pool[Any]] = {}
+        self._groups: dict[str, PoolGroup[Any]] = {}
+        self._group_required: dict[str, bool] = {}
+        self._grouped: dict[str, str] = {}  # member pool name -> its group
         self._required: dict[str, bool] = {}
         self._adapter_names: dict[str, str] = {}
-        self._secrets: set[str] = set()
         self._boot_errors: dict[str, str] = {}
         self._state = ManagerState.NEW
         self._close_task: asyncio.Task[None] | None = None
@@ -93,17 +96,53 @@ class PoolManager:
         manager = cls()
         manager.settings = settings
         for name, cfg in settings.pools.items():
-            secrets = secret_values(cfg.options)
+            remember_from(cfg.options)
             try:
                 adapter = cfg.adapter_class.from_options(cfg.options)
             except Exception as exc:
-                reason = _scrub(f"{type(exc).__name__}: {exc}", secrets)
+                reason = scrub(f"{type(exc).__name__}: {exc}")
                 raise ConfigError(
                     f"pools.{name}.options: adapter {cfg.adapter!r} rejected its options: {reason}"
                 ) from None
-            manager._secrets |= secrets
             manager._add(name, adapter, cfg.settings, cfg.required, cfg.adapter)
+        for name, gcfg in settings.groups.items():
+            group: PoolGroup[Any] = PoolGroup(
+                [manager._pools[m] for m in gcfg.members],
+                name=name,
+                policy=gcfg.policy,
+                standby_min=gcfg.standby_min,
+                failback_after=gcfg.failback_after,
+            )
+            manager.add_group(group, required=gcfg.required)
         return manager
+
+    def add_group(self, group: PoolGroup[Any], *, required: bool = True) -> PoolGroup[Any]:
+        """Add a group whose members are pools of this manager (before :meth:`start`).
+
+        The manager boots the group (ready when one member is) instead of its members, and
+        :meth:`acquire` resolves the group's name. Raises ConfigError when the name is taken, a
+        member is not in the manager, or a member is already in another group.
+        """
+        name = group.name
+        if self._state is not ManagerState.NEW:
+            raise PoolError(f"cannot add group {name!r}: the manager has already started")
+        if name in self._pools or name in self._groups:
+            raise ConfigError(f"groups.{name}: a pool or group with this name is already here")
+        for pool in group.members:
+            if self._pools.get(pool.name) is not pool:
+                raise ConfigError(
+                    f"groups.{name}.members: pool {pool.name!r} is not in the manager"
+                )
+            if pool.name in self._grouped:
+                raise ConfigError(
+                    f"groups.{name}.members: pool {pool.name!r} is already a member of group"
+                    f" {self._grouped[pool.name]!r}"
+                )
+        for pool in group.members:
+            self._grouped[pool.name] = name
+        self._groups[name] = group
+        self._group_required[name] = required
+        return group
 
     def add_adapter(
         self,
@@ -130,7 +169,7 @@ class PoolManager:
         self._pools[pool.name] = pool
         self._required[pool.name] = required
         self._adapter_names.setdefault(pool.name, type(pool.adapter).__name__)
-        self._secrets |= _adapter_secrets(pool.adapter)
+        remember_from(pool.adapter)
         try:
             self._check_process_limit(type(pool.adapter))
         except ConfigError:
@@ -208,12 +247,20 @@ class PoolManager:
         """The boot policy of pool ``name`` (KeyError if unknown)."""
         return self._required[self[name].name]
 
-    def acquire(self, name: str, timeout: float | None = None) -> Lease[Any]:
-        """``manager[name].acquire(timeout)``: see :meth:`voicepool.Pool.acquire`.
+    @property
+    def groups(self) -> Mapping[str, PoolGroup[Any]]:
+        """Read-only view of the groups by name."""
+        return MappingProxyType(self._groups)
+
+    def acquire(self, name: str, timeout: float | None = None) -> Lease[Any] | _GroupAcquire[Any]:
+        """``group.acquire(timeout)`` for a group's name, else ``manager[name].acquire(timeout)``.
 
         Raises KeyError for an unknown name (at once); the lease raises on entry as the pool's
-        acquire does (PoolExhausted, PoolUnavailable, PoolClosed). Cancellation-safe.
+        (or group's) acquire does (PoolExhausted, PoolUnavailable, PoolClosed). Cancellation-safe.
         """
+        group = self._groups.get(name)
+        if group is not None:
+            return group.acquire(timeout)
         return self[name].acquire(timeout)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -235,7 +282,11 @@ class PoolManager:
         tasks = {
             loop.create_task(self._start_one(name), name=f"voicepool:boot:{name}"): name
             for name in self._pools
+            if name not in self._grouped
         }
+        for name in self._groups:
+            task = loop.create_task(self._start_group(name), name=f"voicepool:boot:{name}")
+            tasks[task] = name
         failed: list[tuple[str, BaseException]] = []
         try:
             pending = set(tasks)
@@ -291,6 +342,17 @@ class PoolManager:
                 self._reason(pool.last_error),
             )
 
+    async def _start_group(self, name: str) -> None:
+        group = self._groups[name]
+        required = self._group_required[name]
+        try:
+            await group.start(require_ready=required)
+        except Exception as exc:
+            if required:
+                raise
+            self._boot_errors[name] = self._reason(exc)
+            log.warning("voicepool: optional group %s failed to start: %s", name, exc)
+
     async def _abort(self, tasks: Mapping[asyncio.Task[None], str]) -> None:
         """Cancel boots still running and close every pool at once (no drain: nothing is lent)."""
         self._state = ManagerState.CLOSING
@@ -307,13 +369,19 @@ class PoolManager:
 
         Each pool waits for its leases up to ``timeout`` (default: its own ``drain_timeout``),
         then closes its connections politely; ``timeout=0`` closes at once, leases included.
-        Idempotent (a later call awaits the first close, with the first call's timeout). Safe
-        to cancel: the close goes on in the background. Never raises for a pool's close failure
-        (it is logged).
+        Idempotent: a later call awaits the close under way, and a later ``timeout`` cuts the
+        drain under way short (``aclose(0)`` during a drain closes at once). Safe to cancel: the
+        close goes on in the background. Never raises for a pool's close failure (it is logged).
         """
         if self._close_task is None:
             self._close_task = asyncio.get_running_loop().create_task(
                 self._close(timeout), name="voicepool:manager:close"
+            )
+        elif timeout is not None and not self._close_task.done():
+            # A later, shorter deadline (a second SIGTERM: close hard) reaches the drain under
+            # way: each pool's aclose cuts its own drain short, as Pool.aclose does.
+            await asyncio.gather(
+                *(pool.aclose(timeout) for pool in self._pools.values()), return_exceptions=True
             )
         await asyncio.shield(self._close_task)
 
@@ -323,6 +391,10 @@ class PoolManager:
         self._state = ManagerState.CLOSING
         t0 = time.monotonic()
         names = list(self._pools)
+        # Groups first (they stop choosing), then every pool; a pool's aclose is idempotent.
+        await asyncio.gather(
+            *(group.aclose(timeout) for group in self._groups.values()), return_exceptions=True
+        )
         results = await asyncio.gather(
             *(self._pools[name].aclose(timeout) for name in names), return_exceptions=True
         )
@@ -345,7 +417,14 @@ class PoolManager:
         # Cancelled (a second SIGTERM through GracefulShutdown, asyncio.run's Ctrl-C): close hard,
         # since whoever cancelled us is not going to wait for a drain. Otherwise drain.
         hard = exc_type is not None and not issubclass(exc_type, Exception)
-        await self.aclose(0 if hard else None)
+        try:
+            await self.aclose(0 if hard else None)
+        except asyncio.CancelledError:
+            # Cancelled while draining (the second SIGTERM arrived after the block was left):
+            # close at once, and finish that close here, so nothing is left pending when the
+            # event loop stops; then let the cancellation go on.
+            await self.aclose(0)
+            raise
 
     # -- reporting ------------------------------------------------------------------------------
 
@@ -424,7 +503,7 @@ class PoolManager:
         if exc is None:
             return "no error recorded"
         text = str(exc) or type(exc).__name__
-        text = _scrub(text, self._secrets)
+        text = scrub(text)
         if len(text) > _REASON_MAX:
             text = text[: _REASON_MAX - 3] + "..."
         return text
@@ -432,20 +511,3 @@ class PoolManager:
     def __repr__(self) -> str:
         pools = ", ".join(f"{n}={p.state.value}" for n, p in self._pools.items())
         return f"<PoolManager {self._state.value} {pools}>"
-
-
-def _scrub(text: str, secrets: Iterable[str]) -> str:
-    # Longest first, so a secret containing another is masked whole.
-    for secret in sorted(secrets, key=len, reverse=True):
-        if secret in text:
-            text = text.replace(secret, _MASK)
-    return text
-
-
-def _adapter_secrets(adapter: Adapter[Any]) -> set[str]:
-    """Credentials an adapter holds in its attributes (its options model, SecretStr fields)."""
-    try:
-        attrs = vars(adapter)
-    except TypeError:  # __slots__ adapters: nothing we can see
-        return set()
-    return secret_values({k: v for k, v in attrs.items() if not k.startswith("_watch")})

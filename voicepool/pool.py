@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 import math
 import random
 import time
@@ -33,10 +32,12 @@ from voicepool._engine.actions import (
     StateChanged,
     Wake,
 )
-from voicepool._engine.core import PoolCore, SizingPolicy, Waiter
+from voicepool._engine.core import PoolCore, SizingPolicy
 from voicepool._engine.observer import PoolObserver, observers_for
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
+from voicepool._engine.waitqueue import Waiter
+from voicepool._redact import get_logger, remember_from
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import (
     ConnectError,
@@ -47,7 +48,7 @@ from voicepool.errors import (
     PoolUnavailable,
     VoicepoolError,
 )
-from voicepool.lease import Lease
+from voicepool.lease import _HELD, Lease
 from voicepool.pool_settings import PoolSettings
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["Pool", "PoolState", "PoolStats"]
 
 C = TypeVar("C")
-log = logging.getLogger("voicepool.pool")
+log = get_logger("voicepool.pool")
 
 _MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
 _FLUSH_EVERY = 1.0  # seconds between hand-offs of buffered hold times to observers
@@ -86,6 +87,7 @@ class Pool(Generic[C]):
     ) -> None:
         self.name = name
         self.adapter = adapter
+        remember_from(adapter)  # its credentials are masked in every report from now on
         self.settings = s = settings if settings is not None else PoolSettings()
         resolved = s.resolve(adapter)
         self.lease_mode = resolved.lease_mode
@@ -106,10 +108,14 @@ class Pool(Generic[C]):
             is_open=adapter.is_open,
             describe=adapter.describe(),
             policy=sizing,
+            close_reason=adapter.close_reason,
+            connection_error=adapter.connection_error,
+            is_fatal=adapter.is_fatal,
             use_proves_liveness=adapter.use_proves_liveness,
         )
         self._mux = resolved.lease_mode is LeaseMode.MULTIPLEXED
         self._is_open = adapter.is_open
+        self._check_open = None if type(adapter).is_open is Adapter.is_open else adapter.is_open
         self._leak_threshold = s.leak_threshold
         self._instrumented = s.leak_threshold is not None or s.trace_acquire
         # Lease inlines the idle hit for these, and the clean EXCLUSIVE release.
@@ -120,6 +126,7 @@ class Pool(Generic[C]):
             None if type(adapter).reset is Adapter.reset else adapter.reset
         )
         self._idle = self._core.idle  # the fast path's view (the core mutates it in place)
+        self._waiters = self._core.waiters  # ... and whether anyone waits (its count)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._timer: asyncio.TimerHandle | None = None
@@ -262,11 +269,64 @@ class Pool(Generic[C]):
         if self._observers:
             self._flush(now)
 
+    # -- run-time sizing and observers: the public seams PoolGroup is built on ------------------
+
+    def lease_nowait(self) -> Lease[C] | None:
+        """A held lease if a connection (or stream) is free right now, else None.
+
+        Never waits, never connects, never raises: a pool that is not lending (not started,
+        closing, or nothing free) answers None. Release the lease as usual.
+        """
+        core = self._core
+        if not self._started or core.closing:
+            return None
+        now = self._clock()
+        rec, actions = core.take(now)
+        if actions:
+            self._apply(actions)
+        if rec is None:
+            return None
+        lease = Lease(self, None)
+        self._lend(lease, rec, rec.seq if self._mux else None, now)
+        lease._state = _HELD
+        if self._instrumented:
+            lease._leak = None
+            if self._leak_threshold is not None:
+                stack = "".join(traceback.format_list(traceback.extract_stack(limit=12)[:-1]))
+                loop = asyncio.get_running_loop()
+                lease._leak = loop.call_later(self._leak_threshold, self._report_leak, stack)
+        return lease
+
+    def set_min_size(self, min_size: int) -> None:
+        """Change the warm floor at run time (a standby member of a group grows or shrinks).
+
+        Growing opens the missing connections in the background (with the usual backoff);
+        shrinking closes idle connections above the new floor at once, oldest first, and never
+        touches a lease in use. Raises ValueError outside ``0 <= min_size <= max_size``.
+        Synchronous.
+        """
+        if not 0 <= min_size <= self.max_size:
+            raise ValueError(
+                f"pool {self.name!r}: min_size must be within 0..{self.max_size}, got {min_size}"
+            )
+        self.min_size = min_size
+        self._apply(self._core.set_min_size(min_size, self._clock()))
+
+    def add_observer(self, observer: PoolObserver) -> None:
+        """Attach ``observer`` (a :class:`voicepool._engine.observer.PoolObserver`) from now on."""
+        if observer not in self._observers:
+            self._observers.append(observer)
+
+    def remove_observer(self, observer: PoolObserver) -> None:
+        """Detach an observer added with :meth:`add_observer`; unknown ones are ignored."""
+        if observer in self._observers:
+            self._observers.remove(observer)
+
     def __repr__(self) -> str:
         core = self._core
         return (
             f"<Pool {self.name!r} {core.state.value} size={len(core.conns)}/{self.max_size}"
-            f" opening={core.opening} waiters={core.n_waiting}>"
+            f" opening={core.opening} waiters={core.waiters.count}>"
         )
 
     # -- acquire (the part Lease does not inline) ------------------------------------------------
@@ -279,8 +339,10 @@ class Pool(Generic[C]):
             pool=self.name,
         )
 
-    async def _acquire(self, lease: Lease[C]) -> None:
-        """Take without waiting, else queue FIFO; see :meth:`acquire` for what escapes."""
+    async def _acquire(self, lease: Lease[C], traced: bool = False) -> None:
+        """Take without waiting, else queue FIFO; see :meth:`acquire` for what escapes.
+
+        ``traced``: called by :meth:`_acquire_instrumented`, which wraps this one."""
         if not self._started:
             if self._close_task is not None:
                 raise PoolClosed(f"pool {self.name!r} is closed", pool=self.name)
@@ -291,12 +353,9 @@ class Pool(Generic[C]):
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             raise self._wrong_loop()
-        if self._instrumented:
-            await self._acquire_instrumented(lease, loop)
-        else:
-            await self._acquire_core(lease, loop)
-
-    async def _acquire_core(self, lease: Lease[C], loop: asyncio.AbstractEventLoop) -> None:
+        if self._instrumented and not traced:
+            await self._acquire_instrumented(lease)
+            return
         core = self._core
         t0 = self._clock()
         if not core.closing:
@@ -349,7 +408,7 @@ class Pool(Generic[C]):
         lease.stream_id = sid
         lease._t0 = now
 
-    async def _acquire_instrumented(self, lease: Lease[C], loop: asyncio.AbstractEventLoop) -> None:
+    async def _acquire_instrumented(self, lease: Lease[C]) -> None:
         """Acquire with per-acquire observer hooks (trace_acquire) and leak watching."""
         lease._leak = None
         tokens = (
@@ -359,7 +418,7 @@ class Pool(Generic[C]):
         )
         error: BaseException | None = None
         try:
-            await self._acquire_core(lease, loop)
+            await self._acquire(lease, traced=True)
         except BaseException as exc:
             error = exc
             raise
@@ -368,7 +427,9 @@ class Pool(Generic[C]):
                 obs.on_acquire_end(self, tok, lease, error)
         if self._leak_threshold is not None:
             stack = "".join(traceback.format_list(traceback.extract_stack(limit=12)[:-3]))
-            lease._leak = loop.call_later(self._leak_threshold, self._report_leak, stack)
+            lease._leak = asyncio.get_running_loop().call_later(
+                self._leak_threshold, self._report_leak, stack
+            )
 
     def _report_leak(self, stack: str) -> None:
         log.warning(
@@ -440,9 +501,22 @@ class Pool(Generic[C]):
         why = "discarded" if reason is not None else ("error" if exc is not None else None)
         try:
             if rec.state is not ConnState.CLOSED:
-                keep = await calls.release_stream(
-                    self.adapter, rec.conn, lease.stream_id or 0, err, self.name
-                )
+                # Driven once here: a release_stream that completes without suspending (most
+                # do: they free local state and queue a frame) costs no extra coroutine level.
+                coro = self.adapter.release_stream(rec.conn, lease.stream_id or 0, err)
+                try:
+                    first = coro.send(None)
+                except StopIteration as done:
+                    keep = bool(done.value)
+                except Exception as e:
+                    log.debug("pool %s: release_stream failed: %r", self.name, e, extra=self._extra)
+                else:
+                    try:
+                        keep = bool(await calls.Resume(coro, first))
+                    except Exception as e:
+                        log.debug(
+                            "pool %s: release_stream failed: %r", self.name, e, extra=self._extra
+                        )
         except asyncio.CancelledError:
             # Cancelled mid-release: the stream's fate is the adapter's (it frees its local state
             # before its first await); the shared connection is judged by is_open alone.
@@ -543,7 +617,7 @@ class Pool(Generic[C]):
                 a.count,
                 len(core.conns),
                 self.max_size,
-                core.n_waiting,
+                core.waiters.count,
                 extra=self._extra,
             )
         else:

@@ -12,82 +12,162 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from voicepool.adapter import LeaseMode
+from voicepool.errors import ConfigError
 
 if TYPE_CHECKING:
     from voicepool.adapter import Adapter
 
-__all__ = ["PoolSettings", "ResolvedSizing"]
+__all__ = ["MAX_POOL_SIZE", "PoolSettings", "ResolvedSizing"]
+
+MAX_POOL_SIZE = 100_000
+"""The most connections one pool may hold (given or from the sizing rule): far above what one
+worker process can serve, low enough that a typo (``concurrency = 1e12``) is an error, not a
+boot that tries to open a trillion sockets."""
+MAX_SECONDS = 365 * 86400.0  # durations: finite and at most a year (inf/nan are refused too)
 
 
 class PoolSettings(BaseModel):
-    """Settings of one pool. Every bad value raises a pydantic ``ValidationError`` naming the field.
+    """Settings of one pool. Every bad value is refused with an error naming the field.
 
-    Durations are seconds. ``None`` on an optional duration turns that feature off.
+    Durations are seconds, finite, at most a year. ``None`` on an optional duration turns that
+    feature off. ``inf`` and ``nan`` are refused everywhere. Constructing one in code
+    (``PoolSettings(per_call=...)``) raises :class:`~voicepool.ConfigError` listing every problem
+    as ``field: reason``; ``PoolSettings.model_validate`` raises pydantic's ``ValidationError``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
-    concurrency: int = Field(10, ge=1, description="Concurrent calls this worker serves.")
-    per_call: float = Field(1.0, gt=0, description="Leases one call holds at once on this pool.")
+    if not TYPE_CHECKING:  # type checkers keep the field-by-field signature of the model
+
+        def __init__(self, **data: Any) -> None:
+            try:
+                super().__init__(**data)
+            except ValidationError as exc:
+                from voicepool.settings import _format  # the settings layer formats errors
+
+                raise ConfigError(_format(exc, None, head="invalid PoolSettings")) from None
+
+        # Only a wrapper of BaseModel.__init__ (as pydantic's RootModel marks its own): validation
+        # (model_validate, nested models) keeps building instances without it, raising
+        # ValidationError with full paths for the settings layer.
+        __init__.__pydantic_base_init__ = True
+
+    concurrency: int = Field(
+        default=10, ge=1, le=MAX_POOL_SIZE, description="Concurrent calls this worker serves."
+    )
+    per_call: float = Field(
+        default=1.0, gt=0, le=1000, description="Leases one call holds at once on this pool."
+    )
     headroom: float = Field(
-        0.25, ge=0, le=4, description="Spare capacity above the need (0.25=25%)."
+        default=0.25, ge=0, le=4, description="Spare capacity above the need (0.25=25%)."
     )
     min_size: int | None = Field(
-        None, ge=0, description="Warm floor; default from the sizing rule."
+        default=None,
+        ge=0,
+        le=MAX_POOL_SIZE,
+        description="Warm floor; default from the sizing rule.",
     )
     max_size: int | None = Field(
-        None, ge=1, description="Hard bound; default from the sizing rule."
+        default=None,
+        ge=1,
+        le=MAX_POOL_SIZE,
+        description="Hard bound; default from the sizing rule.",
     )
-    lease_mode: LeaseMode | None = Field(None, description="Override the adapter's lease mode.")
+    lease_mode: LeaseMode | None = Field(
+        default=None, description="Override the adapter's lease mode."
+    )
     max_streams: int | None = Field(
-        None, ge=1, description="Override the adapter's streams per connection (MULTIPLEXED)."
+        default=None,
+        ge=1,
+        le=2**31 - 1,
+        description="Override the adapter's streams per connection (MULTIPLEXED).",
     )
-    acquire_timeout: float = Field(3.0, gt=0, description="Longest wait for a lease.")
-    connect_timeout: float = Field(10.0, gt=0, description="Longest connect + handshakes.")
-    connect_concurrency: int = Field(16, ge=1, description="Connects in flight at once.")
-    ping_interval: float = Field(30.0, gt=0, description="Health ping period of idle connections.")
-    ping_timeout: float = Field(5.0, gt=0, description="A ping slower than this fails.")
+    acquire_timeout: float = Field(
+        default=3.0, gt=0, le=MAX_SECONDS, description="Longest wait for a lease."
+    )
+    connect_timeout: float = Field(
+        default=10.0, gt=0, le=MAX_SECONDS, description="Longest connect + handshakes."
+    )
+    connect_concurrency: int = Field(
+        default=16, ge=1, le=MAX_POOL_SIZE, description="Connects in flight at once."
+    )
+    ping_interval: float = Field(
+        default=30.0, gt=0, le=MAX_SECONDS, description="Health ping period of idle connections."
+    )
+    ping_timeout: float = Field(
+        default=5.0, gt=0, le=MAX_SECONDS, description="A ping slower than this fails."
+    )
     max_lifetime: float | None = Field(
-        1800.0, gt=0, description="Retire connections older than this (jittered 10% down)."
+        default=1800.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="Retire connections older than this (jittered 10% down).",
     )
     idle_timeout: float | None = Field(
-        600.0, gt=0, description="Close connections above min_size idle this long."
+        default=600.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="Close connections above min_size idle this long.",
     )
     failure_threshold: int = Field(
-        5, ge=1, description="Consecutive connect failures that open the circuit."
+        default=5,
+        ge=1,
+        le=1_000_000,
+        description="Consecutive connect failures that open the circuit.",
     )
     min_healthy: float = Field(
-        2.0,
+        default=2.0,
         ge=0,
+        le=MAX_SECONDS,
         description="A connection lost this soon after opening (unproven) is a failed connect.",
     )
-    backoff_initial: float = Field(1.0, gt=0, description="First retry delay cap after a failure.")
-    backoff_multiplier: float = Field(1.6, ge=1, description="Growth of the retry delay cap.")
-    backoff_max: float = Field(30.0, gt=0, description="Largest retry delay.")
-    drain_timeout: float = Field(10.0, ge=0, description="aclose() waits this long for leases.")
-    leak_threshold: float | None = Field(
-        None, gt=0, description="Warn once when a lease is held longer than this."
+    backoff_initial: float = Field(
+        default=1.0, gt=0, le=MAX_SECONDS, description="First retry delay cap after a failure."
     )
-    alarm_wait_p95_ms: float = Field(5.0, gt=0, description="Acquire-wait p95 alarm threshold.")
-    alarm_window: float = Field(60.0, gt=0, description="Rolling window of the p95 alarm.")
-    trace_acquire: bool = Field(False, description="A span per acquire (debugging; costly).")
+    backoff_multiplier: float = Field(
+        default=1.6, ge=1, le=100, description="Growth of the retry delay cap."
+    )
+    backoff_max: float = Field(
+        default=30.0, gt=0, le=MAX_SECONDS, description="Largest retry delay."
+    )
+    drain_timeout: float = Field(
+        default=10.0, ge=0, le=MAX_SECONDS, description="aclose() waits this long for leases."
+    )
+    leak_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_SECONDS,
+        description="Warn once when a lease is held longer than this.",
+    )
+    alarm_wait_p95_ms: float = Field(
+        default=5.0, gt=0, le=MAX_SECONDS * 1000, description="Acquire-wait p95 alarm threshold."
+    )
+    alarm_window: float = Field(
+        default=60.0, gt=0, le=MAX_SECONDS, description="Rolling window of the p95 alarm."
+    )
+    trace_acquire: bool = Field(
+        default=False, description="A span per acquire (debugging; costly)."
+    )
     warm: Literal["fixed", "adaptive"] = Field(
-        "fixed",
+        default="fixed",
         description="Warm floor: `fixed` keeps min_size; `adaptive` sizes it from the traffic"
         " (in use plus the warm_target Poisson quantile of arrivals within a connect time).",
     )
     warm_target: float = Field(
-        0.999,
+        default=0.999,
         gt=0,
         lt=1,
         description="Adaptive: probability that arrivals within a connect time find a warm one.",
     )
     warm_window: float = Field(
-        300.0,
+        default=300.0,
         ge=10,
+        le=MAX_SECONDS,
         description="Adaptive: estimation horizon (s); spares fall by one per window at most.",
     )
 
@@ -116,7 +196,8 @@ class PoolSettings(BaseModel):
         return value
 
     def resolve(self, adapter: Adapter[Any]) -> ResolvedSizing:
-        """Apply the sizing rule for ``adapter``. Raises ValueError when min_size > max_size."""
+        """Apply the sizing rule for ``adapter``. Raises ConfigError (a ValueError) when
+        min_size > max_size or the rule gives more than :data:`MAX_POOL_SIZE` connections."""
         mode = self.lease_mode or adapter.lease_mode
         streams = self.max_streams or (adapter.max_streams if mode is LeaseMode.MULTIPLEXED else 1)
         if mode is not LeaseMode.MULTIPLEXED:
@@ -136,7 +217,13 @@ class PoolSettings(BaseModel):
             else:
                 min_size = max_size
         if min_size > max_size:
-            raise ValueError(f"min_size ({min_size}) must be <= max_size ({max_size})")
+            raise ConfigError(f"min_size ({min_size}) must be <= max_size ({max_size})")
+        if max_size > MAX_POOL_SIZE:
+            raise ConfigError(
+                f"max_size from the sizing rule would be {max_size} (concurrency"
+                f" {self.concurrency} x per_call {self.per_call:g} x (1 + headroom"
+                f" {self.headroom:g}) / {streams} streams); at most {MAX_POOL_SIZE} a pool"
+            )
         return ResolvedSizing(mode, streams, min_size, max_size)
 
 

@@ -22,6 +22,12 @@ The file layout (see config/voicepool.example.toml)::
     [pools.asr.options]         # the adapter's own options, validated by its Options model
     api_key = "..."             # credentials are SecretStr in the adapter's model
 
+    [groups.asr_any]            # a PoolGroup (failover, regions): see voicepool.group
+    members = ["asr", "asr_eu"] # pools of the same adapter, each in at most one group
+    policy = "priority"         # or "lowest_rtt"
+    standby_min = 1             # warm connections each standby keeps
+    failback_after = 30         # seconds an earlier member stays READY before it serves again
+
 Errors: constructing :class:`VoicePoolSettings` raises :class:`~voicepool.ConfigError` (a
 ``ValueError``) whose message lists every problem as ``path: reason``, e.g.
 ``pools.asr.max_size: Input should be greater than or equal to 1 (got -1)``. The pydantic
@@ -37,13 +43,12 @@ import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Optional, cast, overload
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretBytes,
     SecretStr,
     SerializeAsAny,
     SerializerFunctionWrapHandler,
@@ -60,25 +65,68 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from voicepool._redact import SECRET_KEY, Redacted, redact, remember, scrub, secret_values
 from voicepool.adapter import get_adapter, registered_adapters
 from voicepool.errors import AdapterNotFound, ConfigError
-from voicepool.pool_settings import PoolSettings
+from voicepool.group import GroupPolicy, compatible
+from voicepool.pool_settings import MAX_POOL_SIZE, MAX_SECONDS, PoolSettings
 
 if TYPE_CHECKING:
     from voicepool.adapter import Adapter
 
-__all__ = ["CONFIG_ENV", "PoolConfig", "VoicePoolSettings", "secret_values"]
+__all__ = [
+    "CONFIG_ENV",
+    "NO_SECRET",
+    "GroupConfig",
+    "OptionalSecret",
+    "PoolConfig",
+    "Secret",
+    "VoicePoolSettings",
+    "secret_values",
+]
 
 CONFIG_ENV = "VOICEPOOL_CONFIG"
 """Environment variable naming the TOML file (also read from the .env file)."""
 
+# -- credential fields -----------------------------------------------------------------------------
+# A credential is stored as a SecretStr but given as a plain str too (from code as from the
+# environment). Type checkers learn both from a descriptor: its __set__ takes what the model's
+# __init__ accepts, its __get__ gives what the attribute holds, so a user's
+# `RestOptions(api_key="sk-...")` passes `mypy --strict` without the pydantic plugin, and
+# `options.api_key.get_secret_value()` is typed. At run time the annotation is plain SecretStr.
+if TYPE_CHECKING:
+
+    class Secret:
+        """A required credential field: accepts ``str`` or ``SecretStr``, holds ``SecretStr``."""
+
+        @overload
+        def __get__(self, obj: None, owner: Any) -> Secret: ...
+        @overload
+        def __get__(self, obj: object, owner: Any) -> SecretStr: ...
+        def __get__(self, obj: object, owner: Any) -> SecretStr | Secret: ...
+        def __set__(self, obj: object, value: SecretStr | str) -> None: ...
+
+    class OptionalSecret:
+        """An optional credential field: ``str``, ``SecretStr`` or None; holds SecretStr | None."""
+
+        @overload
+        def __get__(self, obj: None, owner: Any) -> OptionalSecret: ...
+        @overload
+        def __get__(self, obj: object, owner: Any) -> SecretStr | None: ...
+        def __get__(self, obj: object, owner: Any) -> SecretStr | OptionalSecret | None: ...
+        def __set__(self, obj: object, value: SecretStr | str | None) -> None: ...
+
+else:
+    Secret = SecretStr
+    OptionalSecret = Optional[SecretStr]  # noqa: UP045 - a runtime alias, not an annotation
+
+NO_SECRET: Any = None
+"""The default of an :data:`OptionalSecret` field: ``Field(default=NO_SECRET)`` (a plain None
+would not match the descriptor type the checkers see)."""
+
 _POOL_FIELDS = frozenset(PoolSettings.model_fields)
 _ENTRY_KEYS = frozenset({"adapter", "required", "options", "settings"})
 _POOL_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
-# Keys whose string values are treated as credentials even when an adapter forgot SecretStr
-# (e.g. a plain `headers` dict carrying Authorization): masked in reprs and scrubbed from errors.
-_SECRET_KEY = re.compile(r"key|token|secret|passw|auth|credential|cookie|signature", re.I)
-_MASK = "**********"
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _Loc = tuple[int | str, ...]
 # The TOML file the current construction reads, so its errors can name it.
@@ -104,14 +152,12 @@ class _Errors:
         )
 
     def extend(
-        self, exc: ValidationError, prefix: _Loc, *, inputs: bool, scrub: Iterable[str] = ()
+        self, exc: ValidationError, prefix: _Loc, *, inputs: bool, hidden: Iterable[str] = ()
     ) -> None:
-        """Re-home ``exc``'s errors under ``prefix``; inputs are kept only when ``inputs``."""
-        hidden = [s for s in scrub if s]
+        """Re-home ``exc``'s errors under ``prefix``; inputs are kept only when ``inputs``;
+        ``hidden`` values (and every remembered credential) are masked in the messages."""
         for err in exc.errors(include_url=False):
-            message = _plain(err["msg"])
-            for secret in hidden:
-                message = message.replace(secret, _MASK)
+            message = scrub(_plain(err["msg"]), hidden)
             if err["type"] == "extra_forbidden" and not inputs:
                 message = f"unknown option for this adapter ({message.lower()})"
             self.add((*prefix, *err["loc"]), err["type"], message, err["input"] if inputs else None)
@@ -143,12 +189,12 @@ class PoolConfig(BaseModel):
 
     adapter: str = Field(description="Registered adapter name (decorator or entry point).")
     required: bool = Field(
-        True,
+        default=True,
         description="Boot policy: a required pool that cannot open one connection fails the boot;"
         " an optional one starts degraded and recovers in the background.",
     )
     options: SerializeAsAny[BaseModel] | None = Field(
-        None, description="The adapter's validated Options model."
+        default=None, description="The adapter's validated Options model."
     )
     settings: PoolSettings = Field(default_factory=PoolSettings)
 
@@ -168,7 +214,7 @@ class PoolConfig(BaseModel):
     def _dump_options(self, value: BaseModel | None, handler: SerializerFunctionWrapHandler) -> Any:
         # SecretStr fields dump masked already; plain strings under credential-looking keys (an
         # adapter that forgot SecretStr, a headers dict) are masked too.
-        return _redact("options", handler(value))
+        return redact("options", handler(value))
 
     @property
     def adapter_class(self) -> type[Adapter[Any]]:
@@ -178,7 +224,7 @@ class PoolConfig(BaseModel):
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         yield "adapter", self.adapter
         yield "required", self.required
-        yield "options", None if self.options is None else _Redacted(self.options)
+        yield "options", None if self.options is None else Redacted(self.options)
         yield "settings", _Changed(self.settings)
 
 
@@ -256,12 +302,14 @@ def _parse_entry(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[st
                 errors.add(("options",), "no_options", f"adapter {name!r} takes no options")
         elif isinstance(raw_options, model):
             options = raw_options
+            remember(secret_values(options))
         elif raw_options is None or isinstance(raw_options, Mapping):
             try:
                 options = model.model_validate(dict(raw_options or {}))
+                remember(secret_values(options))
             except ValidationError as exc:
-                scrub = _raw_secrets(model, raw_options or {})
-                errors.extend(exc, ("options",), inputs=False, scrub=scrub)
+                hidden = _raw_secrets(model, raw_options or {})
+                errors.extend(exc, ("options",), inputs=False, hidden=hidden)
         else:
             errors.add(("options",), "dict_type", "Input should be a table of adapter options")
 
@@ -276,9 +324,84 @@ def _raw_secrets(model: type[BaseModel], raw: Mapping[str, Any]) -> list[str]:
     for key, value in raw.items():
         field = model.model_fields.get(str(key))
         is_secret = field is not None and "Secret" in repr(field.annotation)
-        if isinstance(value, str) and (is_secret or _SECRET_KEY.search(str(key))):
+        if isinstance(value, str) and (is_secret or SECRET_KEY.search(str(key))):
             found.append(value)
     return [s for s in found if len(s) >= 4]
+
+
+# -- one group of pools ---------------------------------------------------------------------------
+
+
+class GroupConfig(BaseModel):
+    """One ``[groups.<name>]`` table: a :class:`~voicepool.PoolGroup` over named pools."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    members: list[str] = Field(
+        min_length=1,
+        description="Pool names, in priority order (one adapter, or adapters of one service).",
+    )
+    policy: GroupPolicy = Field(
+        default=GroupPolicy.PRIORITY,
+        description="Which member serves: in order, or lowest ping RTT.",
+    )
+    standby_min: int = Field(
+        default=1,
+        ge=0,
+        le=MAX_POOL_SIZE,
+        description="Warm, pinged connections each standby keeps.",
+    )
+    failback_after: float = Field(
+        default=30.0,
+        ge=0,
+        le=MAX_SECONDS,
+        description="Seconds an earlier member stays READY before it serves again.",
+    )
+    required: bool = Field(
+        default=True, description="Boot fails when no member can open a connection."
+    )
+
+
+def _check_groups(
+    groups: Mapping[str, GroupConfig], pools: Mapping[str, PoolConfig], errors: _Errors
+) -> None:
+    """Members exist, share one adapter, belong to one group; group and pool names differ."""
+    owner: dict[str, str] = {}
+    for name, group in groups.items():
+        loc: _Loc = ("groups", name)
+        if name in pools:
+            errors.add(loc, "group_name", f"a pool is named {name!r} too: names must be unique")
+        adapters: dict[str, str] = {}
+        for member in group.members:
+            if member not in pools:
+                known = ", ".join(sorted(pools)) or "none"
+                errors.add(
+                    (*loc, "members"),
+                    "unknown_member",
+                    f"no pool named {member!r} (pools: {known})",
+                )
+                continue
+            if member in owner:
+                errors.add(
+                    (*loc, "members"),
+                    "member_taken",
+                    f"pool {member!r} is already a member of group {owner[member]!r}"
+                    " (a pool belongs to at most one group)",
+                )
+            owner.setdefault(member, name)
+            adapters[member] = pools[member].adapter
+        classes = {m: pools[m].adapter_class for m in adapters}
+        first = next(iter(classes.values()), None)
+        if first is not None and not all(compatible(first, c) for c in classes.values()):
+            listed = ", ".join(
+                f"{m} ({a}, service {classes[m].service or 'none'})" for m, a in adapters.items()
+            )
+            errors.add(
+                (*loc, "members"),
+                "incompatible_members",
+                f"members use incompatible adapters: {listed}; a group's members share one"
+                " adapter, or adapters of one service",
+            )
 
 
 # -- the whole configuration ---------------------------------------------------------------------
@@ -303,13 +426,15 @@ class VoicePoolSettings(BaseSettings):
     )
 
     config: Path | None = Field(
-        None, description="The TOML file read (argument, or VOICEPOOL_CONFIG); None: no file."
+        default=None,
+        description="The TOML file read (argument, or VOICEPOOL_CONFIG); None: no file.",
     )
     defaults: PoolSettings = Field(
         default_factory=PoolSettings,
         description="PoolSettings values applied to every pool that does not set them.",
     )
     pools: dict[str, PoolConfig] = Field(default_factory=dict)
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
 
     def __init__(self, **values: Any) -> None:
         token = _reading.set(None)
@@ -398,6 +523,24 @@ class VoicePoolSettings(BaseSettings):
                     errors.extend(exc, loc, inputs=True)
             _check_process_limits(pools, errors)
             data["pools"] = pools
+        raw_groups = data.get("groups")
+        if isinstance(raw_groups, Mapping):
+            groups: dict[str, GroupConfig] = {}
+            for name, entry in raw_groups.items():
+                loc = ("groups", str(name))
+                if not _POOL_NAME.match(str(name)):
+                    errors.add(loc, "group_name", "group names are written like pool names")
+                    continue
+                try:
+                    groups[str(name)] = (
+                        entry
+                        if isinstance(entry, GroupConfig)
+                        else GroupConfig.model_validate(entry)
+                    )
+                except ValidationError as exc:
+                    errors.extend(exc, loc, inputs=True)
+            _check_groups(groups, data.get("pools") or {}, errors)
+            data["groups"] = groups
         errors.raise_if_any(cls.__name__)
         return data
 
@@ -405,6 +548,7 @@ class VoicePoolSettings(BaseSettings):
         yield "config", self.config
         yield "defaults", _Changed(self.defaults)
         yield "pools", self.pools
+        yield "groups", self.groups
 
 
 def _config_path(*sources: PydanticBaseSettingsSource) -> Path | None:
@@ -429,8 +573,11 @@ def _check_process_limits(pools: Mapping[str, PoolConfig], errors: _Errors) -> N
         try:
             # Class attributes stand in for an instance: sizing reads lease_mode / max_streams.
             sizing = cfg.settings.resolve(cast("Adapter[Any]", cls))
-        except ValueError as exc:
-            errors.add(("pools", name, "min_size"), "sizing", str(exc))
+        except ValueError as exc:  # the message starts with the field it is about
+            field = str(exc).split(" ", 1)[0].rstrip(":")
+            errors.add(
+                ("pools", name, field if field in _POOL_FIELDS else "min_size"), "sizing", str(exc)
+            )
             continue
         if cls.max_connections_per_process is not None:
             by_adapter.setdefault(cls, []).append((name, sizing.max_size))
@@ -450,7 +597,7 @@ def _check_process_limits(pools: Mapping[str, PoolConfig], errors: _Errors) -> N
             errors.add(("pools", name, "max_size"), "process_limit", message)
 
 
-def _format(exc: ValidationError, config: Any) -> str:
+def _format(exc: ValidationError, config: Any, *, head: str = "invalid voicepool settings") -> str:
     """One line per problem, ``path: reason``; inputs shown only for numeric pool settings."""
     lines = []
     for err in exc.errors(include_url=False):
@@ -474,25 +621,11 @@ def _format(exc: ValidationError, config: Any) -> str:
         lines.append("  " + line)
     source = f" (config file {str(config)!r})" if config else ""
     count = len(lines)
-    head = f"invalid voicepool settings{source}: {count} problem{'s' if count != 1 else ''}"
-    return "\n".join([head, *lines])
+    title = f"{head}{source}: {count} problem{'s' if count != 1 else ''}"
+    return "\n".join([title, *lines])
 
 
-# -- secrets -------------------------------------------------------------------------------------
-
-
-class _Redacted:
-    """Repr of an options model with credential-looking plain strings masked."""
-
-    def __init__(self, model: BaseModel) -> None:
-        self.model = model
-
-    def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{key}={_redact(key, getattr(self.model, key))!r}"
-            for key in type(self.model).model_fields
-        )
-        return f"{type(self.model).__name__}({fields})"
+# -- reprs ---------------------------------------------------------------------------------------
 
 
 class _Changed:
@@ -506,49 +639,3 @@ class _Changed:
             f"{key}={getattr(self.model, key)!r}" for key in sorted(self.model.model_fields_set)
         )
         return f"{type(self.model).__name__}({fields})"
-
-
-def _redact(key: str, value: Any) -> Any:
-    if isinstance(value, SecretStr | SecretBytes):
-        return value
-    if isinstance(value, str) and _SECRET_KEY.search(key):
-        return _MASK
-    if isinstance(value, Mapping):
-        # Children of a credential-looking key (auth = {...}) are credentials too.
-        inherit = bool(_SECRET_KEY.search(key))
-        return {k: _redact(key if inherit else str(k), v) for k, v in value.items()}
-    if isinstance(value, BaseModel):
-        return _Redacted(value)
-    return value
-
-
-def secret_values(obj: Any, _depth: int = 0) -> set[str]:
-    """Every credential reachable from ``obj``: SecretStr / SecretBytes values, and plain strings
-    under credential-looking keys, in models, mappings and sequences (depth-limited).
-
-    The manager scrubs these from the reasons it reports, as defence in depth: adapters must not
-    put secrets in error messages in the first place. Values shorter than 4 characters are
-    ignored (scrubbing them would mangle ordinary text).
-    """
-    found: set[str] = set()
-    if _depth > 6:
-        return found
-    if isinstance(obj, SecretStr):
-        found.add(obj.get_secret_value())
-    elif isinstance(obj, SecretBytes):
-        found.add(obj.get_secret_value().decode("utf-8", "replace"))
-    elif isinstance(obj, BaseModel):
-        for key in type(obj).model_fields:
-            value = getattr(obj, key)
-            if isinstance(value, str) and _SECRET_KEY.search(key):
-                found.add(value)
-            found |= secret_values(value, _depth + 1)
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            if isinstance(value, str) and _SECRET_KEY.search(str(key)):
-                found.add(value)
-            found |= secret_values(value, _depth + 1)
-    elif isinstance(obj, list | tuple | set | frozenset):
-        for value in obj:
-            found |= secret_values(value, _depth + 1)
-    return {s for s in found if len(s) >= 4}

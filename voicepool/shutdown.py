@@ -31,15 +31,16 @@ handed to the loop thread-safely).
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 from collections.abc import Iterable
 from types import FrameType, TracebackType
 from typing import Any
 
+from voicepool._redact import get_logger
+
 __all__ = ["GracefulShutdown"]
 
-log = logging.getLogger("voicepool.shutdown")
+log = get_logger("voicepool.shutdown")
 
 _DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -8,25 +8,29 @@ when that changes or the connection dies. Health is an HTTP/2 PING (no billable 
 
 from __future__ import annotations
 
-import logging
 import ssl
 import time
+import weakref
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from h2.errors import ErrorCodes
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from voicepool._redact import describe_error, get_logger, silence_header_dumps
 from voicepool.adapter import Adapter, LeaseMode
+from voicepool.dns import AddressTracker, default_resolver
 from voicepool.errors import ConnectError
+from voicepool.settings import NO_SECRET, OptionalSecret
 
 from .._http import check_base_url, header_name  # noqa: TID251, TID252
 from .connection import H2Connection  # noqa: TID251
-from .stream import ConnectionClosed, H2Error, Origin  # noqa: TID251
+from .protocol import ConnectionClosed, H2Error, Origin  # noqa: TID251
 
 __all__ = ["Http2Adapter", "Http2Options"]
 
-log = logging.getLogger("voicepool.adapters.http2")
+log = get_logger("voicepool.adapters.http2")
+silence_header_dumps("hpack.hpack")  # its DEBUG lines are our request headers, key included
 
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
 
@@ -44,27 +48,45 @@ class Http2Options(BaseModel):
         default_factory=dict,
         description="Headers added to every request that does not set them (not for secrets).",
     )
-    api_key: SecretStr | None = Field(None, description="Credential sent in `api_key_header`.")
+    api_key: OptionalSecret = Field(
+        default=NO_SECRET, description="Credential sent in `api_key_header`."
+    )
     api_key_header: str = Field(
-        "authorization",
+        default="authorization",
         description="`authorization` sends `Bearer <api_key>`; any other name (x-api-key) the key.",
     )
-    max_streams: int = Field(100, ge=1, le=2**31 - 1, description="Streams per connection.")
+    max_streams: int = Field(default=100, ge=1, le=2**31 - 1, description="Streams per connection.")
     warmup_path: str | None = Field(
-        None, description="Request sent on each new connection, e.g. /v1/models (None: no warm-up)."
+        default=None,
+        description="Request sent on each new connection, e.g. /v1/models (None: no warm-up).",
     )
     warmup_method: Literal["GET", "HEAD", "OPTIONS"] = "GET"
-    ca_file: str | None = Field(None, description="PEM CA bundle to trust instead of the system's.")
+    ca_file: str | None = Field(
+        default=None, description="PEM CA bundle to trust instead of the system's."
+    )
     verify: bool = Field(
-        True, description="Verify the server certificate (never off in production)."
+        default=True, description="Verify the server certificate (never off in production)."
     )
-    server_hostname: str | None = Field(None, description="TLS SNI / certificate name override.")
+    server_hostname: str | None = Field(
+        default=None, description="TLS SNI / certificate name override."
+    )
     stream_window: int = Field(
-        1 << 20, ge=65535, le=2**31 - 1, description="Receive window/stream."
+        default=1 << 20, ge=65535, le=2**31 - 1, description="Receive window/stream."
     )
-    connection_window: int = Field(1 << 24, ge=65535, le=2**31 - 1, description="Receive window.")
+    connection_window: int = Field(
+        default=1 << 24, ge=65535, le=2**31 - 1, description="Receive window."
+    )
+    stall_timeout: float | None = Field(
+        default=0.5,
+        gt=0,
+        description="A stream started on a connection quiet for a quarter of this carries a PING;"
+        " no answer within it and the connection takes no new streams (a black hole shows"
+        " before any request times out). None: off.",
+    )
     ping_backoff: float = Field(
-        2.0, ge=1.0, description="Growth of the minimum ping spacing on GOAWAY ENHANCE_YOUR_CALM."
+        default=2.0,
+        ge=1.0,
+        description="Growth of the minimum ping spacing on GOAWAY ENHANCE_YOUR_CALM.",
     )
 
     @field_validator("base_url")
@@ -96,6 +118,7 @@ class Http2Adapter(Adapter[H2Connection]):
     directly: ``lease.conn.start_request(lease.stream_id, headers, end=...)``.
     """
 
+    service: ClassVar[str | None] = "llm"
     lease_mode = LeaseMode.MULTIPLEXED
     max_streams = 100
     Options: ClassVar[type[Http2Options]] = Http2Options
@@ -123,6 +146,13 @@ class Http2Adapter(Adapter[H2Connection]):
         self._ping_gap = 0.0  # minimum seconds between PINGs; grows on ENHANCE_YOUR_CALM
         self._calmed: set[int] = set()  # ids of connections whose calm GOAWAY was counted
         self.calm_goaways = 0
+        self.addresses = AddressTracker(self, host)  # retires connections whose address left DNS
+        self._live: weakref.WeakSet[H2Connection] = weakref.WeakSet()  # for credentials_rejected
+        self._rejected: dict[int, ConnectError] = {}  # id(conn) -> the 401/403 that drained it
+        # After a 401/403, new connections take one stream until a request on them is accepted,
+        # so the reconnect that closes the pool's circuit lets one request retest the key, not all.
+        self._last_rejection: ConnectError | None = None
+        self._probation: set[int] = set()
 
     def _ssl_context(self) -> ssl.SSLContext:
         opts = self.options
@@ -130,8 +160,15 @@ class Http2Adapter(Adapter[H2Connection]):
         if not opts.verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        ctx.set_alpn_protocols(["h2"])
+        # Offer HTTP/1.1 too: a server without HTTP/2 then completes the handshake and picks it,
+        # and connect() refuses it with a clear "does not speak HTTP/2" instead of a TLS alert.
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
         return ctx
+
+    @property
+    def on_probation(self) -> bool:
+        """Connections opened after a 401/403 take one stream until a request is accepted."""
+        return bool(self._probation)
 
     @property
     def ping_gap(self) -> float:
@@ -146,15 +183,25 @@ class Http2Adapter(Adapter[H2Connection]):
         Raises ConnectError, ``fatal=True`` for an untrusted certificate, a server without HTTP/2,
         or a warm-up answered 4xx (401/403: bad credentials). Cancellation-safe.
         """
+        resolver = default_resolver()
         try:
-            conn = await H2Connection.open(
-                self.origin,
-                self._ssl,
-                on_change=self._on_change,
-                stream_window=self.options.stream_window,
-                connection_window=self.options.connection_window,
-                server_hostname=self.options.server_hostname,
-            )
+            sock = await resolver.connect(self.origin.host, self.origin.port)
+            try:
+                conn = await H2Connection.open(
+                    self.origin,
+                    self._ssl,
+                    on_change=self._on_change,
+                    stream_window=self.options.stream_window,
+                    connection_window=self.options.connection_window,
+                    stall_timeout=self.options.stall_timeout,
+                    min_ping_gap=lambda: self._ping_gap,
+                    server_hostname=self.options.server_hostname,
+                    sock=sock,
+                )
+            except BaseException:
+                sock.close()  # a no-op once the transport owns (and closed) it
+                raise
+            self.addresses.add(conn, sock.getpeername(), resolver)
         except ConnectError:
             raise
         except ssl.SSLCertVerificationError as exc:
@@ -162,13 +209,16 @@ class Http2Adapter(Adapter[H2Connection]):
                 f"TLS certificate of {self.origin} rejected: {exc.verify_message}", fatal=True
             ) from exc
         except (OSError, H2Error) as exc:
-            raise ConnectError(f"connect to {self.origin} failed: {exc!r}") from exc
+            raise ConnectError(f"connect to {self.origin} failed: {describe_error(exc)}") from exc
         if self.options.warmup_path is not None:
             try:
                 await self._warmup(conn)
             except BaseException:
                 await conn.aclose(0)
                 raise
+        self._live.add(conn)
+        if self._last_rejection is not None:
+            self._probation.add(id(conn))
         return conn
 
     async def _warmup(self, conn: H2Connection) -> None:
@@ -209,21 +259,32 @@ class Http2Adapter(Adapter[H2Connection]):
         """HTTP/2 PING, answered by the server's ACK (the pool applies ``ping_timeout``).
 
         After a GOAWAY ENHANCE_YOUR_CALM, a ping that comes sooner than :attr:`ping_gap` after the
-        last one on this connection is skipped, which lengthens the effective interval.
+        last one on this connection is skipped, which lengthens the effective interval, but only
+        while the skip tells the truth: the server was heard from within that gap and after the
+        last stream that ended in an error. A connection in doubt (the pool pings it at once
+        after a failed stream) is always pinged, so a black hole shows within ``ping_timeout``.
         Raises ConnectionClosed when the connection is gone.
         """
         if not conn.is_open:
             raise ConnectionClosed(f"connection to {self.origin} is closed")
-        if self._ping_gap and time.monotonic() - conn.last_ping < self._ping_gap:
-            return
+        gap = self._ping_gap
+        if gap:
+            now = time.monotonic()
+            heard = conn.last_received
+            if now - conn.last_ping < gap and now - heard < gap and heard > conn.last_stream_error:
+                return
         await conn.ping()
 
     def is_open(self, conn: H2Connection) -> bool:
-        return conn.is_open
+        return conn.is_open and self.addresses.is_listed(conn)
 
     async def close(self, conn: H2Connection) -> None:
         """GOAWAY, then a polite TLS close (bounded); never raises."""
         self._calmed.discard(id(conn))
+        self.addresses.discard(conn)
+        self._live.discard(conn)
+        self._rejected.pop(id(conn), None)
+        self._probation.discard(id(conn))
         await conn.aclose()
 
     def is_fatal(self, exc: BaseException) -> bool:
@@ -232,16 +293,81 @@ class Http2Adapter(Adapter[H2Connection]):
         return super().is_fatal(exc)
 
     def stream_capacity(self, conn: H2Connection) -> int:
-        """min(max_streams, the server's SETTINGS_MAX_CONCURRENT_STREAMS); 0 while draining."""
-        if conn.draining:
+        """min(max_streams, the server's SETTINGS_MAX_CONCURRENT_STREAMS); 0 while draining,
+        while stalled (its liveness PING unanswered: back when the server is heard again), or
+        after a 401/403; 1 on probation after a 401/403."""
+        if conn.draining or conn.stalled or id(conn) in self._rejected:
             return 0
+        if id(conn) in self._probation:
+            return 1
         return min(self.options.max_streams, conn.remote_max_streams)
+
+    def close_reason(self, conn: H2Connection) -> str | None:
+        """``"rejected"`` after a 401/403 drained it, ``"stalled"`` when its liveness PING went
+        unanswered, ``"goaway"`` after the server's GOAWAY, ``"protocol_error"`` after the server
+        broke HTTP/2; else None (the pool names it)."""
+        if id(conn) in self._rejected:
+            return "rejected"
+        if conn.stalled:
+            return "stalled"
+        if conn.goaway_code is not None:
+            return "goaway"
+        if conn.protocol.violated:
+            return "protocol_error"
+        return None
+
+    def connection_error(self, conn: H2Connection) -> BaseException | None:
+        """The 401/403 :class:`ConnectError` (fatal) that drained ``conn``, or the server's error
+        that ended it (protocol violation, GOAWAY with an error code, lost socket)."""
+        rejected = self._rejected.get(id(conn))
+        if rejected is not None:
+            return rejected
+        return conn.protocol.ended_by()
+
+    def credentials_accepted(self, conn: H2Connection) -> None:
+        """A request on ``conn`` was answered with neither 401 nor 403: after a rejection, the
+        key works again, and a connection on probation (one stream) gets its full capacity."""
+        if id(conn) in self._probation:
+            self._probation.discard(id(conn))
+            self._last_rejection = None
+            self._probation.clear()  # the others too: the key is the adapter's
+            for live in list(self._live):
+                self.connection_changed(live)
+
+    def credentials_rejected(self, conn: H2Connection, status: int, target: str) -> None:
+        """A request on ``conn`` was answered 401/403 (``target``: method and path, no query).
+
+        The credentials are the adapter's, so every connection stops taking streams (in-flight
+        ones finish) and reports a fatal :class:`ConnectError` naming the status: the pool opens
+        its circuit once, and later acquires fail at once with ``PoolUnavailable``. Calls for a
+        connection already drained this way are ignored (no per-request storm). Never raises.
+        """
+        if id(conn) in self._rejected:
+            return
+        hint = "check the credentials" if status == 401 else "the credentials lack access"
+        err = ConnectError(
+            f"{self.origin} answered HTTP {status} to {target}: {hint}", fatal=True, status=status
+        )
+        log.warning(
+            "%s answered HTTP %d to %s; draining its connections", self.origin, status, target
+        )
+        self._last_rejection = err
+        self._probation.discard(id(conn))
+        for live in [conn, *(c for c in self._live if c is not conn)]:
+            if live.is_open and id(live) not in self._rejected:
+                self._rejected[id(live)] = err
+                self.connection_changed(live)
 
     async def release_stream(
         self, conn: H2Connection, stream_id: int, error: BaseException | None
     ) -> bool:
         """RST_STREAM(CANCEL) the lease's stream if it is unfinished (barge-in). Never suspends,
-        so it completes even in a cancelled task. False only when the connection is broken."""
+        so it completes even in a cancelled task. False only when the connection is broken.
+
+        A stream that ended in an error puts the connection in doubt until the server is heard
+        from again (see :meth:`ping`)."""
+        if error is not None:
+            conn.last_stream_error = time.monotonic()
         return conn.release_slot(stream_id)
 
     def describe(self) -> str:

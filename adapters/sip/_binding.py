@@ -35,6 +35,7 @@ import importlib.machinery
 import importlib.metadata
 import importlib.util
 import os
+import platform
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -51,6 +52,7 @@ __all__ = [
     "BindingMissing",
     "available",
     "choose",
+    "install_hint",
     "load",
     "summary",
 ]
@@ -65,11 +67,34 @@ PJSUA_MAX_ACC = 8
 PJSUA_MAX_CALLS = 32
 """Compile-time call limit; ``uaConfig.maxCalls`` above it fails an assertion (abort)."""
 
-INSTALL_HINT = (
-    "the SIP adapter needs the optional dependency pjsua2: pip install 'voicepool[sip]'"
-    " (PyPI pjsua2-pybind11: CPython 3.10-3.12 wheels for x86_64 Linux; UDP and TCP), or"
-    " 'voicepool[sip-tls]' for SIP over TLS (PyPI pjsua2-python, bundles OpenSSL 1.0.2k)"
-)
+
+def install_hint(
+    version: tuple[int, int] = sys.version_info[:2],
+    machine: str = platform.machine(),
+    system: str = platform.system(),
+) -> str:
+    """What to do when pjsua2 cannot be imported, for this Python and platform.
+
+    ``voicepool[sip]`` pulls ``pjsua2-pybind11`` only where it has wheels (CPython 3.10-3.12,
+    x86_64 Linux; the marker in pyproject.toml): elsewhere the extra installs nothing and
+    saying "pip install 'voicepool[sip]'" would send the user round in circles."""
+    has_wheel = (3, 10) <= version <= (3, 12) and machine == "x86_64" and system == "Linux"
+    if has_wheel:
+        return (
+            "the SIP adapter needs the optional dependency pjsua2: pip install 'voicepool[sip]'"
+            " (PyPI pjsua2-pybind11; UDP and TCP), or 'voicepool[sip-tls]' for SIP over TLS"
+            " (PyPI pjsua2-python, bundles OpenSSL 1.0.2k)"
+        )
+    here = f"CPython {version[0]}.{version[1]} on {system} {machine}"
+    return (
+        f"the SIP adapter needs pjsua2, and PyPI's pjsua2-pybind11 has no wheel for {here}"
+        " ('voicepool[sip]' installs nothing here): run the worker on CPython 3.10-3.12 on"
+        " x86_64 Linux, or build pjsua2 from pjproject's SWIG bindings for this Python; the"
+        " other adapters work without it"
+    )
+
+
+INSTALL_HINT = install_hint()
 TLS_HINT = (
     "SIP over TLS needs the pjsua2-python binding: pip install 'voicepool[sip-tls]' and, if"
     f" pjsua2-pybind11 is installed too, set {BINDING_ENV}=pjsua2-python (one binding per process)"

@@ -31,10 +31,11 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConfigError, ConnectError
+from voicepool.settings import NO_SECRET, OptionalSecret
 
 from ._binding import (  # noqa: TID251
     PJSUA_MAX_ACC,
@@ -64,29 +65,36 @@ class SipOptions(BaseModel):
 
     aor: str = Field(description="Address of record, e.g. sip:alice@carrier.example.")
     registrar: str | None = Field(
-        None, description="Registrar URI, e.g. sip:carrier.example:5060; default: the AOR's host."
+        default=None,
+        description="Registrar URI, e.g. sip:carrier.example:5060; default: the AOR's host.",
     )
-    username: str | None = Field(None, description="Digest user; default: the AOR's user part.")
-    password: SecretStr | None = Field(None, description="Digest password.")
-    realm: str = Field("*", description="Digest realm the credentials answer; * = any.")
+    username: str | None = Field(
+        default=None, description="Digest user; default: the AOR's user part."
+    )
+    password: OptionalSecret = Field(default=NO_SECRET, description="Digest password.")
+    realm: str = Field(default="*", description="Digest realm the credentials answer; * = any.")
     transport: Literal["udp", "tcp", "tls"] = "udp"
     expires: int = Field(
-        300, ge=10, le=86400, description="Requested registration lifetime (s); pjsua needs >= 10."
+        default=300,
+        ge=10,
+        le=86400,
+        description="Requested registration lifetime (s); pjsua needs >= 10.",
     )
     bind_address: str | None = Field(
-        None, description="Local address of the SIP transport; default: all interfaces."
+        default=None, description="Local address of the SIP transport; default: all interfaces."
     )
-    proxies: tuple[str, ...] = Field((), description="Outbound proxy URIs, in order.")
+    proxies: tuple[str, ...] = Field(default=(), description="Outbound proxy URIs, in order.")
     unregister_timeout: float = Field(
-        2.0, gt=0, le=30, description="Longest wait for the un-REGISTER answer on close."
+        default=2.0, gt=0, le=30, description="Longest wait for the un-REGISTER answer on close."
     )
     tls_ca_file: str | None = Field(
-        None,
+        default=None,
         description="TLS: PEM file of the CAs that sign the registrar's certificate (default:"
         " the bundled OpenSSL's default paths).",
     )
     tls_verify_server: bool = Field(
-        True, description="TLS: refuse a registrar whose certificate or name does not verify."
+        default=True,
+        description="TLS: refuse a registrar whose certificate or name does not verify.",
     )
 
     @field_validator("aor")
@@ -171,6 +179,7 @@ class SipRegistration:
         "contact_tag",
         "expires",
         "key",
+        "loss_error",
         "reason",
         "registered_at",
         "registers",
@@ -187,6 +196,7 @@ class SipRegistration:
         self.key: int | None = None
         self.state = RegState.REGISTERING
         self.status: int | None = None
+        self.loss_error: ConnectError | None = None  # the failed REGISTER that ended it
         self.reason = ""
         self.expires = 0
         self.registered_at = 0.0
@@ -239,6 +249,9 @@ class SipRegistration:
                 self.valid_until = event.at + event.expiration
                 self._arm_lapse()
             else:
+                # Kept for the pool (SipAdapter.connection_error): a 403 on a refresh is the
+                # reason the registration ended, fatal, with its status.
+                self.loss_error = self._adapter._register_error(event, refresh=True)
                 self._lost()
         for fut in waiters:
             if not fut.done():
@@ -292,6 +305,7 @@ class SipAdapter(Adapter[SipRegistration]):
     answers (503, 408, transport errors) a retryable ``ConnectError`` with the status.
     """
 
+    service: ClassVar[str | None] = "sip"
     lease_mode = LeaseMode.MULTIPLEXED
     max_streams = 4  # concurrent calls per registration; PoolSettings.max_streams overrides
     max_connections_per_process: ClassVar[int | None] = PJSUA_MAX_ACC
@@ -367,6 +381,10 @@ class SipAdapter(Adapter[SipRegistration]):
 
     def is_open(self, conn: SipRegistration) -> bool:
         return conn.registered
+
+    def connection_error(self, conn: SipRegistration) -> BaseException | None:
+        """The refused REGISTER that ended ``conn`` (fatal for 401/403/404/407), or None."""
+        return conn.loss_error if conn.state is RegState.LOST else None
 
     async def close(self, conn: SipRegistration) -> None:
         """Un-REGISTER and remove the account (bounded by ``unregister_timeout``).

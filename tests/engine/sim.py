@@ -25,8 +25,9 @@ from voicepool._engine.actions import (
     StateChanged,
     Wake,
 )
-from voicepool._engine.core import PoolCore, Waiter
+from voicepool._engine.core import PoolCore
 from voicepool._engine.record import ConnRecord
+from voicepool._engine.waitqueue import Waiter
 from voicepool.errors import ConnectError
 
 

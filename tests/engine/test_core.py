@@ -16,7 +16,8 @@ import pytest
 
 from voicepool import LeaseMode, Pool, PoolSettings, PoolState, PoolUnavailable
 from voicepool._engine.actions import Close, Connect, Fail, Grant, Ping, StateChanged
-from voicepool._engine.core import PoolCore, Waiter
+from voicepool._engine.core import PoolCore
+from voicepool._engine.waitqueue import Waiter
 from voicepool.errors import ConnectError
 from voicepool.testing import FakeAdapter, FakeConn, FakeNoResetAdapter, wait_until
 
@@ -290,7 +291,7 @@ def test_waiter_abandonment_is_constant_time() -> None:
         for w in waiters:
             core.give_up(w, 0.0)
         elapsed = time.perf_counter() - t0
-        assert core.n_waiting == 0
+        assert core.waiters.count == 0
         core.check()
         return elapsed / n
 

@@ -31,8 +31,9 @@ from voicepool._engine.actions import (
     StateChanged,
     Wake,
 )
-from voicepool._engine.core import PoolCore, Waiter
+from voicepool._engine.core import PoolCore
 from voicepool._engine.record import ConnRecord, ConnState
+from voicepool._engine.waitqueue import Waiter
 from voicepool.errors import ConnectError, PoolClosed, PoolExhausted, PoolUnavailable
 from voicepool.pool_settings import ResolvedSizing
 
@@ -283,7 +284,7 @@ class CoreMachine(RuleBasedStateMachine):
         c.check()
         assert self.reported is c.state, "a state change was not reported"
         assert c.opening == len(self.w.connects), "opening is not the connects in flight"
-        assert c.n_waiting == len(self.w.waiting)
+        assert c.waiters.count == len(self.w.waiting)
         live = [h for h in self.w.held if h.rec.state is not ConnState.CLOSED]
         if self.mux:
             for rec in c.conns.values():

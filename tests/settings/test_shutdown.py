@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,7 @@ from voicepool import GracefulShutdown, PoolManager
 from voicepool.manager import ManagerState
 from voicepool.settings import VoicePoolSettings
 
+ROOT = Path(__file__).resolve().parents[2]
 MakeServer = Callable[..., Awaitable[EchoServer]]
 
 
@@ -140,3 +143,37 @@ async def test_worker_closes_hard_on_second_signal(echo_server: MakeServer) -> N
     assert shutdown.exit_code == 143
     assert manager.state is ManagerState.CLOSED
     await server.all_closed()
+
+
+async def test_second_sigterm_during_the_manager_drain_cuts_it_short() -> None:
+    """A real worker process: SIGTERM, the drain starts (30 s, a call still holds its lease),
+    SIGTERM again: the later, shorter deadline reaches the drain under way, and the process
+    exits 143 at once with every pool closed, no task pending and nothing on stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-X",
+        "dev",  # asyncio debug mode: un-awaited coroutines and pending tasks are reported
+        "-m",
+        "tests.settings._drain_worker",
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(20):
+            assert await proc.stdout.readline() == b"ready\n"
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.stdout.readline() == b"drain started\n"
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert time.monotonic() - t0 < 5  # not the 30 s drain
+    assert err.decode() == ""
+    assert out.decode().splitlines() == ["manager closed pools asr=closed pending 0"]
+    assert proc.returncode == 143

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from voicepool._engine.core import Waiter
     from voicepool._engine.record import ConnRecord
     from voicepool._engine.state import PoolState
+    from voicepool._engine.waitqueue import Waiter
 
 __all__ = [
     "Action",

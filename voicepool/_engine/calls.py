@@ -6,14 +6,14 @@ Nothing here decides anything; each function does one adapter call and says how 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
 
+from voicepool._redact import describe_error, get_logger
 from voicepool.adapter import Adapter
 from voicepool.errors import ConnectError, VoicepoolError
 
-log = logging.getLogger("voicepool.pool")
+log = get_logger("voicepool.pool")
 
 C = TypeVar("C")
 
@@ -39,7 +39,7 @@ async def connect(adapter: Adapter[C], timeout: float) -> C:
         ) from exc
     except Exception as exc:
         raise ConnectError(
-            f"connect to {adapter.describe()} failed: {type(exc).__name__}: {exc}",
+            f"connect to {adapter.describe()} failed: {describe_error(exc)}",
             fatal=adapter.is_fatal(exc),
         ) from exc
 
@@ -111,19 +111,3 @@ async def finish_reset(coro: Coroutine[Any, Any, None], first: Any, timeout: flo
     or CancelledError."""
     async with asyncio.timeout(timeout):
         await Resume(coro, first)
-
-
-async def release_stream(
-    adapter: Adapter[C], conn: C, stream_id: int, error: BaseException | None, name: str
-) -> bool:
-    """``adapter.release_stream``: whether the shared connection is kept. A failing adapter
-    drops it; CancelledError propagates (the caller judges the connection by ``is_open``)."""
-    try:
-        return await adapter.release_stream(conn, stream_id, error)
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        log.debug(
-            "pool %s: release_stream failed: %r", name, e, extra={"voicepool.pool.name": name}
-        )
-        return False

@@ -38,12 +38,14 @@ from voicepool._engine.actions import (
 )
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
+from voicepool._engine.waitqueue import Waiter, WaitQueue
 from voicepool._engine.waitwindow import WaitWindow
+from voicepool._redact import scrub
 from voicepool.adapter import LeaseMode
 from voicepool.errors import ConnectError, PoolClosed, PoolExhausted, PoolUnavailable
 from voicepool.pool_settings import PoolSettings, ResolvedSizing
 
-__all__ = ["NO_ACTIONS", "PoolCore", "SizingPolicy", "Waiter"]
+__all__ = ["NO_ACTIONS", "PoolCore", "SizingPolicy"]
 
 C = TypeVar("C")
 
@@ -58,28 +60,21 @@ _IDLE, _IN_USE, _PINGING, _CLOSED = (
 )
 # Losses that tell us about the provider (a network event), not about one lease.
 _LOSSES = frozenset({"remote_closed", "ping_failed"})
+# Close reasons the core infers (drained, closed by the peer): the adapter may name them better
+# (an HTTP/2 GOAWAY is "goaway", not "expired"; see Adapter.close_reason).
+_PEER_NAMED = frozenset({"expired", "remote_closed"})
 
 
-class Waiter:
-    """One queued acquire. The driver owns ``future``; the core owns the rest.
+def _no_reason(conn: object) -> str | None:
+    return None
 
-    ``state``: 0 waiting, 1 granted (``rec``/``stream_id`` set), 2 finished (failed, gave up, or
-    its grant was taken). ``exhausted`` is set when it queued at ``max_size``.
-    """
 
-    __slots__ = ("deadline", "exhausted", "future", "rec", "state", "stream_id", "timeout")
+def _no_error(conn: object) -> BaseException | None:
+    return None
 
-    def __init__(self, deadline: float, timeout: float, future: Any = None) -> None:
-        self.deadline = deadline
-        self.timeout = timeout
-        self.future = future
-        self.rec: ConnRecord[Any] | None = None
-        self.stream_id: int | None = None
-        self.state = 0
-        self.exhausted = False
 
-    def __repr__(self) -> str:
-        return f"<Waiter state={self.state} deadline={self.deadline:.3f}>"
+def _never_fatal(exc: BaseException) -> bool:
+    return False
 
 
 class SizingPolicy:
@@ -119,6 +114,9 @@ class PoolCore(Generic[C]):
         is_open: Callable[[C], bool],
         describe: str = "",
         policy: SizingPolicy | None = None,
+        close_reason: Callable[[C], str | None] = _no_reason,
+        connection_error: Callable[[C], BaseException | None] = _no_error,
+        is_fatal: Callable[[BaseException], bool] = _never_fatal,
         use_proves_liveness: bool = True,
     ) -> None:
         self.name = name
@@ -134,6 +132,9 @@ class PoolCore(Generic[C]):
         self.use_proves_liveness = use_proves_liveness
         self.rng = rng
         self.is_open = is_open
+        self.close_reason = close_reason
+        self.connection_error = connection_error
+        self.is_fatal = is_fatal
         self.describe = describe
         if policy is None and s.warm == "adaptive":
             from voicepool._engine.warm import AdaptiveWarm  # (imports this module)
@@ -156,12 +157,7 @@ class PoolCore(Generic[C]):
         self.generation = 0
         self._next_id = 0
 
-        # FIFO of waiters, lazily deleted (a finished waiter stays until it reaches the front or
-        # a compaction): abandonment is O(1). Deadlines in a heap for the one timer.
-        self.waiters: deque[Waiter] = deque()
-        self.n_waiting = 0
-        self._deadlines: list[tuple[float, int, Waiter]] = []
-        self._seq = 0
+        self.waiters = WaitQueue()  # FIFO, O(1) abandonment, deadlines for the one timer
 
         self.lifecycle = PoolState.NEW
         self.reported = PoolState.NEW
@@ -176,7 +172,8 @@ class PoolCore(Generic[C]):
         self._refill: list[float] = []  # jittered start times of replacements for lost ones
         self._young: deque[ConnRecord[C]] = deque()  # unproven, in creation order
         self._health_due = 0.0
-        self._wake_at = math.inf
+        self._wake_at = math.inf  # when the driver's timer is armed for
+        self._soonest = math.inf  # the earliest time anything scheduled since then is due
 
         self.n_acquired = 0
         self.n_exhausted = 0
@@ -202,6 +199,7 @@ class PoolCore(Generic[C]):
         self.warming = True
         self.window.start = now
         self._health_due = now
+        self._at(now)
         self._grow(now, out)
         self._check_warm(now)
         return self._end(now, out)
@@ -215,16 +213,14 @@ class PoolCore(Generic[C]):
         self.warming = False
         self.lifecycle = PoolState.CLOSING
         err = PoolClosed(f"pool {self.name!r} is closing", pool=self.name)
-        for w in self.waiters:
-            if w.state == 0:
-                w.state = 2
-                out.append(Fail(w, err))
-        self.waiters.clear()
-        self._deadlines.clear()
-        self.n_waiting = 0
+        for w in self.waiters.clear():
+            w.state = 2
+            out.append(Fail(w, err))
         for rec in list(self.conns.values()):
             if rec.state is not _IN_USE or (self.mux and not rec.streams):
                 self._retire(rec, "shutdown", now, out)
+            else:
+                rec.expires = -math.inf  # its release comes to the core (the fast path checks this)
         return self._end(now, out)
 
     def close_all(self, now: float) -> list[Action]:
@@ -255,6 +251,24 @@ class PoolCore(Generic[C]):
         for rec in self.conns.values():
             rec.expires = -math.inf
         self._health_due = now
+        self._at(now)
+        return self._end(now, out)
+
+    def set_min_size(self, min_size: int, now: float) -> list[Action]:
+        """The warm floor changes at run time (a PoolGroup's standby grows or shrinks): idle
+        connections above the new floor are retired at once, oldest first; missing ones open."""
+        out: list[Action] = []
+        self.min_size = min_size
+        if self.lifecycle is PoolState.NEW or self.closing:
+            return out
+        surplus = len(self.conns) + self.opening - min_size
+        spare = [r for r in self.mux_conns if not r.streams] if self.mux else list(self.idle)
+        for rec in spare:  # the idle deque is LIFO at the right: oldest first
+            if surplus <= 0:
+                break
+            self._retire(rec, "idle", now, out)
+            surplus -= 1
+        self._grow(now, out)
         return self._end(now, out)
 
     # -- acquire ---------------------------------------------------------------------------------
@@ -323,10 +337,8 @@ class PoolCore(Generic[C]):
             waiter.state = 2
             out.append(Fail(waiter, self._unavailable()))
             return self._end(now, out)
-        self.waiters.append(waiter)
-        self.n_waiting += 1
-        self._seq += 1
-        heapq.heappush(self._deadlines, (waiter.deadline, self._seq, waiter))
+        self.waiters.push(waiter)
+        self._at(waiter.deadline)
         self._grow(now, out)
         if len(self.conns) + self.opening >= self.max_size:
             self.n_exhausted += 1
@@ -337,9 +349,7 @@ class PoolCore(Generic[C]):
         """The waiter's caller left (cancelled). A grant it never took passes to the next one."""
         out: list[Action] = []
         if waiter.state == 0:
-            waiter.state = 2
-            self.n_waiting -= 1
-            self._compact()
+            self.waiters.leave(waiter)
             return self._end(now, out)
         if waiter.state == 1:
             waiter.state = 2
@@ -463,6 +473,7 @@ class PoolCore(Generic[C]):
         # recovering it is pinged at once, so a server that accepts and hangs up is found in
         # one round trip.
         self._young.append(rec)
+        self._at(min(self._health_due, now + s.min_healthy))
         if self.mux:
             rec.state = _IN_USE
             self.mux_conns.append(rec)
@@ -538,11 +549,16 @@ class PoolCore(Generic[C]):
         rec = self.by_conn.get(id(conn))
         if rec is None or rec.state is _CLOSED:
             return out
+        self._learn_error(rec, now, out)
         if not is_open:
             if rec.state is _IDLE or (self.mux and rec.streams == 0):
                 self._lost(rec, "remote_closed", now, out)
             else:
-                self._health_due = now  # held: retired at its release; look again soon
+                # Held: never interrupted, retired at its release (as expire_all marks it: the
+                # release path then retires it, fast path included); look again soon.
+                rec.expires = -math.inf
+                self._health_due = now
+                self._at(now)
             return self._end(now, out)
         if self.mux:
             old, rec.cap = rec.cap, min(self.max_streams, cap)
@@ -594,6 +610,7 @@ class PoolCore(Generic[C]):
                 rec.state = _IN_USE  # out of the deque already: _retire must not look there
                 self._retire(rec, "surplus", now, out)
         self._grow(now, out)
+        self._soonest = self.next_due(now)
         return self._end(now, out)
 
     def _health_pass(self, now: float, out: list[Action]) -> float:
@@ -690,16 +707,13 @@ class PoolCore(Generic[C]):
         if self.closing:
             self._retire(rec, "shutdown", now, out)
             return
-        waiters = self.waiters
-        while waiters:
-            w = waiters.popleft()
-            if w.state == 0:
-                w.state = 1
-                w.rec = rec
-                self.n_waiting -= 1
-                rec.state = _IN_USE
-                out.append(Grant(w))
-                return
+        w = self.waiters.pop()
+        if w is not None:
+            w.state = 1
+            w.rec = rec
+            rec.state = _IN_USE
+            out.append(Grant(w))
+            return
         rec.state = _IDLE
         self.idle.append(rec)
 
@@ -707,17 +721,16 @@ class PoolCore(Generic[C]):
         """A MULTIPLEXED connection has room: streams to waiters, FIFO."""
         if rec.suspect or rec.state is _CLOSED:
             return
-        waiters = self.waiters
-        while waiters and rec.streams < rec.cap:
-            w = waiters.popleft()
-            if w.state == 0:
-                w.state = 1
-                rec.streams += 1
-                rec.seq += 1
-                w.rec = rec
-                w.stream_id = rec.seq
-                self.n_waiting -= 1
-                out.append(Grant(w))
+        while rec.streams < rec.cap:
+            w = self.waiters.pop()
+            if w is None:
+                return
+            w.state = 1
+            rec.streams += 1
+            rec.seq += 1
+            w.rec = rec
+            w.stream_id = rec.seq
+            out.append(Grant(w))
 
     def _stream_ended(self, rec: ConnRecord[C], now: float, out: list[Action]) -> None:
         if rec.state is _CLOSED:
@@ -754,17 +767,27 @@ class PoolCore(Generic[C]):
         self._retire(rec, reason, now, out)
         if self.closing:
             return
-        if young:
+        cause = self.connection_error(rec.conn) if young else None  # the adapter's account
+        if young and cause is not None and self.is_fatal(cause):
+            # A fatal account (a 403 on a refresh): _retire already counted it as a fatal
+            # failed connect, with the adapter's own error (its status) as last_error.
+            pass
+        elif young:
             # It died before it proved itself: the connect did not really succeed. Counting
             # it as a failure is what stops a server that accepts and hangs up from storming.
             ms = (now - rec.created) * 1e3
             err = ConnectError(
                 f"connection to {self.describe} lost {ms:.0f} ms after it opened ({reason})"
+                + (f": {cause}" if cause is not None else ""),
+                status=cause.status if isinstance(cause, ConnectError) else None,
             )
+            err.__cause__ = cause
             self._failed(err, False, rec.started, now, out)
         else:
             # Replacements of lost connections start at jittered times, not in one burst.
-            heapq.heappush(self._refill, now + self.rng.uniform(0, self.settings.backoff_initial))
+            at = now + self.rng.uniform(0, self.settings.backoff_initial)
+            heapq.heappush(self._refill, at)
+            self._at(at)
         # A network event rarely kills one socket: look at the others now.
         if not ping_others:
             return
@@ -796,27 +819,22 @@ class PoolCore(Generic[C]):
                 s.backoff_initial * s.backoff_multiplier ** min(self.steps - 1, self._max_step),
             )
             self.retry_at = now + self.rng.uniform(0, cap)  # full jitter
+            self._at(self.retry_at)
         if self.warming:
             self._warm_failed = True
         if (fatal or self.steps >= self.settings.failure_threshold) and not self.circuit_open:
             self.circuit_open = True
-            for w in self.waiters:
-                if w.state == 0:
-                    w.state = 2
-                    out.append(Fail(w, self._unavailable()))
-            self.waiters.clear()
-            self._deadlines.clear()
-            self.n_waiting = 0
+            for w in self.waiters.clear():
+                w.state = 2
+                out.append(Fail(w, self._unavailable()))
             return
         if not self.conns and not self.opening:
             # No connection and the last connect failed: a waiter whose deadline comes before
             # the next retry cannot be served; tell it now instead of at its deadline.
             for w in self.waiters:
-                if w.state == 0 and w.deadline < self.retry_at:
-                    w.state = 2
-                    self.n_waiting -= 1
+                if w.deadline < self.retry_at:
+                    self.waiters.leave(w)
                     out.append(Fail(w, self._unavailable()))
-            self._compact()
 
     def _retry_too_late(self, deadline: float, now: float) -> bool:
         return (
@@ -848,6 +866,8 @@ class PoolCore(Generic[C]):
                 self.idle.remove(rec)
             except ValueError:
                 pass  # already popped by the caller
+        if reason in _PEER_NAMED:
+            reason = self.close_reason(rec.conn) or reason
         rec.state = _CLOSED
         rec.pinging = False
         del self.conns[rec.id]
@@ -860,7 +880,20 @@ class PoolCore(Generic[C]):
         self.closed_by[reason] = self.closed_by.get(reason, 0) + 1
         out.append(Close(rec, reason))
         if not self.closing:
+            self._learn_error(rec, now, out)
             self._grow(now, out)
+
+    def _learn_error(self, rec: ConnRecord[C], now: float, out: list[Action]) -> None:
+        """Record the adapter's account of what ended or drained ``rec`` (a protocol error, a
+        credential refused on a request); a fatal one opens the circuit as a fatal connect
+        would, once per error object (every connection a 401 drained reports the same one)."""
+        err = self.connection_error(rec.conn)
+        if err is None or err is self.last_error:
+            return
+        if self.is_fatal(err):
+            self._failed(err, True, now, now, out)
+        else:
+            self.last_error = err
 
     def _grow(self, now: float, out: list[Action]) -> None:
         """Start the connects the pool needs now; a slot is counted before each one."""
@@ -883,8 +916,10 @@ class PoolCore(Generic[C]):
         jittered start. While connects fail: one at a time after the backoff (the probe, which
         runs whatever the demand while the circuit is open). During warm-up: one wave at a time.
         """
-        if self.closing or self.lifecycle is PoolState.NEW:
-            return 0
+        size = len(self.conns)
+        room = self.max_size - size - self.opening
+        if room <= 0 or self.closing or self.lifecycle is PoolState.NEW:
+            return 0  # (full first: the contended hand-off asks this at every wait)
         if self.warming and self.opening:
             return 0  # warm-up dials in waves: a wave that fails ends it (see _check_warm)
         if self.steps:
@@ -895,9 +930,7 @@ class PoolCore(Generic[C]):
             limit = self.settings.connect_concurrency
         else:
             limit = self.settings.connect_concurrency - self.opening
-        size = len(self.conns)
-        room = self.max_size - size - self.opening
-        if room <= 0 or limit <= 0:
+        if limit <= 0:
             return 0
         floor = max(0, min(self.max_size, self.policy.warm_floor(self, now)))
         self.warm_target = floor
@@ -905,7 +938,7 @@ class PoolCore(Generic[C]):
         while refill and refill[0] <= now:
             heapq.heappop(refill)
         paced = len(refill)
-        waiting = self.n_waiting
+        waiting = self.waiters.count
         if self.mux:
             per = self.max_streams
             free = sum(max(0, r.cap - r.streams) for r in self.mux_conns if not r.suspect)
@@ -938,29 +971,11 @@ class PoolCore(Generic[C]):
             self.lifecycle = PoolState.READY
 
     def _expire_waiters(self, now: float, out: list[Action]) -> None:
-        heap = self._deadlines
-        while heap and (heap[0][2].state != 0 or heap[0][0] <= now):
-            _deadline, _seq, w = heapq.heappop(heap)
-            if w.state != 0:
-                continue
-            w.state = 2
-            self.n_waiting -= 1
+        for w in self.waiters.expired(now):
             self.n_timeouts += 1
             err = PoolExhausted(self.exhausted_message(w.timeout, extra_waiter=1), pool=self.name)
             err.__cause__ = self.last_error
             out.append(Fail(w, err))
-        self._compact()
-
-    def _compact(self) -> None:
-        """Drop finished waiters from the FIFO once they outnumber live ones (bounded memory)."""
-        waiters = self.waiters
-        while waiters and waiters[0].state != 0:
-            waiters.popleft()
-        if len(waiters) > 2 * self.n_waiting + 64:
-            self.waiters = deque(w for w in waiters if w.state == 0)
-        if len(self._deadlines) > 2 * self.n_waiting + 64:
-            self._deadlines = [e for e in self._deadlines if e[2].state == 0]
-            heapq.heapify(self._deadlines)
 
     # -- the transition point ---------------------------------------------------------------------
 
@@ -978,22 +993,27 @@ class PoolCore(Generic[C]):
         if new is not self.reported:
             out.append(StateChanged(self.reported, new))
             self.reported = new
-        due = self.next_due(now)
-        if due < self._wake_at:
+        due = self._soonest
+        if due < self._wake_at and self.lifecycle is not PoolState.CLOSED:
             self._wake_at = due
             out.append(Wake(due))
         return out
+
+    def _at(self, t: float) -> None:
+        """Something is due at ``t``: the transition point arms the timer if that is sooner.
+
+        O(1) on every event; the full :meth:`next_due` runs once per timer tick."""
+        if t < self._soonest:
+            self._soonest = t
 
     def next_due(self, now: float) -> float:
         """When :meth:`tick` must run next (O(1): heap tops and a few fields)."""
         if self.lifecycle is PoolState.NEW or self.lifecycle is PoolState.CLOSED:
             return math.inf
         due = self._health_due if not self.closing else math.inf
-        heap = self._deadlines
-        while heap and heap[0][2].state != 0:
-            heapq.heappop(heap)
-        if heap:
-            due = min(due, heap[0][0])
+        first = self.waiters.earliest()
+        if first is not None:
+            due = min(due, first)
         if self.closing:
             return due
         if self._young:
@@ -1028,7 +1048,7 @@ class PoolCore(Generic[C]):
         return (
             f"pool {self.name!r} exhausted: no connection within {timeout:g}s"
             f" (size={size}/{self.max_size}, in_use={in_use}, idle={size - in_use},"
-            f" opening={self.opening}, waiters={self.n_waiting + extra}){cause}"
+            f" opening={self.opening}, waiters={self.waiters.count + extra}){cause}"
         )
 
     def _in_use(self) -> tuple[int, int]:
@@ -1049,7 +1069,7 @@ class PoolCore(Generic[C]):
             idle=size - in_use,
             in_use=in_use,
             opening=self.opening,
-            waiters=self.n_waiting,
+            waiters=self.waiters.count,
             streams_in_use=streams,
             min_size=self.min_size,
             max_size=self.max_size,
@@ -1061,7 +1081,7 @@ class PoolCore(Generic[C]):
             connect_failures=self.n_connect_failures,
             closed=dict(self.closed_by),
             wait_p95_ms=self.window.current(self.n_acquired) * 1000.0,
-            last_error=None if self.last_error is None else str(self.last_error),
+            last_error=None if self.last_error is None else scrub(str(self.last_error)),
             ping_rtt_ms=None if self.ping_rtt is None else self.ping_rtt * 1000.0,
             waited=self.n_waited,
             warm_target=self.warm_target,
@@ -1072,8 +1092,7 @@ class PoolCore(Generic[C]):
         """Assert every invariant of the bookkeeping (tests call it after each step)."""
         assert self.opening >= 0, self.opening
         assert len(self.conns) + self.opening <= self.max_size, (len(self.conns), self.opening)
-        assert self.n_waiting == sum(1 for w in self.waiters if w.state == 0), "waiter count"
-        assert self.n_waiting >= 0
+        self.waiters.check()
         idle_ids = {id(r) for r in self.idle}
         assert len(idle_ids) == len(self.idle), "a record is twice in idle"
         for rec in self.conns.values():
@@ -1090,10 +1109,10 @@ class PoolCore(Generic[C]):
             assert all(self.conns.get(r.id) is r for r in self.mux_conns)
             assert len(self.mux_conns) == len(self.conns)
         if self.closing:
-            assert self.n_waiting == 0
+            assert self.waiters.count == 0
         if self.circuit_open:
-            assert self.n_waiting == 0, "waiters queued behind an open circuit"
-        if self.n_waiting and not self.closing and self.lifecycle is PoolState.READY:
+            assert self.waiters.count == 0, "waiters queued behind an open circuit"
+        if self.waiters.count and not self.closing and self.lifecycle is PoolState.READY:
             # Someone waits: a connect runs, or one is scheduled, or every slot is busy.
             assert (
                 self.opening

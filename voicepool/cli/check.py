@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from voicepool._redact import describe_error, remember_from, scrub
 from voicepool.errors import ConfigError
-from voicepool.settings import CONFIG_ENV, PoolConfig, VoicePoolSettings, secret_values
+from voicepool.settings import CONFIG_ENV, PoolConfig, VoicePoolSettings
 
 __all__ = ["PoolCheck", "check_pool", "run"]
 
-_MASK = "**********"
 _CLOSE_TIMEOUT = 5.0
 
 
@@ -151,14 +151,15 @@ async def check_pool(name: str, cfg: PoolConfig, timeout: float | None = None) -
     """Build the pool's adapter and open (then close) one connection. Never raises for a
     failing pool: the outcome says why. Cancellation-safe: a cancelled connect leaves nothing
     open (the adapters' contract)."""
-    secrets = secret_values(cfg.options)
+    remember_from(cfg.options)
     result = PoolCheck(name, cfg.adapter, cfg.required, ok=False)
     try:
         adapter = cfg.adapter_class.from_options(cfg.options)
     except Exception as exc:
-        result.reason = _scrub(f"options rejected: {type(exc).__name__}: {exc}", secrets)
+        result.reason = "options rejected: " + describe_error(exc)
         return result
-    result.endpoint = _scrub(adapter.describe(), secrets)
+    remember_from(adapter)
+    result.endpoint = scrub(adapter.describe())
     limit = timeout if timeout is not None else cfg.settings.connect_timeout
     t0 = time.perf_counter()
     try:
@@ -167,11 +168,7 @@ async def check_pool(name: str, cfg: PoolConfig, timeout: float | None = None) -
     except TimeoutError:
         result.reason = f"no connection within {limit:g} s (connect_timeout)"
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        cause = exc.__cause__
-        if cause is not None and str(cause) and str(cause) not in reason:
-            reason += f" (cause: {type(cause).__name__}: {cause})"
-        result.reason = _scrub(reason, secrets)[:400]
+        result.reason = describe_error(exc, cause=True)[:400]
     else:
         result.ok = True
         result.connect_ms = round((time.perf_counter() - t0) * 1e3, 1)
@@ -185,12 +182,6 @@ async def check_pool(name: str, cfg: PoolConfig, timeout: float | None = None) -
     if not result.ok:
         result.hint = _unset_secrets(name, cfg)
     return result
-
-
-def _scrub(text: str, secrets: set[str]) -> str:
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, _MASK)
-    return text
 
 
 def _unset_secrets(name: str, cfg: PoolConfig) -> str | None:

@@ -22,7 +22,11 @@ What is emitted (names in :mod:`voicepool.telemetry.names`):
 * span events on the caller's current span: ``voicepool.pool.exhausted`` (an acquire queued at
   max_size; added when the wait ends, with the wait time, stamped when it began),
   ``voicepool.pool.timeout`` (plus the PoolExhausted recorded as an exception) and
-  ``voicepool.pool.unavailable`` (circuit open).
+  ``voicepool.pool.unavailable`` (circuit open); for groups, ``voicepool.group.failover`` (from,
+  to, why) on the span of the first caller a new member serves.
+* group metrics, attribute ``voicepool.group.name``: ``voicepool.group.failovers`` and
+  ``.failbacks`` (from, to, why) and ``voicepool.group.wait_time`` (attribute
+  ``voicepool.group.member``: the member that served).
 * spans: ``voicepool.connect`` (each handshake; error status on failure), ``voicepool.ping`` (failed
   pings), ``voicepool.retire`` (each retirement, with its reason), ``voicepool.alarm`` (once per
   alarm window while firing, and at recovery, carrying a ``voicepool.pool.alarm`` event) and, with
@@ -42,7 +46,9 @@ from opentelemetry import metrics, trace
 
 from voicepool._engine.observer import add_observer_factory, remove_observer_factory
 from voicepool._version import __version__
+from voicepool.group import add_group_observer_factory, remove_group_observer_factory
 from voicepool.telemetry import names
+from voicepool.telemetry._group import OtelGroupObserver
 from voicepool.telemetry._instruments import Instruments, PoolRegistry
 from voicepool.telemetry._observer import OtelObserver
 
@@ -50,6 +56,7 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
+    from voicepool.group import PoolGroup
     from voicepool.pool import Pool
 
 __all__ = [
@@ -104,6 +111,12 @@ class Instrumentation:
             pool, self.instruments, self.tracer, self.registry, self.histogram_budget
         )
 
+    def observe_group(self, group: PoolGroup[Any]) -> OtelGroupObserver | None:
+        """The group observer factory (None once removed)."""
+        if not self.registry.active:
+            return None
+        return OtelGroupObserver(group, self.instruments, self.registry)
+
     @property
     def active(self) -> bool:
         return self.registry.active
@@ -111,6 +124,7 @@ class Instrumentation:
     def remove(self) -> None:
         """Stop observing: new pools get no observer, existing observers go quiet. Idempotent."""
         remove_observer_factory(self.observe)
+        remove_group_observer_factory(self.observe_group)
         self.registry.active = False
 
     def __enter__(self) -> Instrumentation:
@@ -141,6 +155,7 @@ def instrument(
     """
     inst = Instrumentation(meter_provider, tracer_provider, histogram_budget=histogram_budget)
     add_observer_factory(inst.observe)
+    add_group_observer_factory(inst.observe_group)
     return inst
 
 
@@ -162,6 +177,17 @@ def _default_factory(pool: Pool[Any]) -> OtelObserver | None:
     return inst.observe(pool)
 
 
+def _default_group_factory(group: PoolGroup[Any]) -> OtelGroupObserver | None:
+    global _default
+    inst = _default
+    if inst is None:
+        with _default_lock:
+            if _default is None:
+                _default = Instrumentation()
+            inst = _default
+    return inst.observe_group(group)
+
+
 def enable_default() -> None:
     """Observe new pools through the global providers (done by ``import voicepool``). Idempotent."""
     global _default_enabled
@@ -170,6 +196,7 @@ def enable_default() -> None:
             _default.registry.active = True
         _default_enabled = True
     add_observer_factory(_default_factory)
+    add_group_observer_factory(_default_group_factory)
 
 
 def disable_default() -> None:
@@ -181,6 +208,7 @@ def disable_default() -> None:
     """
     global _default_enabled
     remove_observer_factory(_default_factory)
+    remove_group_observer_factory(_default_group_factory)
     with _default_lock:
         if _default is not None:
             _default.registry.active = False

@@ -9,7 +9,6 @@ never raise.
 
 from __future__ import annotations
 
-import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -17,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from voicepool._redact import get_logger
 from voicepool.pool import PoolState, PoolStats
 from voicepool.telemetry import names as n
 
 if TYPE_CHECKING:
     from voicepool.pool import Pool
 
-log = logging.getLogger("voicepool.telemetry")
+log = get_logger("voicepool.telemetry")
 
 _MAX_RETIRED = 256  # closed pools whose final counters are still reported (bounded memory)
 
@@ -241,4 +241,20 @@ class Instruments:
             n.ALARM,
             unit="{alarm}",
             description="Alarm windows whose acquire-wait p95 was above alarm_wait_p95_ms.",
+        )
+        self.group_failovers = meter.create_counter(
+            n.GROUP_FAILOVERS,
+            unit="{switch}",
+            description="A group's serving member changed because it became unusable.",
+        )
+        self.group_failbacks = meter.create_counter(
+            n.GROUP_FAILBACKS,
+            unit="{switch}",
+            description="A group went back to a recovered (or nearer) member after failback_after.",
+        )
+        self.group_wait_time = meter.create_histogram(
+            n.GROUP_WAIT_TIME,
+            unit="s",
+            description="Wait of a group acquire that found nothing free at once, by member.",
+            explicit_bucket_boundaries_advisory=WAIT_BUCKETS,
         )

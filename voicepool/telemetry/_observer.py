@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import random
 import time
 import weakref
@@ -25,6 +24,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
 from voicepool._engine.observer import PoolObserver
+from voicepool._redact import get_logger, record_exception
 from voicepool.errors import PoolUnavailable
 from voicepool.telemetry import names as n
 from voicepool.telemetry._instruments import Instruments, PoolRegistry, safe_stats
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from voicepool.lease import Lease
     from voicepool.pool import Pool, PoolState
 
-log = logging.getLogger("voicepool.telemetry")
+log = get_logger("voicepool.telemetry")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -232,7 +232,7 @@ class OtelObserver(PoolObserver):
         span = trace.get_current_span()
         if span.is_recording() and self._owns_events(pool):
             span.add_event(n.EVENT_TIMEOUT, {**pool_attrs(pool), n.ATTR_WAIT_TIME: waited})
-            span.record_exception(error)
+            record_exception(span, error)
 
     @_guard
     def on_wait_failed(self, pool: Pool[Any], waited: float, error: BaseException) -> None:
@@ -304,7 +304,7 @@ class OtelObserver(PoolObserver):
             token.set_attribute(n.ATTR_CONNECT_CANCELLED, True)
         elif error is not None:
             token.set_attribute(n.ATTR_ERROR_TYPE, _error_type(error))
-            token.record_exception(error)
+            record_exception(token, error)
             token.set_status(Status(StatusCode.ERROR, _error_type(error)))
         token.end()
 
@@ -322,7 +322,7 @@ class OtelObserver(PoolObserver):
             attributes={**attrs, n.ATTR_ADAPTER: self._adapter, n.ATTR_PING_DURATION: duration},
             start_time=_ns_ago(duration),
         )
-        span.record_exception(error)
+        record_exception(span, error)
         span.set_status(Status(StatusCode.ERROR, _error_type(error)))
         span.end()
 

@@ -34,6 +34,11 @@ USE_TIME: Final = "voicepool.connection.use_time"  # s
 PING_DURATION: Final = "voicepool.ping.duration"  # s, attr error.type on failure
 ALARM: Final = "voicepool.alarm"  # {alarm}, counter: one per window whose wait p95 is too high
 
+# -- metrics of pool groups (attr voicepool.group.name) -------------------------------------------
+GROUP_FAILOVERS: Final = "voicepool.group.failovers"  # {switch}, counter, attrs from, to, reason
+GROUP_FAILBACKS: Final = "voicepool.group.failbacks"  # {switch}, counter, attrs from, to, reason
+GROUP_WAIT_TIME: Final = "voicepool.group.wait_time"  # s, attr voicepool.group.member (who served)
+
 # -- spans ----------------------------------------------------------------------------------------
 SPAN_CONNECT: Final = "voicepool.connect"
 SPAN_PING: Final = "voicepool.ping"  # failed pings only
@@ -47,6 +52,7 @@ EVENT_TIMEOUT: Final = "voicepool.pool.timeout"
 EVENT_UNAVAILABLE: Final = "voicepool.pool.unavailable"
 EVENT_ALARM: Final = "voicepool.pool.alarm"
 EVENT_ALARM_CLEARED: Final = "voicepool.pool.alarm_cleared"
+EVENT_FAILOVER: Final = "voicepool.group.failover"  # first caller served after a switch
 
 # -- attributes -----------------------------------------------------------------------------------
 ATTR_POOL_NAME: Final = "voicepool.pool.name"
@@ -72,5 +78,10 @@ ATTR_ALARM_P95: Final = "voicepool.alarm.wait_p95"  # seconds
 ATTR_ALARM_THRESHOLD: Final = "voicepool.alarm.threshold"  # seconds
 ATTR_ALARM_WINDOW: Final = "voicepool.alarm.window"  # seconds
 ATTR_ALARM_FIRING: Final = "voicepool.alarm.firing"
+ATTR_GROUP_NAME: Final = "voicepool.group.name"
+ATTR_GROUP_MEMBER: Final = "voicepool.group.member"  # the member pool that served the lease
+ATTR_GROUP_FROM: Final = "voicepool.group.from"  # member that served before a switch
+ATTR_GROUP_TO: Final = "voicepool.group.to"  # member that serves after it
+ATTR_GROUP_WHY: Final = "voicepool.group.why"  # "<member> unavailable", failback, lower_rtt
 
 CONNECTION_STATES: Final = ("idle", "used", "opening")

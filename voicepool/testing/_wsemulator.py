@@ -1,6 +1,7 @@
 """What the WebSocket emulators share: a real ``websockets`` server on 127.0.0.1, TLS from trustme,
 handshake checks (path, API key, concurrency -> 404/401/429), a per-socket idle close, counters and
-fault hooks. Provider behaviour lives in :mod:`voicepool.testing.asr` and :mod:`~.tts`.
+fault hooks (``reject_next``, ``hang_up_on_accept``, ``close_all``). Provider behaviour lives in
+:mod:`voicepool.testing.asr` and :mod:`~.tts`.
 
 Accounts: ``api_key`` and ``extra_keys`` are the accepted keys, each its own provider account;
 ``max_concurrency`` is an account limit, counted per key across every connection the emulator
@@ -150,6 +151,7 @@ class WebSocketEmulator(LocalService):
         self._server: Server | None = None
         self._pending: dict[ServerConnection, str | None] = {}  # handshakes passed: account
         self._forced: list[int] = []
+        self._hang_up: tuple[int, str] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.sessions: dict[int, EmulatorSession] = {}
         self.accepted = 0
@@ -217,6 +219,14 @@ class WebSocketEmulator(LocalService):
     def reject_next(self, status: int, count: int = 1) -> None:
         """Answer the next ``count`` handshakes with HTTP ``status`` (e.g. 503, 429)."""
         self._forced.extend([status] * count)
+
+    def hang_up_on_accept(self, code: int | None = 1013, reason: str = "try again later") -> None:
+        """Close every new socket with ``code`` right after its upgrade (None: stop doing so).
+
+        An overloaded provider or a draining load balancer: the handshake succeeds, the socket
+        is gone at once. ``accepted`` still counts each upgrade (the handshakes a client drew).
+        """
+        self._hang_up = None if code is None else (code, reason)
 
     async def close_all(self, code: int = 1011, reason: str = "server restart") -> None:
         """Close every open socket with ``code``."""
@@ -307,6 +317,9 @@ class WebSocketEmulator(LocalService):
         self._session_changed.set()
         session.arm_idle()
         try:
+            if self._hang_up is not None:
+                await session.close(*self._hang_up)
+                return
             await self.serve_session(session)
         except ConnectionClosed:
             pass

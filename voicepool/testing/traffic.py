@@ -268,7 +268,7 @@ class TrafficSim:
             self._held -= 1
             core = self.core
             rec.last_used = self.now
-            if self.exclusive and rec.expires > self.now and not core.n_waiting:
+            if self.exclusive and rec.expires > self.now and not core.waiters.count:
                 rec.state = ConnState.IDLE  # Lease.__aexit__'s inlined clean release
                 core.idle.append(rec)
                 return

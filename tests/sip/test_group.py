@@ -1,0 +1,119 @@
+"""A group of registration pools on two carriers (two registrars): when one carrier's registration
+is lost, calls are placed on the other, at once and on a registration that was already warm."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.group.test_group import Switches
+from tests.peers.sipp import Sipp, sipp_available
+from tests.sip.conftest import KamailioFactory, fast, sip_adapter
+from voicepool import Pool, PoolGroup, PoolState
+from voicepool.adapters.sip import OwnerContext, SipRegistration
+from voicepool.group import GroupObserver, add_group_observer_factory, remove_group_observer_factory
+from voicepool.testing.fake import wait_until
+from voicepool.testing.sip_registrar import SipRegistrar
+
+pj: Any = pytest.importorskip("pjsua2", reason="pjsua2 (voicepool[sip]) is not installed")
+
+pytestmark = [
+    pytest.mark.needs_bin,
+    pytest.mark.skipif(not sipp_available(), reason="sipp (sip-tester) is not installed"),
+]
+
+CONFIRMED = int(pj.InvState.CONFIRMED)
+
+
+class TrackedCall(pj.Call):  # type: ignore[misc]
+    def __init__(self, account: Any, call_id: int = -1) -> None:
+        super().__init__(account, call_id)
+        self.states: list[int] = []
+
+    def onCallState(self, prm: Any) -> None:
+        with contextlib.suppress(Exception):
+            self.states.append(int(self.info.state))
+
+
+@pytest.fixture
+def switches() -> Iterator[Switches]:
+    rec = Switches()
+
+    def factory(group: PoolGroup[Any]) -> GroupObserver:
+        return rec
+
+    add_group_observer_factory(factory)
+    yield rec
+    remove_group_observer_factory(factory)
+
+
+async def place_call(reg: SipRegistration, target: str) -> None:
+    def dial(ctx: OwnerContext) -> None:
+        call = ctx.keep("out", TrackedCall(ctx.account))
+        call.makeCall(target, pj.CallOpParam(True))
+
+    def confirmed(ctx: OwnerContext) -> bool:
+        call = ctx.get("out")
+        return call is not None and CONFIRMED in call.states
+
+    def hang_up(ctx: OwnerContext) -> None:
+        ctx.get("out").hangup(pj.CallOpParam(True))
+        ctx.drop("out")
+
+    await reg.run(dial)
+    await wait_until(lambda: reg.run(confirmed), timeout=5)
+    await reg.run(hang_up)
+
+
+async def test_carrier_registration_lost_calls_go_to_the_other(switches: Switches) -> None:
+    async with (
+        SipRegistrar(users={"alice": "secret"}) as telnyx,
+        SipRegistrar(users={"alice": "secret"}) as bandwidth,
+        Sipp("uas", transport="udp") as uas,
+    ):
+        first = Pool(sip_adapter(telnyx.uri), fast(), name="carrier_a")
+        second = Pool(sip_adapter(bandwidth.uri), fast(), name="carrier_b")
+        async with PoolGroup([first, second], name="pstn", failback_after=60) as group:
+            assert (telnyx.binding_count(), bandwidth.binding_count()) == (1, 1)  # both warm
+            async with group.acquire() as lease:
+                assert lease.pool is first
+            telnyx.mode = "503"  # the carrier's refresh REGISTERs are refused: registration lost
+            assert (await switches.next(timeout=5))[:2] == ("carrier_a", "carrier_b")
+            assert first.state is PoolState.UNAVAILABLE
+            connects = second.stats().connects
+            async with group.acquire() as lease:
+                assert lease.pool is second
+                assert lease.conn.registered
+                await place_call(lease.conn, f"sip:service@127.0.0.1:{uas.port}")
+            assert second.stats().connects == connects  # the call used the warm registration
+
+
+async def test_two_kamailio_carriers_one_stops_calls_go_to_the_other(
+    kamailio_factory: KamailioFactory, switches: Switches
+) -> None:
+    carrier_a, carrier_b = await kamailio_factory(), await kamailio_factory()
+    async with Sipp("uas", transport="udp") as uas:
+        first = Pool(sip_adapter(carrier_a.uri), fast(), name="carrier_a")
+        second = Pool(sip_adapter(carrier_b.uri), fast(), name="carrier_b")
+        async with PoolGroup([first, second], name="pstn", failback_after=60) as group:
+            assert await carrier_a.binding_count("alice") == 1
+            assert await carrier_b.binding_count("alice") == 1  # the standby is registered
+            loop = asyncio.get_running_loop()
+            t_stop = loop.time()
+            await carrier_a.stop()  # its refresh REGISTERs (the pings) go unanswered
+            assert (await switches.next(timeout=8))[:2] == ("carrier_a", "carrier_b")
+            failover_s = loop.time() - t_stop
+            t0 = loop.time()
+            async with group.acquire() as lease:
+                waited = loop.time() - t0
+                assert lease.pool is second
+                await place_call(lease.conn, f"sip:service@127.0.0.1:{uas.port}")
+            assert waited < 0.05
+            print(
+                f"kamailio pair: failover {failover_s * 1e3:.0f} ms after the stop,"
+                f" first acquire on the other carrier {waited * 1e6:.0f} us"
+            )

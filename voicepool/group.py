@@ -1,0 +1,643 @@
+"""`PoolGroup[C]`: member pools of one service (regions, a fallback provider, two SIP carriers).
+
+A group lends from the member it currently *serves from* (its active member) and fails over
+before any call pays for it: every member pool already knows, out of band, whether it is healthy
+(its circuit: ``pool.state``) and how far away it is (its ping round trip), so the choice is made
+from that, in the background, when a member reports a state change or a ping.
+
+Choosing, per acquire (no await unless nothing is free):
+
+1. The active member, then the others in policy order: the first that is not UNAVAILABLE and has
+   a connection free right now lends it (``pool.lease_nowait()``). A free connection on a later
+   member beats a handshake on an earlier one: a call never pays a connect a standby could spare.
+   A member that just lost a connection or a ping (until a connect or ping succeeds again) is
+   *suspect*: its idle connections are lent only when no other member has one free, so the calls
+   between a provider's crash and its circuit opening do not get its other dead sockets.
+2. Nothing free: if the first usable member can open a connection (below ``max_size``, its last
+   connect did not fail), the caller waits on it alone; otherwise on every usable member at once
+   (each member keeps its FIFO, and a group waiter is queued in all of them, so the group is FIFO
+   too); the first grant wins and the other places in line are given back.
+3. Every member UNAVAILABLE: :class:`~voicepool.PoolUnavailable` at once, whose ``__cause__`` is
+   an :class:`ExceptionGroup` of each member's last error (in member order).
+
+Which member is active (one place: :meth:`PoolGroup._reselect`, run on a member's state change,
+ping, and the fail-back timer):
+
+* ``priority``: the first member in order; ``lowest_rtt``: the lowest smoothed ping round trip
+  (connect time until pings arrive), switching only for a gain of more than ``rtt_hysteresis``
+  (a fraction) and ``rtt_margin`` seconds, so a 1 ms difference never flaps.
+* Failover: the active member turned UNAVAILABLE (or closed): the best READY member, else the best
+  DEGRADED one, takes over at once. Fail-back (or an RTT switch): a better member takes over only
+  after it stayed READY for ``failback_after`` seconds, for new leases only (leases in use never
+  move). A member that goes up and down faster than that never takes traffic back.
+* The active member keeps its own warm floor (``min_size``); the others keep ``standby_min`` warm,
+  pinged connections, so the first call after a failover pays no handshake; on a switch the new
+  active grows to its full floor in the background and the old one shrinks to ``standby_min``.
+
+Telemetry goes through :class:`GroupObserver` hooks (the telemetry layer registers a factory; this
+module never imports it): a switch is counted when it happens and reported as a span event on the
+span of the first caller served by the new member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from voicepool._engine.observer import PoolObserver
+from voicepool.adapter import Adapter
+from voicepool.errors import ConfigError, PoolClosed, PoolError, PoolExhausted, PoolUnavailable
+from voicepool.lease import Lease
+from voicepool.pool import Pool, PoolState
+
+__all__ = [
+    "GroupObserver",
+    "GroupPolicy",
+    "PoolGroup",
+    "add_group_observer_factory",
+    "compatible",
+    "remove_group_observer_factory",
+]
+
+C = TypeVar("C")
+log = logging.getLogger("voicepool.group")
+
+_RTT_SMOOTHING = 0.3  # weight of a new sample in the smoothed round trip (EWMA)
+_USABLE = (PoolState.READY, PoolState.DEGRADED)
+_LOSSES = frozenset({"remote_closed", "ping_failed"})  # close reasons that make a member suspect
+_TRIM_EVERY = 0.5  # seconds between closes of standby connections that came back from a lease
+
+
+def compatible(a: type[Adapter[Any]], b: type[Adapter[Any]]) -> bool:
+    """Whether pools of adapters ``a`` and ``b`` may be members of one group: the same adapter,
+    or two adapters that declare the same :attr:`~voicepool.Adapter.service`."""
+    return a is b or (a.service is not None and a.service == b.service)
+
+
+def _lends(pool: Pool[Any]) -> bool:
+    """Booted well enough to lend: READY, or DEGRADED with at least one connection open."""
+    state = pool.state
+    return state is PoolState.READY or (state is PoolState.DEGRADED and pool.stats().size > 0)
+
+
+def _can_open(pool: Pool[Any]) -> bool:
+    """READY with room: an acquire that finds nothing free opens a connection (slow path only)."""
+    st = pool.stats()
+    return st.state is PoolState.READY and st.size + st.opening < st.max_size
+
+
+class GroupPolicy(enum.Enum):
+    """How a group ranks its members."""
+
+    PRIORITY = "priority"  # in the order given
+    LOWEST_RTT = "lowest_rtt"  # lowest smoothed ping round trip, with hysteresis
+
+
+class GroupObserver:
+    """No-op base of the hooks a group calls (synchronously; observers must not raise or block)."""
+
+    def on_switch(self, group: PoolGroup[Any], old: str, new: str, why: str, back: bool) -> None:
+        """The active member changed (``back``: a fail-back or RTT switch, else a failover).
+
+        Called where the change was decided: usually a member pool's background task.
+        """
+
+    def on_switch_served(self, group: PoolGroup[Any], old: str, new: str, why: str) -> None:
+        """The first lease after a switch was served by ``new`` (called in the caller's task)."""
+
+    def on_served(self, group: PoolGroup[Any], member: str, waited: float) -> None:
+        """A group acquire that found nothing free right away got a lease from ``member``."""
+
+
+GroupObserverFactory = Callable[["PoolGroup[Any]"], GroupObserver | None]
+_factories: list[GroupObserverFactory] = []
+
+
+def add_group_observer_factory(factory: GroupObserverFactory) -> None:
+    """Call ``factory(group)`` for every group created from now on (idempotent per factory)."""
+    if factory not in _factories:
+        _factories.append(factory)
+
+
+def remove_group_observer_factory(factory: GroupObserverFactory) -> None:
+    """Undo :func:`add_group_observer_factory`; unknown factories are ignored."""
+    if factory in _factories:
+        _factories.remove(factory)
+
+
+@dataclass(eq=False, slots=True)
+class _Member(Generic[C]):
+    pool: Pool[C]
+    rank: int  # position in the group's member order
+    full_min: int  # the pool's own warm floor, restored when it becomes active
+    ready_since: float | None = None  # clock time it last turned READY (None: not READY now)
+    rtt: float | None = None  # smoothed ping round trip, seconds
+    connect: float | None = None  # smoothed connect time, seconds (ranks until pings arrive)
+    # A connection was lost or failed its ping, and no connect or ping succeeded since: its other
+    # idle connections may be dead too (a network event rarely kills one socket), so new leases
+    # prefer the other members' free connections until it proves itself again.
+    suspect: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.pool.name
+
+
+class _MemberWatch(PoolObserver):
+    """Attached to each member pool: state changes, pings and connects feed the group."""
+
+    def __init__(self, group: PoolGroup[Any], member: _Member[Any]) -> None:
+        self.group = group
+        self.member = member
+
+    def on_state(self, pool: Pool[Any], old: PoolState, new: PoolState) -> None:
+        self.group._member_state(self.member, new)
+
+    def on_ping(self, pool: Pool[Any], duration: float, error: BaseException | None) -> None:
+        m = self.member
+        if error is not None:
+            m.suspect = True
+            return
+        m.suspect = False
+        m.rtt = duration if m.rtt is None else m.rtt + _RTT_SMOOTHING * (duration - m.rtt)
+        if self.group.policy is GroupPolicy.LOWEST_RTT:
+            self.group._reselect()
+
+    def on_closed(self, pool: Pool[Any], reason: str) -> None:
+        if reason in _LOSSES:
+            self.member.suspect = True
+
+    def on_connected(
+        self, pool: Pool[Any], token: object, duration: float, error: BaseException | None
+    ) -> None:
+        if error is None:
+            m = self.member
+            m.suspect = False
+            m.connect = (
+                duration
+                if m.connect is None
+                else m.connect + _RTT_SMOOTHING * (duration - m.connect)
+            )
+
+
+class PoolGroup(Generic[C]):
+    """Member pools of one service, lent from as one: see the module docstring for the rules.
+
+    ``async with PoolGroup([eu, us], name="tts") as group:`` starts the members (concurrently) and
+    closes them; ``async with group.acquire() as lease:`` borrows from the serving member
+    (``lease.pool`` says which: with adapters of two providers, the handler branches on it).
+    Members share one lease mode and one adapter, or adapters of one ``Adapter.service``.
+    Raises ConfigError for an empty or mixed member list, a repeated member, or a bad setting.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Pool[C]],
+        *,
+        name: str,
+        policy: GroupPolicy | str = GroupPolicy.PRIORITY,
+        standby_min: int = 1,
+        failback_after: float = 30.0,
+        rtt_hysteresis: float = 0.2,
+        rtt_margin: float = 0.002,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if not members:
+            raise ConfigError(f"groups.{name}.members: a group needs at least one member pool")
+        names = [p.name for p in members]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"groups.{name}.members: a pool is listed twice: {names}")
+        first = members[0]
+        for p in members[1:]:
+            if not compatible(type(first.adapter), type(p.adapter)) or (
+                p.lease_mode is not first.lease_mode
+            ):
+                raise ConfigError(
+                    f"groups.{name}.members: {p.name!r} ({type(p.adapter).__name__},"
+                    f" {p.lease_mode.value}) is not compatible with {first.name!r}"
+                    f" ({type(first.adapter).__name__}, {first.lease_mode.value}): members of a"
+                    " group must use one lease mode and the same adapter (or adapters of one"
+                    " service, Adapter.service)"
+                )
+        if standby_min < 0:
+            raise ConfigError(f"groups.{name}.standby_min: must be >= 0, got {standby_min}")
+        if failback_after < 0:
+            raise ConfigError(f"groups.{name}.failback_after: must be >= 0, got {failback_after}")
+        try:
+            self.policy = GroupPolicy(policy)
+        except ValueError:
+            allowed = ", ".join(p.value for p in GroupPolicy)
+            raise ConfigError(f"groups.{name}.policy: {policy!r} is not one of {allowed}") from None
+        self.name = name
+        self.standby_min = standby_min
+        self.failback_after = failback_after
+        self.rtt_hysteresis = rtt_hysteresis
+        self.rtt_margin = rtt_margin
+        self._clock = clock or time.monotonic
+        self._members: list[_Member[C]] = [_Member(p, i, p.min_size) for i, p in enumerate(members)]
+        self._watches = [_MemberWatch(self, m) for m in self._members]
+        for m, watch in zip(self._members, self._watches, strict=True):
+            m.pool.add_observer(watch)
+        self._active = self._members[0]
+        self._order: tuple[_Member[C], ...] = tuple(self._members)
+        self._announce: tuple[str, str, str] | None = None  # a switch no caller has seen yet
+        self._failback_timer: asyncio.TimerHandle | None = None
+        self._trim_timer: asyncio.TimerHandle | None = None
+        self._releasers: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._chosen = False  # the first choice (after boot) was made
+        self._closed = False
+        self.failovers = 0
+        self.failbacks = 0
+        if self.policy is GroupPolicy.PRIORITY:
+            # The order is known before boot: standbys warm only their standby floor.
+            for m in self._members[1:]:
+                m.pool.set_min_size(min(standby_min, m.full_min))
+        self._observers: list[GroupObserver] = [
+            obs for obs in (f(self) for f in _factories) if obs is not None
+        ]
+
+    # -- public API -------------------------------------------------------------------------------
+
+    @property
+    def members(self) -> tuple[Pool[C], ...]:
+        """The member pools, in the order given."""
+        return tuple(m.pool for m in self._members)
+
+    @property
+    def active(self) -> Pool[C]:
+        """The member new leases are served from (unless it has nothing free right now)."""
+        return self._active.pool
+
+    @property
+    def state(self) -> PoolState:
+        """The best member state: READY if one member is, else DEGRADED, else the first's."""
+        states = [m.pool.state for m in self._members]
+        for good in _USABLE:
+            if good in states:
+                return good
+        return states[0]
+
+    def rtt(self, member: str) -> float | None:
+        """The smoothed ping round trip (seconds) the group measured for ``member``, if any."""
+        for m in self._members:
+            if m.name == member:
+                return m.rtt
+        raise KeyError(f"group {self.name!r} has no member {member!r}")
+
+    def acquire(self, timeout: float | None = None) -> _GroupAcquire[C]:
+        """``async with group.acquire() as lease:``; ``lease.pool`` is the member that served it.
+
+        ``timeout`` (default: each member's ``acquire_timeout``) bounds the whole wait. Raises on
+        entry PoolUnavailable at once when every member is unavailable (``__cause__``: an
+        ExceptionGroup of each member's last error), PoolExhausted when no member had a
+        connection within the timeout, PoolClosed when the group is closed. Cancellation-safe:
+        a cancelled acquire holds no place in any member's queue and leaks no connection.
+        """
+        return _GroupAcquire(self, timeout)
+
+    async def lease(self, timeout: float | None = None) -> Lease[C]:
+        """The member's lease without ``async with``; give it back with ``await lease.release()``.
+
+        Raises as :meth:`acquire` does; cancellation-safe.
+        """
+        if self._closed:
+            raise PoolError(f"group {self.name!r} is closed", pool=self.name)
+        suspects = None
+        for m in self._order:
+            pool = m.pool
+            if m.suspect:
+                suspects = [m] if suspects is None else [*suspects, m]
+                continue
+            if pool.state is PoolState.UNAVAILABLE:
+                continue
+            got = pool.lease_nowait()
+            if got is not None:
+                if self._announce is not None:
+                    self._served(m, None)
+                return got
+        for m in suspects or ():  # nothing free elsewhere: a suspect's connection, if any
+            if m.pool.state is not PoolState.UNAVAILABLE:
+                got = m.pool.lease_nowait()
+                if got is not None:
+                    return got
+        return await self._lease_slow(timeout)
+
+    async def start(self, *, require_ready: bool = True) -> None:
+        """Start every member that is not started yet, concurrently, and choose the active one.
+
+        The group is ready when one member is. If none could open a connection: with
+        ``require_ready`` the members are closed and PoolUnavailable is raised (cause: an
+        ExceptionGroup of each member's error); without it the group starts unavailable and its
+        members recover in the background. Cancelling start closes the members.
+        """
+        if self._started:
+            raise PoolError(f"group {self.name!r} was already started", pool=self.name)
+        self._started = True
+        fresh = [m.pool for m in self._members if m.pool.state is PoolState.NEW]
+        try:
+            await asyncio.gather(*(p.start(require_ready=False) for p in fresh))
+        except BaseException:
+            await asyncio.shield(self.aclose(0))
+            raise
+        now = self._clock()
+        for m in self._members:
+            m.ready_since = now if m.pool.state is PoolState.READY else None
+        if require_ready and not any(_lends(m.pool) for m in self._members):
+            err = self._unavailable()
+            await self.aclose(0)
+            raise err
+        self._reselect(initial=True)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Close every member (see :meth:`voicepool.Pool.aclose`) and stop choosing. Idempotent."""
+        self._closed = True
+        for timer in (self._failback_timer, self._trim_timer):
+            if timer is not None:
+                timer.cancel()
+        self._failback_timer = self._trim_timer = None
+        for m, watch in zip(self._members, self._watches, strict=True):
+            m.pool.remove_observer(watch)
+        await asyncio.gather(
+            *(m.pool.aclose(timeout) for m in self._members), return_exceptions=True
+        )
+
+    async def __aenter__(self) -> PoolGroup[C]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        members = ", ".join(f"{m.name}:{m.pool.state.value}" for m in self._members)
+        return (
+            f"<PoolGroup {self.name!r} {self.policy.value} active={self._active.name} [{members}]>"
+        )
+
+    # -- acquire, slow path ---------------------------------------------------------------------
+
+    async def _lease_slow(self, timeout: float | None) -> Lease[C]:
+        usable = [m for m in self._order if m.pool.state in _USABLE]
+        if not usable:
+            raise self._unavailable()
+        t0 = self._clock()
+        first = usable[0]
+        got: Lease[C] | None = None
+        errors: list[Exception] = []
+        if _can_open(first.pool):
+            # A healthy member that will open a connection for us: no need to queue elsewhere.
+            try:
+                got = await first.pool.lease(timeout)
+            except PoolUnavailable as exc:  # its circuit opened while we waited: try the rest
+                errors.append(exc)
+                usable = [m for m in usable[1:] if m.pool.state in _USABLE]
+                if not usable:
+                    raise self._unavailable() from None
+        if got is None:
+            if timeout is not None:
+                timeout = max(0.0, timeout - (self._clock() - t0))
+            got = await self._wait_all(usable, timeout, errors)
+        member = next(m for m in self._members if m.pool is got.pool)
+        self._served(member, self._clock() - t0)
+        return got
+
+    async def _wait_all(
+        self, usable: list[_Member[C]], timeout: float | None, errors: list[Exception]
+    ) -> Lease[C]:
+        """Queue in every usable member at once; the first grant wins, the rest are given back."""
+        loop = asyncio.get_running_loop()
+        tasks = {loop.create_task(m.pool.lease(timeout)): m for m in usable}
+        winner: Lease[C] | None = None
+        try:
+            pending = set(tasks)
+            while pending and winner is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.cancelled():
+                        continue
+                    exc = task.exception()
+                    if exc is None:
+                        if winner is None:
+                            winner = task.result()
+                    elif isinstance(exc, Exception):
+                        errors.append(exc)
+        finally:
+            # Losers (and, when we were cancelled, everything): cancel the waits, and give back
+            # any lease granted in the same loop iteration, in the background.
+            for task in tasks:
+                if (
+                    winner is not None
+                    and task.done()
+                    and not task.cancelled()
+                    and task.exception() is None
+                    and task.result() is winner
+                ):
+                    continue
+                task.cancel()
+                task.add_done_callback(self._give_back)
+        if winner is not None:
+            return winner
+        cause = ExceptionGroup(f"members of group {self.name!r}", errors) if errors else None
+        if len(errors) == len(tasks) and all(isinstance(e, PoolClosed) for e in errors):
+            raise PoolClosed(f"group {self.name!r} is closing", pool=self.name) from cause
+        if len(errors) == len(tasks) and all(isinstance(e, PoolUnavailable) for e in errors):
+            raise PoolUnavailable(
+                f"group {self.name!r}: every member became unavailable while waiting",
+                pool=self.name,
+            ) from cause
+        raise PoolExhausted(
+            f"group {self.name!r}: no member had a connection free within the timeout"
+            f" ({', '.join(f'{m.name} {m.pool.state.value}' for m in usable)})",
+            pool=self.name,
+        ) from cause
+
+    def _give_back(self, task: asyncio.Task[Lease[C]]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        release = asyncio.get_running_loop().create_task(task.result().release())
+        self._releasers.add(release)
+        release.add_done_callback(self._releasers.discard)
+
+    def _served(self, member: _Member[C], waited: float | None) -> None:
+        announce = self._announce
+        if announce is not None and member is self._active:
+            self._announce = None
+            for obs in self._observers:
+                obs.on_switch_served(self, *announce)
+        if waited is not None:
+            for obs in self._observers:
+                obs.on_served(self, member.name, waited)
+
+    def _unavailable(self) -> PoolUnavailable:
+        errors: list[Exception] = []
+        for m in self._members:
+            last = m.pool.last_error
+            if isinstance(last, Exception):
+                errors.append(last)
+            else:
+                errors.append(
+                    PoolUnavailable(f"pool {m.name!r} is {m.pool.state.value}", pool=m.name)
+                )
+        err = PoolUnavailable(
+            f"group {self.name!r}: every member is unavailable ("
+            + ", ".join(f"{m.name} {m.pool.state.value}" for m in self._members)
+            + ")",
+            pool=self.name,
+        )
+        err.__cause__ = ExceptionGroup(f"last errors of group {self.name!r}", errors)
+        return err
+
+    # -- choosing the active member (the one place it changes) ----------------------------------
+
+    def _member_state(self, member: _Member[C], new: PoolState) -> None:
+        if new is PoolState.READY:
+            if member.ready_since is None:
+                member.ready_since = self._clock()
+        else:
+            member.ready_since = None
+        self._reselect()
+
+    def _score(self, m: _Member[C], by_ping: bool) -> float:
+        value = m.rtt if by_ping else m.connect
+        return float("inf") if value is None else value
+
+    def _ranked(self) -> list[_Member[C]]:
+        if self.policy is GroupPolicy.PRIORITY:
+            return list(self._members)
+        by_ping = all(m.rtt is not None for m in self._members if m.pool.state in _USABLE)
+        return sorted(self._members, key=lambda m: (self._score(m, by_ping), m.rank))
+
+    def _beats(self, m: _Member[C], cur: _Member[C]) -> bool:
+        if self.policy is GroupPolicy.PRIORITY:
+            return m.rank < cur.rank
+        by_ping = m.rtt is not None and cur.rtt is not None
+        a, b = self._score(m, by_ping), self._score(cur, by_ping)
+        return a * (1 + self.rtt_hysteresis) < b and b - a > self.rtt_margin
+
+    def _reselect(self, *, initial: bool = False) -> None:
+        """Decide the active member from the members' states and round trips (synchronous)."""
+        if (not self._chosen and not initial) or self._closed:
+            return  # members report states while they boot: the first choice is made after
+        self._chosen = True
+        now = self._clock()
+        cur = self._active
+        ranked = self._ranked()
+        new: _Member[C] | None = None
+        why = ""
+        if initial or cur.pool.state not in _USABLE:
+            new = next((m for m in ranked if m.pool.state is PoolState.READY), None) or next(
+                (m for m in ranked if m.pool.state in _USABLE), None
+            )
+            why = "boot" if initial else f"{cur.name} {cur.pool.state.value}"
+        else:
+            wake_at = None
+            for m in ranked:
+                if m is cur:
+                    break
+                if m.pool.state is not PoolState.READY or m.ready_since is None:
+                    continue
+                if not self._beats(m, cur):
+                    continue
+                ready_for = now - m.ready_since
+                if ready_for >= self.failback_after:
+                    new = m
+                    why = "failback" if self.policy is GroupPolicy.PRIORITY else "lower_rtt"
+                    break
+                due = m.ready_since + self.failback_after
+                wake_at = due if wake_at is None else min(wake_at, due)
+            if new is None and wake_at is not None:
+                self._arm_failback(wake_at - now)
+        if new is None or (new is cur and not initial):
+            return
+        self._switch(cur, new, why, initial)
+
+    def _trim_standbys(self) -> None:
+        """Bring every standby to its standby floor: idle connections above it close now; those
+        still leased close as they come back (checked every _TRIM_EVERY while any is left)."""
+        self._trim_timer = None
+        if self._closed:
+            return
+        left = False
+        for m in self._members:
+            if m is self._active:
+                continue
+            floor = min(self.standby_min, m.full_min)
+            m.pool.set_min_size(floor)
+            if m.pool.state not in (PoolState.CLOSING, PoolState.CLOSED):
+                left = left or m.pool.stats().size > floor
+        if left:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._trim_timer = loop.call_later(_TRIM_EVERY, self._trim_standbys)
+
+    def _arm_failback(self, delay: float) -> None:
+        if self._failback_timer is not None:
+            self._failback_timer.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        # A hair late rather than early: the check compares against failback_after exactly.
+        self._failback_timer = loop.call_later(max(0.0, delay) + 1e-3, self._reselect)
+
+    def _switch(self, cur: _Member[C], new: _Member[C], why: str, initial: bool) -> None:
+        self._active = new
+        rest = [m for m in self._ranked() if m is not new]
+        self._order = (new, *rest)
+        # Grow the new active first, then shrink the others: capacity never dips on a switch.
+        new.pool.set_min_size(new.full_min)
+        self._trim_standbys()
+        if initial or new is cur:
+            return
+        back = why in ("failback", "lower_rtt")
+        if back:
+            self.failbacks += 1
+        else:
+            self.failovers += 1
+        log.warning(
+            "group %s: %s from %s to %s (%s)",
+            self.name,
+            "fail-back" if back else "failover",
+            cur.name,
+            new.name,
+            why,
+            extra={"voicepool.group.name": self.name},
+        )
+        self._announce = (cur.name, new.name, why)
+        for obs in self._observers:
+            obs.on_switch(self, cur.name, new.name, why, back)
+
+
+class _GroupAcquire(Generic[C]):
+    """What ``group.acquire()`` returns: enter to get the member's lease, exit to release it."""
+
+    __slots__ = ("_group", "_lease", "_timeout")
+
+    def __init__(self, group: PoolGroup[C], timeout: float | None) -> None:
+        self._group = group
+        self._timeout = timeout
+        self._lease: Lease[C] | None = None
+
+    async def __aenter__(self) -> Lease[C]:
+        if self._lease is not None:
+            raise RuntimeError("a group acquire can be entered only once; call acquire() again")
+        self._lease = await self._group.lease(self._timeout)
+        return self._lease
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._lease is not None:
+            await self._lease.__aexit__(exc_type, exc, tb)
