@@ -25,6 +25,9 @@ EXPECTED_UNITS = {
     n.CLOSED: "{connection}",
     n.WAIT_P95: "s",
     n.POOL_STATE: "{state}",
+    n.IDLE_TIME: "s",
+    n.WARM_TARGET: "{connection}",
+    n.ACQUIRES_WAITED: "{acquire}",
     n.CREATE_TIME: "s",
     n.WAIT_TIME: "s",
     n.USE_TIME: "s",
@@ -58,6 +61,9 @@ async def test_gauges_units_and_limits(otel: Otel) -> None:
             assert otel.value(n.POOL_STATE, m, **{n.ATTR_STATE: "ready"}, **_k()) == 1
             assert otel.value(n.POOL_STATE, m, **{n.ATTR_STATE: "unavailable"}, **_k()) == 0
             assert otel.value(n.WAIT_P95, m, **_k()) == 0.0
+            assert otel.value(n.WARM_TARGET, m, **_k()) == 2  # fixed: min_size
+            assert otel.value(n.ACQUIRES_WAITED, m, **_k()) == 0
+            assert otel.value(n.IDLE_TIME, m, **_k()) >= 0.0
             for metric in m.values():
                 for point in metric.data.data_points:
                     assert point.attributes[n.ATTR_POOL_NAME] == "asr"
