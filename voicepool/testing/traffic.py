@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from voicepool._engine.actions import Close, Connect, Grant, Ping, Wake
-from voicepool._engine.core import PoolCore, SizingPolicy, Waiter
+from voicepool._engine.core import PoolCore, SizingPolicy
 from voicepool._engine.record import ConnRecord, ConnState
+from voicepool._engine.waitqueue import Waiter
 from voicepool.adapter import LeaseMode
 from voicepool.pool_settings import PoolSettings
 
