@@ -243,7 +243,12 @@ class DeepgramConnection(ManagedSocket):
             close_timeout=o.close_timeout,
         )
         self._events: asyncio.Queue[Any] = asyncio.Queue()
+        # Every Finalize is answered by one ``from_finalize`` result, in order: a reset is at a
+        # boundary only when all of them (the holder's too) are answered.
+        self.finalizes_sent = 0
+        self.finalizes_answered = 0
         self._finalized = asyncio.Event()
+        self._finalized.set()
         self.closing = False
         self.audio_since_finalize = False
         self.metadata: Metadata | None = None
@@ -264,8 +269,13 @@ class DeepgramConnection(ManagedSocket):
 
     async def finalize(self) -> None:
         """Ask for the results of all audio sent so far (they carry ``from_finalize``)."""
+        self.finalizes_sent += 1
         self._finalized.clear()
-        await self.send(FINALIZE)
+        try:
+            await self.send(FINALIZE)
+        except BaseException:
+            self.finalizes_sent -= 1  # (a frame is queued whole or not at all)
+            raise
         self.audio_since_finalize = False
 
     async def close_stream(self) -> None:
@@ -320,7 +330,9 @@ class DeepgramConnection(ManagedSocket):
     def on_message(self, message: str | bytes) -> None:
         event = parse_event(message)
         if isinstance(event, Transcript) and event.from_finalize:
-            self._finalized.set()
+            self.finalizes_answered += 1
+            if self.finalizes_answered >= self.finalizes_sent:
+                self._finalized.set()
         elif isinstance(event, Metadata):
             self.metadata = event
         self._events.put_nowait(event)
@@ -371,9 +383,10 @@ class DeepgramAdapter(BaseWebSocketAdapter[DeepgramConnection]):
         return conn.is_open
 
     async def reset(self, conn: DeepgramConnection) -> None:
-        """EXCLUSIVE reuse: ``Finalize`` if audio flowed, wait for its result, drop leftovers.
+        """EXCLUSIVE reuse: ``Finalize`` if audio flowed, wait until every Finalize sent on the
+        socket (the holder's too) is answered, then drop what the holder left unread.
 
-        Raises StreamClosed (socket gone) or TimeoutError (no flushed result within
+        Raises StreamClosed (socket gone) or TimeoutError (not all answered within
         ``finalize_timeout``): the pool then discards the socket.
         """
         conn.check_open()
@@ -381,9 +394,9 @@ class DeepgramAdapter(BaseWebSocketAdapter[DeepgramConnection]):
             raise StreamClosed(f"{conn.where}: stream was closed by its holder")
         if conn.audio_since_finalize:
             await conn.finalize()
-            async with asyncio.timeout(self.options.finalize_timeout):
-                await conn._finalized.wait()
-            conn.check_open()
+        async with asyncio.timeout(self.options.finalize_timeout):
+            await conn._finalized.wait()
+        conn.check_open()
         conn.drain()
 
     async def close(self, conn: DeepgramConnection) -> None:

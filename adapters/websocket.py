@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -37,7 +38,7 @@ from websockets.exceptions import (
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
-from voicepool.adapter import Adapter
+from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConnectError, VoicepoolError
 
 __all__ = [
@@ -120,11 +121,48 @@ class EndpointOptions(BaseModel):
 
 
 class WebSocketOptions(EndpointOptions):
-    """Options of the generic adapter: an endpoint plus an optional text keepalive."""
+    """Options of the generic adapter: an endpoint, an optional text keepalive, and the boundary
+    that makes ``exclusive`` reuse safe.
+
+    Without ``reset_boundary`` the adapter is ``single_use``: a stateful socket handed to a second
+    call could carry the first call's data. With it, leases are ``exclusive`` and the reset after
+    each one sends ``reset_message`` (if any) and reads until a text message matching
+    ``reset_boundary`` arrives, dropping everything before it; a socket that reaches no boundary
+    within ``reset_timeout``, or receives anything within ``reset_quiet`` after it, is discarded.
+    ``reset_message`` should produce exactly one boundary: a holder that asks for one itself
+    reads it before releasing.
+    """
 
     keepalive_message: str | None = Field(
         None, description="Text frame sent on each health ping (a provider keepalive)."
     )
+    reset_message: str | None = Field(
+        None,
+        description="Text frame sent at reset to ask the server for a boundary (e.g. a flush).",
+    )
+    reset_boundary: str | None = Field(
+        None,
+        description=(
+            "Regular expression matching the server's last message of a finished exchange."
+            " Set: leases are exclusive, and a reset drains to it. Unset: single_use."
+        ),
+    )
+    reset_timeout: float = Field(2.0, gt=0, description="How long a reset waits for the boundary.")
+    reset_quiet: float = Field(
+        0.05,
+        ge=0,
+        description="Silence required after the boundary, seconds (a message within it: discard).",
+    )
+
+    @field_validator("reset_boundary")
+    @classmethod
+    def _boundary_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"reset_boundary is not a regular expression: {exc}") from exc
+        return value
 
 
 def safe_endpoint(url: str) -> str:
@@ -203,19 +241,6 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
             secret_names.append(self.options.auth_header)
         self._logger = _RedactingLogger(_wire_log, secret_names)
 
-    @classmethod
-    def _build_options(cls, options: Any, kwargs: dict[str, Any]) -> Any:
-        model = cls.Options
-        assert model is not None
-        if options is None:
-            return model(**kwargs)
-        if kwargs:
-            raise TypeError("pass either an Options model or keyword options, not both")
-        if isinstance(options, model):
-            return options
-        data = options.model_dump() if isinstance(options, BaseModel) else options
-        return model.model_validate(data)
-
     # -- what subclasses customise ----------------------------------------------------------------
 
     def url(self) -> str:
@@ -293,13 +318,23 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
 class WebSocketAdapter(BaseWebSocketAdapter[ClientConnection]):
     """Generic WebSocket adapter: ``lease.conn`` is a ``websockets`` ``ClientConnection``.
 
-    ``ping`` sends ``keepalive_message`` (if any), then a WebSocket ping, and waits for the pong
-    (the pool bounds it with ``ping_timeout``); it raises :class:`StreamClosed` when the socket is
-    closed. ``connect`` raises :class:`~voicepool.ConnectError` (see the module doc for fatality).
+    ``single_use`` unless ``reset_boundary`` is set (then ``exclusive``: see
+    :class:`WebSocketOptions`). ``ping`` sends ``keepalive_message`` (if any), then a WebSocket
+    ping, and waits for the pong (the pool bounds it with ``ping_timeout``); it raises
+    :class:`StreamClosed` when the socket is closed. ``connect`` raises
+    :class:`~voicepool.ConnectError` (see the module doc for fatality).
     """
 
     Options: ClassVar[type[BaseModel] | None] = WebSocketOptions
     options: WebSocketOptions
+    lease_mode: LeaseMode = LeaseMode.SINGLE_USE
+
+    def __init__(self, options: WebSocketOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
+        boundary = self.options.reset_boundary
+        self._boundary = re.compile(boundary) if boundary is not None else None
+        if self._boundary is not None:
+            self.lease_mode = LeaseMode.EXCLUSIVE  # per instance: a reset can prove it clean
 
     # -- Adapter ----------------------------------------------------------------------------------
 
@@ -312,23 +347,83 @@ class WebSocketAdapter(BaseWebSocketAdapter[ClientConnection]):
     async def ping(self, conn: ClientConnection) -> None:
         """Provider keepalive (if configured), then a WebSocket ping; wait for the pong.
 
-        Raises StreamClosed if the socket is closed. Cancelling only stops the wait.
+        Raises StreamClosed if the socket is closed. Cancelled while waiting for the pong (the
+        pool's ``ping_timeout``), it aborts the socket: a silent peer is then reported closed.
         """
         try:
             if self.options.keepalive_message is not None:
                 await conn.send(self.options.keepalive_message)
-            pong = await conn.ping()
-            await pong
         except ConnectionClosed as exc:
             raise _closed_error(exc, self.describe()) from exc
+        await _await_pong(conn, self.describe())
 
     def is_open(self, conn: ClientConnection) -> bool:
         return conn.state is State.OPEN
+
+    async def reset(self, conn: ClientConnection) -> None:
+        """Prove the socket clean for the next holder, or raise so the pool discards it.
+
+        Sends ``reset_message`` (if any), then reads until a text message matches
+        ``reset_boundary`` (within ``reset_timeout``), dropping what came before; a message
+        within ``reset_quiet`` after the boundary means the server is still sending: discard.
+        Without a boundary nothing can prove the socket clean (an ``exclusive`` override in
+        settings), so it always raises. Raises RuntimeError, TimeoutError or StreamClosed; a
+        cancelled reset leaves the socket in an unknown state, which the pool discards.
+        """
+        boundary = self._boundary
+        if boundary is None:
+            raise RuntimeError(
+                f"{self.describe()}: no reset_boundary, so nothing proves the socket clean;"
+                " discarding it (set reset_boundary for exclusive reuse)"
+            )
+        try:
+            if self.options.reset_message is not None:
+                await conn.send(self.options.reset_message)
+            async with asyncio.timeout(self.options.reset_timeout):
+                while True:
+                    message = await conn.recv()
+                    if isinstance(message, str) and boundary.search(message):
+                        break
+            try:
+                # Silence after the boundary is the proof: a server still streaming the last
+                # call's data is caught here, not by the next holder (recv is cancellation-safe).
+                async with asyncio.timeout(self.options.reset_quiet):
+                    await conn.recv()
+            except TimeoutError:
+                return
+        except ConnectionClosed as exc:
+            raise _closed_error(exc, self.describe()) from exc
+        raise RuntimeError(f"{self.describe()}: the server kept sending after the boundary")
 
     async def close(self, conn: ClientConnection) -> None:
         """Closing handshake (1000), bounded by ``close_timeout``; never raises on a dead peer."""
         with contextlib.suppress(ConnectionClosed, OSError):
             await conn.close()
+
+
+async def _await_pong(
+    ws: ClientConnection, where: str, abandon: Callable[[str], None] | None = None
+) -> None:
+    """Send a WebSocket ping and wait for its pong. Raises StreamClosed on a closed socket.
+
+    Cancelled while waiting (the pool's ``ping_timeout``): no pong came in time, so the socket is
+    abandoned (its transport aborted) before the cancellation propagates: a socket's state stays
+    OPEN when its peer vanishes silently, and it must not be reported open after a failed ping.
+    """
+    try:
+        pong = await ws.ping()
+    except ConnectionClosed as exc:
+        raise _closed_error(exc, where) from exc
+    try:
+        await pong
+    except ConnectionClosed as exc:
+        raise _closed_error(exc, where) from exc
+    except asyncio.CancelledError:
+        if abandon is not None:
+            abandon("no pong within the ping timeout")
+        else:
+            ws.transport.abort()
+        raise
 
 
 def _closed_error(exc: ConnectionClosed, where: str) -> StreamClosed:
@@ -398,16 +493,23 @@ class ManagedSocket:
         self.last_sent = self.loop.time()
 
     async def ping(self, messages: Iterable[str] = ()) -> None:
-        """Send ``messages`` (provider keepalives), then a WebSocket ping; wait for the pong."""
+        """Send ``messages`` (provider keepalives), then a WebSocket ping; wait for the pong.
+
+        Raises StreamClosed if the socket is closed. The caller bounds the wait (the pool's
+        ``ping_timeout``): a ping cancelled while it waits for the pong abandons the socket (see
+        :meth:`abandon`), so a silent peer is reported dead the moment its ping fails.
+        """
         for message in messages:
             await self.send(message)
             self.keepalives_sent += 1
         self.check_open()
-        try:
-            pong = await self.ws.ping()
-            await pong
-        except ConnectionClosed as exc:
-            raise _closed_error(exc, self.where) from exc
+        await _await_pong(self.ws, self.where, self.abandon)
+
+    def abandon(self, why: str) -> None:
+        """The peer is unreachable: fail every consumer now, drop the TCP connection, and let
+        the reader report the close to the pool (``is_open`` is False from here on)."""
+        self._fail(StreamClosed(f"{self.where}: {why}"))
+        self.ws.transport.abort()
 
     # -- subclass hooks ---------------------------------------------------------------------------
 
