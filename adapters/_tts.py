@@ -295,7 +295,13 @@ class TTSConnection(ManagedSocket):
             ctx._finish(error)
 
     def keepalive_messages(self) -> list[str]:
-        started = [cid for cid, ctx in self.contexts.items() if ctx.started and not ctx.released]
+        # Only contexts the provider holds open: a message naming an ended one (close_context
+        # sent) would open it again, and take a slot.
+        started = [
+            cid
+            for cid, ctx in self.contexts.items()
+            if ctx.started and not ctx.ended and not ctx.released
+        ]
         return [json.dumps(m) for m in self.dialect.keepalive_messages(started)]
 
     def __repr__(self) -> str:

@@ -7,10 +7,11 @@ releasing a lease sends ``close_context`` before its slot is reused, so an inter
 fails (close, malformed message) is replaced.
 
 Keepalive: ElevenLabs closes a socket after ``inactivity_timeout`` (default 20 s) without text.
-The pool pings idle sockets; each ping sends ``{"context_id": ..., "text": ""}`` (an empty text is
-the documented per-context keepalive; on a socket with no context the adapter uses its
-``keepalive_context_id``, which no context ever takes) and a WebSocket ping. A socket with open
-contexts keeps itself alive the same way whenever nothing was sent for ``keepalive_interval``.
+The pool pings idle sockets; each ping sends a keepalive and a WebSocket ping. The keepalive is
+``{"context_id": ..., "text": ""}`` for each open context (the documented per-context keepalive)
+and ``{"text": ""}`` on a socket with none: a message that names a context opens it, so a made-up
+keepalive context would take one of the 5 slots. A socket with open contexts keeps itself alive
+the same way whenever nothing was sent for ``keepalive_interval``.
 
 In a call handler::
 
@@ -57,7 +58,6 @@ class ElevenLabsOptions(EndpointOptions):
     max_idle: float | None = Field(None, gt=0, description="Default: inactivity_timeout.")
     keepalive: bool = Field(True, description="Send keepalives (off only to test the idle close).")
     keepalive_interval: float | None = Field(None, gt=0, description="Default: max_idle / 3.")
-    keepalive_context_id: str = "vp-keepalive"
 
     @model_validator(mode="after")
     def _keepalive_fits(self) -> ElevenLabsOptions:
@@ -107,8 +107,12 @@ class ElevenLabsDialect:
         return [] if ended else [{"context_id": context_id, "close_context": True}]
 
     def keepalive_messages(self, open_contexts: list[str]) -> list[dict[str, Any]]:
-        ids = open_contexts or [self.options.keepalive_context_id]
-        return [{"context_id": cid, "text": ""} for cid in ids]
+        # A message naming a context opens it, taking one of the socket's 5 slots: name only
+        # contexts already open, and keep a socket without one alive with a context-less
+        # keepalive (what Pipecat does since its #4527).
+        if not open_contexts:
+            return [{"text": ""}]
+        return [{"context_id": cid, "text": ""} for cid in open_contexts]
 
     def goodbye_messages(self) -> list[dict[str, Any]]:
         return [{"close_socket": True}]

@@ -5,9 +5,11 @@ open, the choice is written here.
 
 ElevenLabs (``/v1/text-to-speech/{voice}/multi-stream-input``, header ``xi-api-key``):
 
-* A context is created by the first non-empty text for a new ``context_id``. A 6th open context
-  gets an error message and close 1008 "Maximum simultaneous contexts per WebSocket connection
-  exceeded" (E). ``{"text": ""}`` is a keepalive and never creates a context.
+* A context is created by the first message with a ``text`` field (even an empty one) for a new
+  ``context_id``, or by the first non-empty text without one (the default context). A 6th open
+  context gets an error message and close 1008 "Maximum simultaneous contexts per WebSocket
+  connection exceeded" (E). ``{"text": ""}`` is a keepalive; without a ``context_id`` it opens no
+  context, with one it opens that context like any other message naming it.
 * ``flush`` generates the buffered text; ``close_context`` frees the slot at once, generates what
   is still buffered, then sends ``{"isFinal": true, "contextId": ...}``. ``close_socket``: 1000.
 * No text frame for ``inactivity_timeout`` (URL parameter, default 20 s, capped by the emulator's
@@ -149,10 +151,11 @@ class ElevenLabsEmulator(_TTSEmulator):
                 if msg.get("close_socket"):
                     await session.close(1000, "")
                     return
-                cid = str(msg.get("context_id") or "default")
+                named = msg.get("context_id")
+                cid = str(named or "default")
                 ctx = open_.get(cid)
                 text = msg.get("text")
-                if ctx is None and isinstance(text, str) and text:
+                if ctx is None and isinstance(text, str) and (text or named):
                     if len(open_) >= self.max_contexts:
                         await self._too_many(session, len(open_))
                         return
