@@ -22,7 +22,7 @@ import contextlib
 import logging
 import re
 import ssl
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -595,28 +595,54 @@ class ManagedSocket:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
-        deadline = self.loop.time() + self.close_timeout
+        reader = self._reader
+
+        async def server_closed() -> None:
+            if reader is not None:
+                await asyncio.shield(reader)
+
         try:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    if self.is_open:
-                        with contextlib.suppress(StreamClosed):
-                            for message in goodbye:
-                                await self.send(message)
-                        if wait_for_server and self._reader is not None:
-                            await asyncio.shield(self._reader)
-                    with contextlib.suppress(ConnectionClosed, OSError):
-                        await self.ws.close()
-            except TimeoutError:
-                pass
+            await close_politely(
+                self.ws,
+                goodbye if self.is_open else (),
+                timeout=self.close_timeout,
+                until_closed=server_closed if wait_for_server else None,
+            )
         finally:
-            # Past the deadline, or cancelled: drop the TCP connection rather than leak it.
-            if self.ws.state is not State.CLOSED:
-                self.ws.transport.abort()
             for task in list(self._tasks):
                 task.cancel()
-            reader = self._reader
             if reader is not None and not reader.done():
                 reader.cancel()
-        if self._reader is not None:
-            await asyncio.wait([self._reader, *self._tasks], timeout=self.close_timeout)
+        if reader is not None:
+            await asyncio.wait([reader, *self._tasks], timeout=self.close_timeout)
+
+
+async def close_politely(
+    ws: ClientConnection,
+    goodbye: Iterable[str],
+    *,
+    timeout: float,
+    until_closed: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Send ``goodbye`` (if the socket is open), await ``until_closed`` (the server's own close,
+    for providers that answer a goodbye with final results), then the closing handshake.
+
+    The whole close takes at most ``timeout``; past it, or if cancelled, the TCP connection is
+    aborted, so nothing is left open. Never raises on a dead peer.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            if ws.state is State.OPEN:
+                with contextlib.suppress(ConnectionClosed):
+                    for message in goodbye:
+                        await ws.send(message)
+                if until_closed is not None:
+                    await until_closed()
+            with contextlib.suppress(ConnectionClosed, OSError):
+                await ws.close()
+    except TimeoutError:
+        pass
+    finally:
+        # Past the deadline, or cancelled: drop the TCP connection rather than leak it.
+        if ws.state is not State.CLOSED:
+            ws.transport.abort()
