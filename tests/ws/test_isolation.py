@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -16,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from voicepool import LeaseMode, Pool
 from voicepool.adapters.cartesia import CartesiaAdapter
-from voicepool.adapters.deepgram import DeepgramAdapter, Transcript
+from voicepool.adapters.deepgram import DeepgramAdapter, DeepgramOptions, Transcript
 from voicepool.adapters.elevenlabs import ElevenLabsAdapter
 from voicepool.adapters.websocket import WebSocketAdapter
 from voicepool.testing import test_certificates
@@ -206,3 +207,18 @@ async def test_cartesia_audio_of_a_released_context_never_reaches_the_next() -> 
                 audio = b"".join([c async for c in ctx.synthesize(text)])
                 assert audio == synthesize(text, server.bytes_per_char)
         assert server.accepted == 1
+
+
+async def test_deepgram_raw_results_of_a_released_stream_never_reach_the_next() -> None:
+    emulator = DeepgramEmulator(tls=True, api_key=API_KEY, idle_timeout=None, result_delay=0.03)
+    async with emulator as server:
+        opts = DeepgramOptions(url=server.url, api_key=API_KEY, ca_file=server.ca_file, raw=True)
+        ad = DeepgramAdapter.from_options(opts)
+        async with Pool(ad, settings(min_size=1, max_size=1), name="asr") as pool:
+            assert pool.lease_mode is LeaseMode.SINGLE_USE
+            async with pool.acquire() as lease:
+                await lease.conn.send(b"first caller")  # leaves with results in flight
+            async with pool.acquire() as lease:
+                await lease.conn.send(b"second")
+                result = json.loads(await lease.conn.recv())
+                assert result["channel"]["alternatives"][0]["transcript"] == "second"
