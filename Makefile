@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install sysdeps lint typecheck test demo bench clean
+.PHONY: install sysdeps lint typecheck check test demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,12 +22,20 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy voicepool adapters
+	$(BIN)/mypy voicepool adapters tools
 
 # Branch coverage is measured (and gated) on the engine: the part every call goes through.
 ENGINE_COV := --cov=voicepool.pool --cov=voicepool._engine --cov=voicepool.lease \
 	--cov=voicepool.adapter --cov=voicepool.pool_settings --cov-branch \
 	--cov-report=term:skip-covered --cov-fail-under=90
+
+# The edit loop: lint, format, types and the fast tests (pure engine core, settings, units, docs),
+# no apt and no real peers; under a minute. `make test` stays the whole suite.
+FAST_TESTS := tests/engine tests/settings/test_settings.py tests/cli/test_units.py \
+	tests/cli/test_docs.py tests/testing/test_sip_registrar.py
+
+check: lint typecheck
+	$(BIN)/pytest -q -x $(FAST_TESTS)
 
 test: install sysdeps lint typecheck
 	$(BIN)/pytest -q $(ENGINE_COV)

@@ -103,3 +103,8 @@ def test_core_never_imports_adapters() -> None:
                 continue
             for module in modules:
                 assert not module.startswith(("voicepool.adapters", "adapters")), (path, module)
+
+
+def test_version_is_the_projects() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert voicepool.__version__ == config["project"]["version"]

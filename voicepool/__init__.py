@@ -8,6 +8,7 @@ at boot, keeps them healthy out of band, and lends them with ``async with pool.a
 # Importing voicepool.telemetry registers the default OpenTelemetry observer (global providers:
 # a no-op until the application installs an SDK).
 from voicepool import telemetry as telemetry
+from voicepool._version import __version__
 from voicepool.adapter import (
     Adapter,
     LeaseMode,
@@ -32,8 +33,6 @@ from voicepool.pool import Pool, PoolState, PoolStats
 from voicepool.pool_settings import PoolSettings
 from voicepool.settings import VoicePoolSettings
 from voicepool.shutdown import GracefulShutdown
-
-__version__ = "0.1.0"
 
 __all__ = [  # noqa: RUF022 - grouped by topic, as the docs list them
     # adapters

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from voicepool.cli import docgen, main
+from tools import docgen
+from voicepool.cli import main
 from voicepool.pool_settings import PoolSettings
 from voicepool.telemetry import names
 
@@ -33,7 +34,7 @@ def _section(title: str) -> str:
 
 
 def test_generated_blocks_match_the_code() -> None:
-    assert docgen.check(ROOT) == {}, "run: python -m voicepool.cli.docgen"
+    assert docgen.check(ROOT) == {}, "run: python -m tools.docgen"
 
 
 def test_every_generated_block_is_present() -> None:

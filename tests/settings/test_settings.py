@@ -425,3 +425,32 @@ def test_example_toml_and_env_files_load(
     health = json.dumps(manager.health())
     for secret in secrets:
         assert secret not in health
+
+
+def test_env_example_commented_overrides_name_real_fields(
+    built_in_adapters: dict[str, bool], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The commented-out lines of .env.example are advice a user will uncomment: each must load."""
+    from voicepool import PoolManager
+
+    lines = (ROOT / "config" / ".env.example").read_text().splitlines()
+    uncommented = [line.removeprefix("# ") for line in lines if line.startswith("# VOICEPOOL_")]
+    overrides = [line for line in uncommented if not line.startswith("VOICEPOOL_CONFIG=")]
+    assert overrides
+    env_file = tmp_path / ".env"
+    env_file.write_text("\n".join([*lines, *overrides]) + "\n")
+    monkeypatch.setenv("VOICEPOOL_CONFIG", str(ROOT / "config" / "voicepool.example.toml"))
+    s = VoicePoolSettings(_env_file=env_file)
+    manager = PoolManager.from_settings(s)
+    for line in overrides:
+        path, _, value = line.removeprefix("VOICEPOOL_").partition("=")
+        node: object = s
+        for part in path.lower().split("__"):
+            if isinstance(node, dict):
+                node = node[part]
+            elif hasattr(node, part):
+                node = getattr(node, part)
+            else:  # a pool's flat PoolSettings keys live on its `settings`
+                node = getattr(getattr(node, "settings"), part)  # noqa: B009
+        assert str(node) == value, line
+    assert set(manager) == set(s.pools)

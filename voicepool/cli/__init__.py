@@ -128,8 +128,10 @@ def _main(argv: Sequence[str] | None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.urls.extend(extra)
     if args.command == "demo":
-        from voicepool.cli import demo
-
+        try:
+            from voicepool.cli import demo
+        except ModuleNotFoundError as exc:
+            return _missing_extra(exc)
         return demo.run(args)
     if args.command == "probe":
         from voicepool.cli import probe
@@ -140,6 +142,23 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return check.run(args)
     parser.print_help()
+    return 2
+
+
+# The packages an optional extra brings, and the extra to name in the hint.
+_EXTRA_OF = {"trustme": "testing", "cryptography": "testing"}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> int:
+    """Exit status 2 with an install hint when a subcommand's optional extra is not installed."""
+    extra = _EXTRA_OF.get((exc.name or "").partition(".")[0])
+    if extra is None:
+        raise exc
+    print(
+        f"voicepool: this command needs the `{extra}` extra ({exc.name} is not installed): "
+        f"pip install 'voicepool[{extra}]'",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import metrics, trace
 
 from voicepool._engine.observer import add_observer_factory, remove_observer_factory
+from voicepool._version import __version__
 from voicepool.telemetry import names
 from voicepool.telemetry._instruments import Instruments, PoolRegistry
 from voicepool.telemetry._observer import OtelObserver
@@ -66,8 +67,6 @@ DEFAULT_HISTOGRAM_BUDGET = 1000
 
 
 def _version() -> str:
-    from voicepool import __version__  # late: voicepool/__init__ imports this module
-
     return __version__
 
 

@@ -13,7 +13,14 @@ import ssl
 import tempfile
 from pathlib import Path
 
-import trustme
+try:
+    import trustme
+except ModuleNotFoundError as exc:  # trustme (and the cryptography it pulls, ~16 MB) is an extra
+    raise ModuleNotFoundError(
+        "voicepool.testing (the emulators, the demo, `voicepool emulate`) needs the `testing` "
+        "extra: pip install 'voicepool[testing]'",
+        name=exc.name,
+    ) from exc
 
 __all__ = ["TestCertificates", "test_certificates"]
 

@@ -1,7 +1,7 @@
 """Reference sections of README.md and docs/, generated from the code so they cannot drift.
 
-    python -m voicepool.cli.docgen            # rewrite the generated blocks in place
-    python -m voicepool.cli.docgen --check    # exit 1 if a block differs (the tests run this)
+    python -m tools.docgen            # rewrite the generated blocks in place
+    python -m tools.docgen --check    # exit 1 if a block differs (the tests run this)
 
 A block sits between ``<!-- generated:NAME -->`` and ``<!-- end:NAME -->`` in a Markdown file;
 everything outside the markers is hand-written. Blocks:
@@ -33,7 +33,7 @@ __all__ = ["BLOCKS", "BUILTIN_ADAPTERS", "check", "render", "sync"]
 
 BUILTIN_ADAPTERS = ("deepgram", "elevenlabs", "cartesia", "http2", "rest", "sip", "websocket")
 _BLOCK = re.compile(r"(<!-- generated:([\w-]+)[^>]*-->\n)(.*?)(<!-- end:\2 -->)", re.S)
-_ROOT = Path(__file__).resolve().parents[2]
+_ROOT = Path(__file__).resolve().parents[1]
 FILES = ("README.md", "docs/configuration.md")
 
 
