@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import weakref
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
 from websockets.asyncio.client import ClientConnection
@@ -83,15 +83,13 @@ def encode(messages: list[dict[str, Any]]) -> list[str]:
 class ProviderAdapter(BaseWebSocketAdapter[C], Generic[C]):
     """Base of the provider adapters: the provider's knowledge of its sockets.
 
-    Subclasses set ``dialect`` in their constructor and may override :meth:`recycle_after` and
-    :meth:`stale_after` (a provider without a keepalive message: Cartesia). Built from settings
+    Subclasses set ``dialect`` in their constructor and may override ``recycle_after`` and
+    ``stale_after`` (a provider without a keepalive message: Cartesia). Built from settings
     with ``raw = true``, :meth:`from_options` returns a :class:`RawWebSocketAdapter` over it.
     """
 
     options: ProviderOptions
     dialect: SocketDialect
-    waits_for_server_close: ClassVar[bool] = False
-    """The provider answers the goodbye with final messages and closes itself (Deepgram)."""
 
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
@@ -117,19 +115,10 @@ class ProviderAdapter(BaseWebSocketAdapter[C], Generic[C]):
         """Text frames sent before the closing handshake."""
         return encode(self.dialect.goodbye_messages())
 
-    def recycle_after(self) -> float | None:
-        """Seconds idle after which a ping fails on purpose, so the pool replaces the socket
-        before the provider's idle close (None: the keepalive keeps it)."""
-        return None
-
-    def stale_after(self) -> float | None:
-        """Seconds idle after which the socket is reported unusable (the provider may close it
-        any moment; None: never)."""
-        return None
-
 
 class RawWebSocketAdapter(Adapter[ClientConnection]):
-    """Lends the plain ``websockets`` connection of a provider adapter's endpoint.
+    """Lends the plain ``websockets`` connection of a provider adapter's endpoint (any
+    :class:`~voicepool.adapters.websocket.BaseWebSocketAdapter` gives that knowledge).
 
     ``lease.conn`` is a :class:`websockets.asyncio.client.ClientConnection`: read and write it as
     the provider's protocol says; nothing else reads it. ``ping`` (idle sockets only) sends the
@@ -140,7 +129,7 @@ class RawWebSocketAdapter(Adapter[ClientConnection]):
 
     lease_mode: LeaseMode = LeaseMode.SINGLE_USE
 
-    def __init__(self, provider: ProviderAdapter[Any]) -> None:
+    def __init__(self, provider: BaseWebSocketAdapter[Any]) -> None:
         self.provider = provider
         self.max_idle = provider.max_idle
         self._opened: weakref.WeakKeyDictionary[ClientConnection, float] = (

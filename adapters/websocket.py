@@ -50,6 +50,7 @@ __all__ = [
     "StreamClosed",
     "WebSocketAdapter",
     "WebSocketOptions",
+    "handshake_status_error",
     "translate_connect_error",
 ]
 
@@ -172,20 +173,27 @@ def safe_endpoint(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 
+def handshake_status_error(endpoint: str, status: int, retry_after: str | None) -> ConnectError:
+    """The :class:`~voicepool.ConnectError` for an upgrade answered with HTTP ``status`` (any
+    client library): fatal for :data:`FATAL_STATUSES`, with a hint and ``Retry-After`` on 429."""
+    hint = _HINTS.get(status, "server error" if status >= 500 else "unexpected status")
+    extra = f" (Retry-After: {retry_after})" if retry_after and status == 429 else ""
+    return ConnectError(
+        f"{endpoint}: handshake rejected with HTTP {status}: {hint}{extra}",
+        fatal=status in FATAL_STATUSES,
+        status=status,
+    )
+
+
 def translate_connect_error(exc: BaseException, endpoint: str) -> ConnectError:
     """A :class:`~voicepool.ConnectError` for a failed open (the cause is chained by the caller).
 
     Fatal: HTTP statuses in :data:`FATAL_STATUSES`, certificate failures, an invalid URI.
     """
     if isinstance(exc, InvalidStatus):
-        status = exc.response.status_code
-        hint = _HINTS.get(status, "server error" if status >= 500 else "unexpected status")
-        retry = exc.response.headers.get("Retry-After")
-        extra = f" (Retry-After: {retry})" if retry and status == 429 else ""
-        return ConnectError(
-            f"{endpoint}: handshake rejected with HTTP {status}: {hint}{extra}",
-            fatal=status in FATAL_STATUSES,
-            status=status,
+        response = exc.response
+        return handshake_status_error(
+            endpoint, response.status_code, response.headers.get("Retry-After")
         )
     if isinstance(exc, ssl.SSLCertVerificationError):
         return ConnectError(
@@ -311,6 +319,28 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
             return exc.fatal
         return translate_connect_error(exc, "").fatal
 
+    # -- what a pool needs to keep a socket it does not read (raw and aiohttp adapters) -------
+
+    waits_for_server_close: ClassVar[bool] = False
+    """The server answers the goodbye with final messages and closes itself (Deepgram)."""
+
+    def idle_keepalives(self) -> list[str]:
+        """Text frames that keep an idle socket from the server's idle close."""
+        return []
+
+    def goodbyes(self) -> list[str]:
+        """Text frames sent before the closing handshake."""
+        return []
+
+    def recycle_after(self) -> float | None:
+        """Seconds idle after which a ping fails on purpose, so the pool replaces the socket
+        before the server's idle close (None: the keepalive keeps it)."""
+        return None
+
+    def stale_after(self) -> float | None:
+        """Seconds idle after which the socket is reported unusable (None: never)."""
+        return None
+
     def __repr__(self) -> str:
         return f"<{self.describe()}>"
 
@@ -338,6 +368,10 @@ class WebSocketAdapter(BaseWebSocketAdapter[ClientConnection]):
 
     # -- Adapter ----------------------------------------------------------------------------------
 
+    def idle_keepalives(self) -> list[str]:
+        message = self.options.keepalive_message
+        return [message] if message is not None else []
+
     async def connect(self) -> ClientConnection:
         ws = await self.open_socket()
         # Tell the pool the moment the socket goes away, instead of at the next health tick.
@@ -351,8 +385,8 @@ class WebSocketAdapter(BaseWebSocketAdapter[ClientConnection]):
         pool's ``ping_timeout``), it aborts the socket: a silent peer is then reported closed.
         """
         try:
-            if self.options.keepalive_message is not None:
-                await conn.send(self.options.keepalive_message)
+            for message in self.idle_keepalives():
+                await conn.send(message)
         except ConnectionClosed as exc:
             raise _closed_error(exc, self.describe()) from exc
         await _await_pong(conn, self.describe())
