@@ -24,6 +24,7 @@ from voicepool.errors import (
     PoolClosed,
     PoolError,
     PoolExhausted,
+    PoolLoopError,
     PoolUnavailable,
     VoicepoolError,
 )
@@ -59,6 +60,7 @@ __all__ = [  # noqa: RUF022 - grouped by topic, as the docs list them
     "PoolClosed",
     "PoolError",
     "PoolExhausted",
+    "PoolLoopError",
     "PoolUnavailable",
     "VoicepoolError",
     "__version__",

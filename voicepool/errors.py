@@ -7,7 +7,8 @@ stdlib error it also derives from that type, so ``except TimeoutError`` keeps wo
     ├── PoolError                       a pool refused or failed a request
     │   ├── PoolExhausted (TimeoutError)    no connection became free within the acquire timeout
     │   ├── PoolUnavailable                 the circuit is open: the provider is failing
-    │   └── PoolClosed                      the pool is closing or closed
+    │   ├── PoolClosed                      the pool is closing or closed
+    │   └── PoolLoopError (RuntimeError)    the pool is used from another event loop
     ├── ConnectError (ConnectionError)  opening a connection failed (cause chained)
     ├── LeaseReleased (RuntimeError)    a lease was used after it was released
     ├── AdapterNotFound (LookupError)   no adapter registered under that name
@@ -27,6 +28,7 @@ __all__ = [
     "PoolClosed",
     "PoolError",
     "PoolExhausted",
+    "PoolLoopError",
     "PoolUnavailable",
     "VoicepoolError",
 ]
@@ -62,6 +64,14 @@ class PoolUnavailable(PoolError):
 
 class PoolClosed(PoolError):
     """The pool is closing or closed and lends nothing more."""
+
+
+class PoolLoopError(PoolError, RuntimeError):
+    """The pool was used from an event loop other than the one it was started on.
+
+    A pool's connections, futures and timer belong to one loop: build one pool per loop. The
+    message names the pool and both loops.
+    """
 
 
 class ConnectError(VoicepoolError, ConnectionError):

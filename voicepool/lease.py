@@ -7,6 +7,7 @@ class is deliberately plain (``__slots__``, no ``contextlib`` wrapper): it is th
 from __future__ import annotations
 
 import asyncio
+from asyncio import _get_running_loop
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -15,7 +16,7 @@ from voicepool.errors import LeaseReleased
 
 if TYPE_CHECKING:
     from voicepool._engine.record import ConnRecord
-    from voicepool.pool import Pool
+    from voicepool.pool import Pool  # (pool <-> lease: the driver and its hot path)
 
 C = TypeVar("C")
 
@@ -91,24 +92,23 @@ class Lease(Generic[C]):
             raise RuntimeError("a Lease can be entered only once; call pool.acquire() again")
         pool = self._pool
         # The common case, inlined (this is the hot path: every call-level function call costs
-        # tens of ns here): an EXCLUSIVE / SINGLE_USE pool with an idle connection that is open.
-        if pool._simple and pool._idle:
-            rec = pool._idle.pop()
-            conn = rec.conn
-            if pool._is_open(conn):
-                rec.state = _IN_USE
-                self._rec = rec
-                self._conn = conn
-                self._t0 = pool._clock()
-                pool._n_acquired += 1
-                self._state = _HELD
-                return self
-            pool._retire(rec, "remote_closed")
-        if pool._instrumented:
-            # trace_acquire / leak_threshold: the rarely-enabled, costlier path.
-            await pool._acquire_instrumented(self)
-        elif not pool._take(self):
-            await pool._acquire_slow(self)
+        # tens of ns here): an EXCLUSIVE / SINGLE_USE pool whose newest idle connection is open,
+        # used from the loop it was started on. Anything else goes through the core.
+        if pool._simple:
+            idle = pool._idle
+            if idle:
+                rec = idle[-1]
+                conn = rec.conn
+                if pool._is_open(conn) and _get_running_loop() is pool._loop:
+                    idle.pop()
+                    rec.state = _IN_USE
+                    self._rec = rec
+                    self._conn = conn
+                    self._t0 = pool._clock()
+                    pool._core.n_acquired += 1
+                    self._state = _HELD
+                    return self
+        await pool._acquire(self)
         self._state = _HELD
         return self
 
@@ -122,22 +122,51 @@ class Lease(Generic[C]):
             return
         self._state = _RELEASED
         pool = self._pool
-        if exc_type is None and pool._fast_release and self._discard is None:
-            # Inlined common case of Pool._release_idle: back to idle, nobody waiting.
-            rec = self._rec
-            now = pool._clock()
-            if pool._observers:
-                pool._record_use(now - self._t0)
-            rec.last_used = now
-            if rec.expires > now and not pool._waiters and not pool._closing:
-                rec.state = _IDLE
-                pool._idle.append(rec)
-            else:
-                pool._release_idle(rec)
-            return
         if pool._instrumented and self._leak is not None:
             self._leak.cancel()
-        await pool._release_slow(self, exc)
+        if exc_type is not None or self._discard is not None or not pool._exclusive:
+            await pool._release_slow(self, exc)
+            return
+        # A clean EXCLUSIVE release, inlined. A reset that completes without suspending (the
+        # base no-op, or an override that awaits nothing) costs no task and no timer: it is driven
+        # once here; only one that really waits goes to the pool under its timeout.
+        rec = self._rec
+        now = pool._clock()
+        if pool._observers:
+            pool._record_use(now - self._t0)
+        rec.last_used = now
+        reset = pool._reset
+        if reset is not None:
+            coro = reset(self._conn)
+            try:
+                first = coro.send(None)
+            except StopIteration:
+                pass
+            except Exception as err:
+                pool._reset_failed(rec, now, err)
+                return
+            else:
+                await pool._finish_reset(rec, coro, first)
+                return
+            if not pool._is_open(self._conn):
+                pool._reset_failed(rec, now, ConnectionError("closed by its reset"))
+                return
+        core = pool._core
+        if rec.expires > now and not core.n_waiting and not core.closing:
+            # Back to idle, nobody waiting: what core.released would do, without its actions.
+            rec.state = _IDLE
+            pool._idle.append(rec)
+            return
+        pool._apply(core.released(rec, now, "ok"))
+
+    async def release(self, error: BaseException | None = None) -> None:
+        """Return the connection, for leases from :meth:`Pool.lease` (no ``async with``).
+
+        ``error``: the exception that ended the use, if any (the connection is then closed, or on
+        MULTIPLEXED judged by the adapter), as an exception leaving ``async with`` would.
+        Cancellation-safe like the block's exit; a second call does nothing.
+        """
+        await self.__aexit__(None if error is None else type(error), error, None)
 
     def __repr__(self) -> str:
         state = ("new", "held", "released")[self._state]

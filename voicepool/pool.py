@@ -1,18 +1,12 @@
-"""`Pool[C]`: a bounded, warm, health-checked, cancellation-safe pool of one adapter's connections.
+"""`Pool[C]`: the asyncio driver of one pool of an adapter's connections.
 
-How it is built (see DESIGN.md, "The engine"):
+How it is built (DESIGN.md, "The engine"): every decision is made by
+:class:`~voicepool._engine.core.PoolCore`, which takes events and returns actions. This module
+owns what the core cannot: futures, tasks, the one timer, the adapter awaits (through
+``voicepool._engine.calls``), observers and logs. ``_apply`` performs actions and decides nothing.
 
-* Bookkeeping is synchronous. ``_take``, ``_deliver``, ``_release_idle``, ``_retire`` and ``_grow``
-  never await: they decide who gets which connection and which connects to start, then the awaits
-  (connect, ping, reset, close) run in tasks the pool owns.
-* A slot is counted (``_opening``) before a handshake starts, so racing acquires cannot over-open.
-* Connects run in pool tasks, not in the caller: a waiter that gives up leaves the connection to
-  the next waiter, and a release while connects are failing serves the waiter at once.
-* Closes run in background tasks, so a cancelled caller never interrupts a polite close.
-
-The engine's other parts, in ``voicepool._engine``: ``connect`` (how many to open, the connect,
-backoff, circuit), ``waiters`` (FIFO, deadlines on one timer), ``release`` (reset, discard, end of
-stream), ``health`` (pings, retirement, refill, the wait alarm), ``drain`` (close), ``leak``.
+The one sanctioned shortcut is :class:`~voicepool.Lease`'s inlined fast path, which takes from and
+returns to the core's idle deque directly, allocation-free.
 """
 
 from __future__ import annotations
@@ -21,44 +15,51 @@ import asyncio
 import contextvars
 import logging
 import math
+import random
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any, Generic, TypeVar
+import traceback
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from voicepool._engine.connect import grow, open_one, spawn_connect
-from voicepool._engine.drain import _CLOSE_TIMEOUT, close
-from voicepool._engine.health import maintain, run_health
-from voicepool._engine.leak import watch_leak
+from voicepool._engine import calls
+from voicepool._engine.actions import (
+    Action,
+    Alarm,
+    Close,
+    Connect,
+    Fail,
+    Grant,
+    Ping,
+    StateChanged,
+    Wake,
+)
+from voicepool._engine.core import PoolCore, SizingPolicy, Waiter
 from voicepool._engine.observer import PoolObserver, observers_for
 from voicepool._engine.record import ConnRecord, ConnState
-from voicepool._engine.release import after_stream_end, release_slow
 from voicepool._engine.state import PoolState, PoolStats
-from voicepool._engine.waiters import (
-    Waiter,
-    WaitExpired,
-    abandon,
-    arm_timer,
-    exhausted_message,
-)
-from voicepool._engine.waitwindow import WaitWindow
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import (
+    ConnectError,
     PoolClosed,
     PoolError,
     PoolExhausted,
+    PoolLoopError,
     PoolUnavailable,
+    VoicepoolError,
 )
 from voicepool.lease import Lease
 from voicepool.pool_settings import PoolSettings
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["Pool", "PoolState", "PoolStats"]
 
 C = TypeVar("C")
 log = logging.getLogger("voicepool.pool")
 
-
 _MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
+_FLUSH_EVERY = 1.0  # seconds between hand-offs of buffered hold times to observers
 
 
 class Pool(Generic[C]):
@@ -66,6 +67,10 @@ class Pool(Generic[C]):
 
     ``async with Pool(adapter, settings, name="asr") as pool:`` starts (warms) and closes it;
     ``async with pool.acquire() as lease:`` borrows a connection. See DESIGN.md for the contract.
+
+    ``clock`` (default ``time.monotonic``) is the one clock of every decision; ``rng`` the
+    source of every jitter; ``observers`` are added to those the registered factories attach
+    (telemetry); ``sizing`` replaces the warm-floor policy.
     """
 
     def __init__(
@@ -75,80 +80,60 @@ class Pool(Generic[C]):
         *,
         name: str,
         clock: Callable[[], float] | None = None,
+        observers: Iterable[PoolObserver] = (),
+        rng: random.Random | None = None,
+        sizing: SizingPolicy | None = None,
     ) -> None:
         self.name = name
         self.adapter = adapter
         self.settings = s = settings if settings is not None else PoolSettings()
-        sizing = s.resolve(adapter)
-        self.lease_mode = sizing.lease_mode
-        self.min_size = sizing.min_size
-        self.max_size = sizing.max_size
-        self.max_streams = sizing.max_streams
+        resolved = s.resolve(adapter)
+        self.lease_mode = resolved.lease_mode
+        self.min_size = resolved.min_size
+        self.max_size = resolved.max_size
+        self.max_streams = resolved.max_streams
         self._clock = clock or time.monotonic
-        self._mux = sizing.lease_mode is LeaseMode.MULTIPLEXED
-        self._single_use = sizing.lease_mode is LeaseMode.SINGLE_USE
-        # EXCLUSIVE with the base no-op reset can release without creating a coroutine.
-        self._fast_release = (
-            sizing.lease_mode is LeaseMode.EXCLUSIVE and type(adapter).reset is Adapter.reset
-        )
-        self._take: Callable[[Lease[C]], bool] = self._take_stream if self._mux else self._take_idle
-        self._is_open = adapter.is_open
-        self._leak_threshold = s.leak_threshold
-        self._instrumented = s.leak_threshold is not None or s.trace_acquire
-        # Lease inlines the idle fast path for these (see Lease.__aenter__ / __aexit__).
-        self._simple = not self._mux and not self._instrumented
-        self._fast_release = self._fast_release and not self._instrumented
-        self._acquire_timeout = s.acquire_timeout
         interval = s.ping_interval
         if adapter.max_idle is not None:
             # Keep well under the provider's idle close (Deepgram ~10 s): ping at half of it.
             interval = min(interval, adapter.max_idle / 2)
-        self._ping_interval = interval
-
-        self._idle: deque[ConnRecord[C]] = deque()  # EXCLUSIVE / SINGLE_USE; LIFO at the right
-        self._conns: dict[int, ConnRecord[C]] = {}  # every open connection, by record id
-        self._by_conn: dict[int, ConnRecord[C]] = {}  # id(conn) -> record, for adapter callbacks
-        self._mux_conns: list[ConnRecord[C]] = []  # MULTIPLEXED connections that may take streams
-        # FIFO of (future, deadline in loop time). One pool timer, armed for the earliest
-        # deadline, expires them: a TimerHandle per waiter costs heap churn under contention.
-        self._waiters: deque[tuple[Waiter, float]] = deque()
+        self._core: PoolCore[C] = PoolCore(
+            name,
+            s,
+            resolved,
+            ping_interval=interval,
+            rng=rng if rng is not None else random.Random(),
+            is_open=adapter.is_open,
+            describe=adapter.describe(),
+            policy=sizing,
+        )
+        self._mux = resolved.lease_mode is LeaseMode.MULTIPLEXED
+        self._is_open = adapter.is_open
+        self._leak_threshold = s.leak_threshold
+        self._instrumented = s.leak_threshold is not None or s.trace_acquire
+        # Lease inlines the idle hit for these, and the clean EXCLUSIVE release.
+        self._simple = not self._mux and not self._instrumented
+        self._exclusive = resolved.lease_mode is LeaseMode.EXCLUSIVE
+        # None for the base no-op reset: the clean release then calls nothing at all.
+        self._reset: Callable[[C], Coroutine[Any, Any, None]] | None = (
+            None if type(adapter).reset is Adapter.reset else adapter.reset
+        )
+        self._idle = self._core.idle  # the fast path's view (the core mutates it in place)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
-        self._opening = 0
-        self._next_id = 0
-        self._generation = 0  # bumped by expire_all(): connects started before it retire
-
-        self._lifecycle = PoolState.NEW
-        self._reported_state = PoolState.NEW
-        self._started = False
-        self._warming = False
-        self._closing = False
-        self._circuit_open = False
-        self._consecutive_failures = 0
-        self._retry_at = 0.0
-        self._last_error: BaseException | None = None
-
-        self._n_acquired = 0
-        self._n_exhausted = 0
-        self._n_timeouts = 0
-        self._n_unavailable = 0
-        self._n_connects = 0
-        self._n_connect_failures = 0
-        self._closed_by: dict[str, int] = {}
-        self._n_waited = 0
-        self._use_times: list[float] = []  # hold times, buffered for observers (only if any)
-        self._flushed = (0, 0)  # (acquired, waited) at the last observer flush
-
-        self._window = WaitWindow(s.alarm_window, self._clock())
-        self._alarm_firing = False
+        self._timer_ctx = contextvars.Context()  # the timer's work belongs to no caller's trace
         self._work: set[asyncio.Task[Any]] = set()  # connects and pings
         self._closers: set[asyncio.Task[Any]] = set()
-        self._health_task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
+        self._warmed: asyncio.Future[None] | None = None
         self._drained: asyncio.Event | None = None
         self._close_task: asyncio.Task[None] | None = None
         self._hard_close: asyncio.Event | None = None
-        self._observers: list[PoolObserver] = observers_for(self)
+        self._use_times: list[float] = []  # hold times, buffered for observers (only if any)
+        self._flushed = (0, 0)  # (acquired, waited) at the last observer flush
+        self._flush_at = 0.0
+        self._observers: list[PoolObserver] = [*observers_for(self), *observers]
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -156,64 +141,60 @@ class Pool(Generic[C]):
         """Borrow a connection: ``async with pool.acquire() as lease: lease.conn``.
 
         ``timeout`` defaults to ``acquire_timeout``. Raises (on entry) PoolExhausted after the
-        timeout, PoolUnavailable at once when the circuit is open and nothing is idle, PoolClosed
-        when closing. Cancellation-safe at every await.
+        timeout, PoolUnavailable at once when the circuit is open and nothing is idle (or no
+        retry can come before the deadline), PoolClosed when closing, PoolLoopError from another
+        event loop. Cancellation-safe at every await.
         """
         return Lease(self, timeout)
 
-    async def start(self, *, require_ready: bool = True) -> None:
-        """Open ``min_size`` connections concurrently (at most ``connect_concurrency`` at a time).
+    async def lease(self, timeout: float | None = None) -> Lease[C]:
+        """Acquire without ``async with`` (frameworks whose connect and disconnect are separate
+        calls): ``lease = await pool.lease()``, later ``await lease.release(error=None)``.
 
-        If not one could be opened: with ``require_ready`` the pool closes itself and raises
-        PoolUnavailable chaining the last connect error; without it the pool starts UNAVAILABLE or
-        DEGRADED and keeps probing in the background. Cancelling start closes what was opened.
+        Same errors and guarantees as :meth:`acquire`; a lease never released is what leak
+        watching (``leak_threshold``) reports.
         """
-        if self._started or self._closing:
+        lease = Lease(self, timeout)
+        await lease.__aenter__()
+        return lease
+
+    async def start(self, *, require_ready: bool = True) -> None:
+        """Open ``min_size`` connections concurrently (waves of ``connect_concurrency``).
+
+        Warm-up stops dialing at the first failed wave or once the circuit opens, so boot against
+        a dead provider costs about one ``connect_timeout``. If not one could be opened: with
+        ``require_ready`` the pool closes itself and raises PoolUnavailable chaining the last
+        connect error; without it the pool starts DEGRADED or UNAVAILABLE and keeps probing in
+        the background. Cancelling start closes what was opened.
+        """
+        if self._started or self._close_task is not None:
             raise PoolError(f"pool {self.name!r} was already started", pool=self.name)
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self._started = True
-        self._warming = True
         # Watch from start (not __init__) to close: adapters may hold process-wide resources
-        # per watching pool (the SIP engine), and a pool that is built but never started must
-        # not pin them.
+        # per watching pool (the SIP engine), and a pool built but never started must not pin them.
         self.adapter.watch(self._on_conn_changed)
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._window.start = self._clock()
-        self._set_lifecycle(PoolState.STARTING)
-        gate = asyncio.Semaphore(self.settings.connect_concurrency)
-
-        async def warm_one() -> None:
-            async with gate:
-                if self._closing or len(self._conns) + self._opening >= self.max_size:
-                    return
-                self._opening += 1
-                await self._open_one()
-
+        self._warmed = loop.create_future()
+        self._flush_at = self._clock() + _FLUSH_EVERY
         try:
-            await asyncio.gather(*(warm_one() for _ in range(self.min_size)))
+            # Warm-up connects belong to the caller's trace (the boot span); the timer's work
+            # (refills, pings) runs in a context of its own, never a child of a span long ended.
+            self._apply(self._core.start(self._clock()))
+            if self._core.warming:
+                await asyncio.shield(self._warmed)
         except BaseException:
-            self._warming = False
             await asyncio.shield(self.aclose(0))
             raise
-        self._warming = False
-        if self.min_size and not self._conns and require_ready:
+        core = self._core
+        if self.min_size and not core.conns and require_ready:
             err = PoolUnavailable(
                 f"pool {self.name!r} could not open any of {self.min_size} connections"
-                f" ({self.adapter.describe()}): {self._last_error}",
+                f" ({self.adapter.describe()}): {core.last_error}",
                 pool=self.name,
             )
             await self.aclose(0)
-            raise err from self._last_error
-        self._set_lifecycle(PoolState.READY)
-        self._health_task = loop.create_task(
-            # A fresh context: refills and pings must not become children of whatever span was
-            # current when start() ran (a boot span that ends long before them).
-            run_health(self),
-            name=f"voicepool:{self.name}:health",
-            context=contextvars.Context(),
-        )
-        self._grow()
+            raise err from core.last_error
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Stop lending (PoolClosed), wait up to ``timeout`` (default ``drain_timeout``) for leases,
@@ -244,181 +225,130 @@ class Pool(Generic[C]):
     @property
     def state(self) -> PoolState:
         """Current state: the lifecycle while new/starting/closing, else the circuit's view."""
-        if self._lifecycle is not PoolState.READY:
-            return self._lifecycle
-        if self._circuit_open:
-            return PoolState.UNAVAILABLE
-        if len(self._conns) < self.min_size and self._consecutive_failures:
-            return PoolState.DEGRADED
-        return PoolState.READY
+        return self._core.state
 
     @property
     def last_error(self) -> BaseException | None:
-        """The last connect error (None after a success closed the circuit... it is kept)."""
-        return self._last_error
+        """The last connect error (kept after the circuit closes again)."""
+        return self._core.last_error
+
+    @property
+    def observers(self) -> tuple[PoolObserver, ...]:
+        """The observers attached to this pool (factories' and the ``observers`` argument's)."""
+        return tuple(self._observers)
 
     def stats(self) -> PoolStats:
         """A snapshot; O(number of connections), no I/O, never raises."""
-        conns = list(self._conns.values())  # a copy: exporters may call this from their thread
-        if self._mux:
-            in_use = sum(1 for r in conns if r.streams)
-            streams = sum(r.streams for r in conns)
-        else:
-            in_use = sum(1 for r in conns if r.state is ConnState.IN_USE)
-            streams = in_use
-        return PoolStats(
-            name=self.name,
-            state=self.state,
-            size=len(self._conns),
-            idle=len(self._conns) - in_use,
-            in_use=in_use,
-            opening=self._opening,
-            waiters=len(self._waiters),
-            streams_in_use=streams,
-            min_size=self.min_size,
-            max_size=self.max_size,
-            acquired=self._n_acquired,
-            exhausted=self._n_exhausted,
-            timeouts=self._n_timeouts,
-            unavailable=self._n_unavailable,
-            connects=self._n_connects,
-            connect_failures=self._n_connect_failures,
-            closed=dict(self._closed_by),
-            wait_p95_ms=self._window.current(self._n_acquired) * 1000.0,
-            last_error=None if self._last_error is None else str(self._last_error),
-        )
+        return self._core.stats()
 
     def expire_all(self) -> None:
         """Retire every current connection as soon as it is idle, and any connect in flight.
 
         For credential rotation or an endpoint change: leases in use are never interrupted (a
         connection is closed at its release; a multiplexed one drains), idle ones are replaced
-        at the next health pass, and replacements connect with the adapter's current settings.
+        at the next timer run, and replacements connect with the adapter's current settings.
         Synchronous, never raises.
         """
-        self._generation += 1
-        for rec in self._conns.values():
-            rec.expires = -math.inf
-        self._poke()
+        self._apply(self._core.expire_all(self._clock()))
 
-    def _maintain(self, now: float | None = None) -> float:
-        """Run one health pass (tests drive it with a fake clock); returns the next due time."""
-        return maintain(self, self._clock() if now is None else now)
+    def maintain(self) -> None:
+        """Do the timer's work now: expire waiters, a health pass, the observers' flush.
+
+        The pool runs this itself when due; tests on a fake ``clock`` call it after moving time.
+        """
+        now = self._clock()
+        self._apply(self._core.tick(now, health=True))
+        if self._observers:
+            self._flush(now)
 
     def __repr__(self) -> str:
+        core = self._core
         return (
-            f"<Pool {self.name!r} {self.state.value} size={len(self._conns)}/{self.max_size}"
-            f" opening={self._opening} waiters={len(self._waiters)}>"
+            f"<Pool {self.name!r} {core.state.value} size={len(core.conns)}/{self.max_size}"
+            f" opening={core.opening} waiters={core.n_waiting}>"
         )
 
-    # -- acquire --------------------------------------------------------------------------------
+    # -- acquire (the part Lease does not inline) ------------------------------------------------
 
-    def _take_idle(self, lease: Lease[C]) -> bool:
-        """Fast path (EXCLUSIVE / SINGLE_USE): pop the most recently used idle connection."""
-        idle = self._idle
-        while idle:
-            rec = idle.pop()
-            if self._is_open(rec.conn):
-                rec.state = ConnState.IN_USE
-                lease._rec = rec
-                lease._conn = rec.conn
-                lease._t0 = self._clock()
-                self._n_acquired += 1
-                return True
-            self._retire(rec, "remote_closed")
-        return False
+    def _wrong_loop(self) -> PoolLoopError:
+        loop = asyncio.get_running_loop()
+        return PoolLoopError(
+            f"pool {self.name!r} was started on event loop {self._loop!r} and cannot be used"
+            f" from event loop {loop!r}: build one pool per event loop",
+            pool=self.name,
+        )
 
-    def _take_stream(self, lease: Lease[C]) -> bool:
-        """Fast path (MULTIPLEXED): a stream on the least-loaded connection with room."""
-        while True:
-            best: ConnRecord[C] | None = None
-            load = 1 << 30
-            free = 0
-            for rec in self._mux_conns:
-                room = rec.cap - rec.streams
-                if room > 0:
-                    free += room
-                    if rec.streams < load:
-                        best, load = rec, rec.streams
-            if best is None:
-                return False
-            if not self._is_open(best.conn):
-                self._retire(best, "remote_closed")
-                continue
-            best.streams += 1
-            best.seq += 1
-            lease._rec = best
-            lease._conn = best.conn
-            lease.stream_id = best.seq
-            lease._t0 = self._clock()
-            self._n_acquired += 1
-            if free == 1:
-                self._grow()  # that was the last free stream: open another while we still can
-            return True
-
-    async def _acquire_slow(self, lease: Lease[C]) -> None:
-        """Queue FIFO for a connection; see :meth:`acquire` for what escapes."""
-        if self._closing:
-            raise PoolClosed(f"pool {self.name!r} is closed", pool=self.name)
+    async def _acquire(self, lease: Lease[C]) -> None:
+        """Take without waiting, else queue FIFO; see :meth:`acquire` for what escapes."""
         if not self._started:
+            if self._close_task is not None:
+                raise PoolClosed(f"pool {self.name!r} is closed", pool=self.name)
             raise PoolError(
                 f"pool {self.name!r} is not started: use `async with pool` or await pool.start()",
                 pool=self.name,
             )
-        if self._circuit_open:
-            self._n_unavailable += 1
-            err = PoolUnavailable(
-                f"pool {self.name!r} is unavailable (circuit open after"
-                f" {self._consecutive_failures} connect failures): {self._last_error}",
-                pool=self.name,
-            )
-            for obs in self._observers:
-                obs.on_unavailable(self, err)
-            raise err from self._last_error
         loop = asyncio.get_running_loop()
-        fut: Waiter = loop.create_future()
-        timeout = self._acquire_timeout if lease._timeout is None else lease._timeout
-        deadline = loop.time() + timeout
-        self._waiters.append((fut, deadline))
-        if deadline < self._timer_at:
-            self._arm_timer(loop, deadline)
-        self._grow()
-        if len(self._conns) + self._opening >= self.max_size:
-            self._n_exhausted += 1
+        if loop is not self._loop:
+            raise self._wrong_loop()
+        if self._instrumented:
+            await self._acquire_instrumented(lease, loop)
+        else:
+            await self._acquire_core(lease, loop)
+
+    async def _acquire_core(self, lease: Lease[C], loop: asyncio.AbstractEventLoop) -> None:
+        core = self._core
+        t0 = self._clock()
+        if not core.closing:
+            rec, actions = core.take(t0)
+            if actions:
+                self._apply(actions)
+            if rec is not None:
+                self._lend(lease, rec, rec.seq if self._mux else None, t0)
+                return
+        timeout = self.settings.acquire_timeout if lease._timeout is None else lease._timeout
+        fut: asyncio.Future[None] = loop.create_future()
+        waiter = Waiter(t0 + timeout, timeout, fut)
+        self._apply(core.wait(waiter, t0))
+        if fut.done():  # failed at once: closed, circuit open, or no retry in time
+            err = fut.exception()
+            assert err is not None
+            if isinstance(err, PoolUnavailable):
+                for obs in self._observers:
+                    obs.on_unavailable(self, err)
+            raise err
+        if waiter.exhausted:
             for obs in self._observers:
                 obs.on_exhausted(self)
-        t0 = self._clock()
         try:
-            rec, sid = await fut
+            await fut
         except BaseException as exc:
-            timed_out = isinstance(exc, WaitExpired)
-            # The timer already took this waiter out of the queue: count it back in.
-            message = self._exhausted_message(timeout, extra_waiter=1) if timed_out else ""
-            self._abandon(fut)
-            if not timed_out:
-                waited = self._clock() - t0
+            now = self._clock()
+            waited = now - t0
+            # Undo: a grant this caller never took passes to the next waiter.
+            self._apply(core.give_up(waiter, now))
+            if isinstance(exc, PoolExhausted):
+                core.timed_out(waited)
+                for obs in self._observers:
+                    obs.on_timeout(self, waited, exc)
+            else:
                 for obs in self._observers:
                     obs.on_wait_failed(self, waited, exc)
-                raise
-            waited = self._clock() - t0
-            self._n_timeouts += 1
-            self._window.record(waited)
-            exhausted = PoolExhausted(message, pool=self.name)
-            for obs in self._observers:
-                obs.on_timeout(self, waited, exhausted)
-            raise exhausted from self._last_error
-        waited = self._clock() - t0
-        self._window.record(waited)
-        self._n_waited += 1
+            raise
+        now = self._clock()
+        core.served(waiter, now - t0)
         for obs in self._observers:
-            obs.on_waited(self, waited)
+            obs.on_waited(self, now - t0)
+        rec = waiter.rec
+        assert rec is not None
+        self._lend(lease, rec, waiter.stream_id, now)
+
+    def _lend(self, lease: Lease[C], rec: ConnRecord[C], sid: int | None, now: float) -> None:
         lease._rec = rec
         lease._conn = rec.conn
         lease.stream_id = sid
-        lease._t0 = self._clock()
-        self._n_acquired += 1
+        lease._t0 = now
 
-    async def _acquire_instrumented(self, lease: Lease[C]) -> None:
+    async def _acquire_instrumented(self, lease: Lease[C], loop: asyncio.AbstractEventLoop) -> None:
         """Acquire with per-acquire observer hooks (trace_acquire) and leak watching."""
         lease._leak = None
         tokens = (
@@ -428,8 +358,7 @@ class Pool(Generic[C]):
         )
         error: BaseException | None = None
         try:
-            if not self._take(lease):
-                await self._acquire_slow(lease)
+            await self._acquire_core(lease, loop)
         except BaseException as exc:
             error = exc
             raise
@@ -437,175 +366,321 @@ class Pool(Generic[C]):
             for obs, tok in zip(self._observers, tokens, strict=False):
                 obs.on_acquire_end(self, tok, lease, error)
         if self._leak_threshold is not None:
-            self._watch_leak(lease)
+            stack = "".join(traceback.format_list(traceback.extract_stack(limit=12)[:-3]))
+            lease._leak = loop.call_later(self._leak_threshold, self._report_leak, stack)
 
-    # -- waiting (voicepool._engine.waiters) and slow releases (voicepool._engine.release) --------
+    def _report_leak(self, stack: str) -> None:
+        log.warning(
+            "pool %s: a lease has been held for more than %gs (possible leak); acquired at:\n%s",
+            self.name,
+            self._leak_threshold,
+            stack,
+            extra=self._extra,
+        )
 
-    def _exhausted_message(self, timeout: float, extra_waiter: int = 0) -> str:
-        return exhausted_message(self, timeout, extra_waiter)
-
-    def _arm_timer(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        arm_timer(self, loop, when)
-
-    def _abandon(self, fut: Waiter) -> None:
-        abandon(self, fut)
-
-    async def _release_slow(self, lease: Lease[C], exc: BaseException | None) -> None:
-        await release_slow(self, lease, exc)
-
-    def _after_stream_end(self, rec: ConnRecord[C]) -> None:
-        after_stream_end(self, rec)
-
-    # -- release ----------------------------------------------------------------------------------
-
-    def _release_idle(self, rec: ConnRecord[C]) -> None:
-        """Clean EXCLUSIVE release with nothing to reset, once Lease stamped ``last_used``:
-        synchronous, no adapter call. Liveness is checked at the next acquire (is_open) and by
-        the health task, which also schedules the next ping from ``last_used``.
-        """
-        if rec.expires <= rec.last_used:
-            self._retire(rec, "expired")
-        else:
-            self._deliver(rec)
+    # -- release (the part Lease does not inline) ------------------------------------------------
 
     def _record_use(self, held: float) -> None:
-        """Buffer a lease hold time for observers (bounded; flushed by the health task)."""
+        """Buffer a lease hold time for observers (bounded; flushed by the timer)."""
         if len(self._use_times) < _MAX_BUFFERED:
             self._use_times.append(held)
 
-    # -- handing out ------------------------------------------------------------------------------
+    async def _finish_reset(
+        self, rec: ConnRecord[C], coro: Coroutine[Any, Any, None], first: Any
+    ) -> None:
+        """A reset that suspended: await the rest under ``connect_timeout``.
 
-    def _deliver(self, rec: ConnRecord[C]) -> None:
-        """An EXCLUSIVE / SINGLE_USE connection is free: first live waiter, else idle (LIFO)."""
-        if self._closing:
-            self._retire(rec, "shutdown")
-            return
-        waiters = self._waiters
-        while waiters:
-            fut = waiters.popleft()[0]
-            if not fut.done():
-                rec.state = ConnState.IN_USE
-                fut.set_result((rec, None))
-                return
-        rec.state = ConnState.IDLE
-        self._idle.append(rec)
-
-    def _serve_streams(self, rec: ConnRecord[C]) -> None:
-        """A MULTIPLEXED connection has room: give streams to waiters in FIFO order."""
-        waiters = self._waiters
-        while waiters and rec.streams < rec.cap:
-            fut = waiters.popleft()[0]
-            if not fut.done():
-                rec.streams += 1
-                rec.seq += 1
-                fut.set_result((rec, rec.seq))
-
-    # -- connects (voicepool._engine.connect), close (drain), leaks (leak) ----------------------
-
-    def _grow(self) -> None:
-        grow(self)
-
-    def _spawn_connect(self) -> None:
-        spawn_connect(self)
-
-    async def _open_one(self, started: list[bool] | None = None) -> None:
-        await open_one(self, started)
-
-    async def _close(self, timeout: float) -> None:
-        await close(self, timeout)
-
-    def _watch_leak(self, lease: Lease[C]) -> None:
-        watch_leak(self, lease)
-
-    def _retire(self, rec: ConnRecord[C], reason: str) -> None:
-        """Take ``rec`` out of the pool for good and close it in the background."""
-        if rec.state is ConnState.CLOSED:
-            return
-        if rec.state is ConnState.IDLE:
-            try:
-                self._idle.remove(rec)
-            except ValueError:
-                pass  # already popped by the caller
-        rec.state = ConnState.CLOSED
-        self._conns.pop(rec.id, None)
-        self._by_conn.pop(id(rec.conn), None)
-        if self._mux:
-            try:
-                self._mux_conns.remove(rec)
-            except ValueError:
-                pass
-        self._closed_by[reason] = self._closed_by.get(reason, 0) + 1
-        for obs in self._observers:
-            obs.on_closed(self, reason)
-        log.debug(
-            "pool %s: connection #%d closed (%s)", self.name, rec.id, reason, extra=self._extra
-        )
-        self._spawn(self._close_conn(rec.conn), self._closers)
-        if self._closing:
-            self._check_drained()
-        else:
-            self._grow()
-
-    async def _close_conn(self, conn: C) -> None:
+        Cancellation-safe: a cancelled or failed reset discards the connection (its state is then
+        unknown); the bookkeeping runs in ``finally``.
+        """
+        how = "reset_failed"
         try:
-            async with asyncio.timeout(_CLOSE_TIMEOUT):
-                await self.adapter.close(conn)
+            await calls.finish_reset(coro, first, self.settings.connect_timeout)
+            how = "ok" if self._is_open(rec.conn) else "reset_failed"
         except Exception as err:
-            log.debug("pool %s: close failed: %r", self.name, err, extra=self._extra)
+            log.debug("pool %s: reset failed: %r", self.name, err, extra=self._extra)
+        finally:
+            self._apply(self._core.released(rec, self._clock(), how))
+
+    def _reset_failed(self, rec: ConnRecord[C], now: float, err: BaseException) -> None:
+        log.debug("pool %s: reset failed: %r", self.name, err, extra=self._extra)
+        self._apply(self._core.released(rec, now, "reset_failed"))
+
+    async def _release_slow(self, lease: Lease[C], exc: BaseException | None) -> None:
+        """Release with a discard, an error, single use, or a stream to end (no clean EXCLUSIVE
+        release comes here: Lease does those). Cancellation-safe (bookkeeping in ``finally``)."""
+        rec = lease._rec
+        reason = lease._discard
+        now = self._clock()
+        if self._observers:
+            self._record_use(now - lease._t0)
+        if self._mux:
+            await self._release_stream(lease, rec, exc, reason)
+            return
+        if reason is not None:
+            how = "discarded"
+        elif exc is not None:
+            how = "error"
+        elif self.lease_mode is LeaseMode.SINGLE_USE:
+            how = "ok"  # used, whatever state the call left it in: the core closes it
+        elif not self._is_open(rec.conn):
+            how = "remote_closed"
+        else:
+            how = "ok"
+        self._apply(self._core.released(rec, now, how))
+
+    async def _release_stream(
+        self, lease: Lease[C], rec: ConnRecord[C], exc: BaseException | None, reason: str | None
+    ) -> None:
+        keep = False
+        err: BaseException | None = exc
+        if err is None and reason is not None:
+            err = VoicepoolError(f"lease discarded: {reason}")
+        why = "discarded" if reason is not None else ("error" if exc is not None else None)
+        try:
+            if rec.state is not ConnState.CLOSED:
+                keep = await calls.release_stream(
+                    self.adapter, rec.conn, lease.stream_id or 0, err, self.name
+                )
+        except asyncio.CancelledError:
+            # Cancelled mid-release: the stream's fate is the adapter's (it frees its local state
+            # before its first await); the shared connection is judged by is_open alone.
+            keep = self._is_open(rec.conn)
+            raise
+        finally:
+            self._apply(self._core.stream_released(rec, self._clock(), keep, why))
+
+    # -- performing actions ---------------------------------------------------------------------
+
+    def _apply(self, actions: Sequence[Action]) -> None:
+        """Perform the core's actions in order. Decides nothing."""
+        for a in actions:
+            cls = a.__class__
+            if cls is Grant:
+                fut = a.waiter.future  # type: ignore[union-attr]
+                if not fut.done():
+                    fut.set_result(None)
+            elif cls is Close:
+                self._close_conn(a)  # type: ignore[arg-type]
+            elif cls is Connect:
+                self._spawn_connect(a)  # type: ignore[arg-type]
+            elif cls is Ping:
+                self._spawn(self._ping(a.rec), self._work)  # type: ignore[union-attr]
+            elif cls is Fail:
+                fut = a.waiter.future  # type: ignore[union-attr]
+                if not fut.done():
+                    fut.set_exception(a.error)  # type: ignore[union-attr]
+            elif cls is Wake:
+                self._arm(a.at)  # type: ignore[union-attr]
+            elif cls is StateChanged:
+                self._state_changed(a)  # type: ignore[arg-type]
+            elif cls is Alarm:
+                self._alarm(a)  # type: ignore[arg-type]
+        core = self._core
+        if core.closing and self._drained is not None and not core.busy:
+            self._drained.set()
+
+    def _arm(self, at: float) -> None:
+        """The one timer: re-armed only for an earlier time than it already has."""
+        if at >= self._timer_at or self._loop is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        delay = max(0.0, at - self._clock())
+        self._timer = self._loop.call_later(delay, self._on_timer, context=self._timer_ctx)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        now = self._clock()
+        self._apply(self._core.tick(now))
+        if self._observers and not self._core.closing:
+            if now >= self._flush_at:
+                self._flush(now)
+            self._arm(self._flush_at)
+
+    def _flush(self, now: float) -> None:
+        """Hand buffered hold times and the no-wait acquire count to observers (background)."""
+        self._flush_at = now + _FLUSH_EVERY
+        core = self._core
+        if not (self._use_times or core.n_acquired != self._flushed[0] or core.n_timeouts):
+            return
+        uses, self._use_times = self._use_times, []
+        acquired, waited = core.n_acquired, core.n_waited
+        zero = (acquired - self._flushed[0]) - (waited - self._flushed[1])
+        self._flushed = (acquired, waited)
+        for obs in self._observers:
+            obs.on_flush(self, uses, max(0, zero))
+
+    def _state_changed(self, a: StateChanged) -> None:
+        log.debug("pool %s: %s -> %s", self.name, a.old.value, a.new.value, extra=self._extra)
+        if a.new is PoolState.UNAVAILABLE:
+            log.warning(
+                "pool %s: circuit open: %s", self.name, self._core.last_error, extra=self._extra
+            )
+        elif a.old is PoolState.UNAVAILABLE and a.new is PoolState.READY:
+            log.warning(
+                "pool %s: circuit closed, provider reachable again", self.name, extra=self._extra
+            )
+        for obs in self._observers:
+            obs.on_state(self, a.old, a.new)
+        if a.old is PoolState.STARTING and self._warmed is not None and not self._warmed.done():
+            self._warmed.set_result(None)
+
+    def _alarm(self, a: Alarm) -> None:
+        limit = self.settings.alarm_wait_p95_ms
+        core = self._core
+        if a.firing:
+            log.warning(
+                "pool %s: acquire-wait p95 %.1f ms is above %.1f ms over the last %gs (%d acquires,"
+                " size %d/%d, waiters %d)",
+                self.name,
+                a.p95 * 1e3,
+                limit,
+                core.window.length,
+                a.count,
+                len(core.conns),
+                self.max_size,
+                core.n_waiting,
+                extra=self._extra,
+            )
+        else:
+            log.warning(
+                "pool %s: acquire-wait p95 back to %.1f ms (threshold %.1f ms)",
+                self.name,
+                a.p95 * 1e3,
+                limit,
+                extra=self._extra,
+            )
+        for obs in self._observers:
+            obs.on_alarm(self, a.p95, a.firing)
+
+    def _close_conn(self, a: Close) -> None:
+        for obs in self._observers:
+            obs.on_closed(self, a.reason)
+        log.debug(
+            "pool %s: connection #%d closed (%s)", self.name, a.rec.id, a.reason, extra=self._extra
+        )
+        self._spawn(calls.close(self.adapter, a.rec.conn, self.name), self._closers)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], into: set[asyncio.Task[Any]]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
         into.add(task)
         task.add_done_callback(into.discard)
 
+    # -- connects and pings ----------------------------------------------------------------------
+
+    def _spawn_connect(self, a: Connect) -> None:
+        """Connect into the slot the core counted. The current context: a connect started for a
+        waiting caller is part of its trace (it shows why the call waited)."""
+        assert self._loop is not None
+        ran = [False]
+        task = self._loop.create_task(self._connect(a, ran))
+        self._work.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._work.discard(task)
+            if not ran[0]:  # cancelled before it ran: nothing reported its slot
+                self._apply(self._core.connect_cancelled(a, self._clock()))
+
+        task.add_done_callback(done)
+
+    async def _connect(self, a: Connect, ran: list[bool]) -> None:
+        ran[0] = True
+        tokens = [obs.connect_started(self) for obs in self._observers]
+        t0 = self._clock()
+        try:
+            conn = await calls.connect(self.adapter, self.settings.connect_timeout)
+        except ConnectError as err:
+            self._connected(tokens, t0, err)
+            log.debug("pool %s: connect failed: %s", self.name, err, extra=self._extra)
+            fatal = calls.is_fatal(self.adapter, err)
+            self._apply(self._core.connect_failed(a, err, fatal, self._clock()))
+            return
+        except BaseException as exc:  # cancelled (the pool is closing)
+            self._connected(tokens, t0, exc)
+            self._apply(self._core.connect_cancelled(a, self._clock()))
+            raise
+        duration = self._connected(tokens, t0, None)
+        log.debug(
+            "pool %s: connection open in %.1f ms", self.name, duration * 1e3, extra=self._extra
+        )
+        cap = self.adapter.stream_capacity(conn) if self._mux else 1
+        self._apply(self._core.connected(a, conn, self._clock(), cap))
+
+    def _connected(self, tokens: list[object], t0: float, err: BaseException | None) -> float:
+        duration = self._clock() - t0
+        for obs, tok in zip(self._observers, tokens, strict=True):
+            obs.on_connected(self, tok, duration, err)
+        return duration
+
+    async def _ping(self, rec: ConnRecord[C]) -> None:
+        t0 = self._clock()
+        try:
+            error = await calls.ping(self.adapter, rec.conn, self.settings.ping_timeout)
+        except asyncio.CancelledError:
+            self._apply(self._core.ping_cancelled(rec, self._clock()))
+            raise
+        now = self._clock()
+        for obs in self._observers:
+            obs.on_ping(self, now - t0, error)
+        ok = error is None and self._is_open(rec.conn)
+        if not ok:
+            log.debug(
+                "pool %s: ping of #%d failed: %r", self.name, rec.id, error, extra=self._extra
+            )
+        self._apply(self._core.pinged(rec, ok, now, now - t0))
+
     def _on_conn_changed(self, conn: Any) -> None:
         """Adapter callback: re-read ``conn``'s capacity and liveness now."""
-        rec = self._by_conn.get(id(conn))
-        if rec is None or rec.state is ConnState.CLOSED:
+        if self._core.by_conn.get(id(conn)) is None:
             return
-        if not self._is_open(conn):
-            if rec.state is ConnState.IDLE or (self._mux and rec.streams == 0):
-                self._retire(rec, "remote_closed")
-            else:
-                self._poke()
-            return
-        if self._mux:
-            old, rec.cap = rec.cap, min(self.max_streams, self.adapter.stream_capacity(conn))
-            if rec.cap == 0 and rec.streams == 0:
-                self._retire(rec, "expired")
-            elif rec.cap > old:
-                self._serve_streams(rec)
-            if rec.cap < old:
-                self._grow()
+        is_open = self._is_open(conn)
+        cap = self.adapter.stream_capacity(conn) if self._mux and is_open else 1
+        self._apply(self._core.changed(conn, is_open, cap, self._clock()))
 
-    # -- state, close ---------------------------------------------------------------------------
+    # -- close ----------------------------------------------------------------------------------
 
     @property
     def _extra(self) -> dict[str, str]:
         return {"voicepool.pool.name": self.name}
 
-    def _set_lifecycle(self, state: PoolState) -> None:
-        self._lifecycle = state
-        self._report_state()
-
-    def _report_state(self) -> None:
-        new = self.state
-        old, self._reported_state = self._reported_state, new
-        if old is not new:
-            log.debug("pool %s: %s -> %s", self.name, old.value, new.value, extra=self._extra)
-            for obs in self._observers:
-                obs.on_state(self, old, new)
-
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    def _check_drained(self) -> None:
-        if self._closing and self._drained is not None and not self._busy():
-            self._drained.set()
-
-    def _busy(self) -> bool:
-        return self._opening > 0 or any(
-            r.state is ConnState.IN_USE and (not self._mux or r.streams)
-            for r in self._conns.values()
-        )
+    async def _close(self, timeout: float) -> None:
+        core = self._core
+        self._drained = asyncio.Event()
+        self._apply(core.close(self._clock()))
+        tasks = list(self._work)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if core.busy:
+            assert self._hard_close is not None
+            drained = asyncio.ensure_future(self._drained.wait())
+            hard = asyncio.ensure_future(self._hard_close.wait())
+            try:
+                await asyncio.wait([drained, hard], timeout=timeout, return_when="FIRST_COMPLETED")
+            finally:
+                drained.cancel()
+                hard.cancel()
+            held = core.stats().in_use
+            if held:
+                log.warning(
+                    "pool %s: %d leases still held at the drain deadline; closing them",
+                    self.name,
+                    held,
+                    extra=self._extra,
+                )
+        self._apply(core.close_all(self._clock()))
+        if self._closers:
+            await asyncio.wait(list(self._closers), timeout=calls.CLOSE_TIMEOUT + 1)
+        self.adapter.unwatch(self._on_conn_changed)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
+        if self._observers:
+            self._flush(self._clock())
+        self._apply(core.closed(self._clock()))
+        for obs in self._observers:
+            obs.on_pool_closed(self)

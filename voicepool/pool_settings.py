@@ -58,6 +58,11 @@ class PoolSettings(BaseModel):
     failure_threshold: int = Field(
         5, ge=1, description="Consecutive connect failures that open the circuit."
     )
+    min_healthy: float = Field(
+        2.0,
+        ge=0,
+        description="A connection lost this soon after opening (unproven) is a failed connect.",
+    )
     backoff_initial: float = Field(1.0, gt=0, description="First retry delay cap after a failure.")
     backoff_multiplier: float = Field(1.6, ge=1, description="Growth of the retry delay cap.")
     backoff_max: float = Field(30.0, gt=0, description="Largest retry delay.")

@@ -158,17 +158,25 @@ class SipEngine:
                 return
 
     async def wait_stopped(self, timeout: float = 10.0) -> bool:
-        """Wait until no owner thread runs. Returns False if it still runs after ``timeout``."""
+        """Wait until no owner thread runs. Returns False if it still runs after ``timeout``.
+
+        ``run.done`` is set by the owner thread as its last step, but the thread has not exited
+        then: join it too (off the loop), so a True here means the thread is gone.
+        """
         with self._lock:
             run = self._run
         if run is None:
             return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(_bridge(run.done))
         except TimeoutError:
             return False
-        return True
+        if run.thread.is_alive():
+            await asyncio.to_thread(run.thread.join, max(0.0, deadline - loop.time()))
+        return not run.thread.is_alive()
 
     def _start_locked(self) -> _Run:
         global _atexit_registered

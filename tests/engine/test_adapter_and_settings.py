@@ -17,8 +17,9 @@ from voicepool import (
     registered_adapters,
 )
 from voicepool.adapter import ENTRY_POINT_GROUP
-
-from .fakes import FakeAdapter, MuxAdapter, SingleUseAdapter
+from voicepool.testing import FakeAdapter
+from voicepool.testing import FakeMuxAdapter as MuxAdapter
+from voicepool.testing import FakeSingleUseAdapter as SingleUseAdapter
 
 
 def test_register_and_get_by_name() -> None:

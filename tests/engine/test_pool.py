@@ -18,8 +18,11 @@ from voicepool import (
     PoolUnavailable,
 )
 from voicepool.errors import ConnectError, PoolError
-
-from .fakes import FakeAdapter, FakeConn, MuxAdapter, NoResetAdapter, SingleUseAdapter, fatal_error
+from voicepool.testing import FakeAdapter, FakeConn, wait_until
+from voicepool.testing import FakeMuxAdapter as MuxAdapter
+from voicepool.testing import FakeNoResetAdapter as NoResetAdapter
+from voicepool.testing import FakeSingleUseAdapter as SingleUseAdapter
+from voicepool.testing.fake import fatal_error
 
 
 def settings(**kw: object) -> PoolSettings:
@@ -42,14 +45,6 @@ async def hold(pool: Pool[FakeConn], seconds: float) -> int:
         await asyncio.sleep(seconds)
         conn.holders -= 1
         return conn.id
-
-
-async def wait_for(predicate: object, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.005)
 
 
 async def test_warm_start_and_clean_close() -> None:
@@ -181,7 +176,7 @@ async def test_release_during_failing_connects_serves_the_waiter() -> None:
     h = asyncio.create_task(holder())
     await asyncio.sleep(0)
     w = asyncio.create_task(hold(pool, 0))
-    await wait_for(lambda: adapter.connect_attempts >= 3)  # the pool keeps trying and failing
+    await wait_until(lambda: adapter.connect_attempts >= 3)  # the pool keeps trying and failing
     assert not w.done()
     gate.set()
     assert await asyncio.wait_for(w, 1.0) == 1
@@ -195,9 +190,8 @@ async def test_open_circuit_fails_fast_and_recovers() -> None:
     await pool.start()
     adapter.fail_all = ConnectionRefusedError("down")
     (conn,) = adapter.open_conns
-    conn.open = False  # the provider dropped us
-    pool._on_conn_changed(conn)
-    await wait_for(lambda: pool.stats().state is PoolState.UNAVAILABLE)
+    adapter.kill(conn)  # the provider dropped us
+    await wait_until(lambda: pool.stats().state is PoolState.UNAVAILABLE)
     assert pool.stats().connect_failures >= 3
     t0 = time.perf_counter()
     with pytest.raises(PoolUnavailable) as info:
@@ -206,7 +200,7 @@ async def test_open_circuit_fails_fast_and_recovers() -> None:
     assert time.perf_counter() - t0 < 0.010
     assert isinstance(info.value.__cause__, ConnectError)
     adapter.fail_all = None  # provider back: the background probe closes the circuit
-    await wait_for(lambda: pool.stats().state is PoolState.READY, timeout=3)
+    await wait_until(lambda: pool.stats().state is PoolState.READY, timeout=3)
     assert await hold(pool, 0) >= 2
     await pool.aclose()
 
@@ -238,7 +232,7 @@ async def test_start_without_require_ready_recovers_in_background() -> None:
     await pool.start(require_ready=False)
     assert pool.stats().size == 0
     adapter.fail_all = None
-    await wait_for(lambda: pool.stats().size == 2, timeout=3)
+    await wait_until(lambda: pool.stats().size == 2, timeout=3)
     assert pool.stats().state is PoolState.READY
     await pool.aclose()
 
@@ -251,8 +245,8 @@ async def test_ping_replaces_dead_idle_connection_before_acquire() -> None:
     await pool.start()
     victim = adapter.open_conns[0]
     adapter.ping_fails.add(victim.id)
-    await wait_for(lambda: victim.closed)
-    await wait_for(lambda: len(adapter.open_conns) == 2)
+    await wait_until(lambda: victim.closed)
+    await wait_until(lambda: len(adapter.open_conns) == 2)
     assert pool.stats().closed.get("ping_failed") == 1
     for _ in range(5):
         async with pool.acquire() as lease:
@@ -268,7 +262,7 @@ async def test_ping_timeout_counts_as_failure() -> None:
     )
     await pool.start()
     first = adapter.open_conns[0]
-    await wait_for(lambda: first.closed, timeout=2)
+    await wait_until(lambda: first.closed, timeout=2)
     assert pool.stats().closed.get("ping_failed", 0) >= 1
     await pool.aclose()
 
@@ -307,16 +301,13 @@ async def test_lifetime_retirement_only_while_idle_with_jitter() -> None:
     adapter = NoResetAdapter()
     pool = Pool(adapter, settings(min_size=3, max_size=3, max_lifetime=0.15), name="t")
     await pool.start()
-    deadlines = sorted(r.expires - r.created for r in pool._conns.values())
-    assert all(0.135 - 1e-9 <= d <= 0.15 for d in deadlines)
-    assert len(set(deadlines)) == 3  # jittered
     async with pool.acquire() as lease:
         held = lease.conn
         await asyncio.sleep(0.3)
         assert not held.closed  # never retired while leased
-    await wait_for(lambda: held.closed)  # ... but at release, since it expired
+    await wait_until(lambda: held.closed)  # ... but at release, since it expired
     assert pool.stats().closed.get("expired", 0) >= 3
-    await wait_for(lambda: len(adapter.open_conns) == 3)
+    await wait_until(lambda: len(adapter.open_conns) == 3)
     await pool.aclose()
 
 
@@ -326,7 +317,7 @@ async def test_idle_timeout_only_above_min_size() -> None:
     await pool.start()
     await asyncio.gather(*(hold(pool, 0.02) for _ in range(4)))
     assert pool.stats().size == 4
-    await wait_for(lambda: pool.stats().size == 1, timeout=2)
+    await wait_until(lambda: pool.stats().size == 1, timeout=2)
     assert pool.stats().closed.get("idle") == 3
     await asyncio.sleep(0.2)
     assert pool.stats().size == 1  # the warm floor stays
@@ -344,16 +335,16 @@ async def test_reset_runs_on_clean_release_and_errors_discard() -> None:
     with pytest.raises(ValueError, match="boom"):
         async with pool.acquire() as lease:
             raise ValueError("boom")
-    await wait_for(lambda: conn.closed)
+    await wait_until(lambda: conn.closed)
     async with pool.acquire() as lease:
         lease.discard("bad audio")
         second = lease.conn
-    await wait_for(lambda: second.closed)
+    await wait_until(lambda: second.closed)
     assert pool.stats().closed == {"error": 1, "discarded": 1}
     adapter.reset_fails = True
     async with pool.acquire() as lease:
         third = lease.conn
-    await wait_for(lambda: third.closed)
+    await wait_until(lambda: third.closed)
     await pool.aclose()
 
 
@@ -400,14 +391,14 @@ async def test_multiplexed_opens_another_when_full_and_drains_on_zero_capacity()
     assert pool.stats().size == 1
     async with pool.acquire() as a, pool.acquire() as b:
         assert a.conn is b.conn
-        await wait_for(lambda: pool.stats().size == 2)  # saturated: one more opened ahead
+        await wait_until(lambda: pool.stats().size == 2)  # saturated: one more opened ahead
         first = a.conn
         adapter.capacity[first.id] = 0  # GOAWAY: drain
         adapter.connection_changed(first)
         async with pool.acquire() as c:
             assert c.conn is not first
         assert not first.closed  # in-flight streams finish
-    await wait_for(lambda: first.closed)
+    await wait_until(lambda: first.closed)
     assert all(sid > 0 for _, sid, _ in adapter.released)
     await pool.aclose()
 
@@ -426,7 +417,7 @@ async def test_multiplexed_error_lets_adapter_decide() -> None:
     with pytest.raises(KeyError):
         async with pool.acquire() as lease:
             raise KeyError("socket broke")
-    await wait_for(lambda: conn.closed)
+    await wait_until(lambda: conn.closed)
     await pool.aclose()
 
 
@@ -441,8 +432,8 @@ async def test_single_use_spares_refill() -> None:
     for _ in range(5):
         async with pool.acquire() as lease:
             used.append(lease.conn)
-    await wait_for(lambda: all(c.closed for c in used))
-    await wait_for(lambda: pool.stats().idle == 2 and pool.stats().opening == 0)
+    await wait_until(lambda: all(c.closed for c in used))
+    await wait_until(lambda: pool.stats().idle == 2 and pool.stats().opening == 0)
     assert len({c.id for c in used}) == 5
     assert pool.stats().closed.get("used") == 5
     await pool.aclose()
@@ -552,12 +543,16 @@ async def test_alarm_fires_and_recovers(caplog: pytest.LogCaptureFixture) -> Non
     )
     await pool.start()
     with caplog.at_level(logging.WARNING, logger="voicepool"):
-        pool._window.record(0.050)
-        pool._n_acquired += 1
+        lease = await pool.lease()
+        waiter = asyncio.create_task(hold(pool, 0))
+        await wait_until(lambda: pool.stats().waiters == 1)
+        now[0] += 0.050  # the waiter waits 50 ms on the pool's clock
+        await lease.release()
+        await waiter
         now[0] = 11
-        pool._maintain()
+        pool.maintain()
         now[0] = 22
-        pool._maintain()
+        pool.maintain()
     messages = [r.getMessage() for r in caplog.records]
     assert any("p95 50.0 ms is above 5.0 ms" in m for m in messages)
     assert any("back to" in m for m in messages)
@@ -569,16 +564,19 @@ async def test_expire_all_rotates_without_interrupting_leases() -> None:
     pool = Pool(adapter, settings(min_size=3, max_size=4), name="rotate")
     await pool.start()
     old = set(adapter.open_conns)
-    async with pool.acquire() as lease:
+    async with pool.acquire() as lease, pool.acquire(), pool.acquire():
         held = lease.conn
-        pool._spawn_connect()  # a connect in flight when the credentials rotate
-        pool.expire_all()
-        await wait_for(lambda: all(c.closed for c in old if c is not held))
+        adapter.gate = asyncio.Event()
+        fourth = asyncio.create_task(hold(pool, 0))  # nothing idle: a connect in flight ...
+        await wait_until(lambda: adapter.in_flight == 1)
+        pool.expire_all()  # ... when the credentials rotate
+        adapter.gate.set()
+        await fourth  # served by it, then it retires at its release
         assert not held.closed  # the lease is never interrupted
-    await wait_for(lambda: held.closed)
-    await wait_for(lambda: len(adapter.open_conns) == 3)
+    await wait_until(lambda: all(c.closed for c in old))
+    await wait_until(lambda: len(adapter.open_conns) == 3)
     # Every connection open now was connected after the rotation.
     assert not old & set(adapter.open_conns)
     in_flight = next(c for c in adapter.conns if c.id == 4)  # opened under the old credentials
-    await wait_for(lambda: in_flight.closed)
+    await wait_until(lambda: in_flight.closed)
     await pool.aclose()

@@ -1,136 +1,142 @@
-"""Hypothesis state machine: random acquire / release / discard / error / cancel / ping failure /
-connect failure / dead connection / clock advance, with the pool's invariants checked after every
-step, in all three lease modes. The pool's clock is fake, so health passes run on command."""
+"""Hypothesis state machine over `PoolCore` itself: no event loop, no sleeps, no real time.
+
+The machine plays the driver: it performs the core's actions by hand (connects and pings stay
+"in flight" until a rule completes them, successfully or not), and plays the callers: acquire,
+resume a granted wait, give up, release in every way, in every lease mode. After every step the
+core's own invariants (``core.check()``) and the machine's view (nothing held twice, nothing
+closed twice, every state change reported once and in order) must hold; at the end every waiter
+must have been served or failed, and closing must close every connection ever opened.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
+import math
+import random
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from voicepool import LeaseMode, PoolSettings, PoolState
+from voicepool._engine.actions import (
+    Action,
+    Alarm,
+    Close,
+    Connect,
+    Fail,
+    Grant,
+    Ping,
+    StateChanged,
+    Wake,
 )
+from voicepool._engine.core import PoolCore, Waiter
+from voicepool._engine.record import ConnRecord, ConnState
+from voicepool.errors import ConnectError, PoolClosed, PoolExhausted, PoolUnavailable
+from voicepool.pool_settings import ResolvedSizing
 
-from voicepool import Lease, Pool, PoolSettings, VoicepoolError
-from voicepool._engine.record import ConnState
 
-from .fakes import FakeAdapter, FakeConn, MuxAdapter, NoResetAdapter, SingleUseAdapter
+@dataclass(eq=False)
+class Conn:
+    ident: int
+    open: bool = True
+    closed: bool = False
+    holders: int = 0
 
 
-class Boom(Exception):
-    pass
+@dataclass(eq=False)
+class Held:
+    rec: ConnRecord[Conn]
+    sid: int | None
 
 
 @dataclass
-class Caller:
-    """One simulated call handler: acquires, holds until told, then releases in some way."""
+class World:
+    connects: list[Connect] = field(default_factory=list)
+    pings: list[ConnRecord[Conn]] = field(default_factory=list)
+    waiting: list[Waiter] = field(default_factory=list)
+    granted: list[Waiter] = field(default_factory=list)
+    held: list[Held] = field(default_factory=list)
+    conns: list[Conn] = field(default_factory=list)
+    outcomes: dict[str, int] = field(default_factory=dict)
 
-    task: asyncio.Task[None] | None = None
-    lease: Lease[FakeConn] | None = None
-    conn: FakeConn | None = None
-    go: asyncio.Event = field(default_factory=asyncio.Event)
-    action: str = "ok"
-    outcome: str = "pending"
 
+class CoreMachine(RuleBasedStateMachine):
+    core: PoolCore[Conn]
 
-class PoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
         self.now = 0.0
-        self.callers: list[Caller] = []
-        self.pool: Pool[FakeConn] | None = None
-        self.adapter: FakeAdapter | None = None
+        self.w = World()
+        self.reported = PoolState.NEW
+        self.wake_at = math.inf
+        self.started = False
 
-    # -- plumbing -----------------------------------------------------------------------------
+    # -- the driver's side --------------------------------------------------------------------
 
-    def step(self, n: int = 6) -> None:
-        for _ in range(n):
-            self.loop.run_until_complete(asyncio.sleep(0))
+    def apply(self, actions: object) -> None:
+        assert isinstance(actions, list | tuple)
+        for a in actions:
+            self.perform(a)
+        self.core.check()
 
-    def on_loop(self, fn: Callable[[], object]) -> None:
-        """Run a synchronous pool entry point on the loop (it may spawn tasks)."""
-
-        async def run() -> None:
-            fn()
-
-        self.loop.run_until_complete(run())
-
-    def maintain(self) -> None:
-        """One health pass at the fake clock's time."""
-        self.on_loop(self.p._maintain)
-
-    async def _call(self, caller: Caller) -> None:
-        assert self.pool is not None
-        try:
-            async with self.pool.acquire() as lease:
-                conn = lease.conn
-                caller.lease, caller.conn = lease, conn
-                conn.holders += 1
-                if not self.mux:
-                    assert conn.holders == 1, "connection held twice"
-                try:
-                    await caller.go.wait()
-                finally:
-                    conn.holders -= 1
-                    caller.conn = None
-                if caller.action == "discard":
-                    lease.discard("test")
-                elif caller.action == "error":
-                    raise Boom
-            caller.outcome = "released"
-        except Boom:
-            caller.outcome = "errored"
-        except VoicepoolError as exc:
-            caller.outcome = type(exc).__name__
-        except asyncio.CancelledError:
-            caller.outcome = "cancelled"
-            raise
-
-    @property
-    def p(self) -> Pool[FakeConn]:
-        assert self.pool is not None
-        return self.pool
+    def perform(self, a: Action) -> None:
+        w = self.w
+        if isinstance(a, Connect):
+            w.connects.append(a)
+        elif isinstance(a, Close):
+            conn = a.rec.conn
+            assert not conn.closed, f"{conn} closed twice"
+            assert a.rec.state is ConnState.CLOSED
+            if not self.mux and a.reason not in ("shutdown",):
+                assert conn.holders == 0, f"closed {conn} while it is held ({a.reason})"
+            conn.closed = True
+        elif isinstance(a, Ping):
+            assert a.rec not in w.pings, "pinged twice at once"
+            if not self.mux:
+                assert a.rec.conn.holders == 0, "pinged a leased connection"
+            w.pings.append(a.rec)
+        elif isinstance(a, Grant):
+            assert a.waiter in w.waiting, "granted a waiter that is not waiting"
+            w.waiting.remove(a.waiter)
+            w.granted.append(a.waiter)
+            assert a.waiter.rec is not None
+            if not self.mux:
+                assert a.waiter.rec.conn.holders == 0, "granted a held connection"
+                a.waiter.rec.conn.holders += 1  # reserved for this waiter
+        elif isinstance(a, Fail):
+            assert a.waiter in w.waiting, "failed a waiter that is not waiting"
+            assert isinstance(a.error, PoolExhausted | PoolUnavailable | PoolClosed)
+            w.waiting.remove(a.waiter)
+            name = type(a.error).__name__
+            w.outcomes[name] = w.outcomes.get(name, 0) + 1
+        elif isinstance(a, StateChanged):
+            assert a.old is self.reported, (a, self.reported)
+            assert a.new is not a.old
+            self.reported = a.new
+        elif isinstance(a, Wake):
+            self.wake_at = min(self.wake_at, a.at)
+        else:
+            assert isinstance(a, Alarm)
 
     @property
-    def a(self) -> FakeAdapter:
-        assert self.adapter is not None
-        return self.adapter
+    def c(self) -> PoolCore[Conn]:
+        return self.core
 
-    def holding(self) -> list[Caller]:
-        return [c for c in self.callers if c.conn is not None and c.task and not c.task.done()]
-
-    def live(self) -> list[Caller]:
-        return [c for c in self.callers if c.task is not None and not c.task.done()]
-
-    # -- rules --------------------------------------------------------------------------------
+    # -- setup ----------------------------------------------------------------------------------
 
     @initialize(
-        mode=st.sampled_from(["exclusive", "reset", "single_use", "multiplexed"]),
+        mode=st.sampled_from(list(LeaseMode)),
         max_size=st.integers(1, 4),
         min_size=st.integers(0, 4),
+        seed=st.integers(0, 2**16),
     )
-    def start(self, mode: str, max_size: int, min_size: int) -> None:
-        adapter: FakeAdapter = {
-            "exclusive": NoResetAdapter,
-            "reset": FakeAdapter,
-            "single_use": SingleUseAdapter,
-            "multiplexed": MuxAdapter,
-        }[mode]()
-        self.mux = mode == "multiplexed"
-        self.adapter = adapter
+    def start(self, mode: LeaseMode, max_size: int, min_size: int, seed: int) -> None:
+        self.mux = mode is LeaseMode.MULTIPLEXED
         cfg = PoolSettings(
             min_size=min(min_size, max_size),
             max_size=max_size,
-            max_streams=2 if self.mux else None,
             ping_interval=10,
             ping_timeout=1,
             max_lifetime=60,
@@ -140,151 +146,218 @@ class PoolMachine(RuleBasedStateMachine):
             backoff_max=4,
             acquire_timeout=1000,
             alarm_window=30,
+            connect_concurrency=2,
         )
-        self.pool = Pool(adapter, cfg, name=f"sm-{mode}", clock=lambda: self.now)
-        self.loop.run_until_complete(self.pool.start(require_ready=False))
+        sizing = ResolvedSizing(mode, 2 if self.mux else 1, min(min_size, max_size), max_size)
+        self.core = PoolCore(
+            "sm",
+            cfg,
+            sizing,
+            ping_interval=10,
+            rng=random.Random(seed),
+            is_open=lambda conn: conn.open and not conn.closed,
+            describe="fake://sm",
+        )
+        self.apply(self.core.start(self.now))
+        self.started = True
 
-    @rule()
-    def acquire(self) -> None:
-        caller = Caller()
-        caller.task = self.loop.create_task(self._call(caller))
-        self.callers.append(caller)
-        self.step()
+    # -- callers ---------------------------------------------------------------------------------
 
-    @precondition(lambda self: bool(self.holding()))
-    @rule(data=st.data(), action=st.sampled_from(["ok", "ok", "discard", "error"]))
-    def release(self, data: st.DataObject, action: str) -> None:
-        caller = data.draw(st.sampled_from(self.holding()))
-        caller.action = action
-        caller.go.set()
-        self.step()
+    @rule(timeout=st.sampled_from([0.5, 5.0, 1000.0]))
+    def acquire(self, timeout: float) -> None:
+        rec, actions = self.c.take(self.now)
+        self.apply(actions)
+        if rec is not None:
+            self.hold(rec, rec.seq if self.mux else None)
+            return
+        waiter = Waiter(self.now + timeout, timeout)
+        self.w.waiting.append(waiter)
+        self.apply(self.c.wait(waiter, self.now))
 
-    @precondition(lambda self: bool(self.live()))
+    def hold(self, rec: ConnRecord[Conn], sid: int | None, reserved: bool = False) -> None:
+        if not self.mux:
+            if not reserved:
+                assert rec.conn.holders == 0, "connection held twice"
+                rec.conn.holders += 1
+            assert rec.conn.holders == 1, "connection held twice"
+            assert rec.state is ConnState.IN_USE
+        # (A MULTIPLEXED stream granted before its connection was retired, by a failed ping, still
+        # reaches its caller: the adapter fails its I/O; nothing new is lent on it.)
+        assert not rec.conn.closed or (self.mux and reserved), "lent a closed connection"
+        self.w.held.append(Held(rec, sid))
+
+    @precondition(lambda self: bool(self.w.granted))
     @rule(data=st.data())
-    def cancel(self, data: st.DataObject) -> None:
-        caller = data.draw(st.sampled_from(self.live()))
-        assert caller.task is not None
-        caller.task.cancel()
-        self.step()
+    def resume_granted(self, data: st.DataObject) -> None:
+        waiter = data.draw(st.sampled_from(self.w.granted))
+        self.w.granted.remove(waiter)
+        self.c.served(waiter, 0.01)
+        assert waiter.rec is not None
+        self.hold(waiter.rec, waiter.stream_id, reserved=True)
 
-    @rule(n=st.integers(1, 4))
-    def fail_connects(self, n: int) -> None:
-        self.a.fail_next(ConnectionRefusedError("scripted"), n)
-
-    @precondition(lambda self: bool(self.a.open_conns))
+    @precondition(lambda self: bool(self.w.granted or self.w.waiting))
     @rule(data=st.data())
-    def ping_will_fail(self, data: st.DataObject) -> None:
-        conn = data.draw(st.sampled_from(self.a.open_conns))
-        self.a.ping_fails.add(conn.id)
+    def give_up(self, data: st.DataObject) -> None:
+        waiter = data.draw(st.sampled_from(self.w.granted + self.w.waiting))
+        if waiter in self.w.granted:
+            self.w.granted.remove(waiter)
+            if not self.mux and waiter.rec is not None:
+                waiter.rec.conn.holders -= 1
+        else:
+            self.w.waiting.remove(waiter)
+        self.apply(self.c.give_up(waiter, self.now))
 
-    @precondition(lambda self: bool(self.a.open_conns))
-    @rule(data=st.data(), notify=st.booleans())
-    def peer_closes(self, data: st.DataObject, notify: bool) -> None:
-        conn = data.draw(st.sampled_from(self.a.open_conns))
-        conn.open = False
-        if notify:
-            self.on_loop(lambda: self.a.connection_changed(conn))
-        self.step()
+    @precondition(lambda self: bool(self.w.held))
+    @rule(
+        data=st.data(),
+        how=st.sampled_from(["ok", "ok", "error", "discarded", "reset_failed", "remote_closed"]),
+        keep=st.booleans(),
+    )
+    def release(self, data: st.DataObject, how: str, keep: bool) -> None:
+        held = data.draw(st.sampled_from(self.w.held))
+        self.w.held.remove(held)
+        rec = held.rec
+        if self.mux:
+            why = {"ok": None, "error": "error", "discarded": "discarded"}.get(how)
+            self.apply(self.c.stream_released(rec, self.now, keep and rec.conn.open, why))
+            return
+        rec.conn.holders -= 1
+        if how == "ok" and not rec.conn.open:
+            how = "remote_closed"  # what the driver reports for a connection found closed
+        self.apply(self.c.released(rec, self.now, how))
 
-    @rule(dt=st.sampled_from([0.5, 2.0, 5.0, 11.0, 30.0]))
+    # -- the provider's side -------------------------------------------------------------------
+
+    @precondition(lambda self: bool(self.w.connects))
+    @rule(data=st.data(), outcome=st.sampled_from(["ok", "ok", "ok", "fail", "fatal", "zero"]))
+    def connect_done(self, data: st.DataObject, outcome: str) -> None:
+        attempt = data.draw(st.sampled_from(self.w.connects))
+        self.w.connects.remove(attempt)
+        if outcome in ("fail", "fatal"):
+            err = ConnectError("scripted", fatal=outcome == "fatal")
+            self.apply(self.c.connect_failed(attempt, err, outcome == "fatal", self.now))
+            return
+        conn = Conn(len(self.w.conns) + 1)
+        self.w.conns.append(conn)
+        cap = 0 if outcome == "zero" else 2
+        self.apply(self.c.connected(attempt, conn, self.now, cap if self.mux else 1))
+        if outcome == "zero" and not self.mux:
+            pass  # capacity means nothing outside MULTIPLEXED
+
+    @precondition(lambda self: bool(self.w.pings))
+    @rule(data=st.data(), ok=st.booleans())
+    def ping_done(self, data: st.DataObject, ok: bool) -> None:
+        rec = data.draw(st.sampled_from(self.w.pings))
+        self.w.pings.remove(rec)
+        self.apply(self.c.pinged(rec, ok and rec.conn.open, self.now, 0.002))
+
+    @precondition(lambda self: any(c.open and not c.closed for c in self.w.conns))
+    @rule(data=st.data(), notify=st.booleans(), cap=st.sampled_from([None, 0, 1, 2]))
+    def peer_changes(self, data: st.DataObject, notify: bool, cap: int | None) -> None:
+        conn = data.draw(st.sampled_from([c for c in self.w.conns if c.open and not c.closed]))
+        if cap is None or not self.mux:
+            conn.open = False
+            if notify:
+                self.apply(self.c.changed(conn, False, 0, self.now))
+        else:
+            self.apply(self.c.changed(conn, True, cap, self.now))
+
+    @rule(dt=st.sampled_from([0.001, 0.5, 2.0, 5.0, 11.0, 30.0]))
     def advance_clock(self, dt: float) -> None:
         self.now += dt
-        self.maintain()
-        self.step()
+        if self.now >= self.wake_at:
+            self.wake_at = math.inf
+            self.apply(self.c.tick(self.now))
 
-    # -- invariants ---------------------------------------------------------------------------
+    @rule()
+    def expire_all(self) -> None:
+        self.apply(self.c.expire_all(self.now))
 
-    @invariant()
-    def bounded(self) -> None:
-        if self.pool is None:
-            return
-        p = self.p
-        assert len(p._conns) + p._opening <= p.max_size
-        assert p._opening >= 0
-        assert p._opening == self.a.in_flight or p._opening > self.a.in_flight  # counted first
+    # -- invariants -------------------------------------------------------------------------
 
     @invariant()
-    def accounted(self) -> None:
-        if self.pool is None:
+    def consistent(self) -> None:
+        if not self.started:
             return
-        self.step(3)  # let hand-offs resume and background closes run
-        p = self.p
-        idle_ids = {id(r) for r in p._idle}
-        for rec in p._conns.values():
-            assert rec.state is not ConnState.CLOSED
-            assert (rec.state is ConnState.IDLE) == (id(rec) in idle_ids)
-            if self.mux:
-                # cap may drop below streams (drain on expiry / GOAWAY): no new stream then.
-                assert 0 <= rec.streams <= p.max_streams
-                assert 0 <= rec.cap <= p.max_streams
-        assert len(idle_ids) == len(p._idle)
-        holders = self.holding()
+        c = self.c
+        c.check()
+        assert self.reported is c.state, "a state change was not reported"
+        assert c.opening == len(self.w.connects), "opening is not the connects in flight"
+        assert c.n_waiting == len(self.w.waiting)
+        live = [h for h in self.w.held if h.rec.state is not ConnState.CLOSED]
         if self.mux:
-            # Holders on a connection the pool retired (peer closed) are no longer counted.
-            live = [c for c in holders if c.lease is not None and c.lease._rec in p._conns.values()]
-            assert sum(r.streams for r in p._conns.values()) >= len(live)
-            for c in holders:
-                assert c.lease is not None
-                assert c.lease._rec is not None
-                assert c.lease._rec.streams >= 1
+            for rec in c.conns.values():
+                mine = sum(1 for h in live if h.rec is rec) + sum(
+                    1 for g in self.w.granted if g.rec is rec
+                )
+                assert rec.streams == mine, (rec, mine)
         else:
-            in_use = [r for r in p._conns.values() if r.state is ConnState.IN_USE]
-            held = {id(c.conn) for c in holders}
-            assert len(held) == len(holders), "a connection is held by two callers"
-            assert held <= {id(r.conn) for r in in_use}
-        known = {id(r.conn) for r in p._conns.values()}
-        for conn in self.a.open_conns:
-            # An open connection is in the pool, or is being closed right now.
-            assert id(conn) in known or not p._is_open(conn) or p._closers
-
-    @invariant()
-    def waiters_are_live_callers(self) -> None:
-        if self.pool is None:
-            return
-        pending = [f for f, _deadline in self.p._waiters if not f.done()]
-        assert len(pending) <= len(self.live())
+            held_ids = [id(h.rec) for h in live] + [id(g.rec) for g in self.w.granted]
+            assert len(held_ids) == len(set(held_ids)), "a connection is held twice"
+            in_use = {id(r) for r in c.conns.values() if r.state is ConnState.IN_USE}
+            assert set(held_ids) == in_use, "in-use records are not the held ones"
+        for conn in self.w.conns:
+            if not conn.closed:
+                assert c.by_conn.get(id(conn)) is not None, f"{conn} is open but the pool lost it"
+        if self.w.waiting and c.state is PoolState.READY and not c.warming:
+            # The timer must be armed for the next deadline, retry or refill.
+            assert self.wake_at < math.inf or c.opening or len(c.conns) >= c.max_size
 
     def teardown(self) -> None:
-        try:
-            if self.pool is None:
-                return
-            # Every waiter is eventually served (or failed fast by an open circuit).
-            self.a._fail_queue.clear()
-            self.a.ping_fails.clear()
-            for _ in range(60):
-                for caller in self.live():
-                    caller.go.set()
-                self.now += 5
-                self.maintain()
-                self.step()
-                if not self.live():
-                    break
-            assert not self.live(), [c.outcome for c in self.callers]
-            assert all(c.outcome != "pending" for c in self.callers)
-            self.loop.run_until_complete(self.p.aclose(timeout=1))
-            assert not self.a.open_conns
-            s = self.p.stats()
-            assert (s.size, s.opening, s.waiters) == (0, 0, 0)
-        finally:
-            # Whatever failed above, leave no task behind on the loop we are about to close.
-            if self.pool is not None:
-                self.loop.run_until_complete(self.p.aclose(timeout=0))
-            for caller in self.callers:
-                if caller.task is not None and not caller.task.done():
-                    caller.task.cancel()
-            self.step()
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.close()
+        if not self.started:
+            return
+        c, w = self.c, self.w
+        # Liveness: with the provider healthy again, every waiter is served or failed.
+        for _ in range(400):
+            if not (w.waiting or w.granted or w.held or w.connects or w.pings):
+                break
+            for attempt in list(w.connects):
+                w.connects.remove(attempt)
+                conn = Conn(len(w.conns) + 1)
+                w.conns.append(conn)
+                self.apply(c.connected(attempt, conn, self.now, 2 if self.mux else 1))
+            for rec in list(w.pings):
+                w.pings.remove(rec)
+                self.apply(c.pinged(rec, rec.conn.open, self.now, 0.001))
+            for waiter in list(w.granted):
+                w.granted.remove(waiter)
+                c.served(waiter, 0.0)
+                assert waiter.rec is not None
+                self.hold(waiter.rec, waiter.stream_id, reserved=True)
+            for held in list(w.held):
+                w.held.remove(held)
+                if self.mux:
+                    self.apply(c.stream_released(held.rec, self.now, held.rec.conn.open, None))
+                else:
+                    held.rec.conn.holders -= 1
+                    how = "ok" if held.rec.conn.open else "remote_closed"
+                    self.apply(c.released(held.rec, self.now, how))
+            self.now += 1.0
+            self.wake_at = math.inf
+            self.apply(c.tick(self.now))
+        assert not w.waiting, (w.waiting, c.stats())
+        assert not w.granted, (w.granted, c.stats())
+        self.apply(c.close(self.now))
+        for attempt in list(w.connects):
+            w.connects.remove(attempt)
+            self.apply(c.connect_cancelled(attempt, self.now))
+        for rec in list(w.pings):
+            w.pings.remove(rec)
+            self.apply(c.ping_cancelled(rec, self.now))
+        assert not c.busy
+        self.apply(c.close_all(self.now))
+        self.apply(c.closed(self.now))
+        assert all(conn.closed for conn in w.conns), "a connection was never closed"
+        s = c.stats()
+        assert (s.size, s.opening, s.waiters, s.state) == (0, 0, 0, PoolState.CLOSED)
 
 
-PoolMachine.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=40,
+CoreMachine.TestCase.settings = settings(
+    max_examples=400,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 
 
-@pytest.mark.timeout(300)
-class TestPoolStateMachine(PoolMachine.TestCase):  # type: ignore[name-defined,misc]
-    pass
+TestCoreStateMachine = pytest.mark.timeout(300)(CoreMachine.TestCase)

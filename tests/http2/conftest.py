@@ -3,8 +3,6 @@ pools of Http2Adapter against it, and an httpx client on the pooled transport.""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,15 +17,6 @@ from voicepool.testing.tls import test_certificates
 API_KEY = "sk-test-0123456789"
 
 MakePool = Callable[..., Awaitable[Pool[H2Connection]]]
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``predicate`` every 10 ms (for pool state, which has no change event); bounded."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def settings(**kw: Any) -> PoolSettings:

@@ -9,9 +9,10 @@ import httpx
 import pytest
 from h2.errors import ErrorCodes
 
-from tests.http2.conftest import API_KEY, MakePool, adapter_for, eventually, settings
+from tests.http2.conftest import API_KEY, MakePool, adapter_for, settings
 from voicepool import ConnectError, Pool, PoolUnavailable
 from voicepool.adapters.http2 import PooledTransport
+from voicepool.testing import wait_until
 from voicepool.testing.faultproxy import FaultProxy
 from voicepool.testing.llm import LlmEmulator
 
@@ -49,7 +50,7 @@ async def test_goaway_mid_stream_drains_while_new_streams_go_to_a_replacement(
             assert text.rstrip().endswith("data: [DONE]")
         # Retired once: when its last stream ended, or when the server closed it after draining
         # (the engine then labels the release "error").
-        await eventually(lambda: sum(pool.stats().closed.values()) == 1)
+        await wait_until(lambda: sum(pool.stats().closed.values()) == 1)
         assert pool.stats().size == 1
         assert pool.stats().streams_in_use == 0
 
@@ -81,8 +82,8 @@ async def test_black_holed_connection_is_detected_by_ping_and_replaced(
         )
         await llm.wait_for(lambda: llm.pings_received >= 1)  # healthy pings get answers
         proxy.black_hole(True, new_connections=False)  # the old socket goes silent, no FIN/RST
-        await eventually(lambda: pool.stats().closed.get("ping_failed") == 1)
-        await eventually(lambda: pool.stats().size == 1)
+        await wait_until(lambda: pool.stats().closed.get("ping_failed") == 1)
+        await wait_until(lambda: pool.stats().size == 1)
         async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
             resp = await http.get(f"https://127.0.0.1:{proxy.port}/v1/models")
         assert resp.status_code == 200
@@ -98,7 +99,7 @@ async def test_enhance_your_calm_lengthens_the_ping_interval(make_pool: MakePool
         # Pings every ~0.1 s are "too many": GOAWAY ENHANCE_YOUR_CALM, the connection is
         # replaced and the adapter spaces its pings out until the server is content.
         await emu.wait_for(lambda: emu.calm_goaways >= 1, timeout=10)
-        await eventually(lambda: adapter.ping_gap >= 0.3, timeout=10)  # type: ignore[attr-defined]
+        await wait_until(lambda: adapter.ping_gap >= 0.3, timeout=10)  # type: ignore[attr-defined]
         calms = emu.calm_goaways
         pings = emu.pings_received
         await emu.wait_for(lambda: emu.pings_received >= pings + 3, timeout=10)

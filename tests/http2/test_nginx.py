@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.http2.conftest import MakePool, eventually, settings
+from tests.http2.conftest import MakePool, settings
 from tests.peers.nginx import Nginx, free_port, nginx_available
 from voicepool.adapters.http2 import PooledTransport
+from voicepool.testing import wait_until
 from voicepool.testing.llm import LlmEmulator
 from voicepool.testing.tls import test_certificates
 
@@ -67,7 +68,8 @@ async def test_pool_multiplexes_through_nginx_within_its_stream_limit(
 ) -> None:
     emu, url = front
     pool = await make_pool(url, settings(min_size=1, max_size=3), warmup_path="/v1/models")
-    (conn,) = [rec.conn for rec in pool._conns.values()]
+    async with pool.acquire() as lease:  # the pool's one connection
+        conn = lease.conn
     assert pool.adapter.stream_capacity(conn) == NGINX_STREAMS  # nginx's SETTINGS, not 100
     async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
         texts = await asyncio.gather(*(_stream(http, url) for _ in range(40)))
@@ -88,8 +90,8 @@ async def test_pool_survives_nginx_keepalive_timeout(
         assert "data: [DONE]" in await _stream(http, url)
         # Left idle, nginx closes both connections after its keepalive timeout; the pool hears
         # it at once (GOAWAY / EOF) and reopens them without waiting for a request.
-        await eventually(lambda: sum(pool.stats().closed.values()) >= 2, timeout=KEEPALIVE + 5)
-        await eventually(lambda: pool.stats().size == 2 and pool.stats().opening == 0)
+        await wait_until(lambda: sum(pool.stats().closed.values()) >= 2, timeout=KEEPALIVE + 5)
+        await wait_until(lambda: pool.stats().size == 2 and pool.stats().opening == 0)
         connects = pool.stats().connects
         assert connects >= 4
         texts = await asyncio.gather(*(_stream(http, url) for _ in range(10)))

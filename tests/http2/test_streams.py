@@ -8,8 +8,9 @@ import time
 
 import httpx
 
-from tests.http2.conftest import MakePool, eventually, settings
+from tests.http2.conftest import MakePool, settings
 from voicepool.adapters.http2 import PooledTransport
+from voicepool.testing import wait_until
 from voicepool.testing.llm import LlmEmulator
 
 CHAT = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -68,7 +69,7 @@ async def test_cancelling_50_inflight_streams_resets_them_all(
 
         tasks = [asyncio.create_task(barge_in_victim()) for _ in range(50)]
         await llm.wait_for(lambda: llm.open_streams == 50)
-        await eventually(lambda: first_bytes == 50)
+        await wait_until(lambda: first_bytes == 50)
         assert pool.stats().streams_in_use == 50
         for task in tasks:
             task.cancel()
@@ -105,7 +106,8 @@ async def test_stream_capacity_follows_server_max_concurrent_streams(
     async with LlmEmulator(ttft=0.2, tokens=1, max_concurrent_streams=5) as emu:
         pool = await make_pool(emu.url, settings(min_size=1, max_size=1, max_streams=100))
         adapter = pool.adapter
-        (conn,) = _conns(pool)
+        async with pool.acquire() as lease:  # the pool's one connection
+            conn = lease.conn
         assert adapter.stream_capacity(conn) == 5
         url = emu.base_url + "/chat/completions"
         async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
@@ -113,14 +115,9 @@ async def test_stream_capacity_follows_server_max_concurrent_streams(
             assert results == [3] * 12
             assert emu.peak_open_streams == 5  # never above the server's limit, none refused
             emu.set_max_concurrent_streams(12)
-            await eventually(lambda: adapter.stream_capacity(conn) == 12)
+            await wait_until(lambda: adapter.stream_capacity(conn) == 12)
             emu.peak_open_streams = 0
             results = await asyncio.gather(*(_stream(http, url) for _ in range(12)))
             assert results == [3] * 12
             assert emu.peak_open_streams == 12
         assert emu.connections_accepted == 1
-
-
-def _conns(pool: object) -> list[object]:
-    """The open connections of a pool (test introspection)."""
-    return [rec.conn for rec in pool._conns.values()]  # type: ignore[attr-defined]

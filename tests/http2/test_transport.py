@@ -10,9 +10,10 @@ import httpx2
 import openai
 import pytest
 
-from tests.http2.conftest import API_KEY, MakePool, eventually, settings
+from tests.http2.conftest import API_KEY, MakePool, settings
 from voicepool import Pool
 from voicepool.adapters.http2 import H2Connection, PooledTransport, PooledTransport2
+from voicepool.testing import wait_until
 from voicepool.testing.llm import LlmEmulator
 
 
@@ -174,7 +175,7 @@ async def test_exhausted_pool_is_a_pool_timeout(llm: LlmEmulator, make_pool: Mak
         ):
             with pytest.raises(httpx.PoolTimeout, match="exhausted"):
                 await http.get(llm.url + "/v1/models")
-    await eventually(lambda: pool.stats().streams_in_use == 0)
+    await wait_until(lambda: pool.stats().streams_in_use == 0)
 
 
 async def test_transport_close_leaves_a_shared_pool_open(pool: Pool[H2Connection]) -> None:

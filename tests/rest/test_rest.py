@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from tests.http2.conftest import eventually
 from voicepool import ConnectError, Pool, PoolSettings
 from voicepool.adapters.rest import RestAdapter, RestConnection
+from voicepool.testing import wait_until
 from voicepool.testing.rest import RestEmulator
 from voicepool.testing.tls import test_certificates
 
@@ -57,8 +57,8 @@ async def test_connections_closed_by_the_server_are_replaced(
 ) -> None:
     assert crm.close_idle() == 2
     # The pool hears each socket close and reopens (with the warm-up) before the next call.
-    await eventually(lambda: rest_pool.stats().closed.get("remote_closed") == 2)
-    await eventually(lambda: crm.connections_accepted == 4 and rest_pool.stats().size == 2)
+    await wait_until(lambda: rest_pool.stats().closed.get("remote_closed") == 2)
+    await wait_until(lambda: crm.connections_accepted == 4 and rest_pool.stats().size == 2)
     for _ in range(4):
         async with rest_pool.acquire() as lease:
             tool = await lease.conn.json("POST", "/v1/tools/lookup", json={"q": "x"})
@@ -70,7 +70,7 @@ async def test_server_keepalive_timeout_is_survived() -> None:
     async with RestEmulator(keepalive_timeout=0.2) as crm:
         adapter = RestAdapter(base_url=crm.url, warmup_path="/health", warmup_method="GET")
         async with Pool(adapter, rest_settings(min_size=1, max_size=1), name="crm") as pool:
-            await eventually(lambda: crm.connections_accepted >= 2)  # closed idle, reopened
+            await wait_until(lambda: crm.connections_accepted >= 2)  # closed idle, reopened
             async with pool.acquire() as lease, lease.conn.get("/v1/calendar/slots") as r:
                 assert r.status == 200
             assert pool.stats().closed.get("remote_closed", 0) >= 1
@@ -80,7 +80,7 @@ async def test_health_requests_keep_the_same_socket(crm: RestEmulator) -> None:
     adapter = RestAdapter(base_url=crm.url, api_key=KEY, health_path="/health")
     settings = rest_settings(min_size=1, max_size=1, ping_interval=0.05, ping_timeout=0.05)
     async with Pool(adapter, settings, name="crm"):
-        await eventually(lambda: crm.requests["/health"] >= 3)
+        await wait_until(lambda: crm.requests["/health"] >= 3)
     assert crm.connections_accepted == 1
 
 

@@ -14,7 +14,6 @@ Timing: every duration comes from ``FAST``; assertions on time are generous (2 s
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -122,23 +121,3 @@ def sip_options(registrar_uri: str, **changes: Any) -> SipOptions:
 
 def sip_adapter(registrar_uri: str, **changes: Any) -> SipAdapter:
     return SipAdapter(sip_options(registrar_uri, **changes))
-
-
-async def eventually(
-    check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02
-) -> float:
-    """Poll ``check()`` (sync or async) until truthy; return the seconds it took.
-
-    For state that no event announces (a registrar's table, a circuit that opens in the pool).
-    Fails the test after ``timeout``.
-    """
-    t0 = time.monotonic()
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"condition not met within {timeout}s: {check}")
-        await asyncio.sleep(interval)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from tests.sip.conftest import eventually, fast, sip_adapter
+from tests.sip.conftest import fast, sip_adapter
 from voicepool import (
     ConfigError,
     ConnectError,
@@ -29,6 +29,7 @@ from voicepool.adapters.sip import (
     SipOptions,
     SipRegistration,
 )
+from voicepool.testing import wait_until
 from voicepool.testing.sip_registrar import SipRegistrar
 
 pytest.importorskip("pjsua2", reason="pjsua2 (voicepool[sip]) is not installed")
@@ -198,7 +199,7 @@ async def test_unanswered_register_is_cancelled_without_leftovers(
         async with asyncio.timeout(0.3):
             await adapter.connect()
     # The engine fixture checks that the account is gone; it needs no answer to go.
-    await eventually(lambda: engine.stats().accounts == 0, timeout=3)
+    await wait_until(lambda: engine.stats().accounts == 0, timeout=3)
 
 
 async def test_close_unregisters_even_when_cancelled(registrar: SipRegistrar) -> None:
@@ -209,7 +210,7 @@ async def test_close_unregisters_even_when_cancelled(registrar: SipRegistrar) ->
     closing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await closing
-    await eventually(lambda: registrar.binding_count() == 0, timeout=3)
+    await wait_until(lambda: registrar.binding_count() == 0, timeout=3)
 
 
 async def test_ninth_account_is_refused_before_pjsua2(registrar: SipRegistrar) -> None:
@@ -240,7 +241,7 @@ async def test_registration_lapse_without_refresh_tells_the_pool(registrar: SipR
         # As if the registrar went silent: no refresh arrives before the binding expires.
         conn.valid_until = time.monotonic() + 0.05
         conn._arm_lapse()
-        await eventually(lambda: changed == [conn], timeout=2)
+        await wait_until(lambda: changed == [conn], timeout=2)
         assert conn.state is RegState.LOST
         assert not adapter.is_open(conn)
         with pytest.raises(ConnectError, match="lost"):
@@ -255,7 +256,7 @@ async def test_refused_refresh_opens_the_circuit_and_recovers(registrar: SipRegi
     async with Pool(adapter, fast(min_size=2, max_size=2), name="sip") as pool:
         registrar.mode = "503"
         # The next pings (refresh REGISTERs) get 503: registrations lost, reconnects refused.
-        await eventually(lambda: pool.state is PoolState.UNAVAILABLE and not pool.stats().size, 5)
+        await wait_until(lambda: pool.state is PoolState.UNAVAILABLE and not pool.stats().size, 5)
         t0 = time.monotonic()
         with pytest.raises(PoolUnavailable) as info:
             async with pool.acquire():
@@ -265,7 +266,7 @@ async def test_refused_refresh_opens_the_circuit_and_recovers(registrar: SipRegi
         assert isinstance(cause, ConnectError)
         assert cause.status == 503
         registrar.mode = "ok"
-        await eventually(lambda: pool.stats().size == 2 and pool.state is PoolState.READY, 5)
+        await wait_until(lambda: pool.stats().size == 2 and pool.state is PoolState.READY, 5)
         async with pool.acquire() as lease:
             assert lease.conn.registered
 
@@ -274,7 +275,7 @@ async def test_credentials_revoked_midlife_open_the_circuit(registrar: SipRegist
     adapter = sip_adapter(registrar.uri)
     async with Pool(adapter, fast(min_size=1, max_size=1), name="sip") as pool:
         registrar.mode = "403"
-        await eventually(lambda: pool.state is PoolState.UNAVAILABLE, timeout=5)
+        await wait_until(lambda: pool.state is PoolState.UNAVAILABLE, timeout=5)
         last = pool.last_error
         assert isinstance(last, ConnectError)
         assert last.status == 403

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from tests.peers.sipp import Sipp, sipp_available
-from tests.sip.conftest import eventually, fast, sip_adapter
+from tests.sip.conftest import fast, sip_adapter
 from voicepool import Pool
 from voicepool.adapters.sip import OwnerContext, SipRegistration
+from voicepool.testing import wait_until
 from voicepool.testing.sip_registrar import SipRegistrar
 
 pj: Any = pytest.importorskip("pjsua2", reason="pjsua2 (voicepool[sip]) is not installed")
@@ -59,13 +60,13 @@ async def test_place_a_call_on_a_leased_registration(registrar: SipRegistrar) ->
                 call.makeCall(f"sip:service@127.0.0.1:{uas.port}", pj.CallOpParam(True))
 
             await reg.run(dial)
-            await eventually(lambda: _has(reg, "out", CONFIRMED), timeout=5)
+            await wait_until(lambda: _has(reg, "out", CONFIRMED), timeout=5)
 
             def hang_up(ctx: OwnerContext) -> None:
                 ctx.get("out").hangup(pj.CallOpParam(True))
 
             await reg.run(hang_up)
-            await eventually(lambda: _has(reg, "out", DISCONNECTED), timeout=5)
+            await wait_until(lambda: _has(reg, "out", DISCONNECTED), timeout=5)
             await reg.run(lambda ctx: ctx.drop("out"))
     assert registrar.binding_count() == 0
 
@@ -87,7 +88,7 @@ async def test_accept_a_call_on_a_leased_registration(registrar: SipRegistrar) -
         async with Sipp("uac", transport="udp", remote=target, calls=1,
                         extra_args=("-s", "alice", "-d", "100")) as uac:  # fmt: skip
             assert await uac.wait(10) == 0  # INVITE, 200, ACK, BYE, 200: the call succeeded
-        await eventually(lambda: _has(reg, "in", DISCONNECTED), timeout=5)
+        await wait_until(lambda: _has(reg, "in", DISCONNECTED), timeout=5)
         seen = await reg.run(states("in"))
         assert CONFIRMED in seen
         await reg.run(lambda ctx: ctx.drop("in"))

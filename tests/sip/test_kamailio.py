@@ -15,9 +15,10 @@ import pytest
 from pydantic import SecretStr
 
 from tests.peers.kamailio import Kamailio
-from tests.sip.conftest import FAST, KamailioFactory, eventually, fast, sip_adapter
+from tests.sip.conftest import FAST, KamailioFactory, fast, sip_adapter
 from voicepool import ConnectError, Pool, PoolState, PoolUnavailable
 from voicepool.adapters.sip import SipRegistration
+from voicepool.testing import wait_until
 
 pytest.importorskip("pjsua2", reason="pjsua2 (voicepool[sip]) is not installed")
 
@@ -50,7 +51,7 @@ async def test_seven_registrations_refreshed_then_removed(
             part for c in contacts for part in c.address.split(";") if part.startswith("vpl=")
         }
         t_boot = time.monotonic()
-        await eventually(lambda: all(r.registers >= 2 for r in regs), timeout=9)
+        await wait_until(lambda: all(r.registers >= 2 for r in regs), timeout=9)
         refreshed_after = time.monotonic() - t_boot
         assert 3.0 < refreshed_after < 8.0, refreshed_after  # refresh at expiry - 5 s
         contacts = await kamailio.contacts()
@@ -69,7 +70,7 @@ async def test_registrar_outage_then_restart(kamailio: Kamailio, transport: str)
         assert await kamailio.binding_count("alice") == 7
         await kamailio.stop()
         # UDP: the refresh-REGISTER pings go unanswered; TCP: the connection drops at once.
-        lost_after = await eventually(
+        lost_after = await wait_until(
             lambda: pool.state is PoolState.UNAVAILABLE and pool.stats().size == 0, timeout=8
         )
         t0 = time.monotonic()
@@ -80,7 +81,7 @@ async def test_registrar_outage_then_restart(kamailio: Kamailio, transport: str)
         assert isinstance(info.value.__cause__, ConnectError)
         await kamailio.start()
         t_restart = time.monotonic()
-        await eventually(
+        await wait_until(
             lambda: pool.state is PoolState.READY and pool.stats().size == 7, timeout=8
         )
         back_after = time.monotonic() - t_restart

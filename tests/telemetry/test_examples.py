@@ -68,7 +68,7 @@ async def _scenario(probe: Probe) -> str:
                 adapter.ping_error = ConnectionResetError("reset")
                 await adapter.wait_for(lambda: len(adapter.closed) >= 1)
                 adapter.ping_error = None
-                pool._maintain()
+                pool.maintain()
             dead = ScriptedAdapter()
             dead.fail_all_connects = auth_error(dead)
             broken = Pool(dead, PoolSettings(min_size=1, max_size=1), name="tts")

@@ -24,13 +24,13 @@ def _settings(**kw: Any) -> PoolSettings:
 
 async def test_import_voicepool_enables_the_default_instrumentation() -> None:
     pool = Pool(ScriptedAdapter(), _settings(), name="dflt")
-    observers = [o for o in pool._observers if isinstance(o, OtelObserver)]
+    observers = [o for o in pool.observers if isinstance(o, OtelObserver)]
     assert observers  # attached without any set-up by the application
     assert telemetry.default_instrumentation() is not None
     async with pool:  # a no-op without an SDK, and harmless
         async with pool.acquire():
             pass
-        pool._maintain()
+        pool.maintain()
 
 
 async def test_disable_default_detaches_new_pools_and_quiets_old_ones() -> None:
@@ -38,9 +38,9 @@ async def test_disable_default_detaches_new_pools_and_quiets_old_ones() -> None:
     telemetry.disable_default()
     try:
         after = Pool(ScriptedAdapter(), _settings(), name="after")
-        assert not [o for o in after._observers if isinstance(o, OtelObserver)]
+        assert not [o for o in after.observers if isinstance(o, OtelObserver)]
         assert telemetry.default_instrumentation() is None
-        inst = next(o for o in before._observers if isinstance(o, OtelObserver))
+        inst = next(o for o in before.observers if isinstance(o, OtelObserver))
         assert not inst.registry.active
         assert inst.registry.snapshots() == []
     finally:
@@ -63,7 +63,7 @@ async def test_histograms_are_sampled_above_the_budget() -> None:
     inst = telemetry.instrument(meter_provider=provider, histogram_budget=100)
     try:
         pool = Pool(ScriptedAdapter(), _settings(), name="busy")
-        obs = next(o for o in pool._observers if getattr(o, "registry", None) is inst.registry)
+        obs = next(o for o in pool.observers if getattr(o, "registry", None) is inst.registry)
         for _ in range(1000):
             obs.on_waited(pool, 0.5)
         obs.on_flush(pool, [1.0] * 5000, zero_waits=9000)  # 10% of acquires waited 0.5 s
@@ -100,11 +100,11 @@ async def test_wait_failed_hook_reports_the_exhaustion_and_the_open_circuit(otel
     """on_wait_failed: a waiter failed by an opening circuit gets both events on its span."""
     async with Pool(ScriptedAdapter(), _settings(), name="asr") as pool:
         with otel.tracer.start_as_current_span("call"):
-            for obs in pool._observers:  # as the engine calls hooks: on every observer
+            for obs in pool.observers:  # as the engine calls hooks: on every observer
                 obs.on_exhausted(pool)
-            for obs in pool._observers:
+            for obs in pool.observers:
                 obs.on_wait_failed(pool, 0.0, PoolUnavailable("circuit open", pool="asr"))
-            for obs in pool._observers:  # nothing pending any more: no second exhaustion
+            for obs in pool.observers:  # nothing pending any more: no second exhaustion
                 obs.on_wait_failed(pool, 0.0, asyncio.CancelledError())
     (span,) = otel.spans("call")
     assert [e.name for e in span.events] == [n.EVENT_EXHAUSTED, n.EVENT_UNAVAILABLE]
@@ -113,13 +113,13 @@ async def test_wait_failed_hook_reports_the_exhaustion_and_the_open_circuit(otel
 async def test_a_stale_exhaustion_is_not_reported_by_a_later_acquire(otel: Otel) -> None:
     async with Pool(ScriptedAdapter(), _settings(), name="asr") as pool:
         with otel.tracer.start_as_current_span("call"):
-            for obs in pool._observers:  # then the caller was cancelled: no hook ended that wait
+            for obs in pool.observers:  # then the caller was cancelled: no hook ended that wait
                 obs.on_exhausted(pool)
-            for obs in pool._observers:  # a later acquire that queued 5 s ago cannot be that one
+            for obs in pool.observers:  # a later acquire that queued 5 s ago cannot be that one
                 obs.on_waited(pool, 5.0)
-            for obs in pool._observers:  # while a fresh one is reported
+            for obs in pool.observers:  # while a fresh one is reported
                 obs.on_exhausted(pool)
-            for obs in pool._observers:
+            for obs in pool.observers:
                 obs.on_waited(pool, 0.0)
     (span,) = otel.spans("call")
     (event,) = span.events
@@ -148,7 +148,7 @@ async def test_install_sdk_private_providers() -> None:
 async def test_cancelled_connect_ends_its_span_without_error(otel: Otel) -> None:
     """If a connect is cancelled and the engine reports it, the span ends, not in error."""
     pool = Pool(ScriptedAdapter(), _settings(), name="asr")
-    obs = next(o for o in pool._observers if getattr(o, "registry", None) is otel.inst.registry)
+    obs = next(o for o in pool.observers if getattr(o, "registry", None) is otel.inst.registry)
     token = obs.connect_started(pool)
     obs.on_connected(pool, token, 0.01, asyncio.CancelledError())
     (span,) = otel.spans(n.SPAN_CONNECT)
@@ -161,7 +161,7 @@ async def test_a_failing_hook_is_logged_once_and_never_raises(
     otel: Otel, caplog: pytest.LogCaptureFixture
 ) -> None:
     pool = Pool(ScriptedAdapter(), _settings(), name="asr")
-    obs = next(o for o in pool._observers if getattr(o, "registry", None) is otel.inst.registry)
+    obs = next(o for o in pool.observers if getattr(o, "registry", None) is otel.inst.registry)
     _observer._failed_hooks.discard("on_flush")  # "reported once" is per process
     for _ in range(3):
         obs.on_flush(pool, ["not a number"], 0)  # type: ignore[list-item]

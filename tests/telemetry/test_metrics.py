@@ -61,7 +61,7 @@ async def test_gauges_units_and_limits(otel: Otel) -> None:
             for metric in m.values():
                 for point in metric.data.data_points:
                     assert point.attributes[n.ATTR_POOL_NAME] == "asr"
-        pool._maintain()  # the health task's flush, now rather than within a second
+        pool.maintain()  # the health task's flush, now rather than within a second
         m = otel.metrics()
         for name in (n.CREATE_TIME, n.WAIT_TIME, n.USE_TIME):
             assert m[name].unit == "s", name
@@ -97,7 +97,7 @@ async def test_exhaustion_counts_and_waits(otel: Otel) -> None:
         assert otel.value(n.CONNECTION_COUNT, m, **{n.ATTR_STATE: "used"}, **_k()) == 1
         release.set()
         await asyncio.gather(holder, waiter)
-        pool._maintain()
+        pool.maintain()
         m = otel.metrics()
         assert otel.value(n.PENDING_REQUESTS, m, **_k()) == 0
         assert otel.value(n.ACQUIRES, m, **_k()) == 2
@@ -117,7 +117,7 @@ async def test_timeouts_counted_and_wait_recorded(otel: Otel) -> None:
         async with pool.acquire():
             with pytest.raises(PoolExhausted):
                 await _acquire_once(pool, timeout=0.02)
-        pool._maintain()
+        pool.maintain()
         m = otel.metrics()
         assert otel.value(n.TIMEOUTS, m, **_k()) == 1
         assert otel.value(n.EXHAUSTED, m, **_k()) == 1
@@ -214,7 +214,7 @@ async def test_removed_instrumentation_goes_quiet(otel: Otel) -> None:
         otel.inst.remove()
         async with pool.acquire():
             pass
-        pool._maintain()
+        pool.maintain()
         assert otel.points(n.CONNECTION_MAX) == []
     async with Pool(ScriptedAdapter(), settings(), name="later"):
         assert otel.points(n.CONNECTION_MAX) == []

@@ -23,6 +23,7 @@ from voicepool import (
     VoicepoolError,
 )
 from voicepool.telemetry import names as n
+from voicepool.testing import wait_until
 
 
 def settings(**kw: Any) -> PoolSettings:
@@ -312,11 +313,11 @@ async def test_secrets_never_reach_attributes(
             await asyncio.wait_for(probe.pinged.wait(), 10)
             adapter.ping_error = ConnectError(f"ping refused for {adapter.api_key}")
             adapter.fail_all_connects = auth_error(adapter)
-            await settle(lambda: pool.stats().state.value == "unavailable", rounds=20000)
+            await wait_until(lambda: pool.stats().state.value == "unavailable", timeout=5)
             with pytest.raises(PoolUnavailable):
                 async with pool.acquire():
                     pass
-        pool._maintain()
+        pool.maintain()
     found: list[str] = []
     for span in otel.spans():
         found.extend(_strings(list((span.attributes or {}).values())))

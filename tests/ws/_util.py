@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-
-import pytest
-
 from voicepool import PoolSettings
 
 API_KEY = "test-key-5f1c"  # what the emulators accept; never expected in any log or message
 IDLE = 1.0  # the emulators' idle close in these tests, seconds
-
-
-async def eventually(
-    condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition"
-) -> None:
-    """Wait until ``condition()`` holds, polling every 10 ms; fail after ``timeout`` seconds."""
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)  # pool stats have no change event: poll, bounded
-    if not condition():
-        pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def settings(**overrides: object) -> PoolSettings:

@@ -12,10 +12,10 @@ from websockets.exceptions import InvalidStatus
 from voicepool import LeaseMode, Pool
 from voicepool.adapters._tts import ContextError
 from voicepool.adapters.cartesia import CartesiaAdapter
-from voicepool.testing import test_certificates
+from voicepool.testing import test_certificates, wait_until
 from voicepool.testing.tts import CartesiaEmulator, synthesize
 
-from ._util import API_KEY, eventually, settings
+from ._util import API_KEY, settings
 
 
 def adapter(server: CartesiaEmulator, **kw: object) -> CartesiaAdapter:
@@ -65,7 +65,7 @@ async def test_cancel_on_barge_in_frees_the_context(cartesia: CartesiaEmulator) 
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await eventually(lambda: cartesia.contexts_active == 0, what="context cancelled")
+        await wait_until(lambda: cartesia.contexts_active == 0, what="context cancelled")
         assert cartesia.cancels == 1
         assert await speak(pool, "Yes?") == synthesize("Yes?", cartesia.bytes_per_char)
     assert cartesia.accepted == 1
@@ -117,7 +117,7 @@ async def test_idle_sockets_are_recycled_before_the_idle_close() -> None:
     async with CartesiaEmulator(tls=True, api_key=API_KEY, idle_timeout=1.2) as server:
         ad = adapter(server, max_idle=1.2)  # recycled by the first ping after 0.48 s idle
         async with Pool(ad, settings(min_size=2, max_size=2), name="tts") as pool:
-            await eventually(lambda: server.accepted >= 4, timeout=5, what="recycling")
+            await wait_until(lambda: server.accepted >= 4, timeout=5, what="recycling")
             assert server.idle_closes == 0  # the provider never had to close one
             assert await speak(pool, "fresh socket")
             assert pool.stats().idle == 2

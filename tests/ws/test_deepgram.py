@@ -13,10 +13,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from voicepool import ConnectError, LeaseMode, Pool, PoolState, PoolUnavailable
 from voicepool.adapters.deepgram import DeepgramAdapter, DeepgramConnection, Transcript
 from voicepool.adapters.websocket import StreamClosed
-from voicepool.testing import FaultProxy, test_certificates
+from voicepool.testing import FaultProxy, test_certificates, wait_until
 from voicepool.testing.asr import DeepgramEmulator
 
-from ._util import API_KEY, IDLE, eventually, settings
+from ._util import API_KEY, IDLE, settings
 
 
 def adapter(server: DeepgramEmulator, **kw: object) -> DeepgramAdapter:
@@ -140,8 +140,8 @@ async def test_pool_warms_at_start_and_transcribes(deepgram: DeepgramEmulator) -
             assert texts[-1].from_finalize
             assert texts[-1].text == "hello world"
             assert stream.metadata is not None
-        await eventually(lambda: pool.stats().closed.get("used") == 1, what="used stream closed")
-        await eventually(lambda: pool.stats().idle >= 2, what="spares refilled")
+        await wait_until(lambda: pool.stats().closed.get("used") == 1, what="used stream closed")
+        await wait_until(lambda: pool.stats().idle >= 2, what="spares refilled")
     assert deepgram.close_streams >= 1
     assert deepgram.idle_closes == 0
 
@@ -163,11 +163,11 @@ async def test_idle_pool_survives_idle_close_only_with_keepalive(
     # The same pool without the provider keepalive: WebSocket pings alone do not count.
     quiet = adapter(deepgram, keepalive=False)
     async with Pool(quiet, settings(min_size=2, max_size=2), name="asr-quiet") as pool:
-        await eventually(lambda: deepgram.idle_closes >= 2, timeout=IDLE * 4, what="idle closes")
-        await eventually(
+        await wait_until(lambda: deepgram.idle_closes >= 2, timeout=IDLE * 4, what="idle closes")
+        await wait_until(
             lambda: sum(pool.stats().closed.values()) >= 2, what="pool saw the idle closes"
         )
-        await eventually(lambda: pool.stats().idle == 2, what="refill")
+        await wait_until(lambda: pool.stats().idle == 2, what="refill")
 
 
 async def test_black_holed_socket_is_replaced_by_the_ping(deepgram: DeepgramEmulator) -> None:
@@ -180,10 +180,10 @@ async def test_black_holed_socket_is_replaced_by_the_ping(deepgram: DeepgramEmul
             first_two = proxy.connections
             assert len(first_two) == 2
             proxy.black_hole(new_connections=False)  # the two sockets go silent, nothing closes
-            await eventually(
+            await wait_until(
                 lambda: pool.stats().closed.get("ping_failed", 0) >= 2, what="pings to fail"
             )
-            await eventually(lambda: pool.stats().idle == 2, what="replacements")
+            await wait_until(lambda: pool.stats().idle == 2, what="replacements")
             async with pool.acquire() as lease:
                 assert id(lease.conn) not in old
                 await lease.conn.send_audio(b"fresh")
@@ -198,12 +198,12 @@ async def test_refill_with_backoff_after_reset_all(deepgram: DeepgramEmulator) -
         async with Pool(ad, settings(min_size=2, max_size=2), name="asr") as pool:
             proxy.refuse()  # the provider is unreachable for a while
             assert await proxy.reset_all() == 2
-            await eventually(lambda: pool.stats().connect_failures >= 2, what="failed refills")
+            await wait_until(lambda: pool.stats().connect_failures >= 2, what="failed refills")
             assert pool.state in (PoolState.DEGRADED, PoolState.UNAVAILABLE)
             failures = pool.stats().connect_failures
             assert failures < 40  # backed off, not a hot loop
             proxy.refuse(False)
-            await eventually(lambda: pool.stats().idle == 2, what="refill", timeout=8)
+            await wait_until(lambda: pool.stats().idle == 2, what="refill", timeout=8)
             assert pool.state is PoolState.READY
             async with pool.acquire() as lease:
                 await lease.conn.send_audio(b"back")
@@ -216,7 +216,7 @@ async def test_429_backs_off_without_opening_the_circuit() -> None:
         emulator as server,
         Pool(adapter(server), settings(min_size=2, max_size=2), name="asr") as pool,
     ):
-        await eventually(lambda: pool.stats().connect_failures >= 2, what="429s")
+        await wait_until(lambda: pool.stats().connect_failures >= 2, what="429s")
         assert server.rejected[429] >= 2
         assert pool.state is PoolState.DEGRADED  # not UNAVAILABLE: 429 is not fatal
         err = pool.last_error
@@ -259,12 +259,12 @@ async def test_malformed_frame_discards_that_socket_only(deepgram: DeepgramEmula
     async with Pool(ad, settings(min_size=2, max_size=2), name="asr") as pool:
         victim, survivor = list(deepgram.sessions.values())
         await victim.send_raw('{"type": "Results", "channel": ')  # truncated JSON
-        await eventually(lambda: sum(pool.stats().closed.values()) == 1, what="discard")
-        await eventually(lambda: pool.stats().idle == 2, what="refill")
+        await wait_until(lambda: sum(pool.stats().closed.values()) == 1, what="discard")
+        await wait_until(lambda: pool.stats().idle == 2, what="refill")
         assert survivor.id in deepgram.sessions  # untouched
         assert victim.id not in deepgram.sessions
         # The client closed it with 1002 (protocol error).
-        await eventually(lambda: deepgram.close_codes[1002] == 1, what="1002 close")
+        await wait_until(lambda: deepgram.close_codes[1002] == 1, what="1002 close")
         for _ in range(2):
             async with pool.acquire() as lease:
                 await lease.conn.send_audio(b"fine")
@@ -311,7 +311,7 @@ async def test_socket_closed_by_server_under_a_holder(deepgram: DeepgramEmulator
             assert info.value.code == 1011
             with pytest.raises(StreamClosed):
                 await lease.conn.send_audio(b"late")
-        await eventually(lambda: pool.stats().idle == 1, what="replacement")
+        await wait_until(lambda: pool.stats().idle == 1, what="replacement")
 
 
 def test_options_url_and_secrets(caplog: pytest.LogCaptureFixture) -> None:

@@ -14,10 +14,10 @@ from voicepool import LeaseMode, Pool, PoolExhausted
 from voicepool.adapters._tts import ContextError
 from voicepool.adapters.elevenlabs import ElevenLabsAdapter
 from voicepool.adapters.websocket import StreamClosed
-from voicepool.testing import test_certificates
+from voicepool.testing import test_certificates, wait_until
 from voicepool.testing.tts import ElevenLabsEmulator, synthesize
 
-from ._util import API_KEY, IDLE, eventually, settings
+from ._util import API_KEY, IDLE, settings
 
 TEXT = "The quick brown fox. "
 
@@ -72,7 +72,7 @@ async def test_pool_warms_and_contexts_carry_their_own_audio(
         for text, audio in zip(texts, audios, strict=True):
             assert audio == synthesize(text, elevenlabs.bytes_per_char)
         assert elevenlabs.accepted == 2
-        await eventually(lambda: elevenlabs.contexts_open == 0, what="contexts closed")
+        await wait_until(lambda: elevenlabs.contexts_open == 0, what="contexts closed")
     assert elevenlabs.contexts_opened == 8
     assert elevenlabs.context_limit_closes == 0
 
@@ -121,7 +121,7 @@ async def test_barge_in_frees_the_context_at_once(elevenlabs: ElevenLabsEmulator
 
         holders = [asyncio.create_task(long_turn()) for _ in range(5)]
         await started.wait()
-        await eventually(lambda: pool.stats().streams_in_use == 5, what="five streams")
+        await wait_until(lambda: pool.stats().streams_in_use == 5, what="five streams")
         with pytest.raises(PoolExhausted):  # the socket is full, and max_size is 1
             async with pool.acquire():
                 pass
@@ -134,7 +134,7 @@ async def test_barge_in_frees_the_context_at_once(elevenlabs: ElevenLabsEmulator
         for task in holders[1:]:
             task.cancel()
         await asyncio.gather(*holders, return_exceptions=True)
-        await eventually(lambda: elevenlabs.contexts_open == 0, what="all contexts closed")
+        await wait_until(lambda: elevenlabs.contexts_open == 0, what="all contexts closed")
     assert elevenlabs.accepted == 1
     assert elevenlabs.context_limit_closes == 0
     assert elevenlabs.contexts_opened == 6
@@ -151,9 +151,9 @@ async def test_idle_sockets_survive_only_with_keepalive(elevenlabs: ElevenLabsEm
     async with Pool(
         adapter(elevenlabs, keepalive=False), settings(min_size=2, max_size=2), name="quiet"
     ) as pool:
-        await eventually(lambda: elevenlabs.idle_closes >= 2, timeout=IDLE * 4, what="closes")
-        await eventually(lambda: elevenlabs.close_codes[1008] >= 2, what="1008 closes")
-        await eventually(lambda: pool.stats().idle == 2, what="refill")
+        await wait_until(lambda: elevenlabs.idle_closes >= 2, timeout=IDLE * 4, what="closes")
+        await wait_until(lambda: elevenlabs.close_codes[1008] >= 2, what="1008 closes")
+        await wait_until(lambda: pool.stats().idle == 2, what="refill")
 
 
 async def test_held_context_keeps_the_socket_alive(elevenlabs: ElevenLabsEmulator) -> None:
@@ -202,13 +202,13 @@ async def test_malformed_frame_discards_that_socket_only(elevenlabs: ElevenLabsE
                 return exc
 
         turns = [asyncio.create_task(turn_on(i)) for i in range(4)]  # two per socket
-        await eventually(lambda: pool.stats().streams_in_use == 4, what="four streams")
+        await wait_until(lambda: pool.stats().streams_in_use == 4, what="four streams")
         await first.send_raw('{"audio": "%%% not base64", "contextId": "vp1"}')
         results = await asyncio.gather(*turns)
         failed = [r for r in results if isinstance(r, StreamClosed)]
         assert len(failed) == 2  # the two turns on the broken socket
         assert all(isinstance(r, bytes) and len(r) == 600 * 32 for r in results if r not in failed)
-        await eventually(lambda: pool.stats().idle == 2, what="replacement")
+        await wait_until(lambda: pool.stats().idle == 2, what="replacement")
         assert second.id in elevenlabs.sessions
         assert sum(pool.stats().closed.values()) == 1
         assert await speak(pool)
@@ -224,7 +224,7 @@ async def test_socket_closed_by_server_fails_its_contexts(elevenlabs: ElevenLabs
                 async for _ in ctx.audio():
                     pass
         assert info.value.code == 1011
-        await eventually(lambda: pool.stats().idle == 1, what="replacement")
+        await wait_until(lambda: pool.stats().idle == 1, what="replacement")
         assert await speak(pool)
 
 

@@ -15,10 +15,10 @@ import pytest
 from tests.peers.nginx import Nginx, free_port, nginx_available
 from voicepool import Pool
 from voicepool.adapters.deepgram import DeepgramAdapter
-from voicepool.testing import test_certificates
+from voicepool.testing import test_certificates, wait_until
 from voicepool.testing.asr import DeepgramEmulator
 
-from ._util import API_KEY, eventually, settings
+from ._util import API_KEY, settings
 
 pytestmark = [
     pytest.mark.needs_bin,
@@ -97,9 +97,9 @@ async def test_without_keepalive_nginx_closes_idle_sockets(
     quiet = adapter(nginx, keepalive=False)
     # Pings every 30 s (Deepgram's max_idle/2 would be 5 s): nothing crosses nginx while idle.
     async with Pool(quiet, settings(min_size=2, max_size=2, ping_interval=30), name="asr") as pool:
-        await eventually(
+        await wait_until(
             lambda: pool.stats().closed.get("remote_closed", 0) >= 2,
             timeout=READ_TIMEOUT * 5,
             what="nginx to close the idle sockets",
         )
-        await eventually(lambda: upstream.accepted >= 4, what="the pool to reconnect")
+        await wait_until(lambda: upstream.accepted >= 4, what="the pool to reconnect")

@@ -9,10 +9,10 @@ import pytest
 
 from voicepool import ConnectError, Pool
 from voicepool.adapters.websocket import StreamClosed, WebSocketAdapter, translate_connect_error
-from voicepool.testing import FaultProxy
+from voicepool.testing import FaultProxy, wait_until
 from voicepool.testing.asr import DeepgramEmulator
 
-from ._util import API_KEY, eventually, settings
+from ._util import API_KEY, settings
 
 KEEPALIVE = json.dumps({"type": "KeepAlive"})
 
@@ -111,8 +111,8 @@ async def test_server_close_is_reported_to_the_pool_at_once() -> None:
     pool_settings = settings(min_size=2, max_size=2, ping_interval=30)
     async with server, Pool(adapter(server), pool_settings, name="ws") as pool:
         await server.close_all(1001, "going away")
-        await eventually(lambda: pool.stats().closed.get("remote_closed") == 2, timeout=2)
-        await eventually(lambda: pool.stats().idle == 2, what="refill")
+        await wait_until(lambda: pool.stats().closed.get("remote_closed") == 2, timeout=2)
+        await wait_until(lambda: pool.stats().idle == 2, what="refill")
         async with pool.acquire() as lease:
             await lease.conn.send(b"hello")
             await lease.conn.send(json.dumps({"type": "Finalize"}))

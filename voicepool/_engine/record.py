@@ -30,18 +30,29 @@ class ConnRecord(Generic[C]):
         "next_ping",
         "ping_period",
         "pinging",
+        "proven",
         "seq",
+        "started",
         "state",
         "streams",
+        "suspect",
     )
 
     def __init__(
-        self, conn: C, ident: int, now: float, expires: float, ping_period: float, cap: int
+        self,
+        conn: C,
+        ident: int,
+        now: float,
+        expires: float,
+        ping_period: float,
+        cap: int,
+        started: float | None = None,
     ) -> None:
         self.conn = conn
         self.id = ident
         self.state = ConnState.IDLE
         self.created = now
+        self.started = now if started is None else started  # when its connect attempt began
         self.expires = expires  # jittered max_lifetime deadline (inf when off)
         self.last_used = now
         self.ping_period = ping_period  # jittered per connection so pings do not bunch up
@@ -50,6 +61,10 @@ class ConnRecord(Generic[C]):
         self.streams = 0  # MULTIPLEXED: streams in use
         self.cap = cap  # MULTIPLEXED: streams this connection takes now (0 = draining)
         self.seq = 0  # MULTIPLEXED: last stream id handed out on this connection
+        # Proven by a ping that answered, a clean lease, or min_healthy of life: until then its
+        # loss counts as a failed connect (a server that accepts and hangs up).
+        self.proven = False
+        self.suspect = False  # MULTIPLEXED: a lease ended badly; no new streams until a ping
 
     def __repr__(self) -> str:
         return f"<ConnRecord #{self.id} {self.state.value} streams={self.streams}/{self.cap}>"

@@ -44,3 +44,4 @@ class PoolStats:
     closed: Mapping[str, int] = field(default_factory=dict)
     wait_p95_ms: float = 0.0
     last_error: str | None = None
+    ping_rtt_ms: float | None = None  # smoothed (EWMA) round trip of recent successful pings

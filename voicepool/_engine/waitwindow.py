@@ -21,6 +21,7 @@ class WaitWindow:
         "_cache_value",
         "_prev_samples",
         "_prev_total",
+        "_rng",
         "_seen",
         "length",
         "samples",
@@ -28,8 +29,9 @@ class WaitWindow:
         "start_count",
     )
 
-    def __init__(self, length: float, now: float) -> None:
+    def __init__(self, length: float, now: float, rng: random.Random | None = None) -> None:
         self.length = length
+        self._rng = rng or random.Random()
         self.start = now
         self.start_count = 0  # pool's acquired counter at the window start
         self.samples: list[float] = []
@@ -45,7 +47,7 @@ class WaitWindow:
         if len(self.samples) < _MAX_SAMPLES:
             self.samples.append(waited)
         else:
-            slot = random.randrange(self._seen)
+            slot = self._rng.randrange(self._seen)
             if slot < _MAX_SAMPLES:
                 self.samples[slot] = waited
 

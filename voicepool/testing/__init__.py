@@ -5,6 +5,14 @@ TLS certificates come from :mod:`voicepool.testing.tls` (``trustme``).
 """
 
 from voicepool.testing.asr import DeepgramEmulator
+from voicepool.testing.fake import (
+    FakeAdapter,
+    FakeConn,
+    FakeMuxAdapter,
+    FakeNoResetAdapter,
+    FakeSingleUseAdapter,
+    wait_until,
+)
 from voicepool.testing.faultproxy import FaultProxy, ProxyConnection
 from voicepool.testing.llm import LlmEmulator
 from voicepool.testing.rest import RestEmulator
@@ -17,6 +25,11 @@ __all__ = [
     "CartesiaEmulator",
     "DeepgramEmulator",
     "ElevenLabsEmulator",
+    "FakeAdapter",
+    "FakeConn",
+    "FakeMuxAdapter",
+    "FakeNoResetAdapter",
+    "FakeSingleUseAdapter",
     "FaultProxy",
     "LlmEmulator",
     "ProxyConnection",
@@ -26,4 +39,5 @@ __all__ = [
     "TestCertificates",
     "UdpDelayRelay",
     "test_certificates",
+    "wait_until",
 ]

@@ -1,11 +1,59 @@
-"""Scripted fake adapters for engine unit tests: no sockets, every outcome chosen by the test."""
+"""A scripted fake adapter, for unit tests of code that uses a pool (no sockets).
+
+Every outcome is chosen by the test: connect delays and failures, pings that fail, resets that
+fail or wait, peer closes (:meth:`FakeAdapter.kill`). :func:`wait_until` waits for a condition
+that no event announces (pool stats), bounded.
+
+    adapter = FakeAdapter()
+    async with Pool(adapter, PoolSettings(min_size=1, max_size=1), name="t") as pool:
+        adapter.fail_all = ConnectionRefusedError("down")
+        ...
+"""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import time
 from collections import deque
+from collections.abc import Callable
 
-from voicepool import Adapter, ConnectError, LeaseMode
+from voicepool.adapter import Adapter, LeaseMode
+from voicepool.errors import ConnectError
+
+__all__ = [
+    "FakeAdapter",
+    "FakeConn",
+    "FakeMuxAdapter",
+    "FakeNoResetAdapter",
+    "FakeSingleUseAdapter",
+    "fatal_error",
+    "wait_until",
+]
+
+
+async def wait_until(
+    predicate: Callable[[], object], timeout: float = 5.0, what: str = ""
+) -> float:
+    """Wait until ``predicate()`` is truthy (it may return an awaitable); return the seconds it
+    took.
+
+    For state no event announces (pool stats, a peer's table): re-checked at every loop
+    iteration for the first few, then every 5 ms. Raises AssertionError naming ``what`` (or the
+    predicate) after ``timeout`` seconds.
+    """
+    t0 = time.monotonic()
+    spins = 0
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"not reached within {timeout:g}s: {what or predicate}")
+        spins += 1
+        await asyncio.sleep(0 if spins < 20 else 0.005)
 
 
 class FakeConn:
@@ -53,16 +101,21 @@ class FakeAdapter(Adapter[FakeConn]):
         self.max_in_flight = 0
         self.pinged: list[int] = []
         self.closed_ids: list[int] = []
-        self.io_calls = (
-            0  # every awaited adapter call (connect, ping, reset, close, release_stream)
-        )
+        self.io_calls = 0  # every awaited adapter call (connect, ping, reset, close, streams)
+        self.reset_started: asyncio.Event | None = None  # set when a reset begins, if given
 
     def fail_next(self, exc: BaseException, n: int = 1) -> None:
+        """The next ``n`` connects raise ``exc``."""
         self._fail_queue.extend([exc] * n)
 
     @property
     def open_conns(self) -> list[FakeConn]:
         return [c for c in self.conns if not c.closed]
+
+    def kill(self, conn: FakeConn) -> None:
+        """The peer closed ``conn``: mark it and tell the pool, as a reader task would."""
+        conn.open = False
+        self.connection_changed(conn)
 
     async def connect(self) -> FakeConn:
         self.io_calls += 1
@@ -101,6 +154,8 @@ class FakeAdapter(Adapter[FakeConn]):
     async def reset(self, conn: FakeConn) -> None:
         self.io_calls += 1
         conn.resets += 1
+        if self.reset_started is not None:
+            self.reset_started.set()
         if self.reset_delay:
             await asyncio.sleep(self.reset_delay)
         if self.reset_fails:
@@ -115,17 +170,17 @@ class FakeAdapter(Adapter[FakeConn]):
         return "fake://test"
 
 
-class NoResetAdapter(FakeAdapter):
+class FakeNoResetAdapter(FakeAdapter):
     """EXCLUSIVE with the base no-op reset: the pool takes its synchronous release path."""
 
-    reset = Adapter.reset  # type: ignore[assignment]
+    reset = Adapter.reset
 
 
-class SingleUseAdapter(FakeAdapter):
+class FakeSingleUseAdapter(FakeAdapter):
     lease_mode = LeaseMode.SINGLE_USE
 
 
-class MuxAdapter(FakeAdapter):
+class FakeMuxAdapter(FakeAdapter):
     """MULTIPLEXED fake: ``capacity`` per connection id can be changed (0 = draining)."""
 
     lease_mode = LeaseMode.MULTIPLEXED
@@ -136,6 +191,7 @@ class MuxAdapter(FakeAdapter):
         self.capacity: dict[int, int] = {}
         self.released: list[tuple[int, int, BaseException | None]] = []
         self.kill_on_error = False
+        self.release_started: asyncio.Event | None = None
 
     async def ping(self, conn: FakeConn) -> None:
         holders, conn.holders = conn.holders, 0  # pings run beside open streams here
@@ -151,6 +207,8 @@ class MuxAdapter(FakeAdapter):
         self, conn: FakeConn, stream_id: int, error: BaseException | None
     ) -> bool:
         self.io_calls += 1
+        if self.release_started is not None:
+            self.release_started.set()
         if self.release_delay:
             await asyncio.sleep(self.release_delay)
         self.released.append((conn.id, stream_id, error))
@@ -160,4 +218,5 @@ class MuxAdapter(FakeAdapter):
 
 
 def fatal_error() -> ConnectError:
+    """A connect error that opens the circuit at once (an auth rejection)."""
     return ConnectError("401 Unauthorized", fatal=True, status=401)

@@ -1,0 +1,1056 @@
+"""`PoolCore`: every bookkeeping decision of one pool, without I/O, clocks or an event loop.
+
+The shape is httpcore's ``_assign_requests_to_connections`` and websockets' sans-I/O
+``Protocol``: each event method takes ``now`` and returns the actions the driver performs, in
+order (``voicepool._engine.actions``). The core never imports asyncio, never reads a clock and
+draws jitter from an injected ``random.Random``, so a run is reproducible from its seed and the
+hypothesis state machine drives it with no loop at all.
+
+What lives here: idle (a LIFO deque), opening (a counted slot per connect in flight), the
+connection records, the FIFO waiters (lazily deleted: O(1) abandonment), streams, the failure
+policy (``min_healthy``, overlapping failures as one backoff step, jittered refill, the circuit
+and its probe, fail-fast of waiters no retry can serve in time), sizing (one method behind
+:class:`SizingPolicy`), the admission of one more connect (:meth:`PoolCore._admit`), and the
+state. Every event ends in :meth:`PoolCore._end`, the one transition point.
+
+Not thread-safe: the driver calls it from its event loop only.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from voicepool._engine.actions import (
+    Action,
+    Alarm,
+    Close,
+    Connect,
+    Fail,
+    Grant,
+    Ping,
+    StateChanged,
+    Wake,
+)
+from voicepool._engine.record import ConnRecord, ConnState
+from voicepool._engine.state import PoolState, PoolStats
+from voicepool._engine.waitwindow import WaitWindow
+from voicepool.adapter import LeaseMode
+from voicepool.errors import ConnectError, PoolClosed, PoolExhausted, PoolUnavailable
+from voicepool.pool_settings import PoolSettings, ResolvedSizing
+
+__all__ = ["NO_ACTIONS", "PoolCore", "SizingPolicy", "Waiter"]
+
+C = TypeVar("C")
+
+NO_ACTIONS: tuple[Action, ...] = ()  # returned where nothing is to be done: no allocation
+_MAX_SLEEP = 3600.0
+_RTT_WEIGHT = 0.2  # EWMA weight of the latest ping round trip
+_IDLE, _IN_USE, _PINGING, _CLOSED = (
+    ConnState.IDLE,
+    ConnState.IN_USE,
+    ConnState.PINGING,
+    ConnState.CLOSED,
+)
+# Losses that tell us about the provider (a network event), not about one lease.
+_LOSSES = frozenset({"remote_closed", "ping_failed"})
+
+
+class Waiter:
+    """One queued acquire. The driver owns ``future``; the core owns the rest.
+
+    ``state``: 0 waiting, 1 granted (``rec``/``stream_id`` set), 2 finished (failed, gave up, or
+    its grant was taken). ``exhausted`` is set when it queued at ``max_size``.
+    """
+
+    __slots__ = ("deadline", "exhausted", "future", "rec", "state", "stream_id", "timeout")
+
+    def __init__(self, deadline: float, timeout: float, future: Any = None) -> None:
+        self.deadline = deadline
+        self.timeout = timeout
+        self.future = future
+        self.rec: ConnRecord[Any] | None = None
+        self.stream_id: int | None = None
+        self.state = 0
+        self.exhausted = False
+
+    def __repr__(self) -> str:
+        return f"<Waiter state={self.state} deadline={self.deadline:.3f}>"
+
+
+class SizingPolicy:
+    """How many connections the pool keeps warm. The seam for an adaptive warm floor.
+
+    Override :meth:`warm_floor`; the core clamps the answer to ``[0, max_size]``.
+    """
+
+    def warm_floor(self, core: PoolCore[Any], now: float) -> int:
+        return core.min_size
+
+
+class PoolCore(Generic[C]):
+    """The decisions of one pool. See the module docstring; events are the public methods."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: PoolSettings,
+        sizing: ResolvedSizing,
+        *,
+        ping_interval: float,
+        rng: random.Random,
+        is_open: Callable[[C], bool],
+        describe: str = "",
+        policy: SizingPolicy | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = s = settings
+        self.lease_mode = sizing.lease_mode
+        self.min_size = sizing.min_size
+        self.max_size = sizing.max_size
+        self.max_streams = sizing.max_streams
+        self.mux = sizing.lease_mode is LeaseMode.MULTIPLEXED
+        self.single_use = sizing.lease_mode is LeaseMode.SINGLE_USE
+        self.ping_interval = ping_interval
+        self.rng = rng
+        self.is_open = is_open
+        self.describe = describe
+        self.policy = policy or SizingPolicy()
+        # Backoff caps grow as initial * multiplier ** (step - 1) until backoff_max: the step
+        # is clamped first, so a thousand failures in a row never overflow a float.
+        self._max_step = (
+            math.ceil(math.log(s.backoff_max / s.backoff_initial) / math.log(s.backoff_multiplier))
+            if s.backoff_multiplier > 1
+            else 0
+        )
+
+        self.idle: deque[ConnRecord[C]] = deque()  # EXCLUSIVE / SINGLE_USE; LIFO at the right
+        self.conns: dict[int, ConnRecord[C]] = {}
+        self.by_conn: dict[int, ConnRecord[C]] = {}  # id(conn) -> record, for adapter callbacks
+        self.mux_conns: list[ConnRecord[C]] = []
+        self.opening = 0
+        self.generation = 0
+        self._next_id = 0
+
+        # FIFO of waiters, lazily deleted (a finished waiter stays until it reaches the front or
+        # a compaction): abandonment is O(1). Deadlines in a heap for the one timer.
+        self.waiters: deque[Waiter] = deque()
+        self.n_waiting = 0
+        self._deadlines: list[tuple[float, int, Waiter]] = []
+        self._seq = 0
+
+        self.lifecycle = PoolState.NEW
+        self.reported = PoolState.NEW
+        self.warming = False
+        self.closing = False
+        self.circuit_open = False
+        self.steps = 0  # backoff steps: failures that did not overlap a counted one
+        self._step_at = -math.inf
+        self.retry_at = 0.0
+        self.last_error: BaseException | None = None
+        self._warm_failed = False
+        self._refill: list[float] = []  # jittered start times of replacements for lost ones
+        self._young: deque[ConnRecord[C]] = deque()  # unproven, in creation order
+        self._health_due = 0.0
+        self._wake_at = math.inf
+
+        self.n_acquired = 0
+        self.n_exhausted = 0
+        self.n_timeouts = 0
+        self.n_unavailable = 0
+        self.n_connects = 0
+        self.n_connect_failures = 0
+        self.n_waited = 0
+        self.closed_by: dict[str, int] = {}
+        self.ping_rtt: float | None = None
+        self.window = WaitWindow(s.alarm_window, 0.0, rng)
+        self.alarm_firing = False
+
+    # -- lifecycle events -----------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """Begin warm-up: waves of at most ``connect_concurrency`` connects up to the floor."""
+        out: list[Action] = []
+        self.lifecycle = PoolState.STARTING
+        self.warming = True
+        self.window.start = now
+        self._health_due = now
+        self._grow(now, out)
+        self._check_warm(now)
+        return self._end(now, out)
+
+    def close(self, now: float) -> list[Action]:
+        """Stop lending: fail every waiter with PoolClosed, close what nobody holds."""
+        out: list[Action] = []
+        if self.closing:
+            return out
+        self.closing = True
+        self.warming = False
+        self.lifecycle = PoolState.CLOSING
+        err = PoolClosed(f"pool {self.name!r} is closing", pool=self.name)
+        for w in self.waiters:
+            if w.state == 0:
+                w.state = 2
+                out.append(Fail(w, err))
+        self.waiters.clear()
+        self._deadlines.clear()
+        self.n_waiting = 0
+        for rec in list(self.conns.values()):
+            if rec.state is not _IN_USE or (self.mux and not rec.streams):
+                self._retire(rec, "shutdown", now, out)
+        return self._end(now, out)
+
+    def close_all(self, now: float) -> list[Action]:
+        """The drain deadline passed (or nothing is held): close every connection left."""
+        out: list[Action] = []
+        for rec in list(self.conns.values()):
+            self._retire(rec, "shutdown", now, out)
+        return self._end(now, out)
+
+    def closed(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        self.lifecycle = PoolState.CLOSED
+        return self._end(now, out)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a lease is held or a connect runs (what a drain waits for)."""
+        if self.opening:
+            return True
+        if self.mux:
+            return any(r.streams for r in self.conns.values())
+        return any(r.state is _IN_USE for r in self.conns.values())
+
+    def expire_all(self, now: float) -> list[Action]:
+        """Retire every connection once idle, and those of connects in flight (new generation)."""
+        out: list[Action] = []
+        self.generation += 1
+        for rec in self.conns.values():
+            rec.expires = -math.inf
+        self._health_due = now
+        return self._end(now, out)
+
+    # -- acquire ---------------------------------------------------------------------------------
+
+    def take(self, now: float) -> tuple[ConnRecord[C] | None, list[Action] | tuple[Action, ...]]:
+        """Lend without waiting, if possible: ``(record or None, actions)``.
+
+        EXCLUSIVE / SINGLE_USE: the most recently used open idle connection. MULTIPLEXED: a
+        stream on the least-loaded connection with room (``rec.seq`` is its stream id). The
+        driver's inlined fast path does the idle case itself; this is for the other cases.
+        """
+        if self.mux:
+            return self._take_stream(now)
+        idle = self.idle
+        out: list[Action] | None = None
+        while idle:
+            rec = idle.pop()
+            if self.is_open(rec.conn):
+                rec.state = _IN_USE
+                self.n_acquired += 1
+                return rec, NO_ACTIONS if out is None else self._end(now, out)
+            if out is None:
+                out = []
+            rec.state = _IN_USE  # popped already: _retire must not search the deque
+            self._lost(rec, "remote_closed", now, out, ping_others=False)
+        return None, NO_ACTIONS if out is None else self._end(now, out)
+
+    def _take_stream(
+        self, now: float
+    ) -> tuple[ConnRecord[C] | None, list[Action] | tuple[Action, ...]]:
+        out: list[Action] | None = None
+        while True:
+            best: ConnRecord[C] | None = None
+            load = 1 << 30
+            free = 0
+            for rec in self.mux_conns:
+                room = rec.cap - rec.streams
+                if room > 0 and not rec.suspect:
+                    free += room
+                    if rec.streams < load:
+                        best, load = rec, rec.streams
+            if best is None:
+                return None, NO_ACTIONS if out is None else self._end(now, out)
+            if not self.is_open(best.conn):
+                if out is None:
+                    out = []
+                self._lost(best, "remote_closed", now, out, ping_others=False)
+                continue
+            best.streams += 1
+            best.seq += 1
+            self.n_acquired += 1
+            if free == 1:  # that was the last free stream: open another while we still can
+                if out is None:
+                    out = []
+                self._grow(now, out)
+            return best, NO_ACTIONS if out is None else self._end(now, out)
+
+    def wait(self, waiter: Waiter, now: float) -> list[Action]:
+        """Queue ``waiter`` (FIFO), or fail it at once (closed, circuit open, no retry in time)."""
+        out: list[Action] = []
+        if self.closing:
+            waiter.state = 2
+            out.append(Fail(waiter, PoolClosed(f"pool {self.name!r} is closed", pool=self.name)))
+            return out
+        if self.circuit_open or self._retry_too_late(waiter.deadline, now):
+            waiter.state = 2
+            out.append(Fail(waiter, self._unavailable()))
+            return self._end(now, out)
+        self.waiters.append(waiter)
+        self.n_waiting += 1
+        self._seq += 1
+        heapq.heappush(self._deadlines, (waiter.deadline, self._seq, waiter))
+        self._grow(now, out)
+        if len(self.conns) + self.opening >= self.max_size:
+            self.n_exhausted += 1
+            waiter.exhausted = True
+        return self._end(now, out)
+
+    def give_up(self, waiter: Waiter, now: float) -> list[Action]:
+        """The waiter's caller left (cancelled). A grant it never took passes to the next one."""
+        out: list[Action] = []
+        if waiter.state == 0:
+            waiter.state = 2
+            self.n_waiting -= 1
+            self._compact()
+            return self._end(now, out)
+        if waiter.state == 1:
+            waiter.state = 2
+            rec = waiter.rec
+            assert rec is not None
+            if self.mux:
+                rec.streams -= 1
+                self._stream_ended(rec, now, out)
+            else:
+                self._deliver(rec, now, out)
+        return self._end(now, out)
+
+    def served(self, waiter: Waiter, waited: float) -> None:
+        """The granted waiter's caller resumed with its lease (counts the wait)."""
+        waiter.state = 2
+        self.window.record(waited)
+        self.n_waited += 1
+        self.n_acquired += 1
+
+    def timed_out(self, waited: float) -> None:
+        self.window.record(waited)
+
+    # -- release ---------------------------------------------------------------------------------
+
+    def released(self, rec: ConnRecord[C], now: float, how: str) -> list[Action]:
+        """An EXCLUSIVE / SINGLE_USE lease ended. ``how``: ``"ok"`` (reset done, still open),
+        ``"error"``, ``"discarded"``, ``"reset_failed"`` or ``"remote_closed"``."""
+        out: list[Action] = []
+        rec.last_used = now
+        if rec.state is _CLOSED:
+            return self._end(now, out)
+        if how == "ok":
+            self._prove(rec, now)
+            if self.single_use:
+                self._retire(rec, "used", now, out)
+            elif rec.expires <= now:
+                self._retire(rec, "expired", now, out)
+            else:
+                rec.next_ping = max(rec.next_ping, now + rec.ping_period)
+                self._deliver(rec, now, out)
+            self._grow(now, out)  # a proof may have ended a backoff: waiters get connects
+        elif how == "remote_closed":
+            self._lost(rec, how, now, out)
+        else:
+            self._retire(rec, "error" if how == "reset_failed" else how, now, out)
+        return self._end(now, out)
+
+    def stream_released(
+        self, rec: ConnRecord[C], now: float, keep: bool, why: str | None
+    ) -> list[Action]:
+        """A MULTIPLEXED lease ended. ``keep``: the adapter kept the shared connection;
+        ``why``: None for a clean end, else ``"error"`` / ``"discarded"`` (the connection becomes
+        suspect: no new streams until an immediate ping answers)."""
+        out: list[Action] = []
+        rec.streams -= 1
+        rec.last_used = now
+        if rec.state is _CLOSED:
+            return self._end(now, out)
+        if not keep:
+            if why is None:  # a clean release the adapter refused: the peer closed or drained it
+                self._lost(rec, "remote_closed", now, out)
+            else:
+                self._retire(rec, why, now, out)
+            return self._end(now, out)
+        if why is None:
+            self._prove(rec, now)
+            self._grow(now, out)
+        elif not rec.suspect:
+            rec.suspect = True
+            if not rec.pinging:
+                rec.pinging = True
+                out.append(Ping(rec))
+        self._stream_ended(rec, now, out)
+        return self._end(now, out)
+
+    # -- connects ---------------------------------------------------------------------------------
+
+    def connected(self, attempt: Connect, conn: C, now: float, cap: int = 1) -> list[Action]:
+        """A connect succeeded; ``cap`` is the adapter's stream capacity (MULTIPLEXED)."""
+        out: list[Action] = []
+        self.opening -= 1
+        if self.closing:
+            self._next_id += 1
+            rec = ConnRecord(conn, self._next_id, now, now, 1.0, 0, attempt.started)
+            rec.state = _CLOSED
+            out.append(Close(rec, "shutdown"))
+            return self._end(now, out)
+        cap = min(self.max_streams, cap) if self.mux else 1
+        s = self.settings
+        self._next_id += 1
+        # Jitter lifetimes and ping periods down by up to 10% so a pool opened at once does not
+        # expire or ping at once.
+        lifetime = s.max_lifetime
+        expires = now + lifetime * (1 - 0.1 * self.rng.random()) if lifetime else math.inf
+        if attempt.generation != self.generation:
+            expires = -math.inf  # started before expire_all(): old credentials; serve, then retire
+        period = self.ping_interval * (1 - 0.1 * self.rng.random())
+        rec = ConnRecord(conn, self._next_id, now, expires, period, cap, attempt.started)
+        if cap <= 0:
+            # Usable capacity 0 (HTTP/2 MAX_CONCURRENT_STREAMS 0): a failed connect, not a
+            # connection to retire and redial at once.
+            rec.state = _CLOSED
+            self.closed_by["no_capacity"] = self.closed_by.get("no_capacity", 0) + 1
+            out.append(Close(rec, "no_capacity"))
+            err = ConnectError(f"connect to {self.describe} gave a connection with no capacity")
+            self._failed(err, False, attempt.started, now, out)
+            self._check_warm(now)
+            return self._end(now, out)
+        self.n_connects += 1
+        # The health pass schedules by what it saw: tell it about this one's ping and lifetime.
+        self._health_due = min(self._health_due, rec.next_ping, rec.expires)
+        if s.idle_timeout is not None and len(self.conns) >= self.min_size:
+            self._health_due = min(self._health_due, now + s.idle_timeout)  # a surplus to watch
+        self.conns[rec.id] = rec
+        self.by_conn[id(conn)] = rec
+        if self.circuit_open:
+            self.circuit_open = False  # the probe's first success closes the circuit
+        # Unproven until a ping answers, a lease ends cleanly or min_healthy passes. While
+        # recovering it is pinged at once, so a server that accepts and hangs up is found in
+        # one round trip.
+        self._young.append(rec)
+        if self.mux:
+            rec.state = _IN_USE
+            self.mux_conns.append(rec)
+            if self.steps:
+                rec.pinging = True
+                out.append(Ping(rec))
+            self._serve_streams(rec, out)
+        else:
+            self._deliver(rec, now, out)
+            if self.steps and rec.state is _IDLE:
+                self.idle.pop()
+                rec.state = _PINGING
+                rec.pinging = True
+                out.append(Ping(rec))
+        self._check_warm(now)
+        self._grow(now, out)
+        return self._end(now, out)
+
+    def connect_failed(
+        self, attempt: Connect, error: BaseException, fatal: bool, now: float
+    ) -> list[Action]:
+        """A connect raised (``error`` already a ConnectError chaining the adapter's error)."""
+        out: list[Action] = []
+        self.opening -= 1
+        if not self.closing:
+            self._failed(error, fatal, attempt.started, now, out)
+            self._check_warm(now)
+            self._grow(now, out)
+        return self._end(now, out)
+
+    def connect_cancelled(self, attempt: Connect, now: float) -> list[Action]:
+        """A connect task was cancelled (pool closing): its slot is free, nothing is counted."""
+        out: list[Action] = []
+        self.opening -= 1
+        self._check_warm(now)
+        return self._end(now, out)
+
+    # -- health -----------------------------------------------------------------------------------
+
+    def pinged(self, rec: ConnRecord[C], ok: bool, now: float, rtt: float) -> list[Action]:
+        """A ping ended (``ok`` False on error, timeout, or a connection closed after it)."""
+        out: list[Action] = []
+        rec.pinging = False
+        if rec.state is _CLOSED:
+            return self._end(now, out)
+        if not ok:
+            self._lost(rec, "ping_failed", now, out)
+            return self._end(now, out)
+        self.ping_rtt = (
+            rtt if self.ping_rtt is None else self.ping_rtt + _RTT_WEIGHT * (rtt - self.ping_rtt)
+        )
+        rec.next_ping = now + rec.ping_period
+        self._prove(rec, now)
+        if self.mux:
+            if rec.suspect:
+                rec.suspect = False
+                self._serve_streams(rec, out)
+        elif rec.state is _PINGING:
+            self._deliver(rec, now, out)
+        self._grow(now, out)
+        return self._end(now, out)
+
+    def ping_cancelled(self, rec: ConnRecord[C], now: float) -> list[Action]:
+        out: list[Action] = []
+        rec.pinging = False
+        if rec.state is _PINGING:
+            self._retire(rec, "shutdown", now, out)
+        return self._end(now, out)
+
+    def changed(self, conn: C, is_open: bool, cap: int, now: float) -> list[Action]:
+        """The adapter says ``conn`` changed: closed by the peer, or a new stream capacity."""
+        out: list[Action] = []
+        rec = self.by_conn.get(id(conn))
+        if rec is None or rec.state is _CLOSED:
+            return out
+        if not is_open:
+            if rec.state is _IDLE or (self.mux and rec.streams == 0):
+                self._lost(rec, "remote_closed", now, out)
+            else:
+                self._health_due = now  # held: retired at its release; look again soon
+            return self._end(now, out)
+        if self.mux:
+            old, rec.cap = rec.cap, min(self.max_streams, cap)
+            if rec.cap == 0 and not rec.proven and now - rec.created < self.settings.min_healthy:
+                # Zero capacity straight after the handshake: the server takes no streams at all.
+                err = ConnectError(f"{self.describe} advertised no stream capacity")
+                self._failed(err, False, rec.started, now, out)
+            if rec.cap == 0 and rec.streams == 0:
+                self._retire(rec, "expired", now, out)
+            elif rec.cap > old:
+                self._serve_streams(rec, out)
+            if rec.cap < old:
+                self._grow(now, out)
+        return self._end(now, out)
+
+    def tick(self, now: float, health: bool = False) -> list[Action]:
+        """The pool timer: expire waiters, prove the young, refill, and (when due, or with
+        ``health``) a health pass."""
+        out: list[Action] = []
+        self._wake_at = math.inf
+        if self.lifecycle is PoolState.NEW or self.lifecycle is PoolState.CLOSED:
+            return out
+        self._expire_waiters(now, out)
+        young = self._young
+        while young and (
+            young[0].state is _CLOSED
+            or young[0].proven
+            or young[0].created + self.settings.min_healthy <= now
+        ):
+            rec = young.popleft()
+            if rec.state is not _CLOSED and not rec.proven:
+                self._prove(rec, now)
+        if now >= self.window.end:
+            p95, count = self.window.rotate(now, self.n_acquired)
+            limit = self.settings.alarm_wait_p95_ms / 1000.0
+            if count and p95 > limit:
+                self.alarm_firing = True
+                out.append(Alarm(p95, True, count))
+            elif self.alarm_firing:
+                self.alarm_firing = False
+                out.append(Alarm(p95, False, count))
+        if (health or now >= self._health_due) and not self.closing:
+            self._health_due = self._health_pass(now, out)
+        self._grow(now, out)
+        return self._end(now, out)
+
+    def _health_pass(self, now: float, out: list[Action]) -> float:
+        """Retire expired, closed and (above the floor) long-idle connections; start due pings.
+
+        Returns when the next pass is due. O(connections): it runs at most every quarter ping
+        interval (or sooner for a lifetime or idle deadline), never on the acquire path.
+        """
+        due = now + _MAX_SLEEP
+        idle_timeout = self.settings.idle_timeout
+        surplus = len(self.conns) - self.min_size
+        if self.mux:
+            for rec in list(self.mux_conns):
+                if rec.streams:
+                    # Busy multiplexed connections are still pinged (a PING runs beside the
+                    # streams): a black-holed connection under load is found by its ping.
+                    if rec.expires <= now:
+                        rec.cap = 0  # expired while busy: drain, close at the last stream's end
+                    elif rec.next_ping <= now and not rec.pinging:
+                        rec.pinging = True
+                        out.append(Ping(rec))
+                    else:
+                        due = min(due, rec.next_ping, rec.expires)
+                    continue
+                verdict, nxt = self._judge(rec, now, surplus, idle_timeout)
+                if verdict is None:
+                    due = min(due, nxt)
+                elif verdict == "ping":
+                    if not rec.pinging:
+                        rec.pinging = True
+                        out.append(Ping(rec))
+                else:
+                    surplus -= 1
+                    self._retire_or_lose(rec, verdict, now, out)
+        else:
+            # Judge a detached copy (oldest first: LIFO at the right) and rebuild idle in place
+            # from what stays (the driver's fast path holds this deque); a loss found here pings
+            # the others, which empties it.
+            old = list(self.idle)
+            self.idle.clear()
+            for rec in old:
+                verdict, nxt = self._judge(rec, now, surplus, idle_timeout)
+                if verdict is None:
+                    self.idle.append(rec)
+                    due = min(due, nxt)
+                elif verdict == "ping":
+                    rec.state = _PINGING  # out of idle: no acquire takes it while it is pinged
+                    rec.pinging = True
+                    out.append(Ping(rec))
+                else:
+                    surplus -= 1
+                    rec.state = _IN_USE  # out of the deque already: _retire must not look there
+                    self._retire_or_lose(rec, verdict, now, out)
+        # Connections in use are not scheduled (the release path stays free of timers), so look
+        # at least every quarter ping interval: a ping is then at most 25% late.
+        due = min(due, now + self.ping_interval / 4)
+        if idle_timeout is not None and surplus > 0:
+            due = min(due, now + idle_timeout / 4)
+        return due
+
+    def _judge(
+        self, rec: ConnRecord[C], now: float, surplus: int, idle_timeout: float | None
+    ) -> tuple[str | None, float]:
+        """What an idle connection needs now: None (and when to look again), or a verdict."""
+        if not self.is_open(rec.conn):
+            return "remote_closed", 0.0
+        if rec.expires <= now or (self.mux and rec.cap == 0):
+            return "expired", 0.0
+        if idle_timeout is not None and surplus > 0 and now - rec.last_used >= idle_timeout:
+            return "idle", 0.0
+        ping_at = max(rec.next_ping, rec.last_used + rec.ping_period)
+        if ping_at <= now:
+            return "ping", 0.0
+        nxt = min(ping_at, rec.expires)
+        if idle_timeout is not None and surplus > 0:
+            nxt = min(nxt, rec.last_used + idle_timeout)
+        return None, nxt
+
+    def _retire_or_lose(self, rec: ConnRecord[C], why: str, now: float, out: list[Action]) -> None:
+        if why in _LOSSES:
+            self._lost(rec, why, now, out)
+        else:
+            self._retire(rec, why, now, out)
+
+    # -- decisions --------------------------------------------------------------------------------
+
+    def _deliver(self, rec: ConnRecord[C], now: float, out: list[Action]) -> None:
+        """An EXCLUSIVE / SINGLE_USE connection is free: the first live waiter, else idle."""
+        if self.closing:
+            self._retire(rec, "shutdown", now, out)
+            return
+        waiters = self.waiters
+        while waiters:
+            w = waiters.popleft()
+            if w.state == 0:
+                w.state = 1
+                w.rec = rec
+                self.n_waiting -= 1
+                rec.state = _IN_USE
+                out.append(Grant(w))
+                return
+        rec.state = _IDLE
+        self.idle.append(rec)
+
+    def _serve_streams(self, rec: ConnRecord[C], out: list[Action]) -> None:
+        """A MULTIPLEXED connection has room: streams to waiters, FIFO."""
+        if rec.suspect or rec.state is _CLOSED:
+            return
+        waiters = self.waiters
+        while waiters and rec.streams < rec.cap:
+            w = waiters.popleft()
+            if w.state == 0:
+                w.state = 1
+                rec.streams += 1
+                rec.seq += 1
+                w.rec = rec
+                w.stream_id = rec.seq
+                self.n_waiting -= 1
+                out.append(Grant(w))
+
+    def _stream_ended(self, rec: ConnRecord[C], now: float, out: list[Action]) -> None:
+        if rec.state is _CLOSED:
+            return
+        if rec.streams == 0 and (self.closing or rec.cap == 0 or rec.expires <= now):
+            self._retire(rec, "shutdown" if self.closing else "expired", now, out)
+            return
+        self._serve_streams(rec, out)
+
+    def _prove(self, rec: ConnRecord[C], now: float) -> None:
+        """``rec`` proved itself: the provider works; the failure count starts over."""
+        if rec.proven:
+            return
+        rec.proven = True
+        if self.steps:
+            self.steps = 0
+            self._step_at = -math.inf
+            self.retry_at = 0.0
+
+    def _lost(
+        self,
+        rec: ConnRecord[C],
+        reason: str,
+        now: float,
+        out: list[Action],
+        ping_others: bool = True,
+    ) -> None:
+        """An unexpected loss (peer closed, ping failed): retire, account, ping the others.
+
+        ``ping_others`` is False when the loss is found on the acquire path: the caller must not
+        wait for the pings (the others are checked with ``is_open`` as they are taken).
+        """
+        young = not rec.proven and now - rec.created < self.settings.min_healthy
+        self._retire(rec, reason, now, out)
+        if self.closing:
+            return
+        if young:
+            # It died before it proved itself: the connect did not really succeed. Counting
+            # it as a failure is what stops a server that accepts and hangs up from storming.
+            ms = (now - rec.created) * 1e3
+            err = ConnectError(
+                f"connection to {self.describe} lost {ms:.0f} ms after it opened ({reason})"
+            )
+            self._failed(err, False, rec.started, now, out)
+        else:
+            # Replacements of lost connections start at jittered times, not in one burst.
+            heapq.heappush(self._refill, now + self.rng.uniform(0, self.settings.backoff_initial))
+        # A network event rarely kills one socket: look at the others now.
+        if not ping_others:
+            return
+        others = [r for r in self.mux_conns if not r.pinging] if self.mux else list(self.idle)
+        if not self.mux:
+            self.idle.clear()
+        for other in others:
+            if not self.is_open(other.conn):
+                other.state = _IN_USE if not self.mux else other.state  # (out of idle already)
+                self._lost(other, "remote_closed", now, out, ping_others=False)
+                continue
+            if not self.mux:
+                other.state = _PINGING
+            other.pinging = True
+            out.append(Ping(other))
+
+    def _failed(
+        self, err: BaseException, fatal: bool, started: float, now: float, out: list[Action]
+    ) -> None:
+        """One failed connect (or young loss). Overlapping failures are one backoff step."""
+        self.n_connect_failures += 1
+        self.last_error = err
+        if started >= self._step_at or not self.steps:
+            self.steps += 1
+            self._step_at = now
+            s = self.settings
+            cap = min(
+                s.backoff_max,
+                s.backoff_initial * s.backoff_multiplier ** min(self.steps - 1, self._max_step),
+            )
+            self.retry_at = now + self.rng.uniform(0, cap)  # full jitter
+        if self.warming:
+            self._warm_failed = True
+        if (fatal or self.steps >= self.settings.failure_threshold) and not self.circuit_open:
+            self.circuit_open = True
+            for w in self.waiters:
+                if w.state == 0:
+                    w.state = 2
+                    out.append(Fail(w, self._unavailable()))
+            self.waiters.clear()
+            self._deadlines.clear()
+            self.n_waiting = 0
+            return
+        if not self.conns and not self.opening:
+            # No connection and the last connect failed: a waiter whose deadline comes before
+            # the next retry cannot be served; tell it now instead of at its deadline.
+            for w in self.waiters:
+                if w.state == 0 and w.deadline < self.retry_at:
+                    w.state = 2
+                    self.n_waiting -= 1
+                    out.append(Fail(w, self._unavailable()))
+            self._compact()
+
+    def _retry_too_late(self, deadline: float, now: float) -> bool:
+        return (
+            bool(self.steps)
+            and not self.conns
+            and not self.opening
+            and self.retry_at > now
+            and deadline < self.retry_at
+        )
+
+    def _unavailable(self) -> PoolUnavailable:
+        self.n_unavailable += 1
+        if self.circuit_open:
+            why = f"circuit open after {self.steps} failed connect steps"
+        else:
+            why = "no connection, and the next connect retry comes after the acquire deadline"
+        err = PoolUnavailable(
+            f"pool {self.name!r} is unavailable ({why}): {self.last_error}", pool=self.name
+        )
+        err.__cause__ = self.last_error
+        return err
+
+    def _retire(self, rec: ConnRecord[C], reason: str, now: float, out: list[Action]) -> None:
+        """Take ``rec`` out of the pool for good; the driver closes it in the background."""
+        if rec.state is _CLOSED:
+            return
+        if rec.state is _IDLE:
+            try:
+                self.idle.remove(rec)
+            except ValueError:
+                pass  # already popped by the caller
+        rec.state = _CLOSED
+        rec.pinging = False
+        del self.conns[rec.id]
+        self.by_conn.pop(id(rec.conn), None)
+        if self.mux:
+            try:
+                self.mux_conns.remove(rec)
+            except ValueError:
+                pass
+        self.closed_by[reason] = self.closed_by.get(reason, 0) + 1
+        out.append(Close(rec, reason))
+        if not self.closing:
+            self._grow(now, out)
+
+    def _grow(self, now: float, out: list[Action]) -> None:
+        """Start the connects the pool needs now; a slot is counted before each one."""
+        n = self._connects_wanted(now)
+        while n > 0 and self._admit(now):
+            self.opening += 1
+            out.append(Connect(now, self.generation))
+            n -= 1
+
+    def _admit(self, now: float) -> bool:
+        """May the pool open one more connection now? The one place that says so (a fleet quota
+        adds its check here)."""
+        return len(self.conns) + self.opening < self.max_size
+
+    def _connects_wanted(self, now: float) -> int:
+        """How many connects to start now: the sizing decision, in one method.
+
+        Demand: waiters not covered by connects in flight, plus the warm floor (the policy;
+        SINGLE_USE: spares), less replacements of lost connections still waiting for their
+        jittered start. While connects fail: one at a time after the backoff (the probe, which
+        runs whatever the demand while the circuit is open). During warm-up: one wave at a time.
+        """
+        if self.closing or self.lifecycle is PoolState.NEW:
+            return 0
+        if self.warming and self.opening:
+            return 0  # warm-up dials in waves: a wave that fails ends it (see _check_warm)
+        if self.steps:
+            if now < self.retry_at or self.opening:
+                return 0
+            limit = 1
+        elif self.warming:
+            limit = self.settings.connect_concurrency
+        else:
+            limit = self.settings.connect_concurrency - self.opening
+        size = len(self.conns)
+        room = self.max_size - size - self.opening
+        if room <= 0 or limit <= 0:
+            return 0
+        floor = max(0, min(self.max_size, self.policy.warm_floor(self, now)))
+        refill = self._refill
+        while refill and refill[0] <= now:
+            heapq.heappop(refill)
+        paced = len(refill)
+        waiting = self.n_waiting
+        if self.mux:
+            per = self.max_streams
+            free = sum(max(0, r.cap - r.streams) for r in self.mux_conns if not r.suspect)
+            free += self.opening * per
+            short = waiting - free
+            need = -(-short // per) if short > 0 else 0
+            if free == 0 and self.mux_conns:
+                need = max(need, 1)  # saturated: one more before the next caller has to wait
+            need = max(need, floor - size - self.opening - paced)
+        elif self.single_use:
+            # Spares being pinged are out of the idle deque but still spares.
+            spares = len(self.idle) + sum(1 for r in self.conns.values() if r.state is _PINGING)
+            need = max(waiting - self.opening, floor + waiting - spares - self.opening - paced)
+        else:
+            need = max(waiting - self.opening, floor - size - self.opening - paced)
+        if paced > max(0, floor - size):
+            del refill[max(0, floor - size) :]  # more replacements pending than missing
+            heapq.heapify(refill)
+        if self.circuit_open:
+            need = max(need, 1)  # the probe runs whatever the demand (min_size 0 included)
+        return min(need, room, limit)
+
+    def _check_warm(self, now: float) -> None:
+        """Warm-up ends when a wave completes with the floor reached, or with a failure."""
+        if not self.warming or self.opening:
+            return
+        floor = min(self.max_size, self.policy.warm_floor(self, now))
+        if self._warm_failed or self.circuit_open or len(self.conns) >= floor:
+            self.warming = False
+            self.lifecycle = PoolState.READY
+
+    def _expire_waiters(self, now: float, out: list[Action]) -> None:
+        heap = self._deadlines
+        while heap and (heap[0][2].state != 0 or heap[0][0] <= now):
+            _deadline, _seq, w = heapq.heappop(heap)
+            if w.state != 0:
+                continue
+            w.state = 2
+            self.n_waiting -= 1
+            self.n_timeouts += 1
+            err = PoolExhausted(self.exhausted_message(w.timeout, extra_waiter=1), pool=self.name)
+            err.__cause__ = self.last_error
+            out.append(Fail(w, err))
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop finished waiters from the FIFO once they outnumber live ones (bounded memory)."""
+        waiters = self.waiters
+        while waiters and waiters[0].state != 0:
+            waiters.popleft()
+        if len(waiters) > 2 * self.n_waiting + 64:
+            self.waiters = deque(w for w in waiters if w.state == 0)
+        if len(self._deadlines) > 2 * self.n_waiting + 64:
+            self._deadlines = [e for e in self._deadlines if e[2].state == 0]
+            heapq.heapify(self._deadlines)
+
+    # -- the transition point ---------------------------------------------------------------------
+
+    def _end(self, now: float, out: list[Action]) -> list[Action]:
+        """Every event ends here: report a state change once, and ask for the timer if due."""
+        new = self.state
+        if new is not self.reported:
+            out.append(StateChanged(self.reported, new))
+            self.reported = new
+        due = self.next_due(now)
+        if due < self._wake_at:
+            self._wake_at = due
+            out.append(Wake(due))
+        return out
+
+    def next_due(self, now: float) -> float:
+        """When :meth:`tick` must run next (O(1): heap tops and a few fields)."""
+        if self.lifecycle is PoolState.NEW or self.lifecycle is PoolState.CLOSED:
+            return math.inf
+        due = self._health_due if not self.closing else math.inf
+        heap = self._deadlines
+        while heap and heap[0][2].state != 0:
+            heapq.heappop(heap)
+        if heap:
+            due = min(due, heap[0][0])
+        if self.closing:
+            return due
+        if self._young:
+            due = min(due, self._young[0].created + self.settings.min_healthy)
+        refill = self._refill
+        while refill and refill[0] <= now:
+            heapq.heappop(refill)  # due: no longer pacing anything
+        if refill:
+            due = min(due, refill[0])
+        if self.retry_at > now:
+            due = min(due, self.retry_at)
+        return min(due, self.window.end)
+
+    @property
+    def state(self) -> PoolState:
+        """The lifecycle while new/starting/closing, else the circuit's view."""
+        if self.lifecycle is not PoolState.READY:
+            return self.lifecycle
+        if self.circuit_open:
+            return PoolState.UNAVAILABLE
+        if self.steps and len(self.conns) < self.min_size:
+            return PoolState.DEGRADED
+        return PoolState.READY
+
+    # -- views ------------------------------------------------------------------------------------
+
+    def exhausted_message(self, timeout: float, extra_waiter: int = 0) -> str:
+        in_use, _streams = self._in_use()
+        size = len(self.conns)
+        cause = f"; last connect error: {self.last_error}" if self.last_error else ""
+        extra = extra_waiter
+        return (
+            f"pool {self.name!r} exhausted: no connection within {timeout:g}s"
+            f" (size={size}/{self.max_size}, in_use={in_use}, idle={size - in_use},"
+            f" opening={self.opening}, waiters={self.n_waiting + extra}){cause}"
+        )
+
+    def _in_use(self) -> tuple[int, int]:
+        conns = list(self.conns.values())  # a copy: exporters may call stats() from a thread
+        if self.mux:
+            return sum(1 for r in conns if r.streams), sum(r.streams for r in conns)
+        n = sum(1 for r in conns if r.state is _IN_USE)
+        return n, n
+
+    def stats(self) -> PoolStats:
+        """A snapshot; O(connections), never raises."""
+        in_use, streams = self._in_use()
+        size = len(self.conns)
+        return PoolStats(
+            name=self.name,
+            state=self.state,
+            size=size,
+            idle=size - in_use,
+            in_use=in_use,
+            opening=self.opening,
+            waiters=self.n_waiting,
+            streams_in_use=streams,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            acquired=self.n_acquired,
+            exhausted=self.n_exhausted,
+            timeouts=self.n_timeouts,
+            unavailable=self.n_unavailable,
+            connects=self.n_connects,
+            connect_failures=self.n_connect_failures,
+            closed=dict(self.closed_by),
+            wait_p95_ms=self.window.current(self.n_acquired) * 1000.0,
+            last_error=None if self.last_error is None else str(self.last_error),
+            ping_rtt_ms=None if self.ping_rtt is None else self.ping_rtt * 1000.0,
+        )
+
+    def check(self) -> None:
+        """Assert every invariant of the bookkeeping (tests call it after each step)."""
+        assert self.opening >= 0, self.opening
+        assert len(self.conns) + self.opening <= self.max_size, (len(self.conns), self.opening)
+        assert self.n_waiting == sum(1 for w in self.waiters if w.state == 0), "waiter count"
+        assert self.n_waiting >= 0
+        idle_ids = {id(r) for r in self.idle}
+        assert len(idle_ids) == len(self.idle), "a record is twice in idle"
+        for rec in self.conns.values():
+            assert rec.state is not _CLOSED
+            assert (rec.state is _IDLE) == (id(rec) in idle_ids), rec
+            assert self.by_conn.get(id(rec.conn)) is rec
+            if self.mux:
+                assert rec.streams >= 0, rec
+                assert rec.streams <= self.max_streams, rec
+                assert 0 <= rec.cap <= self.max_streams, rec
+        for rec in self.idle:
+            assert self.conns.get(rec.id) is rec, "idle record not in the pool"
+        if self.mux:
+            assert all(self.conns.get(r.id) is r for r in self.mux_conns)
+            assert len(self.mux_conns) == len(self.conns)
+        if self.closing:
+            assert self.n_waiting == 0
+        if self.circuit_open:
+            assert self.n_waiting == 0, "waiters queued behind an open circuit"
+        if self.n_waiting and not self.closing and self.lifecycle is PoolState.READY:
+            # Someone waits: a connect runs, or one is scheduled, or every slot is busy.
+            assert (
+                self.opening
+                or self.steps
+                or self._refill
+                or len(self.conns) >= self.max_size
+                or (self.mux and any(r.suspect or r.pinging for r in self.mux_conns))
+                or any(r.state is _PINGING for r in self.conns.values())
+            ), "a waiter waits for nothing"
