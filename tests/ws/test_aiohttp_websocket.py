@@ -11,11 +11,11 @@ import pytest
 from voicepool import ConnectError, LeaseMode, Pool, get_adapter
 from voicepool.adapters.aiohttp_websocket import AiohttpWebSocketAdapter, AiohttpWebSocketOptions
 from voicepool.adapters.deepgram import DeepgramOptions
-from voicepool.testing import FaultProxy
+from voicepool.testing import FaultProxy, wait_until
 from voicepool.testing.asr import DeepgramEmulator
 from voicepool.testing.tts import ElevenLabsEmulator
 
-from ._util import API_KEY, IDLE, eventually, settings
+from ._util import API_KEY, IDLE, settings
 
 
 def deepgram_endpoint(server: DeepgramEmulator, **kw: object) -> dict[str, object]:
@@ -53,9 +53,9 @@ async def test_lends_aiohttp_sockets_with_the_provider_knowledge(
             msg = await ws.receive()
             result = json.loads(msg.data)
             assert result["channel"]["alternatives"][0]["transcript"] == "over aiohttp"
-        await eventually(lambda: deepgram.close_streams == 1, what="CloseStream goodbye")
-        await eventually(lambda: deepgram.close_codes[1000] == 1, what="a clean close")
-        await eventually(lambda: pool.stats().idle == 1, what="a fresh spare")
+        await wait_until(lambda: deepgram.close_streams == 1, what="CloseStream goodbye")
+        await wait_until(lambda: deepgram.close_codes[1000] == 1, what="a clean close")
+        await wait_until(lambda: pool.stats().idle == 1, what="a fresh spare")
 
 
 async def test_idle_sockets_get_the_keepalive(deepgram: DeepgramEmulator) -> None:
@@ -75,9 +75,9 @@ async def test_elevenlabs_keepalive_opens_no_context(elevenlabs: ElevenLabsEmula
     }
     ad = AiohttpWebSocketAdapter(provider="elevenlabs", endpoint=endpoint)
     async with Pool(ad, settings(min_size=1, max_size=1), name="tts"):
-        await eventually(lambda: elevenlabs.keepalives >= 2, timeout=IDLE * 4, what="keepalives")
+        await wait_until(lambda: elevenlabs.keepalives >= 2, timeout=IDLE * 4, what="keepalives")
         assert elevenlabs.contexts_opened == 0
-    await eventually(lambda: elevenlabs.close_codes[1000] >= 1, what="close_socket goodbye")
+    await wait_until(lambda: elevenlabs.close_codes[1000] >= 1, what="close_socket goodbye")
 
 
 async def test_a_silent_peer_is_found_by_the_heartbeat() -> None:
@@ -90,7 +90,7 @@ async def test_a_silent_peer_is_found_by_the_heartbeat() -> None:
         try:
             await ad.ping(ws)
             proxy.black_hole()
-            await eventually(lambda: not ad.is_open(ws), timeout=3, what="heartbeat close")
+            await wait_until(lambda: not ad.is_open(ws), timeout=3, what="heartbeat close")
             with pytest.raises(ConnectionError):
                 await ad.ping(ws)
         finally:

@@ -16,10 +16,10 @@ from voicepool.adapters.aiohttp_websocket import AiohttpWebSocketAdapter
 from voicepool.adapters.deepgram import DeepgramAdapter
 from voicepool.adapters.provider import RawWebSocketAdapter
 from voicepool.adapters.websocket import WebSocketAdapter
-from voicepool.testing import FaultProxy, test_certificates
+from voicepool.testing import FaultProxy, test_certificates, wait_until
 from voicepool.testing.asr import DeepgramEmulator
 
-from ._util import API_KEY, eventually, settings
+from ._util import API_KEY, settings
 
 
 async def test_cancelled_reset_discards_the_socket() -> None:
@@ -55,9 +55,9 @@ async def test_cancelled_reset_discards_the_socket() -> None:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            await eventually(lambda: pool.stats().in_use == 0, what="the lease released")
-            await eventually(lambda: sum(pool.stats().closed.values()) == 1, what="discarded")
-            await eventually(lambda: pool.stats().idle == 1, what="a fresh socket")
+            await wait_until(lambda: pool.stats().in_use == 0, what="the lease released")
+            await wait_until(lambda: sum(pool.stats().closed.values()) == 1, what="discarded")
+            await wait_until(lambda: pool.stats().idle == 1, what="a fresh socket")
             async with pool.acquire() as lease:
                 assert lease.conn is not first[0]
 
@@ -74,11 +74,11 @@ async def test_cancelled_raw_close_aborts_the_socket() -> None:
         ws = await ad.connect()
         await ws.send(b"words")
         closing = asyncio.create_task(ad.close(ws))
-        await eventually(lambda: server.close_streams == 1, what="CloseStream sent")
+        await wait_until(lambda: server.close_streams == 1, what="CloseStream sent")
         closing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await closing
-        await eventually(lambda: ws.state is State.CLOSED, what="the transport aborted")
+        await wait_until(lambda: ws.state is State.CLOSED, what="the transport aborted")
         await server.wait_sessions(0, timeout=10)
 
 
@@ -122,12 +122,12 @@ async def test_cancelled_aiohttp_close_still_closes_the_session() -> None:
         ws = await ad.connect()
         await ws.send_bytes(b"words")
         closing = asyncio.create_task(ad.close(ws))
-        await eventually(lambda: server.close_streams == 1, what="CloseStream sent")
+        await wait_until(lambda: server.close_streams == 1, what="CloseStream sent")
         closing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await closing
         # Closed before the server's (delayed) answer could have closed it.
-        await eventually(
+        await wait_until(
             lambda: ws.get_extra_info("peername") is None, timeout=0.8, what="the transport closed"
         )
         await server.wait_sessions(0, timeout=10)

@@ -248,7 +248,7 @@ async def test_keepalive_takes_no_context_slot(elevenlabs: ElevenLabsEmulator) -
     on a socket that was kept alive while idle."""
     ad = adapter(elevenlabs)
     async with Pool(ad, settings(min_size=1, max_size=1), name="tts") as pool:
-        await eventually(lambda: elevenlabs.keepalives >= 2, timeout=IDLE * 4, what="keepalives")
+        await wait_until(lambda: elevenlabs.keepalives >= 2, timeout=IDLE * 4, what="keepalives")
         assert elevenlabs.contexts_open == 0
         elevenlabs.chunk_interval = 0.01
         async with contextlib.AsyncExitStack() as stack:

@@ -14,10 +14,11 @@ from voicepool.adapters.cartesia import CartesiaAdapter, CartesiaOptions
 from voicepool.adapters.deepgram import DeepgramAdapter, DeepgramOptions
 from voicepool.adapters.elevenlabs import ElevenLabsAdapter, ElevenLabsOptions
 from voicepool.adapters.provider import RawWebSocketAdapter
+from voicepool.testing import wait_until
 from voicepool.testing.asr import DeepgramEmulator
 from voicepool.testing.tts import CartesiaEmulator, ElevenLabsEmulator
 
-from ._util import API_KEY, IDLE, eventually, settings
+from ._util import API_KEY, IDLE, settings
 
 
 def raw_deepgram(server: DeepgramEmulator, **kw: object) -> RawWebSocketAdapter:
@@ -50,9 +51,9 @@ async def test_deepgram_raw_lease_is_the_plain_socket(deepgram: DeepgramEmulator
             result = json.loads(await ws.recv())
             assert result["channel"]["alternatives"][0]["transcript"] == "raw audio"
         # Released with the stream still open: the pool says goodbye (CloseStream) for it.
-        await eventually(lambda: deepgram.close_streams == 1, what="CloseStream")
-        await eventually(lambda: pool.stats().closed.get("used") == 1, what="used socket closed")
-        await eventually(lambda: deepgram.close_codes[1000] == 1, what="a clean close")
+        await wait_until(lambda: deepgram.close_streams == 1, what="CloseStream")
+        await wait_until(lambda: pool.stats().closed.get("used") == 1, what="used socket closed")
+        await wait_until(lambda: deepgram.close_codes[1000] == 1, what="a clean close")
 
 
 async def test_deepgram_raw_idle_sockets_get_the_keepalive(deepgram: DeepgramEmulator) -> None:
@@ -84,7 +85,7 @@ async def test_elevenlabs_raw_idle_keepalive_opens_no_context(
     ad = ElevenLabsAdapter.from_options(opts)
     assert ad.lease_mode is LeaseMode.SINGLE_USE  # not multiplexed: the holder owns the socket
     async with Pool(ad, settings(min_size=1, max_size=1), name="tts") as pool:
-        await eventually(lambda: elevenlabs.keepalives >= 2, timeout=IDLE * 4, what="keepalives")
+        await wait_until(lambda: elevenlabs.keepalives >= 2, timeout=IDLE * 4, what="keepalives")
         assert elevenlabs.contexts_opened == 0
         async with pool.acquire() as lease:
             ws = lease.conn
@@ -92,7 +93,7 @@ async def test_elevenlabs_raw_idle_keepalive_opens_no_context(
             await ws.send(json.dumps({"context_id": "mine", "close_context": True}))
             while not json.loads(await ws.recv()).get("isFinal"):
                 pass
-        await eventually(lambda: elevenlabs.close_codes[1000] >= 1, what="close_socket")
+        await wait_until(lambda: elevenlabs.close_codes[1000] >= 1, what="close_socket")
     assert elevenlabs.idle_closes == 0
 
 
@@ -103,6 +104,6 @@ async def test_cartesia_raw_idle_sockets_are_recycled_before_the_idle_close() ->
         )
         ad = CartesiaAdapter.from_options(opts)
         async with Pool(ad, settings(min_size=1, max_size=1), name="tts") as pool:
-            await eventually(lambda: server.accepted >= 3, timeout=5, what="recycling")
+            await wait_until(lambda: server.accepted >= 3, timeout=5, what="recycling")
             assert server.idle_closes == 0
             assert pool.stats().idle == 1
