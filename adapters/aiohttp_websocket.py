@@ -49,13 +49,13 @@ class AiohttpWebSocketOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     provider: str = Field(
-        "websocket",
+        default="websocket",
         description="Registered WebSocket adapter whose endpoint knowledge to use"
         " (websocket, deepgram, elevenlabs, cartesia).",
     )
     endpoint: EndpointOptions = Field(description="That adapter's options (url, api_key, ...).")
     heartbeat: float = Field(
-        5.0,
+        default=5.0,
         gt=0,
         description="Ping after this many seconds without incoming data; no pong"
         " within half of it closes the socket.",
@@ -89,6 +89,11 @@ class AiohttpWebSocketOptions(BaseModel):
                 raise ValueError(f"endpoint options of {name!r}: {problems}") from None
         if getattr(endpoint, "raw", False):
             raise ValueError("endpoint.raw: aiohttp sockets are always raw; leave it unset")
+        if getattr(endpoint, "reset_boundary", None) is not None:
+            raise ValueError(
+                "endpoint.reset_boundary: aiohttp sockets are single_use (their holder reads"
+                " them, so no reset can prove one clean); leave it unset"
+            )
         return {**data, "endpoint": endpoint}
 
 

@@ -65,9 +65,11 @@ class SocketDialect(Protocol):
 class ProviderOptions(EndpointOptions):
     """Options every provider adapter has, on top of the endpoint's."""
 
-    keepalive: bool = Field(True, description="Send keepalives (off only to test the idle close).")
+    keepalive: bool = Field(
+        default=True, description="Send keepalives (off only to test the idle close)."
+    )
     raw: bool = Field(
-        False,
+        default=False,
         description=(
             "Lend the plain `websockets` connection, with no voicepool reader, for frameworks"
             " that drive the protocol; leases are then single_use."

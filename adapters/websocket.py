@@ -138,19 +138,21 @@ class WebSocketOptions(EndpointOptions):
         None, description="Text frame sent on each health ping (a provider keepalive)."
     )
     reset_message: str | None = Field(
-        None,
+        default=None,
         description="Text frame sent at reset to ask the server for a boundary (e.g. a flush).",
     )
     reset_boundary: str | None = Field(
-        None,
+        default=None,
         description=(
             "Regular expression matching the server's last message of a finished exchange."
             " Set: leases are exclusive, and a reset drains to it. Unset: single_use."
         ),
     )
-    reset_timeout: float = Field(2.0, gt=0, description="How long a reset waits for the boundary.")
+    reset_timeout: float = Field(
+        default=2.0, gt=0, description="How long a reset waits for the boundary."
+    )
     reset_quiet: float = Field(
-        0.05,
+        default=0.05,
         ge=0,
         description="Silence required after the boundary, seconds (a message within it: discard).",
     )

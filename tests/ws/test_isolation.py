@@ -16,6 +16,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from voicepool import LeaseMode, Pool
+from voicepool.adapters.aiohttp_websocket import AiohttpWebSocketAdapter
 from voicepool.adapters.cartesia import CartesiaAdapter
 from voicepool.adapters.deepgram import DeepgramAdapter, DeepgramOptions, Transcript
 from voicepool.adapters.elevenlabs import ElevenLabsAdapter
@@ -222,3 +223,18 @@ async def test_deepgram_raw_results_of_a_released_stream_never_reach_the_next() 
                 await lease.conn.send(b"second")
                 result = json.loads(await lease.conn.recv())
                 assert result["channel"]["alternatives"][0]["transcript"] == "second"
+
+
+async def test_aiohttp_sockets_are_single_use() -> None:
+    async with ChattyServer().running() as server:
+        ca = str(test_certificates().ca_path)
+        ad = AiohttpWebSocketAdapter(endpoint={"url": server.url, "ca_file": ca})
+        async with Pool(ad, settings(min_size=1, max_size=1), name="ws") as pool:
+            assert pool.lease_mode is LeaseMode.SINGLE_USE
+            for n in range(2):
+                async with pool.acquire() as lease:
+                    await lease.conn.send_str(f"start:call{n}")
+                    assert (await lease.conn.receive()).data == f"data:call{n}:0"
+        assert server.accepted >= 2
+    with pytest.raises(ValueError, match="single_use"):
+        AiohttpWebSocketAdapter(endpoint={"url": server.url, "reset_boundary": "x"})
