@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
-from voicepool import Adapter
+from voicepool import Adapter, Pool
 from voicepool.adapters.cartesia import CartesiaAdapter
 from voicepool.adapters.deepgram import DeepgramAdapter
 from voicepool.adapters.elevenlabs import ElevenLabsAdapter
 from voicepool.adapters.websocket import StreamClosed, WebSocketAdapter
-from voicepool.testing import FaultProxy
+from voicepool.testing import FaultProxy, wait_until
 from voicepool.testing.asr import DeepgramEmulator
 from voicepool.testing.tts import CartesiaEmulator, ElevenLabsEmulator
 
-from ._util import API_KEY
+from ._util import API_KEY, settings
 
 PING_TIMEOUT = 0.3
 
@@ -115,3 +115,53 @@ async def test_generic_socket_is_reported_dead_after_a_failed_ping() -> None:
         assert not ad.is_open(ws)
         proxy.black_hole(False)
         await ad.close(ws)
+
+
+@pytest.mark.parametrize("provider", ["elevenlabs", "cartesia"])
+async def test_pool_stops_lending_a_dead_tts_socket_within_ping_timeout(provider: str) -> None:
+    """Shipped-like health (a 30 s ping interval): only the ping the pool sends when a lease
+    ends with an error, and the adapter's honest answer to it, can retire the dead socket."""
+    emulator = (ElevenLabsEmulator if provider == "elevenlabs" else CartesiaEmulator)(
+        tls=True, api_key=API_KEY, idle_timeout=None
+    )
+    async with emulator as server, FaultProxy("127.0.0.1", server.port) as proxy:
+        kind = ElevenLabsAdapter if provider == "elevenlabs" else CartesiaAdapter
+        ad = kind(
+            url=f"wss://127.0.0.1:{proxy.port}",
+            api_key=API_KEY,
+            ca_file=server.ca_file,
+            close_timeout=0.5,
+        )
+        pool_settings = settings(
+            min_size=1, max_size=2, ping_interval=30, ping_timeout=PING_TIMEOUT
+        )
+        async with Pool(ad, pool_settings, name="tts") as pool:
+            async with pool.acquire() as lease:
+                dead = lease.conn
+                assert await speak(lease)
+            proxy.black_hole(new_connections=False)  # that socket goes silent, nothing closes
+            loop = asyncio.get_running_loop()
+            with pytest.raises(TimeoutError):
+                async with pool.acquire() as lease:
+                    assert lease.conn is dead
+                    ctx = lease.conn.context(lease.stream_id)
+                    await ctx.send_text("Into the void. ")
+                    await ctx.end()
+                    async with asyncio.timeout(PING_TIMEOUT):
+                        async for _ in ctx.audio():
+                            pass
+            failed_at = loop.time()
+            await wait_until(
+                lambda: not ad.is_open(dead),
+                timeout=PING_TIMEOUT * 3,
+                what="the dead socket reported closed",
+            )
+            assert loop.time() - failed_at <= PING_TIMEOUT * 2
+            async with pool.acquire() as lease:
+                assert lease.conn is not dead
+                assert await speak(lease)
+
+
+async def speak(lease: Any) -> bytes:
+    ctx = lease.conn.context(lease.stream_id)
+    return b"".join([chunk async for chunk in ctx.synthesize("Hello. ")])
