@@ -6,8 +6,12 @@ socket serves one parameter set; the key goes in ``Authorization: Token <key>``.
 Lease modes: ``SINGLE_USE`` by default: a lease is one call's stream; releasing it closes the
 stream politely (``CloseStream``: final results, ``Metadata``, close) and the pool keeps
 ``min_size`` spares warm. Deepgram bills for the time a socket is open: keep spares few. With
-``reuse=True`` the adapter is ``EXCLUSIVE``: after a lease, ``reset`` sends ``Finalize``, waits for
-the flushed result and drops what the next holder must not see.
+``reuse=True`` the adapter is ``EXCLUSIVE``: after a lease, ``reset`` sends ``Finalize``, waits
+until every ``Finalize`` sent on the socket (the holder's too) has its ``from_finalize`` result,
+and drops what the next holder must not see. Deepgram answers a ``Finalize`` when audio is
+buffered and may not otherwise: an unanswered one makes the reset time out after
+``finalize_timeout`` and the socket is discarded (never handed on unproven), so holders of reused
+sockets should finalize only after audio.
 
 Raw mode (``raw = true``, see :mod:`voicepool.adapters.provider`): the lease is the plain
 ``websockets`` connection, e.g. for deepgram-sdk's ``AsyncV1SocketClient(websocket=...)``; the
