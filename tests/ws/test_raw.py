@@ -107,3 +107,18 @@ async def test_cartesia_raw_idle_sockets_are_recycled_before_the_idle_close() ->
             await wait_until(lambda: server.accepted >= 3, timeout=5, what="recycling")
             assert server.idle_closes == 0
             assert pool.stats().idle == 1
+
+
+async def test_deepgram_sdk_drives_a_raw_lease(deepgram: DeepgramEmulator) -> None:
+    """What raw mode is for: deepgram-sdk's socket client on the pooled, warm socket."""
+    socket_client = pytest.importorskip("deepgram.listen.v1.socket_client")  # the conformance extra
+    async with Pool(raw_deepgram(deepgram), settings(min_size=1, max_size=1), name="asr") as pool:
+        assert deepgram.accepted == 1  # warm before the call
+        async with pool.acquire() as lease:
+            client = socket_client.AsyncV1SocketClient(websocket=lease.conn)
+            await client.send_media(b"through the sdk")
+            result = await client.recv()
+            assert result.channel.alternatives[0].transcript == "through the sdk"
+            await client.send_close_stream()
+        await wait_until(lambda: deepgram.close_streams == 1, what="the SDK's CloseStream")
+    assert deepgram.accepted >= 1
