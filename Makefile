@@ -10,6 +10,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip setuptools wheel
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The second SIP binding (voicepool[sip-tls]) for the SIP-over-TLS tests, kept out of the
+	# venv's site-packages: its package `pjsua2` would shadow pjsua2-pybind11's module there.
+	# Those tests run it in a subprocess with this folder on PYTHONPATH.
+	$(BIN)/python -m pip install -q --upgrade --target $(VENV)/sip-tls 'pjsua2-python>=2.15.1'
 	touch $(STAMP)
 
 install: $(STAMP)

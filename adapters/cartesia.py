@@ -35,7 +35,7 @@ from .websocket import MalformedMessage  # noqa: TID251
 
 __all__ = ["CartesiaAdapter", "CartesiaDialect", "CartesiaOptions", "TTSContext"]
 
-API_VERSION = "2025-04-16"
+API_VERSION = "2026-08-14"  # what the cartesia 4.x SDK sends (docs/providers.md)
 
 
 class CartesiaOptions(ProviderOptions):

@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/sip.py [--rounds 30] [--boot-rounds 8] [--rtt 0.020]
                                        [--registrar kamailio|emulator] [--transport udp|tcp]
+    .venv/bin/python benchmarks/sip.py --faults [--transport udp|tcp] [--ping-interval 5]
+
+``--faults`` runs the fault matrix instead (registrar down and back, flapping, 503 storm, restart
+under load): see ``benchmarks/sip_faults.py``.
 
 The registrar is a real Kamailio with digest auth (``voicepool.testing.Kamailio``; falls back
 to the in-process emulator when Kamailio is not installed). Traffic goes through a delay relay
@@ -195,11 +199,21 @@ def parse(argv: list[str]) -> Any:
     parser.add_argument("--rtt", type=float, default=0.020, help="round trip, seconds")
     parser.add_argument("--registrar", choices=["kamailio", "emulator"], default="kamailio")
     parser.add_argument("--transport", choices=["udp", "tcp"], default="udp")
+    parser.add_argument("--faults", action="store_true", help="run the fault matrix instead")
+    parser.add_argument(
+        "--ping-interval", type=float, default=5.0, help="--faults: the pools' ping_interval"
+    )
     return parser.parse_args(argv)
 
 
 def run(argv: list[str]) -> None:
-    asyncio.run(main(parse(argv)))
+    args = parse(argv)
+    if args.faults:
+        import sip_faults  # beside this file
+
+        asyncio.run(sip_faults.run(args))
+    else:
+        asyncio.run(main(args))
 
 
 if __name__ == "__main__":

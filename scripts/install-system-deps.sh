@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs the real protocol peers the integration tests start on 127.0.0.1: Kamailio (SIP
-# registrar), SIPp (sip-tester) and nginx. Idempotent: does nothing when they are present.
+# registrar, with its TLS module), SIPp (sip-tester) and nginx. Idempotent: does nothing when they are present.
 # Services are NOT started by the packages (policy-rc.d); the tests start their own instances.
 set -euo pipefail
 missing=()
 command -v kamailio >/dev/null 2>&1 || [ -x /usr/sbin/kamailio ] || missing+=(kamailio)
+# Kamailio's TLS module (tls.so), for the SIP-over-TLS tests; a separate Debian package.
+compgen -G '/usr/lib*/**/kamailio/modules/tls.so' >/dev/null \
+  || compgen -G '/usr/lib/*/kamailio/modules/tls.so' >/dev/null || missing+=(kamailio-tls-modules)
 command -v sipp >/dev/null 2>&1 || missing+=(sip-tester)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 [ ${#missing[@]} -eq 0 ] && exit 0

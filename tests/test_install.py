@@ -95,13 +95,14 @@ def test_wheel_without_extras_in_a_fresh_venv(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok ")
 
-    demo = subprocess.run(
-        [str(venv / "bin" / "voicepool"), "demo"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
-    )
-    assert demo.returncode == 2, (demo.stdout, demo.stderr)
-    assert "pip install 'voicepool[testing]'" in demo.stderr
-    assert "Traceback" not in demo.stderr
+    for command in (["demo"], ["emulate", "llm"]):
+        run = subprocess.run(
+            [str(venv / "bin" / "voicepool"), *command],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert run.returncode == 2, (command, run.stdout, run.stderr)
+        assert "pip install 'voicepool[testing]'" in run.stderr
+        assert "Traceback" not in run.stderr

@@ -63,6 +63,10 @@ class Adapter(Generic[C]):
     lease_mode: LeaseMode = LeaseMode.EXCLUSIVE
     max_streams: int = 1
     max_idle: float | None = None
+    use_proves_liveness: ClassVar[bool] = True
+    """A finished lease shows the connection alive (it carried traffic), so the idle ping waits
+    ``ping_interval`` after the last use. False when a lease does no I/O over the connection
+    (a SIP registration): the ping then keeps its period however often it is leased."""
     Options: ClassVar[type[BaseModel] | None] = None
     max_connections_per_process: ClassVar[int | None] = None
     """A hard process-wide limit (pjsua2: 8 SIP accounts); settings reject pools that exceed it."""

@@ -106,6 +106,7 @@ class Pool(Generic[C]):
             is_open=adapter.is_open,
             describe=adapter.describe(),
             policy=sizing,
+            use_proves_liveness=adapter.use_proves_liveness,
         )
         self._mux = resolved.lease_mode is LeaseMode.MULTIPLEXED
         self._is_open = adapter.is_open

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from voicepool.errors import ConnectError
 
-from ._binding import PJSUA_MAX_ACC, Binding, load  # noqa: TID251
+from ._binding import PJSUA_MAX_ACC, TLS_HINT, Binding, load  # noqa: TID251
 from ._types import AccountSpec, EngineConfig, RegEvent  # noqa: TID251
 
 __all__ = ["Owner", "OwnerContext"]
@@ -30,6 +30,7 @@ __all__ = ["Owner", "OwnerContext"]
 log = logging.getLogger("voicepool.sip")
 T = TypeVar("T")
 
+_PJ_EEOF = 70016  # pj_status_t "End of file": what a dropped connection reports
 _DESTROY_NO_NETWORK = 3  # PJSUA_DESTROY_NO_NETWORK: 17-31 ms instead of a fixed ~1 s wait
 
 
@@ -145,9 +146,12 @@ class Owner:
         self._b: Binding | None = None
         self._ep: Any = None
         self._records: dict[int, _Record] = {}
-        self._transports: dict[tuple[str, str], int] = {}
+        # (transport, bind address, TLS (CA file, verify) or None) -> PJSIP transport id
+        self._transports: dict[tuple[str, str, tuple[str | None, bool] | None], int] = {}
         self._account_cls: Any = None
         self._pj_types: tuple[type, ...] | None = None
+        self._transport_watch: Any = None  # a ctypes callback PJSIP calls until libDestroy
+        self._connection_dropped = False
 
     @property
     def idle(self) -> bool:
@@ -158,7 +162,7 @@ class Owner:
     def boot(self) -> tuple[str, int]:
         """libCreate, libInit (no PJSIP threads), a loopback wake transport, null audio, libStart.
 
-        Returns the wake transport's address. Raises BindingMissing or a pjsua2 RuntimeError;
+        Returns the wake transport's address. Raises BindingMissing or a pjsua2 error;
         call :meth:`teardown` afterwards in any case.
         """
         b = self._b = load()
@@ -177,17 +181,52 @@ class Owner:
         tc = pj.TransportConfig()
         tc.boundAddress = "127.0.0.1"
         tc.port = 0
-        wake_id = ep.transportCreate(pj.TransportType.UDP, tc)
+        wake_id = ep.transportCreate(b.transport_type("udp"), tc)
         host, _, port = ep.transportGetInfo(wake_id).localName.rpartition(":")
-        ep.audDevManager.setNullDev()
+        b.use_null_audio(ep)
         ep.libStart()
         b.set_transaction_timeout(round(config.transaction_timeout * 1000))
+        self._transport_watch = b.watch_transports(self._on_connection_dropped)
         self._account_cls = _account_class(pj)
         return host, int(port)
 
     def poll(self, msec: int) -> None:
         assert self._b is not None
         self._b.handle_events(msec)
+        if self._connection_dropped:
+            self._connection_dropped = False
+            self._verify_connected_accounts()
+
+    def _on_connection_dropped(self) -> None:
+        # Inside PJSIP's transport code: only note it; poll() acts once PJSIP has returned.
+        self._connection_dropped = True
+
+    def _verify_connected_accounts(self) -> None:
+        """A TCP/TLS connection dropped: check every account that uses TCP/TLS.
+
+        A registrar reaches a TCP/TLS binding only over the connection it was registered on,
+        so the binding is as good as gone with it, and pjsua (its own retry is off) reports
+        nothing. A refresh proves it either way: over a new connection it answers 200, and
+        with the registrar down it fails at once (connection refused), which the adapter
+        records as LOST. A REGISTER already in flight may have gone out on the dropped
+        connection, where its answer can no longer arrive: PJSIP would wait for the
+        transaction timeout (32 s by default), so it is reported failed now (its real outcome,
+        later, is still delivered). Which connection dropped is not looked up (the binding
+        exposes no transport of an account): an account whose connection is fine pays one
+        REGISTER exchange, or one reconnect, on a rare event.
+        """
+        now = time.monotonic()
+        for rec in list(self._records.values()):
+            if rec.spec.transport == "udp" or rec.closing:
+                continue
+            if rec.in_flight:
+                reason = "connection lost with the REGISTER in flight"
+                lost = RegEvent(503, reason, 0, _PJ_EEOF, now)
+                with contextlib.suppress(RuntimeError):  # that loop is closed
+                    rec.loop.call_soon_threadsafe(rec.sink, lost)
+            elif rec.registered:
+                with contextlib.suppress(ConnectError):
+                    self.refresh(rec.key)
 
     def expire(self, now: float) -> None:
         """Finalize closing accounts whose un-REGISTER was answered or timed out, and release
@@ -218,6 +257,7 @@ class Owner:
             except Exception as exc:
                 log.warning("SIP engine: libDestroy failed: %s", exc)
             del ep  # the Endpoint dies here, on the owner thread, after libDestroy
+        self._transport_watch = None  # PJSIP is gone: nothing calls these any more
 
     # -- commands ----------------------------------------------------------------------------------
 
@@ -264,10 +304,12 @@ class Owner:
         try:
             with self._b.distinct_instance(spec.contact_uri_params or str(key)):
                 acc.create(ac)
-        except BaseException:
+        except BaseException as exc:
             self._records.pop(key, None)
             rec.account = None
             del acc  # dropped here, on the owner thread
+            if isinstance(exc, self._b.errors) and not isinstance(exc, RuntimeError):
+                raise ConnectError(f"pjsua2 refused the account: {_pj_reason(exc)}") from None
             raise
 
     def refresh(self, key: int) -> bool:
@@ -275,10 +317,11 @@ class Owner:
         rec = self._live(key)
         if rec.in_flight:
             return False
+        assert self._b is not None
         try:
             rec.in_flight = True
             rec.account.setRegistration(True)
-        except RuntimeError:
+        except self._b.errors:
             return False  # PJSIP_EBUSY: a transaction we did not see start; its outcome will do
         return True
 
@@ -327,31 +370,35 @@ class Owner:
     def _transport(self, spec: AccountSpec) -> int:
         assert self._b is not None
         bind = spec.bind_address or ""
-        tid = self._transports.get((spec.transport, bind))
+        tls = (spec.tls_ca_file, spec.tls_verify_server) if spec.transport == "tls" else None
+        tid = self._transports.get((spec.transport, bind, tls))
         if tid is not None:
             return tid
-        pj = self._b.pj
-        kinds = {"udp": pj.TransportType.UDP, "tcp": pj.TransportType.TCP}
-        if spec.transport == "tls":
-            if not self._b.has_tls:  # creating it anyway would fail an assertion (abort)
-                raise ConnectError(
-                    "this pjsua2 build has no TLS transport (PJSIP was built without OpenSSL);"
-                    " use transport 'tcp' or 'udp'",
-                    fatal=True,
-                )
-            kinds["tls"] = pj.TransportType.TLS
-        if spec.transport not in kinds:
+        if spec.transport not in ("udp", "tcp", "tls"):
             raise ConnectError(f"unknown SIP transport {spec.transport!r}", fatal=True)
-        tc = pj.TransportConfig()
+        if spec.transport == "tls" and not self._b.has_tls:
+            # creating it anyway would fail an assertion (abort)
+            raise ConnectError(
+                f"{self._b.name} has no TLS transport (PJSIP built without OpenSSL). {TLS_HINT}",
+                fatal=True,
+            )
+        tc = self._b.pj.TransportConfig()
         tc.boundAddress = bind
         tc.port = 0
+        if tls is not None:
+            # A client transport: the registrar's certificate is checked against the CA list
+            # (and its name against the registrar host) unless verification is turned off.
+            if spec.tls_ca_file:
+                tc.tlsConfig.CaListFile = spec.tls_ca_file
+            tc.tlsConfig.verifyServer = spec.tls_verify_server
         try:
-            tid = int(self._ep.transportCreate(kinds[spec.transport], tc))
-        except RuntimeError as exc:
+            tid = int(self._ep.transportCreate(self._b.transport_type(spec.transport), tc))
+        except self._b.errors as exc:
             raise ConnectError(
-                f"cannot open a SIP {spec.transport} transport on {bind or '*'}: {exc}", fatal=True
-            ) from exc
-        self._transports[(spec.transport, bind)] = tid
+                f"cannot open a SIP {spec.transport} transport on {bind or '*'}: {_pj_reason(exc)}",
+                fatal=True,
+            ) from None
+        self._transports[(spec.transport, bind, tls)] = tid
         return tid
 
     # -- closing -----------------------------------------------------------------------------------
@@ -380,11 +427,12 @@ class Owner:
 
     def _unregister(self, rec: _Record) -> None:
         rec.deadline = time.monotonic() + rec.spec.unregister_timeout
+        assert self._b is not None
         try:
             rec.unreg_sent = True
             rec.in_flight = True
             rec.account.setRegistration(False)
-        except RuntimeError as exc:
+        except self._b.errors as exc:
             log.debug("SIP account #%d: un-REGISTER not sent: %s", rec.key, exc)
             rec.deadline = 0.0
 
@@ -395,7 +443,8 @@ class Owner:
         acc, rec.account = rec.account, None
         if acc is not None:
             try:
-                if acc.valid:  # reading anything of an account after shutdown() aborts
+                assert self._b is not None
+                if self._b.account_valid(acc):  # reading an account after shutdown() aborts
                     acc.shutdown()
             except Exception as exc:
                 log.debug("SIP account #%d: shutdown failed: %s", rec.key, exc)
@@ -434,6 +483,15 @@ class Owner:
             rec.incoming(ctx, call_id)
         finally:
             ctx._expire()
+
+
+def _pj_reason(exc: BaseException) -> str:
+    """The message of a pjsua2 error (SWIG's ``pjsua2.Error`` keeps it in ``info()``)."""
+    info = getattr(exc, "info", None)
+    if callable(info):
+        with contextlib.suppress(Exception):
+            return str(info())
+    return str(exc) or type(exc).__name__
 
 
 def _resolve(futures: list[cf.Future[None]]) -> None:

@@ -64,6 +64,8 @@ class AccountSpec:
     contact_uri_params: str = ""
     proxies: tuple[str, ...] = ()
     unregister_timeout: float = 2.0
+    tls_ca_file: str | None = None
+    tls_verify_server: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,13 @@ the calls it receives (:meth:`~voicepool.adapters.sip.OwnerContext.on_incoming_c
 Health is tracked here, not read from pjsua (whose account info stays "active/200" through an
 outage): each successful REGISTER sets ``valid_until = now + granted expiry``; a failed refresh, a
 lapse past ``valid_until`` or a lost transport marks the registration LOST and tells the pool
-(``connection_changed``), so acquire never hands out a dead registration. The active check
+(``connection_changed``), so acquire never hands out a dead registration. A lost transport is a
+TCP/TLS connection that dropped: the owner thread then refreshes every TCP/TLS registration at
+once (a registrar reaches such a binding only over its connection), which fails within
+milliseconds when the registrar is gone, and fails a REGISTER that was in flight on it. Over UDP
+nothing drops: a silent registrar is found by the ping or the lapse. A lease does no I/O, so
+however often a registration is leased, the pool still pings it every ``ping_interval``
+(``use_proves_liveness = False``). The active check
 (``ping``) is a refresh REGISTER: it proves the registrar is up, still accepts our credentials
 and still holds the binding (2 round trips with digest auth; see benchmarks/sip.py).
 """
@@ -31,11 +37,12 @@ from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConfigError, ConnectError
 
 from ._binding import (  # noqa: TID251
-    INSTALL_HINT,
     PJSUA_MAX_ACC,
+    TLS_HINT,
     BindingMissing,
-    available,
+    choose,
     load,
+    summary,
 )
 from ._owner import OwnerContext  # noqa: TID251
 from ._types import AccountSpec, RegEvent  # noqa: TID251
@@ -72,6 +79,14 @@ class SipOptions(BaseModel):
     proxies: tuple[str, ...] = Field((), description="Outbound proxy URIs, in order.")
     unregister_timeout: float = Field(
         2.0, gt=0, le=30, description="Longest wait for the un-REGISTER answer on close."
+    )
+    tls_ca_file: str | None = Field(
+        None,
+        description="TLS: PEM file of the CAs that sign the registrar's certificate (default:"
+        " the bundled OpenSSL's default paths).",
+    )
+    tls_verify_server: bool = Field(
+        True, description="TLS: refuse a registrar whose certificate or name does not verify."
     )
 
     @field_validator("aor")
@@ -280,17 +295,21 @@ class SipAdapter(Adapter[SipRegistration]):
     lease_mode = LeaseMode.MULTIPLEXED
     max_streams = 4  # concurrent calls per registration; PoolSettings.max_streams overrides
     max_connections_per_process: ClassVar[int | None] = PJSUA_MAX_ACC
+    # A lease hands out a registration; nothing it does proves the registrar still holds it.
+    use_proves_liveness: ClassVar[bool] = False
     Options: ClassVar[type[BaseModel] | None] = SipOptions
 
     def __init__(self, options: SipOptions, *, engine: SipEngine | None = None) -> None:
-        if not available():
-            raise ConfigError(f"adapter 'sip': {INSTALL_HINT}")
+        try:
+            choose()
+        except BindingMissing as exc:
+            raise ConfigError(f"adapter 'sip': {exc}") from None
         self.options = options
         self._engine = engine if engine is not None else SipEngine.get()
 
     def describe(self) -> str:
         o = self.options
-        return f"SIP registrar {o.registrar_uri_base} ({o.transport}) as {o.aor}"
+        return f"SIP registrar {o.registrar_uri_base} ({o.transport}) as {o.aor}, on {summary()}"
 
     # -- the pool contract -------------------------------------------------------------------------
 
@@ -307,8 +326,8 @@ class SipAdapter(Adapter[SipRegistration]):
         o = self.options
         if o.transport == "tls" and not binding.has_tls:
             raise ConnectError(
-                "this pjsua2 build has no TLS transport (PJSIP was built without OpenSSL);"
-                " use transport 'tcp' or 'udp'",
+                f"adapter 'sip': {binding.name} has no TLS transport (PJSIP built without"
+                f" OpenSSL). {TLS_HINT}",
                 fatal=True,
             )
         tag = secrets.token_hex(4)
@@ -388,6 +407,8 @@ class SipAdapter(Adapter[SipRegistration]):
             contact_uri_params=f";vpl={tag}",
             proxies=o.proxies,
             unregister_timeout=o.unregister_timeout,
+            tls_ca_file=o.tls_ca_file,
+            tls_verify_server=o.tls_verify_server,
         )
 
     def _discard(self, reg: SipRegistration) -> None:
@@ -399,14 +420,19 @@ class SipAdapter(Adapter[SipRegistration]):
     def _register_error(self, event: RegEvent, *, refresh: bool = False) -> ConnectError:
         o = self.options
         what = "refresh REGISTER" if refresh else "REGISTER"
-        fatal = event.code in FATAL_STATUSES
+        # A certificate that does not verify is configuration, not an outage: retrying
+        # cannot cure it (PJSIP reports it as a 503 with status PJSIP_TLS_ECERT*).
+        bad_certificate = "PJSIP_TLS_ECERT" in event.reason
+        fatal = event.code in FATAL_STATUSES or bad_certificate
         hint = ""
-        if event.code in (401, 407):
+        if bad_certificate:
+            hint = " (set tls_ca_file to the CA that signs the registrar's certificate?)"
+        elif event.code in (401, 407):
             hint = " (wrong username or password?)"
         elif event.code == 403:
             hint = " (credentials or account refused)"
         detail = f"{event.code} {event.reason}".strip()
-        if event.status and event.code not in FATAL_STATUSES:
+        if event.status and event.code not in FATAL_STATUSES and not bad_certificate:
             detail += " (no SIP answer: transport error or timeout)"
         return ConnectError(
             f"SIP registrar {o.registrar_uri_base} ({o.transport}) answered the {what} of"

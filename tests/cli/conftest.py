@@ -99,7 +99,9 @@ async def services() -> AsyncIterator[Services]:
     certs = test_certificates()
     async with (
         DeepgramEmulator(tls=True, api_key=KEY) as asr,
-        ElevenLabsEmulator(tls=True, api_key=KEY) as tts,
+        # Handshake-time auth: the real service would accept a socket without the key header
+        # (the key may come in the first message), so `check` could not see an unset key.
+        ElevenLabsEmulator(tls=True, api_key=KEY, key_in_first_message=False) as tts,
         LlmEmulator(api_key=KEY, ttft=0.0, tokens=2) as llm,
         RestEmulator(api_key=KEY, ssl_context=certs.server_context(["http/1.1"])) as crm,
         SipRegistrar(users={"demo": SIP_PASSWORD}) as registrar,

@@ -95,6 +95,8 @@ async def test_good_config_connects_every_pool(services: Services, tmp_path: Pat
         row = next(line for line in lines if line.startswith(f"{name} "))
         assert " ok " in row, row
         assert "connect" in row
+        if name == "sip":
+            assert "on pjsua2-pybind11 " in row, row  # the binding in use is named
     assert lines[-1] == f"all {len(names)} pools connect"
     # One connection per pool, closed again: the emulators saw them come and go.
     assert services.asr.accepted == 1

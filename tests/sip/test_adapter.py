@@ -64,7 +64,7 @@ def test_adapter_contract_and_entry_point() -> None:
     assert SipAdapter.max_connections_per_process == PJSUA_MAX_ACC == 8
     adapter = SipAdapter.from_options(SipOptions(aor="sip:a@h", password=SecretStr("pw")))
     assert isinstance(adapter, SipAdapter)
-    assert adapter.describe() == "SIP registrar sip:h (udp) as sip:a@h"
+    assert adapter.describe().startswith("SIP registrar sip:h (udp) as sip:a@h, on pjsua2-")
 
 
 def test_secrets_never_in_reprs_or_descriptions() -> None:
@@ -366,3 +366,36 @@ async def test_pjsua2_objects_never_leave_the_owner_thread(registrar: SipRegistr
         await lease.conn.run(kept.append)
         with pytest.raises(RuntimeError, match="only valid during the call"):
             kept[0].account  # noqa: B018 - a context kept past its call is empty
+
+
+# -- which binding ---------------------------------------------------------------------------------
+
+
+def test_binding_choice_is_named_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from voicepool.adapters.sip import _binding
+
+    monkeypatch.delenv(_binding.BINDING_ENV, raising=False)
+    name, path, _version = _binding.choose()
+    assert name == "pjsua2-pybind11"  # the default whenever it is installed
+    assert path.endswith(".so")
+    monkeypatch.setenv(_binding.BINDING_ENV, "pjsua3")
+    with pytest.raises(ConfigError, match="VOICEPOOL_SIP_BINDING='pjsua3': expected one of"):
+        SipAdapter(SipOptions(aor="sip:a@h"))
+    monkeypatch.setenv(_binding.BINDING_ENV, "pjsua2-python")
+    if _binding._installed("pjsua2-python") is None:  # it lives in .venv/sip-tls, not here
+        with pytest.raises(ConfigError, match=r"pip install 'voicepool\[sip-tls\]'"):
+            SipAdapter(SipOptions(aor="sip:a@h"))
+
+
+async def test_tls_on_the_default_binding_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from voicepool.adapters.sip import _binding
+
+    if _binding.load().has_tls:
+        pytest.skip("this binding has TLS")
+    adapter = sip_adapter("sip:127.0.0.1:9;transport=tls", transport="tls")
+    with pytest.raises(ConnectError, match="VOICEPOOL_SIP_BINDING=pjsua2-python") as info:
+        await adapter.connect()
+    assert "voicepool[sip-tls]" in str(info.value)
+    assert info.value.fatal

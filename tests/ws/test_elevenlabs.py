@@ -137,7 +137,8 @@ async def test_barge_in_frees_the_context_at_once(elevenlabs: ElevenLabsEmulator
         await wait_until(lambda: elevenlabs.contexts_open == 0, what="all contexts closed")
     assert elevenlabs.accepted == 1
     assert elevenlabs.context_limit_closes == 0
-    assert elevenlabs.contexts_opened == 6
+    # (an idle keepalive may open the adapter's keepalive context too: issue 12 item 7)
+    assert elevenlabs.contexts_opened - elevenlabs.keepalive_contexts == 6
 
 
 async def test_idle_sockets_survive_only_with_keepalive(elevenlabs: ElevenLabsEmulator) -> None:
@@ -146,7 +147,9 @@ async def test_idle_sockets_survive_only_with_keepalive(elevenlabs: ElevenLabsEm
         assert elevenlabs.idle_closes == 0
         assert elevenlabs.accepted == 2
         assert elevenlabs.keepalives >= 4
-        assert elevenlabs.contexts_opened == 0  # a keepalive never opens a context
+        # A keepalive for a context the service does not know is that context's first message:
+        # the adapter's idle keepalive opens one context per socket (issue 12 item 7).
+        assert elevenlabs.contexts_opened == elevenlabs.keepalive_contexts <= 2
         assert await speak(pool)
     async with Pool(
         adapter(elevenlabs, keepalive=False), settings(min_size=2, max_size=2), name="quiet"

@@ -106,6 +106,7 @@ class PoolCore(Generic[C]):
         is_open: Callable[[C], bool],
         describe: str = "",
         policy: SizingPolicy | None = None,
+        use_proves_liveness: bool = True,
     ) -> None:
         self.name = name
         self.settings = s = settings
@@ -116,6 +117,8 @@ class PoolCore(Generic[C]):
         self.mux = sizing.lease_mode is LeaseMode.MULTIPLEXED
         self.single_use = sizing.lease_mode is LeaseMode.SINGLE_USE
         self.ping_interval = ping_interval
+        # Adapter.use_proves_liveness: whether a finished lease postpones the idle ping.
+        self.use_proves_liveness = use_proves_liveness
         self.rng = rng
         self.is_open = is_open
         self.describe = describe
@@ -355,7 +358,8 @@ class PoolCore(Generic[C]):
             elif rec.expires <= now:
                 self._retire(rec, "expired", now, out)
             else:
-                rec.next_ping = max(rec.next_ping, now + rec.ping_period)
+                if self.use_proves_liveness:
+                    rec.next_ping = max(rec.next_ping, now + rec.ping_period)
                 self._deliver(rec, now, out)
             self._grow(now, out)  # a proof may have ended a backoff: waiters get connects
         elif how == "remote_closed":
@@ -632,7 +636,12 @@ class PoolCore(Generic[C]):
             return "expired", 0.0
         if idle_timeout is not None and surplus > 0 and now - rec.last_used >= idle_timeout:
             return "idle", 0.0
-        ping_at = max(rec.next_ping, rec.last_used + rec.ping_period)
+        ping_at = rec.next_ping
+        if self.use_proves_liveness:
+            # A lease carried traffic over the connection: the ping waits a period after it.
+            # Not when a lease does no I/O (a SIP registration leased back to back with zero
+            # hold time would never be pinged).
+            ping_at = max(ping_at, rec.last_used + rec.ping_period)
         if ping_at <= now:
             return "ping", 0.0
         nxt = min(ping_at, rec.expires)

@@ -1,10 +1,11 @@
-"""The ``voicepool`` command: ``demo``, ``probe`` and ``check``.
+"""The ``voicepool`` command: ``demo``, ``probe``, ``check`` and ``emulate``.
 
 ::
 
     voicepool demo [--calls 20] [--turns 3] [--rtt 40] [--exhaust] [--json]
     voicepool probe URL... [-n 5] [--json]      wss://, https://, sip: endpoints
     voicepool check [CONFIG] [--json]          validate settings, connect each pool once
+    voicepool emulate SERVICE... [--rtt 40] [--tls] [--json]   local provider emulators
 
 A subcommand's module is imported only when it runs, so ``voicepool probe`` does not pay for the
 demo's imports. :func:`main` returns the exit status; the console script exits with it.
@@ -102,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
         help="only failing required pools fail the check (optional ones are reported)",
     )
     check.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    from voicepool.cli import emulate
+
+    emulate.add_parser(sub)
     return parser
 
 
@@ -137,6 +142,14 @@ def _main(argv: Sequence[str] | None) -> int:
         from voicepool.cli import probe
 
         return probe.run(args)
+    if args.command == "emulate":
+        from voicepool.cli import emulate
+
+        try:
+            import voicepool.testing  # noqa: F401  (the emulators need the testing extra)
+        except ModuleNotFoundError as exc:
+            return _missing_extra(exc)
+        return emulate.run(args)
     if args.command == "check":
         from voicepool.cli import check
 

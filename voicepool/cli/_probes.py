@@ -19,10 +19,8 @@ import re
 import secrets
 import socket
 import ssl
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from collections.abc import Sequence
+from typing import Literal
 from urllib.parse import urlsplit
 
 import h2.config
@@ -32,6 +30,9 @@ from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
+
+from voicepool.cli._probebase import FAILURES, Clock, ProbeError, ProbeOptions, Sample, Target
+from voicepool.cli._sipprobe import sip_stream, sip_udp
 
 __all__ = [
     "FAILURES",
@@ -45,26 +46,6 @@ __all__ = [
 ]
 
 _READ = 65536
-FAILURES = (OSError, ssl.SSLError, ValueError, EOFError, asyncio.LimitOverrunError)
-T = TypeVar("T")
-
-
-class ProbeError(Exception):
-    """A step failed; the message names the step (``tls: certificate verify failed``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A parsed endpoint. ``kind``: websocket, https, http or sip."""
-
-    url: str
-    kind: Literal["websocket", "https", "http", "sip"]
-    host: str
-    port: int
-    path: str = "/"
-    tls: bool = False
-    transport: Literal["tcp", "udp"] = "tcp"
-    user: str | None = None  # sip: the AOR's user part, if the URI has one
 
 
 def parse_target(url: str) -> Target:
@@ -114,76 +95,6 @@ def _parse_sip(url: str) -> Target:
     return Target(url, "sip", host, int(port_text or 5060), transport=transport, user=user or None)
 
 
-@dataclass
-class ProbeOptions:
-    """How to probe: trust (``ca_file``, or the system store; ``insecure`` skips verification),
-    extra request headers, the per-step timeout, SIP digest credentials."""
-
-    ca_file: str | None = None
-    insecure: bool = False
-    headers: Sequence[tuple[str, str]] = ()
-    timeout: float = 10.0
-    sip_user: str | None = None
-    sip_password: str | None = None
-
-    def ssl_context(self, alpn: list[str]) -> ssl.SSLContext:
-        """A fresh client context (raises OSError / ssl.SSLError for an unreadable CA file)."""
-        ctx = ssl.create_default_context(cafile=self.ca_file)
-        if self.insecure:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        ctx.set_alpn_protocols(alpn)
-        return ctx
-
-
-@dataclass
-class Sample:
-    """One cold connection: step durations (seconds, in order), the warm round trip, notes."""
-
-    steps: dict[str, float] = field(default_factory=dict)
-    warm: float | None = None
-    warm_what: str = ""
-    notes: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def cold(self) -> float:
-        return sum(self.steps.values())
-
-
-class Clock:
-    """Times named steps into a sample; a failing step raises ProbeError naming it."""
-
-    def __init__(self, sample: Sample, timeout: float) -> None:
-        self.sample = sample
-        self.timeout = timeout
-
-    async def step(self, name: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``fn()`` as the cold step ``name``; its duration joins ``sample.steps``."""
-        result, took = await self.time(name, fn)
-        self.sample.steps[name] = took
-        return result
-
-    async def time(self, name: str, fn: Callable[[], Awaitable[T]]) -> tuple[T, float]:
-        """``(fn(), seconds)`` under the timeout; failures become ProbeError naming ``name``."""
-        t0 = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.timeout):
-                result = await fn()
-        except TimeoutError:
-            raise ProbeError(f"{name}: no answer within {self.timeout:g} s") from None
-        except FAILURES as exc:
-            raise ProbeError(f"{name}: {_reason(exc)}") from exc
-        return result, time.perf_counter() - t0
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate rejected ({exc.verify_message}); use --ca-file or --insecure"
-    if isinstance(exc, asyncio.IncompleteReadError):
-        return "the server closed the connection"
-    return str(exc) or type(exc).__name__
-
-
 async def probe_once(target: Target, options: ProbeOptions) -> Sample:
     """One cold connection to ``target`` and one warm round trip. Raises ProbeError."""
     sample = Sample()
@@ -207,8 +118,6 @@ async def probe_once(target: Target, options: ProbeOptions) -> Sample:
         sample.notes["dns"] = "IP address: no lookup"
 
     if dgram:
-        from voicepool.cli._sipprobe import sip_udp
-
         await sip_udp(target, options, clock, family, addr)
         return sample
     reader, writer = await _tcp(clock, family, addr)
@@ -218,8 +127,6 @@ async def probe_once(target: Target, options: ProbeOptions) -> Sample:
         if target.kind == "websocket":
             await _websocket(target, options, clock, reader, writer)
         elif target.kind == "sip":
-            from voicepool.cli._sipprobe import sip_stream
-
             await sip_stream(target, options, clock, reader, writer)
         elif _alpn(writer) == "h2":
             await _http2(clock, reader, writer)

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import re
 import secrets
 from collections.abc import Awaitable, Callable
 
-from voicepool.cli._probes import FAILURES, Clock, ProbeError, ProbeOptions, Target
+from voicepool._sip import (
+    SipMessage,
+    build_request,
+    digest_authorization,
+    new_branch,
+    parse_digest,
+    parse_message,
+    split_stream,
+)
+from voicepool.cli._probebase import FAILURES, Clock, ProbeError, ProbeOptions, Target
 
 __all__ = ["sip_stream", "sip_udp"]
 
@@ -45,87 +52,64 @@ class _SipDialog:
         self.cseq = 0
         self.uri = f"sip:{target.host}:{target.port}"
         self.aor = f"sip:{self.user}@{target.host}"
-        self.auth: str | None = None
         self.nc = 0
         self.challenge: dict[str, str] | None = None
 
     def request(self, method: str, *, expires: int | None = None) -> tuple[bytes, str]:
         """(message bytes, branch) for ``method``; REGISTER carries the digest once challenged."""
         self.cseq += 1
-        branch = f"z9hG4bK{secrets.token_hex(8)}"
+        branch = new_branch()
         host, port = self.local
-        proto = self.target.transport.upper()
-        lines = [
-            f"{method} {self.uri} SIP/2.0",
-            f"Via: SIP/2.0/{proto} {host}:{port};branch={branch};rport",
-            "Max-Forwards: 70",
-            f"From: <{self.aor}>;tag={self.tag}",
-            f"To: <{self.aor}>",
-            f"Call-ID: {self.call_id}",
-            f"CSeq: {self.cseq} {method}",
-            f"Contact: <sip:{self.user}@{host}:{port};transport={self.target.transport}>",
+        transport = self.target.transport
+        headers = [
+            f"Contact: <sip:{self.user}@{host}:{port};transport={transport}>",
             "User-Agent: voicepool-probe",
         ]
         if expires is not None:
-            lines.append(f"Expires: {expires}")
+            headers.append(f"Expires: {expires}")
         if method == "REGISTER" and self.challenge is not None:
-            lines.append(f"Authorization: {self._digest(method)}")
-        lines += ["Content-Length: 0", "", ""]
-        return "\r\n".join(lines).encode(), branch
-
-    def _digest(self, method: str) -> str:
-        ch = self.challenge or {}
-        realm, nonce = ch.get("realm", ""), ch.get("nonce", "")
-        password = self.password or ""
-
-        def md5(text: str) -> str:
-            return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
-
-        ha1 = md5(f"{self.user}:{realm}:{password}")
-        ha2 = md5(f"{method}:{self.uri}")
-        parts = [
-            f'username="{self.user}"',
-            f'realm="{realm}"',
-            f'nonce="{nonce}"',
-            f'uri="{self.uri}"',
-            "algorithm=MD5",
-        ]
-        if "auth" in ch.get("qop", "").split(","):
             self.nc += 1
-            nc, cnonce = f"{self.nc:08x}", secrets.token_hex(8)
-            response = md5(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}")
-            parts += ["qop=auth", f"nc={nc}", f'cnonce="{cnonce}"']
-        else:
-            response = md5(f"{ha1}:{nonce}:{ha2}")
-        parts.append(f'response="{response}"')
-        if "opaque" in ch:
-            parts.append(f'opaque="{ch["opaque"]}"')
-        return "Digest " + ", ".join(parts)
+            authorization = digest_authorization(
+                self.challenge,
+                user=self.user,
+                password=self.password or "",
+                method=method,
+                uri=self.uri,
+                nc=self.nc,
+            )
+            headers.append(f"Authorization: {authorization}")
+        message = build_request(
+            method,
+            self.uri,
+            via=(transport, host, port),
+            branch=branch,
+            from_uri=self.aor,
+            from_tag=self.tag,
+            to_uri=self.aor,
+            call_id=self.call_id,
+            cseq=self.cseq,
+            headers=headers,
+        )
+        return message, branch
 
-    def learn(self, response: bytes) -> None:
-        """Keep the digest challenge of a 401/407 answer."""
-        found = re.search(rb"(?im)^(?:www|proxy)-authenticate\s*:\s*digest\s+(.+)$", response)
-        if found is None:
-            return
-        params = {}
-        for m in re.finditer(
-            r'([\w-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]+)', found.group(1).decode()
-        ):
-            raw = m.group(2)
-            params[m.group(1).lower()] = raw[1:-1] if raw.startswith('"') else raw
-        self.challenge = params
+    def learn(self, response: SipMessage) -> None:
+        """Keep the digest challenge of a 401/407 answer (a new nonce restarts the count)."""
+        value = response.header("www-authenticate") or response.header("proxy-authenticate")
+        challenge = parse_digest(value or "")
+        if challenge:
+            self.challenge = challenge
+            self.nc = 0
 
 
-def _status(message: bytes) -> int:
-    first = message.split(b"\r\n", 1)[0].split(b" ")
-    if len(first) < 2 or not first[0].startswith(b"SIP/") or not first[1].isdigit():
-        raise OSError(f"not a SIP response: {message[:40]!r}")
-    return int(first[1])
-
-
-def _branch_of(message: bytes) -> str | None:
-    found = re.search(rb"(?im)^(?:via|v)\s*:[^\r\n]*branch=([^;,\s]+)", message)
-    return found.group(1).decode() if found else None
+def _response(data: bytes) -> SipMessage:
+    """The response in ``data``; OSError (a failed probe step) when it is not one."""
+    try:
+        message = parse_message(data)
+    except ValueError:
+        message = None
+    if message is None or not message.is_response:
+        raise OSError(f"not a SIP response: {data[:40]!r}")
+    return message
 
 
 Recv = Callable[[], Awaitable[bytes]]
@@ -137,7 +121,7 @@ async def _sip_exchange(
     recv: Recv,
     method: str,
     expires: int | None = None,
-) -> bytes:
+) -> SipMessage:
     """Send one request, return its final response (1xx skipped; UDP retransmits, T1 x 2^n)."""
     message, branch = dialog.request(method, expires=expires)
     send(message)
@@ -153,24 +137,24 @@ async def _sip_exchange(
             continue
         if not data:
             raise OSError("connection refused or closed (nothing listens there?)")
-        if _branch_of(data) != branch:
+        response = _response(data)
+        if response.branch != branch:
             continue  # a late answer to an earlier request
-        status = _status(data)
-        if status >= 200:
-            return data
+        if response.status >= 200:
+            return response
 
 
 async def _sip_steps(
     dialog: _SipDialog, clock: Clock, send: Callable[[bytes], object], recv: Recv
 ) -> None:
     sample = clock.sample
-    answer: dict[str, bytes] = {}
+    answer: dict[str, SipMessage] = {}
 
     async def register() -> None:
         answer["r"] = await _sip_exchange(dialog, send, recv, "REGISTER", expires=_SIP_EXPIRES)
 
     await clock.step("register", register)
-    status = _status(answer["r"])
+    status = answer["r"].status
     sample.notes["register"] = str(status)
     registered = status == 200
     if status in (401, 407):
@@ -179,7 +163,7 @@ async def _sip_steps(
             sample.notes["auth"] = "challenged: pass --sip-user/--sip-password for the 2nd trip"
         else:
             await clock.step("register_auth", register)
-            status = _status(answer["r"])
+            status = answer["r"].status
             sample.notes["register_auth"] = str(status)
             registered = status == 200
             if not registered:
@@ -191,7 +175,7 @@ async def _sip_steps(
         answer["o"] = await _sip_exchange(dialog, send, recv, "OPTIONS")
 
     _, sample.warm = await clock.time("warm", options)
-    sample.warm_what = f"OPTIONS -> {_status(answer['o'])}"
+    sample.warm_what = f"OPTIONS -> {answer['o'].status}"
     if registered:  # leave the registrar as we found it (not timed, bounded)
         with contextlib.suppress(*FAILURES, TimeoutError):
             async with asyncio.timeout(min(clock.timeout, 3.0)):
@@ -222,11 +206,17 @@ async def sip_stream(
 ) -> None:
     local = writer.get_extra_info("sockname")
 
+    buffer = bytearray()
+    framed: list[bytes] = []
+
     async def recv() -> bytes:
-        head = await reader.readuntil(b"\r\n\r\n")
-        found = re.search(rb"(?im)^(?:content-length|l)\s*:\s*(\d+)", head)
-        body = await reader.readexactly(int(found.group(1))) if found else b""
-        return head + body
+        while not framed:
+            data = await reader.read(65536)
+            if not data:
+                return b""  # closed by the registrar
+            buffer.extend(data)
+            framed.extend(split_stream(buffer))
+        return framed.pop(0)
 
     dialog = _SipDialog(target, options, (str(local[0]), int(local[1])))
     await _sip_steps(dialog, clock, writer.write, recv)

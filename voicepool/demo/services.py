@@ -44,7 +44,14 @@ from voicepool.testing.tls import test_certificates
 from voicepool.testing.tts import ElevenLabsEmulator
 from voicepool.testing.udp_delay import UdpDelayRelay
 
-__all__ = ["DEMO_KEY", "Endpoints", "ServiceStack", "raise_fd_limit", "spawn_services"]
+__all__ = [
+    "DEMO_KEY",
+    "Endpoints",
+    "ServiceStack",
+    "latency_proxy",
+    "raise_fd_limit",
+    "spawn_services",
+]
 
 DEMO_KEY = "demo-key-not-a-secret"
 """The only API key the emulators accept: credentials travel the real path (headers, digest)."""
@@ -132,8 +139,7 @@ class ServiceStack:
             )
             proxies = []
             for port in (asr.port, tts.port, llm.port, crm.port):
-                proxy = FaultProxy("127.0.0.1", port, latency=one_way)
-                proxies.append(await stack.enter_async_context(proxy))
+                proxies.append(await stack.enter_async_context(latency_proxy(port, self.rtt)))
             relay = await stack.enter_async_context(
                 UdpDelayRelay((sip.host, sip.port), delay=one_way)
             )
@@ -169,6 +175,12 @@ class ServiceStack:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def latency_proxy(port: int, rtt: float) -> FaultProxy:
+    """The relay in front of one emulator: ``rtt / 2`` each way (a new connection pays the TCP
+    handshake's round trip too). Used by the demo and by ``voicepool emulate``."""
+    return FaultProxy("127.0.0.1", port, latency=rtt / 2)
 
 
 @contextlib.asynccontextmanager

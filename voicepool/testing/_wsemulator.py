@@ -1,6 +1,10 @@
 """What the WebSocket emulators share: a real ``websockets`` server on 127.0.0.1, TLS from trustme,
 handshake checks (path, API key, concurrency -> 404/401/429), a per-socket idle close, counters and
 fault hooks. Provider behaviour lives in :mod:`voicepool.testing.asr` and :mod:`~.tts`.
+
+Accounts: ``api_key`` and ``extra_keys`` are the accepted keys, each its own provider account;
+``max_concurrency`` is an account limit, counted per key across every connection the emulator
+serves (so several worker processes sharing a key see what one real account would do).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class EmulatorSession:
         self.path = parts.path
         self.query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         self.headers: Headers = request.headers
+        self.account: str | None = emulator.account_of(request.headers, self.query)
         self.loop = asyncio.get_running_loop()
         self.last_activity = self.loop.time()
         self.idle_timeout = emulator.idle_timeout
@@ -124,6 +129,7 @@ class WebSocketEmulator(LocalService):
         *,
         tls: bool = False,
         api_key: str | None = "test-key",
+        extra_keys: tuple[str, ...] = (),
         idle_timeout: float | EllipsisType | None = ...,
         max_concurrency: int | None = None,
         host: str = "127.0.0.1",
@@ -133,6 +139,7 @@ class WebSocketEmulator(LocalService):
             raise ValueError("emulators listen on loopback only")
         self.tls = tls
         self.api_key = api_key
+        self.api_keys = frozenset(k for k in (api_key, *extra_keys) if k is not None)
         # `...` (the default) means the provider's own idle close; None turns it off.
         self.idle_timeout: float | None = (
             self.default_idle_timeout if isinstance(idle_timeout, EllipsisType) else idle_timeout
@@ -141,7 +148,7 @@ class WebSocketEmulator(LocalService):
         self.host = host
         self._port = port
         self._server: Server | None = None
-        self._pending: set[ServerConnection] = set()
+        self._pending: dict[ServerConnection, str | None] = {}  # handshakes passed: account
         self._forced: list[int] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self.sessions: dict[int, EmulatorSession] = {}
@@ -233,9 +240,11 @@ class WebSocketEmulator(LocalService):
         """Check the request target; return an HTTP status to refuse it (404, 400), or None."""
         return None
 
-    def concurrency_used(self) -> int:
-        """What ``max_concurrency`` limits at the handshake (default: open sockets)."""
-        return len(self.sessions) + len(self._pending)
+    def concurrency_used(self, account: str | None) -> int:
+        """What ``max_concurrency`` limits at the handshake for ``account`` (default: its open
+        sockets, and handshakes under way)."""
+        open_ = sum(1 for s in self.sessions.values() if s.account == account)
+        return open_ + sum(1 for a in self._pending.values() if a == account)
 
     def handshake_limit(self) -> int | None:
         return self.max_concurrency
@@ -249,12 +258,23 @@ class WebSocketEmulator(LocalService):
 
     # -- handshake and handler --------------------------------------------------------------------
 
-    def _check_key(self, headers: Headers, query: dict[str, str]) -> bool:
-        if self.api_key is None:
-            return True
+    def offered_keys(self, headers: Headers, query: dict[str, str]) -> list[str]:
+        """The keys a handshake offers, where the provider takes them (subclasses override)."""
         value = headers.get(self.auth_header)
-        expected = f"{self.auth_scheme} {self.api_key}" if self.auth_scheme else self.api_key
-        return value == expected
+        if value is None:
+            return []
+        if self.auth_scheme:
+            scheme, _, key = value.partition(" ")
+            return [key] if scheme == self.auth_scheme else []
+        return [value]
+
+    def account_of(self, headers: Headers, query: dict[str, str]) -> str | None:
+        """The accepted key a handshake offers (its account), else None; with no ``api_key``
+        every request is the one anonymous account (None)."""
+        return next((k for k in self.offered_keys(headers, query) if k in self.api_keys), None)
+
+    def _check_key(self, headers: Headers, query: dict[str, str]) -> bool:
+        return self.api_key is None or self.account_of(headers, query) is not None
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         parts = urlsplit(request.path)
@@ -267,11 +287,12 @@ class WebSocketEmulator(LocalService):
         if not self._check_key(request.headers, query):
             return self._reject(connection, 401, "invalid credentials")
         # Handshakes that failed after passing here never reach the handler: forget them.
-        self._pending = {c for c in self._pending if c.state is not State.CLOSED}
+        self._pending = {c: a for c, a in self._pending.items() if c.state is not State.CLOSED}
         limit = self.handshake_limit()
-        if limit is not None and self.concurrency_used() >= limit:
+        account = self.account_of(request.headers, query)
+        if limit is not None and self.concurrency_used(account) >= limit:
             return self._reject(connection, 429, f"too many concurrent requests (limit {limit})")
-        self._pending.add(connection)
+        self._pending[connection] = account
         return None
 
     def _reject(self, connection: ServerConnection, status: int, text: str) -> Response:
@@ -279,7 +300,7 @@ class WebSocketEmulator(LocalService):
         return connection.respond(HTTPStatus(status), text + "\n")
 
     async def _handler(self, ws: ServerConnection) -> None:
-        self._pending.discard(ws)
+        self._pending.pop(ws, None)
         self.accepted += 1
         session = EmulatorSession(self, ws, self.accepted)
         self.sessions[session.id] = session

@@ -1,26 +1,33 @@
 """`DeepgramEmulator`: a Deepgram-like live ASR WebSocket server on 127.0.0.1.
 
-Faithful to reference/protocols.md where it marks (E):
+Each behaviour follows docs/providers.md (which names the source of every fact):
 
-* ``GET /v1/listen?...`` with ``Authorization: Token <key>``; a bad or missing key gets HTTP 401,
-  an unknown ``encoding`` or a non-numeric ``sample_rate`` HTTP 400, another path 404; above
-  ``max_concurrency`` open streams the handshake gets HTTP 429.
+* ``GET /v1/listen?...`` with ``Authorization: Token <key>`` (or ``Bearer <token>``); a bad or
+  missing key gets HTTP 401, an unknown ``encoding`` or a non-numeric ``sample_rate`` HTTP 400,
+  another path 404; above ``max_concurrency`` open streams the handshake gets HTTP 429.
 * Binary frames are audio. An empty binary frame closes the stream like ``CloseStream``. A
   ``{"type":"KeepAlive"}`` sent as a *binary* frame is not a keepalive (counted, ignored).
 * Text frames: ``KeepAlive`` (no reply), ``Finalize`` (a final ``Results`` with
-  ``from_finalize: true``), ``CloseStream`` (final results, a ``Metadata`` message, close 1000).
-  Invalid JSON closes with 1008 ``DATA-0000``.
+  ``from_finalize: true``), ``Configure`` (``ConfigureSuccess``; keyterms on a model other than
+  Nova-3 get ``ConfigureFailure`` ``CONFIGURE_KEYTERMS_NOT_SUPPORTED``), ``CloseStream`` (final
+  results, a ``Metadata`` message, close 1000). Invalid JSON closes with 1008 ``DATA-0000``; an
+  unknown type gets an ``Error`` (``variant: SchemaError``).
+* ``vad_events=true``: ``SpeechStarted`` when speech follows silence. ``utterance_end_ms=N``
+  (with ``interim_results=true``): ``UtteranceEnd`` once N ms of audio without a word follow
+  the last word.
 * No audio and no text keepalive for ``idle_timeout`` (Deepgram: about 10 s) closes the socket
   with 1011 ``NET-0001``. WebSocket pings do not count.
 
 "Recognition" is deterministic so tests can assert on it: an audio frame that is printable UTF-8
 is heard as those words, anything else as silence; every audio frame is answered by an interim
-``Results`` (the transcript so far), ``Finalize`` and ``CloseStream`` by a final one.
+``Results`` (the transcript so far), ``Finalize`` and ``CloseStream`` by a final one. Times are
+audio time (bytes / sample rate), so a test controls them exactly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from typing import Any, ClassVar
@@ -33,6 +40,7 @@ __all__ = ["DeepgramEmulator"]
 
 _ENCODINGS = {"linear16", "linear32", "flac", "mulaw", "alaw", "amr-nb", "amr-wb", "opus", "speex"}
 _BYTES_PER_SAMPLE = {"linear16": 2, "linear32": 4, "mulaw": 1, "alaw": 1}
+_MODEL_UUID = "00000000-0000-4000-8000-00000000e3a1"  # the emulator's one "model"
 
 
 class _Stream:
@@ -46,7 +54,15 @@ class _Stream:
         self.channels = int(q.get("channels", "1"))
         self.width = _BYTES_PER_SAMPLE.get(q.get("encoding", "linear16"), 2)
         self.interim = q.get("interim_results", "false").lower() == "true"
-        self.words: list[str] = []  # heard since the last final result
+        self.vad_events = q.get("vad_events", "false").lower() == "true"
+        ms = q.get("utterance_end_ms", "")
+        # UtteranceEnd works from interim results: Deepgram requires interim_results=true.
+        self.utterance_end = int(ms) / 1000 if ms.isdigit() and self.interim else None
+        self.model = q.get("model", "nova-3")
+        self.words: list[dict[str, Any]] = []  # heard since the last final result
+        self.speaking = False  # the last frame had words
+        self.last_word_end: float | None = None  # no UtteranceEnd due when None
+        self.sha256 = hashlib.sha256()
         self.start = 0.0  # seconds of audio before the current segment
         self.pending = 0.0  # seconds of audio in the current segment
         self.total = 0.0
@@ -54,7 +70,36 @@ class _Stream:
     def seconds(self, nbytes: int) -> float:
         return nbytes / float(self.sample_rate * self.channels * self.width)
 
+    def hear(self, frame: bytes, seconds: float) -> list[dict[str, Any]]:
+        """Add one audio frame; return the VAD events it causes (SpeechStarted, UtteranceEnd)."""
+        events: list[dict[str, Any]] = []
+        at = self.total  # audio time where this frame starts
+        self.sha256.update(frame)
+        tokens = _heard(frame).split()
+        if tokens:
+            if not self.speaking and self.vad_events:
+                events.append({"type": "SpeechStarted", "channel": [0], "timestamp": round(at, 4)})
+            step = seconds / len(tokens)
+            for i, token in enumerate(tokens):
+                start, end = at + i * step, at + (i + 1) * step
+                word = {"word": token.lower(), "start": round(start, 4), "end": round(end, 4)}
+                self.words.append({**word, "confidence": 0.99, "punctuated_word": token})
+            self.last_word_end = at + seconds
+        elif (
+            self.last_word_end is not None
+            and self.utterance_end is not None
+            and at + seconds - self.last_word_end >= self.utterance_end
+        ):
+            last = round(self.last_word_end, 4)
+            events.append({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": last})
+            self.last_word_end = None
+        self.speaking = bool(tokens)
+        self.pending += seconds
+        self.total += seconds
+        return events
+
     def results(self, *, final: bool, from_finalize: bool = False) -> dict[str, Any]:
+        transcript = " ".join(w["punctuated_word"] for w in self.words)
         msg = {
             "type": "Results",
             "channel_index": [0, 1],
@@ -65,16 +110,35 @@ class _Stream:
             "from_finalize": from_finalize,
             "channel": {
                 "alternatives": [
-                    {"transcript": " ".join(self.words), "confidence": 0.99, "words": []}
+                    {"transcript": transcript, "confidence": 0.99, "words": list(self.words)}
                 ]
             },
-            "metadata": {"request_id": self.request_id},
+            "metadata": {
+                "request_id": self.request_id,
+                "model_info": {"name": self.model, "version": "emulated", "arch": self.model},
+                "model_uuid": _MODEL_UUID,
+            },
         }
         if final:
             self.start += self.pending
             self.pending = 0.0
             self.words = []
         return msg
+
+    def configure(self, control: dict[str, Any]) -> dict[str, Any]:
+        """The answer to a ``Configure`` message (ConfigureSuccess or ConfigureFailure)."""
+        keyterms = control.get("keyterms")
+        if keyterms is not None and not self.model.startswith("nova-3"):
+            return {
+                "type": "ConfigureFailure",
+                "request_id": self.request_id,
+                "code": "CONFIGURE_KEYTERMS_NOT_SUPPORTED",
+                "description": f"model {self.model} does not support keyterm updates",
+            }
+        answer: dict[str, Any] = {"type": "ConfigureSuccess", "request_id": self.request_id}
+        if keyterms is not None:
+            answer["keyterms"] = list(keyterms)
+        return answer
 
 
 class DeepgramEmulator(WebSocketEmulator):
@@ -100,8 +164,15 @@ class DeepgramEmulator(WebSocketEmulator):
         self.binary_keepalives = 0
         self.finalizes = 0
         self.close_streams = 0
+        self.configures = 0
         self.audio_bytes = 0
         self.results_sent = 0
+
+    def offered_keys(self, headers: Headers, query: dict[str, str]) -> list[str]:
+        # `Token <api key>`, or `Bearer <temporary token>` (the SDK's access_token); the
+        # emulator treats a key as both.
+        scheme, _, key = headers.get(self.auth_header, "").partition(" ")
+        return [key] if scheme in ("Token", "Bearer") else []
 
     def route(self, path: str, query: dict[str, str], headers: Headers) -> int | None:
         if path != self.path:
@@ -128,12 +199,8 @@ class DeepgramEmulator(WebSocketEmulator):
                     continue
                 session.touch()
                 self.audio_bytes += len(message)
-                seconds = stream.seconds(len(message))
-                stream.pending += seconds
-                stream.total += seconds
-                text = _heard(message)
-                if text:
-                    stream.words.append(text)
+                for event in stream.hear(message, stream.seconds(len(message))):
+                    await self._send(session, event)
                 if stream.interim:
                     await self._send(session, stream.results(final=False))
                 continue
@@ -150,14 +217,21 @@ class DeepgramEmulator(WebSocketEmulator):
             elif kind == "Finalize":
                 self.finalizes += 1
                 await self._send(session, stream.results(final=True, from_finalize=True))
+            elif kind == "Configure":
+                self.configures += 1
+                await self._send(session, stream.configure(control))
             elif kind == "CloseStream":
                 await self._close_stream(session, stream)
                 return
             else:
                 self.malformed_inputs += 1
-                await ws.send(
-                    json.dumps({"type": "Error", "description": f"unknown message type {kind!r}"})
-                )
+                error = {
+                    "type": "Error",
+                    "variant": "SchemaError",
+                    "description": f"unknown message type {kind!r}",
+                    "message": message,
+                }
+                await ws.send(json.dumps(error))
 
     async def _send(self, session: EmulatorSession, msg: dict[str, Any]) -> None:
         if self.result_delay:
@@ -176,6 +250,7 @@ class DeepgramEmulator(WebSocketEmulator):
                 "type": "Metadata",
                 "transaction_key": "deprecated",
                 "request_id": stream.request_id,
+                "sha256": stream.sha256.hexdigest(),
                 "created": "1970-01-01T00:00:00.000Z",
                 "duration": round(stream.total, 4),
                 "channels": stream.channels,

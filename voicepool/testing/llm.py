@@ -10,13 +10,20 @@
 
 Routes: ``GET /v1/models`` (free warm-up), ``POST /v1/chat/completions`` (``stream: true`` answers
 SSE ``chat.completion.chunk`` events, ``stream_options.include_usage`` adds a usage chunk, then
-``data: [DONE]``), ``POST /v1/messages`` (Anthropic-style SSE), ``POST /v1/echo`` (returns the
-body: flow-control tests), ``POST /v1/too-large`` (413 before the body, then RST_STREAM
-NO_ERROR). Per request, headers ``x-emulator-ttft`` and ``x-emulator-tokens``
-override the timing; ``x-emulator-head-delay`` holds the response head that many seconds.
-With ``api_key``, ``/v1`` needs ``Authorization: Bearer`` or ``x-api-key``.
+``data: [DONE]``), ``POST /v1/responses`` (OpenAI's Responses API, streamed or not),
+``POST /v1/messages`` (Anthropic Messages SSE, with ``ping`` events),
+``POST /v1/messages/count_tokens``, ``POST /v1/echo`` (returns the body: flow-control tests),
+``POST /v1/too-large`` (413 before the body, then RST_STREAM NO_ERROR). Requests that offer
+``tools`` get a tool call first, then text after the tool result. The bodies are built in
+:mod:`voicepool.testing._llm_api` (the shapes the official SDKs parse; docs/providers.md).
+Per request, headers ``x-emulator-ttft`` and ``x-emulator-tokens`` override the timing;
+``x-emulator-head-delay`` holds the response head that many seconds. With ``api_key``, ``/v1``
+needs ``Authorization: Bearer`` or ``x-api-key`` (else the provider's 401 body). Every ``/v1``
+answer carries the provider's request id and rate-limit headers (``rate_limit`` per minute); a
+request whose input exceeds ``context_window`` (estimated tokens) gets the provider's 400.
 
-Faults: :meth:`goaway` (any error code, graceful), :meth:`refuse_connections`,
+Faults: :meth:`fail_next` (429 / 5xx with ``retry-after``), :meth:`goaway` (any error code,
+graceful), :meth:`refuse_connections`,
 :meth:`refuse_streams` (RST_STREAM REFUSED_STREAM), pings closer than ``min_ping_interval`` get
 GOAWAY ENHANCE_YOUR_CALM (like gRPC's too_many_pings). ``tls=False`` serves cleartext: HTTP/1.1,
 or HTTP/2 with prior knowledge (so nginx can proxy to it). ALPN ``http/1.1`` serves HTTP/1.1.
@@ -27,12 +34,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import h2.config
 import h2.connection
@@ -42,6 +47,12 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from voicepool.testing._llm_api import (
+    ModelApi,
+    error_response,
+    estimate_tokens,
+    rate_limit_headers,
+)
 from voicepool.testing._service import LocalService
 from voicepool.testing.rest import Http1Connection, HttpRequest, HttpResponse, _finish
 from voicepool.testing.tls import test_certificates
@@ -293,6 +304,8 @@ class LlmEmulator(LocalService):
         min_ping_interval: float | None = None,
         keepalive_timeout: float | None = None,
         model: str = "voicepool-emulator",
+        context_window: int | None = 128_000,
+        rate_limit: int = 10_000,
     ) -> None:
         self.host = host
         self.port = port
@@ -306,6 +319,10 @@ class LlmEmulator(LocalService):
         self.min_ping_interval = min_ping_interval
         self.keepalive_timeout = keepalive_timeout  # HTTP/1.1 connections only
         self.model = model
+        self.context_window = context_window
+        self.rate_limit = rate_limit  # requests per minute, shown in the rate-limit headers
+        self.api = ModelApi(model, tokens_per_second, _tick_sleep)
+        self._failures: list[tuple[int, float | None]] = []
         self.connections_accepted = 0
         self.open_streams = 0  # requests in flight (HTTP/2 streams and HTTP/1.1 requests)
         self.peak_open_streams = 0  # highest open_streams seen on HTTP/2 (tests may reset it)
@@ -323,6 +340,8 @@ class LlmEmulator(LocalService):
         self._refuse_streams = False
         self._changed = asyncio.Event()
         self._ids = itertools.count(1)
+        self._window_start = time.monotonic()
+        self._window_requests = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -377,6 +396,12 @@ class LlmEmulator(LocalService):
     def refuse_connections(self, on: bool = True) -> None:
         """Close new connections right after accepting them (before any HTTP)."""
         self._refuse_connections = on
+
+    def fail_next(self, status: int = 429, count: int = 1, retry_after: float | None = 1.0) -> None:
+        """Answer the next ``count`` API requests (``/v1/...`` except ``/v1/models``) with HTTP
+        ``status`` and the provider's error body; ``retry_after`` (seconds) adds ``retry-after``
+        and ``retry-after-ms`` headers (None: no header)."""
+        self._failures.extend([(status, retry_after)] * count)
 
     def refuse_streams(self, on: bool = True) -> None:
         """Answer every new stream with RST_STREAM(REFUSED_STREAM)."""
@@ -463,6 +488,20 @@ class LlmEmulator(LocalService):
     # -- the API --------------------------------------------------------------------------------
 
     async def _handle(self, req: HttpRequest) -> HttpResponse:
+        resp = await self._answer(req)
+        if req.path.startswith("/v1/"):
+            now = time.monotonic()
+            if now - self._window_start >= 60:
+                self._window_start, self._window_requests = now, 0
+            self._window_requests += 1
+            remaining = max(0, self.rate_limit - self._window_requests)
+            request_id = f"req_{next(self._ids):012d}"
+            resp.headers.extend(
+                rate_limit_headers(req.path, request_id, limit=self.rate_limit, remaining=remaining)
+            )
+        return resp
+
+    async def _answer(self, req: HttpRequest) -> HttpResponse:
         path = req.path
         self.requests[path] += 1
         self._notify()
@@ -472,93 +511,50 @@ class LlmEmulator(LocalService):
         if self.api_key and path.startswith("/v1/"):
             auth = req.headers.get("authorization", "")
             if auth != f"Bearer {self.api_key}" and req.headers.get("x-api-key") != self.api_key:
-                err = {"error": {"message": "invalid api key", "type": "invalid_request_error"}}
-                return HttpResponse.json(401, err)
+                return error_response(path, 401, "invalid api key")
         if path == "/v1/models":
             now = int(time.time())
             model = {"id": self.model, "object": "model", "created": now, "owned_by": "voicepool"}
             return HttpResponse.json(200, {"object": "list", "data": [model]})
         if path == "/v1/echo" and req.method == "POST":
             return HttpResponse(200, [("content-type", "application/octet-stream")], req.body)
-        if path in ("/v1/chat/completions", "/v1/messages") and req.method == "POST":
-            try:
-                body = req.json()
-            except ValueError:
-                return HttpResponse.json(400, {"error": {"message": "body is not JSON"}})
-            ttft = float(req.headers.get("x-emulator-ttft", self.ttft))
-            limit = body.get("max_tokens") or body.get("max_completion_tokens") or self.tokens
-            count = max(1, min(int(req.headers.get("x-emulator-tokens", self.tokens)), int(limit)))
-            if path == "/v1/messages":
-                return self._anthropic(body, ttft, count)
-            return self._openai(body, ttft, count)
-        return HttpResponse.json(404, {"error": {"message": f"no route {req.method} {path}"}})
-
-    def _openai(self, body: dict[str, Any], ttft: float, count: int) -> HttpResponse:
-        head = {
-            "id": f"chatcmpl-{next(self._ids)}",
-            "created": int(time.time()),
-            "model": self.model,
-        }
-        usage = {"prompt_tokens": 5, "completion_tokens": count, "total_tokens": 5 + count}
-        if not body.get("stream"):
-            text = "".join(f"tok{i} " for i in range(count))
-            reply = {"role": "assistant", "content": text}
-            choice = {"index": 0, "finish_reason": "stop", "message": reply}
-            done = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
-            return HttpResponse.json(200, done)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-            choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
-            obj = {**head, "object": "chat.completion.chunk", "choices": choices, **extra}
-            if not delta and not finish:
-                obj["choices"] = []  # the usage chunk
-            return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-        async def events() -> AsyncIterator[bytes]:
-            await _tick_sleep(ttft)
-            yield chunk({"role": "assistant", "content": "tok0 "})
-            for i in range(1, count):
-                await _tick_sleep(1.0 / self.tokens_per_second)
-                yield chunk({"content": f"tok{i} "})
-            yield chunk({}, "stop")
-            if include_usage:
-                yield chunk({}, usage=usage)
-            yield b"data: [DONE]\n\n"
-
-        return HttpResponse(200, [("content-type", "text/event-stream")], events())
-
-    def _anthropic(self, body: dict[str, Any], ttft: float, count: int) -> HttpResponse:
-        message: dict[str, Any] = {"id": f"msg_{next(self._ids)}", "type": "message"}
-        message["role"] = "assistant"
-        message |= {"model": self.model, "stop_reason": None, "stop_sequence": None}
-        if not body.get("stream"):
-            text = {"type": "text", "text": "".join(f"tok{i} " for i in range(count))}
-            message |= {"content": [text], "stop_reason": "end_turn"}
-            message["usage"] = {"input_tokens": 5, "output_tokens": count}
-            return HttpResponse.json(200, message)
-
-        def event(kind: str, data: dict[str, Any]) -> bytes:
-            payload = json.dumps({"type": kind, **data}, separators=(",", ":"))
-            return f"event: {kind}\ndata: {payload}\n\n".encode()
-
-        async def events() -> AsyncIterator[bytes]:
-            usage = {"input_tokens": 5, "output_tokens": 0}
-            yield event("message_start", {"message": {**message, "content": [], "usage": usage}})
-            block = {"type": "text", "text": ""}
-            yield event("content_block_start", {"index": 0, "content_block": block})
-            await _tick_sleep(ttft)
-            for i in range(count):
-                if i:
-                    await _tick_sleep(1.0 / self.tokens_per_second)
-                delta = {"type": "text_delta", "text": f"tok{i} "}
-                yield event("content_block_delta", {"index": 0, "delta": delta})
-            yield event("content_block_stop", {"index": 0})
-            stop = {"stop_reason": "end_turn", "stop_sequence": None}
-            yield event("message_delta", {"delta": stop, "usage": {"output_tokens": count}})
-            yield event("message_stop", {})
-
-        return HttpResponse(200, [("content-type", "text/event-stream")], events())
+        routes = ("/v1/chat/completions", "/v1/responses", "/v1/messages")
+        if req.method != "POST" or path not in (*routes, "/v1/messages/count_tokens"):
+            return error_response(path, 404, f"no route {req.method} {path}")
+        if self._failures:
+            status, retry_after = self._failures.pop(0)
+            headers = []
+            if retry_after is not None:
+                headers = [
+                    ("retry-after", str(max(0, math.ceil(retry_after)))),
+                    ("retry-after-ms", str(int(retry_after * 1000))),
+                ]
+            return error_response(path, status, f"injected {status}", headers=headers)
+        try:
+            body = req.json()
+        except ValueError:
+            return error_response(path, 400, "body is not JSON")
+        if not isinstance(body, dict):
+            return error_response(path, 400, "body is not a JSON object")
+        if self.context_window is not None and estimate_tokens(body) > self.context_window:
+            used = estimate_tokens(body)
+            text = f"prompt is too long: {used} tokens > {self.context_window} maximum"
+            return error_response(path, 400, text, code="context_length_exceeded")
+        if path == "/v1/messages/count_tokens":
+            return self.api.count_tokens(body)
+        ttft = float(req.headers.get("x-emulator-ttft", self.ttft))
+        limit = (
+            body.get("max_tokens")
+            or body.get("max_completion_tokens")
+            or body.get("max_output_tokens")
+            or self.tokens
+        )
+        count = max(1, min(int(req.headers.get("x-emulator-tokens", self.tokens)), int(limit)))
+        if path == "/v1/messages":
+            return self.api.messages(body, ttft, count)
+        if path == "/v1/responses":
+            return self.api.responses(body, ttft, count)
+        return self.api.chat(body, ttft, count)
 
 
 def main() -> None:  # pragma: no cover - manual / benchmark use

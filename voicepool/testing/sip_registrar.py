@@ -20,8 +20,10 @@ Modes (:class:`RegistrarMode`, settable at any time):
 * ``"no-answer"``: requests are swallowed.
 
 The protocol logic (:class:`RegistrarCore`) is sans-I/O: bytes in, bytes out, an injectable
-clock. OPTIONS gets ``200`` (except in no-answer mode); other methods ``501``. Everything
-listens on 127.0.0.1 by default and only ever answers the peer that wrote.
+clock; SIP parsing, framing, answers and the digest come from :mod:`voicepool._sip`, which the
+``voicepool probe`` SIP client shares. OPTIONS gets ``200`` (except in no-answer mode); other
+methods ``501``. Everything listens on 127.0.0.1 by default and only ever answers the peer that
+wrote.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hashlib
 import re
 import secrets
 import socket
@@ -39,6 +40,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
+from voicepool._sip import (
+    SipMessage,
+    build_response,
+    digest_response,
+    parse_digest,
+    parse_message,
+    split_stream,
+)
 from voicepool.testing._service import LocalService
 
 __all__ = [
@@ -50,25 +59,8 @@ __all__ = [
     "digest_response",
     "parse_digest",
     "parse_message",
+    "split_stream",
 ]
-
-_COMPACT = {
-    "v": "via",
-    "f": "from",
-    "t": "to",
-    "i": "call-id",
-    "m": "contact",
-    "l": "content-length",
-}
-_REASONS = {
-    200: "OK",
-    401: "Unauthorized",
-    403: "Forbidden",
-    423: "Interval Too Brief",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-}
-_MAX_MESSAGE = 65536
 
 
 class RegistrarMode(enum.StrEnum):
@@ -80,140 +72,6 @@ class RegistrarMode(enum.StrEnum):
     INTERVAL_TOO_BRIEF = "423"
     UNAVAILABLE = "503"
     NO_ANSWER = "no-answer"
-
-
-@dataclass
-class SipMessage:
-    """A parsed SIP request or response. Header names are kept lowercase, long form."""
-
-    start: str
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-
-    @property
-    def method(self) -> str:
-        return self.start.split(" ", 1)[0]
-
-    @property
-    def uri(self) -> str:
-        parts = self.start.split(" ")
-        return parts[1] if len(parts) > 1 else ""
-
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (case-insensitive), or None."""
-        name = name.lower()
-        return next((v for n, v in self.headers if n == name), None)
-
-    def all(self, name: str) -> list[str]:
-        """Every value of ``name``, comma-separated lists split (outside <> and quotes)."""
-        name = name.lower()
-        out: list[str] = []
-        for n, v in self.headers:
-            if n == name:
-                out.extend(_split_list(v))
-        return out
-
-
-def parse_message(data: bytes) -> SipMessage:
-    """Parse one SIP message. Raises ValueError if it is not one."""
-    head, sep, body = data.partition(b"\r\n\r\n")
-    if not sep:
-        raise ValueError("no end of headers")
-    lines = head.decode("utf-8", "replace").split("\r\n")
-    start = lines[0].strip()
-    if not start or " " not in start:
-        raise ValueError(f"bad start line {start!r}")
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        if line[:1] in (" ", "\t") and headers:  # folded continuation line
-            name, value = headers[-1]
-            headers[-1] = (name, f"{value} {line.strip()}")
-            continue
-        name, colon, value = line.partition(":")
-        if not colon:
-            raise ValueError(f"bad header line {line!r}")
-        key = name.strip().lower()
-        headers.append((_COMPACT.get(key, key), value.strip()))
-    msg = SipMessage(start, headers)
-    length = msg.header("content-length")
-    msg.body = body[: int(length)] if length and length.isdigit() else body
-    return msg
-
-
-def split_stream(buffer: bytearray) -> list[bytes]:
-    """Cut complete messages off the front of a TCP stream buffer (keep-alive CRLFs skipped)."""
-    out: list[bytes] = []
-    while True:
-        while buffer[:2] == b"\r\n":
-            del buffer[:2]
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buffer) > _MAX_MESSAGE:
-                raise ValueError("SIP headers too long")
-            return out
-        match = re.search(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*(\d+)", bytes(buffer[:end]))
-        total = end + 4 + (int(match.group(1)) if match else 0)
-        if len(buffer) < total:
-            return out
-        out.append(bytes(buffer[:total]))
-        del buffer[:total]
-
-
-def _split_list(value: str) -> list[str]:
-    items: list[str] = []
-    cur: list[str] = []
-    depth, quoted = 0, False
-    for ch in value:
-        if ch == '"':
-            quoted = not quoted
-        elif not quoted and ch == "<":
-            depth += 1
-        elif not quoted and ch == ">":
-            depth -= 1
-        elif ch == "," and not quoted and depth == 0:
-            items.append("".join(cur).strip())
-            cur = []
-            continue
-        cur.append(ch)
-    if "".join(cur).strip():
-        items.append("".join(cur).strip())
-    return items
-
-
-def parse_digest(value: str) -> dict[str, str]:
-    """The parameters of a ``Digest ...`` Authorization header (keys lowercase)."""
-    scheme, _, rest = value.strip().partition(" ")
-    if scheme.lower() != "digest":
-        return {}
-    params = {}
-    for match in re.finditer(r'([\w-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]+)', rest):
-        raw = match.group(2)
-        params[match.group(1).lower()] = raw[1:-1] if raw.startswith('"') else raw
-    return params
-
-
-def digest_response(
-    user: str,
-    realm: str,
-    password: str,
-    method: str,
-    uri: str,
-    nonce: str,
-    *,
-    qop: str | None = None,
-    nc: str = "",
-    cnonce: str = "",
-) -> str:
-    """The RFC 2617 MD5 digest ``response`` value (``qop`` None or ``"auth"``)."""
-
-    def md5(text: str) -> str:
-        return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
-
-    ha1 = md5(f"{user}:{realm}:{password}")
-    ha2 = md5(f"{method}:{uri}")
-    if qop:
-        return md5(f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
-    return md5(f"{ha1}:{nonce}:{ha2}")
 
 
 @dataclass
@@ -269,7 +127,7 @@ class RegistrarCore:
             msg = parse_message(data)
         except ValueError:
             return None
-        if msg.start.startswith("SIP/2.0"):
+        if msg.is_response:
             return None  # a response: we never send requests
         if msg.method == "REGISTER":
             self.register_count += 1
@@ -364,25 +222,7 @@ class RegistrarCore:
         self, msg: SipMessage, code: int, source: tuple[str, int], extra: Iterable[str] = ()
     ) -> bytes:
         self.answers[code] += 1
-        lines = [f"SIP/2.0 {code} {_REASONS.get(code, 'Unknown')}"]
-        for i, via in enumerate(msg.all("via")):
-            if i == 0:  # RFC 3581: tell the client where its request came from
-                via = re.sub(r";rport(?=;|$)", f";rport={source[1]}", via)
-                via += f";received={source[0]}"
-            lines.append(f"Via: {via}")
-        to = msg.header("to") or ""
-        if ";tag=" not in to:
-            to += f";tag={secrets.token_hex(4)}"
-        lines += [
-            f"From: {msg.header('from') or ''}",
-            f"To: {to}",
-            f"Call-ID: {msg.header('call-id') or ''}",
-            f"CSeq: {msg.header('cseq') or ''}",
-            *extra,
-            "Server: voicepool-registrar",
-            "Content-Length: 0",
-        ]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+        return build_response(msg, code, source=source, headers=extra, server="voicepool-registrar")
 
 
 def _user_of(name_addr: str) -> str:
