@@ -122,3 +122,29 @@ async def test_deepgram_sdk_drives_a_raw_lease(deepgram: DeepgramEmulator) -> No
             await client.send_close_stream()
         await wait_until(lambda: deepgram.close_streams == 1, what="the SDK's CloseStream")
     assert deepgram.accepted >= 1
+
+
+def test_raw_and_aiohttp_pools_from_settings() -> None:
+    from voicepool import VoicePoolSettings
+    from voicepool.adapters.aiohttp_websocket import AiohttpWebSocketAdapter
+
+    s = VoicePoolSettings.model_validate(
+        {
+            "pools": {
+                "asr": {"adapter": "deepgram", "options": {"raw": True, "api_key": "sk-1"}},
+                "lk": {
+                    "adapter": "aiohttp_websocket",
+                    "options": {"provider": "elevenlabs", "endpoint": {"api_key": "sk-2"}},
+                },
+            }
+        }
+    )
+    asr, lk = s.pools["asr"], s.pools["lk"]
+    raw = asr.adapter_class.from_options(asr.options)
+    assert isinstance(raw, RawWebSocketAdapter)
+    assert raw.lease_mode is LeaseMode.SINGLE_USE
+    assert raw.max_idle == 10.0  # the provider's idle limit, kept
+    aio = lk.adapter_class.from_options(lk.options)
+    assert isinstance(aio, AiohttpWebSocketAdapter)
+    assert "/multi-stream-input" in aio.url()
+    assert "sk-2" not in repr(s) + repr(aio)
