@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from voicepool._validation import format_errors
 from voicepool.adapter import LeaseMode
 from voicepool.errors import ConfigError
 
@@ -48,9 +49,10 @@ class PoolSettings(BaseModel):
             try:
                 super().__init__(**data)
             except ValidationError as exc:
-                from voicepool.settings import _format  # the settings layer formats errors
-
-                raise ConfigError(_format(exc, None, head="invalid PoolSettings")) from None
+                message = format_errors(
+                    exc, None, echo=frozenset(type(self).model_fields), head="invalid PoolSettings"
+                )
+                raise ConfigError(message) from None
 
         # Only a wrapper of BaseModel.__init__ (as pydantic's RootModel marks its own): validation
         # (model_validate, nested models) keeps building instances without it, raising
