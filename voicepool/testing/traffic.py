@@ -145,12 +145,14 @@ class TrafficSim:
             self._open_time += size * dt
             self._idle_time += (size - self._held) * dt
 
-    def run(self, duration: float, measure_from: float = 0.0) -> SimResult:
+    def run(
+        self, duration: float, measure_from: float = 0.0, calls_until: float | None = None
+    ) -> SimResult:
         """Start the pool at t=0, run the traffic for ``duration`` seconds, return the figures
         of ``[measure_from, duration]`` (a day after a day of learning: a worker that runs)."""
         self.measure_from = measure_from
         self._apply(self.core.start(0.0))
-        self._schedule_arrivals(duration)
+        self._schedule_arrivals(duration if calls_until is None else calls_until)
         t = 0.0
         while t < duration:
             self._at(t, self._sample)
@@ -184,6 +186,16 @@ class TrafficSim:
     def _sample(self) -> None:
         core = self.core
         self.samples.append((self.now, self._held, len(core.conns), core.warm_target))
+
+    def arrivals(self, duration: float) -> list[float]:
+        """The arrival times :meth:`run` would use (for a real-socket run of the same calls)."""
+        calls: list[float] = []
+        self._at = lambda t, fn: calls.append(t)  # type: ignore[method-assign]
+        try:
+            self._schedule_arrivals(duration)
+        finally:
+            del self._at
+        return sorted(calls)
 
     def _schedule_arrivals(self, duration: float) -> None:
         tr, rng = self.traffic, self.rng
