@@ -84,6 +84,28 @@ class Adapter(Generic[C]):
             return cls()
         return cls(options)  # type: ignore[call-arg]
 
+    @classmethod
+    def _build_options(cls, options: Any, kwargs: dict[str, Any]) -> Any:
+        """The validated ``Options`` model for a constructor that takes a model or keywords.
+
+        ``options`` may be ``None`` (build from ``kwargs``), an instance of ``cls.Options`` (kept
+        as is), another model or a mapping (validated into ``cls.Options``). Raises TypeError when
+        both a model and keywords are given, pydantic's ValidationError on bad values.
+        """
+        model = cls.Options
+        if model is None:
+            raise TypeError(f"{cls.__name__} takes no options")
+        if options is None:
+            return model(**kwargs)
+        if kwargs:
+            raise TypeError(
+                f"pass either a {model.__name__} or keyword options to {cls.__name__}, not both"
+            )
+        if isinstance(options, model):
+            return options
+        data = options.model_dump() if hasattr(options, "model_dump") else options
+        return model.model_validate(data)
+
     async def connect(self) -> C:
         """Open and return one ready connection (handshakes done).
 

@@ -101,10 +101,7 @@ class Http2Adapter(Adapter[H2Connection]):
     Options: ClassVar[type[Http2Options]] = Http2Options
 
     def __init__(self, options: Http2Options | None = None, **kwargs: Any) -> None:
-        if options is None:
-            options = Http2Options(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either an Http2Options or keyword options, not both")
+        options = self._build_options(options, kwargs)
         self.options = options
         # Per-instance capacity: PoolSettings.resolve() reads it for sizing.
         self.max_streams = options.max_streams
