@@ -1,0 +1,206 @@
+"""A Pipecat bot on voicepool pools, offline: audio in -> Deepgram STT -> OpenAI LLM ->
+ElevenLabs (or Cartesia) TTS -> audio out, against voicepool's TLS emulators behind a 40 ms
+round-trip relay. No Daily or WebRTC transport: the pipeline is fed simulated audio frames (the
+Deepgram emulator "hears" printable bytes as words) and a VAD stop ends each user turn.
+
+    python examples/pipecat_bot.py              # 10 concurrent calls, pooled, then per-call
+
+In a real worker the only changes from a plain Pipecat bot are the imports of the services
+(``voicepool.integrations.pipecat`` instead of ``pipecat.services...``) and the PipecatPools
+started once at boot (see examples/pipecat_runner.py for the FastAPI runner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipecat.frames.frames import (
+    EndFrame,
+    Frame,
+    InputAudioRawFrame,
+    LLMContextFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.workers.runner import WorkerRunner
+
+from voicepool.demo.services import latency_proxy
+from voicepool.integrations import pipecat as pooled
+from voicepool.testing import (
+    CartesiaEmulator,
+    DeepgramEmulator,
+    ElevenLabsEmulator,
+    LlmEmulator,
+    test_certificates,
+)
+
+KEY = "example-key"
+IN_RATE, OUT_RATE = 16000, 16000
+
+
+@dataclass
+class Stack:
+    """The emulators, each behind its latency relay; URLs as the services take them."""
+
+    deepgram: str
+    elevenlabs: str
+    cartesia: str
+    llm: str
+    emulators: dict[str, Any] = field(default_factory=dict)
+    relays: dict[str, Any] = field(default_factory=dict)
+
+    def handshakes(self) -> int:
+        """TCP connections the relays accepted so far (every socket a worker opened)."""
+        return sum(relay.accepted for relay in self.relays.values())
+
+
+@contextlib.asynccontextmanager
+async def emulated_services(rtt: float = 0.040) -> AsyncIterator[Stack]:
+    """Start the TLS emulators and their relays on 127.0.0.1; the CA goes in SSL_CERT_FILE
+    (the frameworks' default SSL context reads it)."""
+    os.environ["SSL_CERT_FILE"] = str(test_certificates().ca_path)
+    async with contextlib.AsyncExitStack() as stack:
+        emulators = {
+            "deepgram": DeepgramEmulator(tls=True, api_key=KEY),
+            "elevenlabs": ElevenLabsEmulator(tls=True, api_key=KEY),
+            "cartesia": CartesiaEmulator(tls=True, api_key=KEY),
+            "llm": LlmEmulator(tls=True, api_key=KEY, ttft=0.02, tokens=6, tokens_per_second=600),
+        }
+        relays = {}
+        for name, emulator in emulators.items():
+            await stack.enter_async_context(emulator)
+            relays[name] = await stack.enter_async_context(latency_proxy(emulator.port, rtt))
+        ws = {n: f"wss://127.0.0.1:{relays[n].port}" for n in ("deepgram", "elevenlabs", "cartesia")}
+        yield Stack(
+            deepgram=ws["deepgram"],
+            elevenlabs=ws["elevenlabs"],
+            cartesia=ws["cartesia"] + "/tts/websocket",
+            llm=f"https://127.0.0.1:{relays['llm'].port}/v1",
+            emulators=emulators,
+            relays=relays,
+        )
+
+
+def make_services(stack: Stack, tts: str = "elevenlabs", module: Any = pooled) -> list[Any]:
+    """The bot's services. ``module``: voicepool.integrations.pipecat (pooled) or a namespace of
+    Pipecat's own classes (the per-call baseline): the arguments are the same."""
+    stt = module.DeepgramSTTService(api_key=KEY, base_url=stack.deepgram)
+    llm = module.OpenAILLMService(api_key=KEY, base_url=stack.llm, model="voicepool-emulator")
+    if tts == "cartesia":
+        speech = module.CartesiaTTSService(api_key=KEY, url=stack.cartesia, voice_id="v1")
+    else:
+        speech = module.ElevenLabsTTSService(api_key=KEY, url=stack.elevenlabs, voice_id="v1")
+    return [stt, llm, speech]
+
+
+class _TranscriptToLLM(FrameProcessor):
+    """The user aggregator, reduced to what a test needs: a final transcript is the turn."""
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TranscriptionFrame) and frame.text.strip():
+            context = LLMContext(messages=[{"role": "user", "content": frame.text}])
+            await self.push_frame(LLMContextFrame(context), direction)
+        else:
+            await self.push_frame(frame, direction)
+
+
+class _AudioOut(FrameProcessor):
+    """The output transport's stand-in: notes when each turn's first audio arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first_audio = asyncio.Event()
+        self.audio_bytes = 0
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame):
+            self.audio_bytes += len(frame.audio)
+            self.first_audio.set()
+        await self.push_frame(frame, direction)
+
+
+@dataclass
+class CallResult:
+    start_ms: float  # runner.run() until the StartFrame went through (services connected)
+    turn_ms: list[float]  # VAD stop until the first TTS audio, per turn
+    audio_bytes: int
+
+
+async def run_call(services: list[Any], turns: int = 2, timeout: float = 10.0) -> CallResult:
+    """One call: start the pipeline, speak ``turns`` user turns, end it. Raises TimeoutError."""
+    stt, llm, tts = services
+    out = _AudioOut()
+    pipeline = Pipeline([stt, _TranscriptToLLM(), llm, tts, out])
+    params = PipelineParams(audio_in_sample_rate=IN_RATE, audio_out_sample_rate=OUT_RATE)
+    worker = PipelineWorker(pipeline, params=params, cancel_on_idle_timeout=False)
+    started = asyncio.Event()
+
+    @worker.event_handler("on_pipeline_started")
+    async def _started(_worker: Any, _frame: Any) -> None:
+        started.set()
+
+    runner = WorkerRunner(handle_sigint=False, check_dangling_tasks=False)
+    turn_ms: list[float] = []
+
+    async def speak() -> None:
+        t0 = time.perf_counter()
+        await started.wait()
+        start_ms = (time.perf_counter() - t0) * 1e3
+        for n in range(turns):
+            out.first_audio.clear()
+            for word in (b"hello", b"there", f"turn{n}".encode()):
+                await worker.queue_frame(InputAudioRawFrame(word + b" " * 27, IN_RATE, 1))
+            t_turn = time.perf_counter()
+            await worker.queue_frame(VADUserStoppedSpeakingFrame())
+            await out.first_audio.wait()
+            turn_ms.append((time.perf_counter() - t_turn) * 1e3)
+        await worker.queue_frame(EndFrame())
+        result.start_ms = start_ms
+
+    result = CallResult(0.0, turn_ms, 0)
+    await runner.add_workers(worker)
+    async with asyncio.timeout(timeout):
+        await asyncio.gather(runner.run(), speak())
+    result.audio_bytes = out.audio_bytes
+    return result
+
+
+async def run_calls(
+    make: Callable[[], list[Any]], calls: int = 10, turns: int = 2
+) -> list[CallResult]:
+    """``calls`` concurrent calls, each with services from ``make()`` (as a runner's bot())."""
+    return list(await asyncio.gather(*(run_call(make(), turns) for _ in range(calls))))
+
+
+async def main() -> None:
+    async with emulated_services() as stack:
+        pools = pooled.PipecatPools(
+            concurrency=10, audio_in_sample_rate=IN_RATE, audio_out_sample_rate=OUT_RATE
+        )
+        pools.declare(*make_services(stack))
+        async with pools:
+            before = stack.handshakes()
+            results = await run_calls(lambda: make_services(stack))
+            inside = stack.handshakes() - before
+        for i, r in enumerate(results):
+            turns = ", ".join(f"{t:.0f}" for t in r.turn_ms)
+            print(f"call {i}: start {r.start_ms:.1f} ms, turns {turns} ms, {r.audio_bytes} B audio")
+        print(f"pool misses {sum(pools.index.misses.values())}, handshakes during calls {inside}"
+              " (background refills included)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
