@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -145,7 +146,9 @@ async def run_call(services: list[Any], turns: int = 2, timeout: float = 10.0) -
     out = _AudioOut()
     pipeline = Pipeline([stt, _TranscriptToLLM(), llm, tts, out])
     params = PipelineParams(audio_in_sample_rate=IN_RATE, audio_out_sample_rate=OUT_RATE)
-    worker = PipelineWorker(pipeline, params=params, cancel_on_idle_timeout=False)
+    worker = PipelineWorker(
+        pipeline, params=params, cancel_on_idle_timeout=False, enable_rtvi=False
+    )
     started = asyncio.Event()
 
     @worker.event_handler("on_pipeline_started")
@@ -179,27 +182,90 @@ async def run_call(services: list[Any], turns: int = 2, timeout: float = 10.0) -
 
 
 async def run_calls(
-    make: Callable[[], list[Any]], calls: int = 10, turns: int = 2
+    make: Callable[[], list[Any]], calls: int = 10, turns: int = 2, arrival: float = 0.05
 ) -> list[CallResult]:
-    """``calls`` concurrent calls, each with services from ``make()`` (as a runner's bot())."""
-    return list(await asyncio.gather(*(run_call(make(), turns) for _ in range(calls))))
+    """``calls`` concurrent calls, one arriving every ``arrival`` seconds (all of them overlap),
+    each with services from ``make()`` as a runner's bot() builds them."""
+
+    async def call(n: int) -> CallResult:
+        await asyncio.sleep(n * arrival)
+        return await run_call(make(), turns)
+
+    return list(await asyncio.gather(*(call(n) for n in range(calls))))
+
+
+class _PipecatOwn:
+    """Pipecat's own services (the per-call baseline): the same arguments as the pooled ones."""
+
+    from pipecat.services.cartesia.tts import CartesiaTTSService
+    from pipecat.services.deepgram.stt import DeepgramSTTService
+    from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
+    from pipecat.services.openai.llm import OpenAILLMService
+
+
+@dataclass
+class RunSummary:
+    results: list[CallResult]
+    misses: int  # connections opened outside a pool (voicepool.pool.miss)
+    opened_in_calls: int  # connections a call waited for (pool connects that were not refills)
+
+
+async def measure(
+    stack: Stack, *, pooled_run: bool, calls: int = 10, turns: int = 2, tts: str = "elevenlabs"
+) -> RunSummary:
+    """``calls`` overlapping calls, on pools or per call, after one unmeasured warm-up call
+    (Pipecat and the SDKs import and build things on first use: a process cost, not a call's)."""
+    if not pooled_run:
+        await run_call(make_services(stack, tts, _PipecatOwn), 1)
+        before = stack.handshakes()
+        results = await run_calls(lambda: make_services(stack, tts, _PipecatOwn), calls, turns)
+        return RunSummary(results, 0, stack.handshakes() - before)
+    pools = pooled.PipecatPools(
+        concurrency=calls, audio_in_sample_rate=IN_RATE, audio_out_sample_rate=OUT_RATE
+    )
+    pools.declare(*make_services(stack, tts))
+    async with pools:
+        await run_call(make_services(stack, tts), 1)
+        await pools_full(pools)
+        waited_before = _waited_connects(pools)
+        results = await run_calls(lambda: make_services(stack, tts), calls, turns)
+        return RunSummary(
+            results, sum(pools.index.misses.values()), _waited_connects(pools) - waited_before
+        )
+
+
+async def pools_full(pools: pooled.PipecatPools, timeout: float = 10.0) -> None:
+    """Wait until every pool is back at its warm floor (the warm-up call's refills done)."""
+    async with asyncio.timeout(timeout):
+        while any(st.idle < st.min_size for st in pools.manager.stats().values()):
+            await asyncio.sleep(0.02)  # a bounded poll of a cheap snapshot
+
+
+def _waited_connects(pools: pooled.PipecatPools) -> int:
+    """Connects a call waited for: WebSocket leases that found no idle socket, plus connects of
+    the HTTP/2 pools (which have no refills: any connect there is a call's)."""
+    http2 = sum(
+        p.stats().connects
+        for p in pools.manager.pools.values()
+        if type(p.adapter).__name__ == "Http2Adapter"
+    )
+    return sum(pools.index.cold.values()) + http2
 
 
 async def main() -> None:
+    from loguru import logger
+
+    logger.remove()  # Pipecat logs every frame at DEBUG: ten calls spend their time printing
+    logger.add(sys.stderr, level="WARNING")
     async with emulated_services() as stack:
-        pools = pooled.PipecatPools(
-            concurrency=10, audio_in_sample_rate=IN_RATE, audio_out_sample_rate=OUT_RATE
-        )
-        pools.declare(*make_services(stack))
-        async with pools:
-            before = stack.handshakes()
-            results = await run_calls(lambda: make_services(stack))
-            inside = stack.handshakes() - before
-        for i, r in enumerate(results):
-            turns = ", ".join(f"{t:.0f}" for t in r.turn_ms)
-            print(f"call {i}: start {r.start_ms:.1f} ms, turns {turns} ms, {r.audio_bytes} B audio")
-        print(f"pool misses {sum(pools.index.misses.values())}, handshakes during calls {inside}"
-              " (background refills included)")
+        for pooled_run in (True, False):
+            run = await measure(stack, pooled_run=pooled_run)
+            label = "pooled" if pooled_run else "per call"
+            for i, r in enumerate(run.results):
+                turns = ", ".join(f"{t:.0f}" for t in r.turn_ms)
+                print(f"{label} call {i}: start {r.start_ms:.1f} ms, turns {turns} ms")
+            print(f"{label}: misses {run.misses}, connections opened inside calls"
+                  f" {run.opened_in_calls}")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,11 @@ def client(
     import anthropic
 
     kwargs.setdefault("max_retries", 0)
-    return anthropic.AsyncAnthropic(
+    sdk = anthropic.AsyncAnthropic(
         api_key=pool_key(pool, api_key),
         base_url=pool_base_url(pool, base_url),
         http_client=pooled_http_client(pool),
         **kwargs,
     )
+    _ = sdk.messages  # the SDK's lazy resource import, paid here rather than in a turn
+    return sdk

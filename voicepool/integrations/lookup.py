@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from opentelemetry import metrics
 
+from voicepool.lease import Lease
 from voicepool.pool import Pool
 
 __all__ = ["MISS_METRIC", "PoolIndex", "pool_url", "url_key"]
@@ -84,6 +85,8 @@ class PoolIndex:
         self._warned: set[UrlKey] = set()
         self.misses: Counter[str] = Counter()
         """Connections opened outside any pool, by framework name."""
+        self.cold: Counter[str] = Counter()
+        """Leases that found no idle connection (so waited for a handshake), by framework."""
         for pool in pools:
             self.add(pool)
 
@@ -105,6 +108,20 @@ class PoolIndex:
             return self._by_key.get(url_key(url))
         except ValueError:
             return None
+
+    async def lease(self, url: object, framework: str) -> Lease[Any] | None:
+        """A lease on the pool serving ``url``; None (after :meth:`miss`) when none does.
+
+        Raises what ``pool.lease()`` raises (PoolExhausted, PoolUnavailable, PoolLoopError from
+        another event loop). Cancellation-safe as ``pool.lease()`` is.
+        """
+        pool = self.find(url)
+        if pool is None:
+            self.miss(url, framework)
+            return None
+        if not pool.stats().idle:
+            self.cold[framework] += 1
+        return await pool.lease()
 
     def miss(self, url: object, framework: str) -> None:
         """Record a connection ``framework`` opens outside any pool: counted always, logged

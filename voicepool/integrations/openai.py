@@ -9,7 +9,9 @@
 ``max_retries=0``: the SDK's retries (2 by default, with backoff) turn an exhausted pool into
 seconds of waiting and a down provider into more; the pool already fails fast (PoolExhausted
 becomes ``openai.APITimeoutError`` at once, an open circuit ``APIConnectionError``) and retries a
-refused stream itself. The key comes from the pool's settings unless given.
+refused stream itself. The key comes from the pool's settings unless given. Building the
+first client imports the SDK's chat resources (~80 ms once per process), so that cost is paid at
+boot or call setup, never inside a turn.
 """
 
 from __future__ import annotations
@@ -37,9 +39,13 @@ def client(
     import openai
 
     kwargs.setdefault("max_retries", 0)
-    return openai.AsyncOpenAI(
+    sdk = openai.AsyncOpenAI(
         api_key=pool_key(pool, api_key),
         base_url=pool_base_url(pool, base_url),
         http_client=pooled_http_client(pool),
         **kwargs,
     )
+    # The SDK imports its chat resources (and builds their pydantic models) on first use: about
+    # 80 ms, measured, that would land in the first call's first turn. Pay it here (once).
+    _ = sdk.chat.completions
+    return sdk

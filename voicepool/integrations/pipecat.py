@@ -131,6 +131,9 @@ class PipecatPools:
         process's :meth:`current`. Raises PoolUnavailable as PoolManager.start does."""
         await self.manager.start()
         PipecatPools._current = self
+        for pool in self.manager.pools.values():
+            if type(pool.adapter).__name__ == "Http2Adapter":
+                _openai.client(pool)  # the SDK's first-use imports, at boot (no I/O)
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Close the pools (leases drain up to ``timeout``). Idempotent."""
@@ -148,11 +151,7 @@ class PipecatPools:
     async def lease_socket(self, url: str) -> Lease[Any] | None:
         """A lease on the pool serving ``url``, or None after recording a miss. Raises what
         ``pool.lease()`` raises (PoolExhausted, PoolUnavailable, PoolLoopError...)."""
-        pool = self.index.find(url)
-        if pool is None:
-            self.index.miss(url, FRAMEWORK)
-            return None
-        return await pool.lease()
+        return await self.index.lease(url, FRAMEWORK)
 
 
 def _pools_of(service: Any) -> PipecatPools:
