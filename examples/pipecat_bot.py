@@ -58,6 +58,7 @@ class Stack:
     elevenlabs: str
     cartesia: str
     llm: str
+    rtt: float = 0.040
     emulators: dict[str, Any] = field(default_factory=dict)
     relays: dict[str, Any] = field(default_factory=dict)
 
@@ -70,8 +71,10 @@ class Stack:
 async def emulated_services(rtt: float = 0.040) -> AsyncIterator[Stack]:
     """Start the TLS emulators and their relays on 127.0.0.1; the CA goes in SSL_CERT_FILE
     (the frameworks' default SSL context reads it)."""
+    saved = os.environ.get("SSL_CERT_FILE")
     os.environ["SSL_CERT_FILE"] = str(test_certificates().ca_path)
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(_restore_env, "SSL_CERT_FILE", saved)
         emulators = {
             "deepgram": DeepgramEmulator(tls=True, api_key=KEY),
             "elevenlabs": ElevenLabsEmulator(tls=True, api_key=KEY),
@@ -93,15 +96,28 @@ async def emulated_services(rtt: float = 0.040) -> AsyncIterator[Stack]:
         )
 
 
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def make_services(stack: Stack, tts: str = "elevenlabs", module: Any = pooled) -> list[Any]:
     """The bot's services. ``module``: voicepool.integrations.pipecat (pooled) or a namespace of
     Pipecat's own classes (the per-call baseline): the arguments are the same."""
     stt = module.DeepgramSTTService(api_key=KEY, base_url=stack.deepgram)
-    llm = module.OpenAILLMService(api_key=KEY, base_url=stack.llm, model="voicepool-emulator")
+    llm = module.OpenAILLMService(
+        api_key=KEY,
+        base_url=stack.llm,
+        settings=module.OpenAILLMService.Settings(model="voicepool-emulator"),
+    )
     if tts == "cartesia":
-        speech = module.CartesiaTTSService(api_key=KEY, url=stack.cartesia, voice_id="v1")
+        voice: Any = module.CartesiaTTSService.Settings(voice="v1")
+        speech = module.CartesiaTTSService(api_key=KEY, url=stack.cartesia, settings=voice)
     else:
-        speech = module.ElevenLabsTTSService(api_key=KEY, url=stack.elevenlabs, voice_id="v1")
+        voice = module.ElevenLabsTTSService.Settings(voice="v1")
+        speech = module.ElevenLabsTTSService(api_key=KEY, url=stack.elevenlabs, settings=voice)
     return [stt, llm, speech]
 
 
@@ -124,11 +140,13 @@ class _AudioOut(FrameProcessor):
         super().__init__()
         self.first_audio = asyncio.Event()
         self.audio_bytes = 0
+        self.contexts: set[str | None] = set()  # TTS contexts the audio came from
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         if isinstance(frame, TTSAudioRawFrame):
             self.audio_bytes += len(frame.audio)
+            self.contexts.add(frame.context_id)
             self.first_audio.set()
         await self.push_frame(frame, direction)
 
@@ -138,6 +156,7 @@ class CallResult:
     start_ms: float  # runner.run() until the StartFrame went through (services connected)
     turn_ms: list[float]  # VAD stop until the first TTS audio, per turn
     audio_bytes: int
+    contexts: set[str | None] = field(default_factory=set)
 
 
 async def run_call(services: list[Any], turns: int = 2, timeout: float = 10.0) -> CallResult:
@@ -175,9 +194,15 @@ async def run_call(services: list[Any], turns: int = 2, timeout: float = 10.0) -
 
     result = CallResult(0.0, turn_ms, 0)
     await runner.add_workers(worker)
-    async with asyncio.timeout(timeout):
-        await asyncio.gather(runner.run(), speak())
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(runner.run(), speak())
+    finally:
+        # Pipecat never closes its LLM client (one per service, so per call): close it here,
+        # or its HTTP connections outlive the call. The pooled client's close leaves the pool.
+        await llm._client.close()
     result.audio_bytes = out.audio_bytes
+    result.contexts = out.contexts
     return result
 
 

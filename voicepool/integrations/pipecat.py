@@ -45,7 +45,7 @@ from voicepool.errors import PoolError
 from voicepool.integrations import anthropic as _anthropic
 from voicepool.integrations import openai as _openai
 from voicepool.integrations._sockets import exact_adapter
-from voicepool.integrations.lookup import PoolIndex
+from voicepool.integrations.lookup import PoolIndex, pool_url
 from voicepool.lease import Lease
 from voicepool.manager import ManagerState, PoolManager
 from voicepool.pool_settings import PoolSettings
@@ -57,6 +57,7 @@ __all__ = [
     "ElevenLabsTTSService",
     "OpenAILLMService",
     "PipecatPools",
+    "pool_url",
 ]
 
 FRAMEWORK = "pipecat"
