@@ -124,6 +124,7 @@ async def _turns(stt: Any, llm: Any, tts: Any, turns: int, start_ms: float) -> J
     finally:
         await stream.aclose()
         await tts.aclose()
+        await llm.aclose()  # the plugin's SDK client (pooled: leaves the pool open)
     return JobResult(start_ms, times)
 
 
