@@ -25,12 +25,12 @@ from livekit.agents import stt as lk_stt
 from livekit.plugins import deepgram, elevenlabs, openai
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipecat_bot import KEY, Stack, emulated_services  # noqa: E402  (the same emulators)
+from pipecat_bot import KEY, Stack, emulated_services
 
-from voicepool.adapters.http2 import Http2Adapter  # noqa: E402
-from voicepool.integrations import openai as pooled_openai  # noqa: E402
-from voicepool.integrations.livekit import PooledSession, job_pools  # noqa: E402
-from voicepool.testing import test_certificates  # noqa: E402
+from voicepool.adapters.http2 import Http2Adapter
+from voicepool.integrations import openai as pooled_openai
+from voicepool.integrations.livekit import PooledSession, job_pools
+from voicepool.testing import test_certificates
 
 RATE = 16000
 
@@ -47,12 +47,17 @@ class FakeJobContext:
 
 def plugins(stack: Stack, session: Any) -> tuple[Any, Any]:
     stt = deepgram.STT(
-        api_key=KEY, base_url=stack.deepgram + "/v1/listen", http_session=session,
-        sample_rate=RATE, model="nova-3",
+        api_key=KEY,
+        base_url=stack.deepgram + "/v1/listen",
+        http_session=session,
+        sample_rate=RATE,
+        model="nova-3",
     )
     tts = elevenlabs.TTS(
-        api_key=KEY, base_url=stack.elevenlabs.replace("wss", "https") + "/v1",
-        http_session=session, encoding="pcm_16000",
+        api_key=KEY,
+        base_url=stack.elevenlabs.replace("wss", "https") + "/v1",
+        http_session=session,
+        encoding="pcm_16000",
     )
     return stt, tts
 
@@ -98,8 +103,13 @@ async def run_job(stack: Stack, *, pooled: bool, turns: int = 2) -> JobResult:
         session: Any = PooledSession()
         stt, tts = plugins(stack, session)
         llm_adapter = Http2Adapter(base_url=stack.llm, api_key=KEY)
-        async with job_pools(FakeJobContext(stack.rtt), session, stt, tts, llm=llm_adapter,
-                             ) as pools:
+        async with job_pools(
+            FakeJobContext(stack.rtt),
+            session,
+            stt,
+            tts,
+            llm=llm_adapter,
+        ) as pools:
             start_ms = (time.perf_counter() - t0) * 1e3
             assert pools.llm is not None
             llm = openai.LLM(client=pooled_openai.client(pools.llm), model="voicepool-emulator")
@@ -128,8 +138,9 @@ async def _turns(stt: Any, llm: Any, tts: Any, turns: int, start_ms: float) -> J
     return JobResult(start_ms, times)
 
 
-async def run_jobs(stack: Stack, *, pooled: bool, jobs: int = 10, arrival: float = 0.05,
-                   turns: int = 2) -> list[JobResult]:
+async def run_jobs(
+    stack: Stack, *, pooled: bool, jobs: int = 10, arrival: float = 0.05, turns: int = 2
+) -> list[JobResult]:
     async def job(n: int) -> JobResult:
         await asyncio.sleep(n * arrival)
         return await run_job(stack, pooled=pooled, turns=turns)

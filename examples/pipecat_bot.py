@@ -44,6 +44,7 @@ from voicepool.testing import (
     ElevenLabsEmulator,
     LlmEmulator,
     test_certificates,
+    wait_until,
 )
 
 KEY = "example-key"
@@ -85,7 +86,9 @@ async def emulated_services(rtt: float = 0.040) -> AsyncIterator[Stack]:
         for name, emulator in emulators.items():
             await stack.enter_async_context(emulator)
             relays[name] = await stack.enter_async_context(latency_proxy(emulator.port, rtt))
-        ws = {n: f"wss://127.0.0.1:{relays[n].port}" for n in ("deepgram", "elevenlabs", "cartesia")}
+        ws = {
+            n: f"wss://127.0.0.1:{relays[n].port}" for n in ("deepgram", "elevenlabs", "cartesia")
+        }
         yield Stack(
             deepgram=ws["deepgram"],
             elevenlabs=ws["elevenlabs"],
@@ -261,9 +264,8 @@ async def measure(
 
 async def pools_full(pools: pooled.PipecatPools, timeout: float = 10.0) -> None:
     """Wait until every pool is back at its warm floor (the warm-up call's refills done)."""
-    async with asyncio.timeout(timeout):
-        while any(st.idle < st.min_size for st in pools.manager.stats().values()):
-            await asyncio.sleep(0.02)  # a bounded poll of a cheap snapshot
+    stats = pools.manager.stats
+    await wait_until(lambda: all(st.idle >= st.min_size for st in stats().values()), timeout)
 
 
 def _waited_connects(pools: pooled.PipecatPools) -> int:
@@ -289,8 +291,10 @@ async def main() -> None:
             for i, r in enumerate(run.results):
                 turns = ", ".join(f"{t:.0f}" for t in r.turn_ms)
                 print(f"{label} call {i}: start {r.start_ms:.1f} ms, turns {turns} ms")
-            print(f"{label}: misses {run.misses}, connections opened inside calls"
-                  f" {run.opened_in_calls}")
+            print(
+                f"{label}: misses {run.misses}, connections opened inside calls"
+                f" {run.opened_in_calls}"
+            )
 
 
 if __name__ == "__main__":

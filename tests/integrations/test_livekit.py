@@ -14,11 +14,11 @@ import pytest
 
 pytest.importorskip("livekit.agents")
 
-from voicepool import Pool, PoolLoopError, PoolSettings  # noqa: E402
-from voicepool.integrations.livekit import PooledSession, socket_adapter  # noqa: E402
-from voicepool.testing import ElevenLabsEmulator, test_certificates, wait_until  # noqa: E402
+from voicepool import Pool, PoolLoopError, PoolSettings
+from voicepool.integrations.livekit import PooledSession, socket_adapter
+from voicepool.testing import ElevenLabsEmulator, test_certificates, wait_until
 
-from .conftest import load_example  # noqa: E402
+from .conftest import load_example
 
 lk = load_example("livekit_agent")
 pytestmark = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -26,7 +26,9 @@ KEY = "k"
 
 
 def _el_url(server: ElevenLabsEmulator) -> str:
-    return f"{server.url}/v1/text-to-speech/v1/multi-stream-input?model_id=m&output_format=pcm_16000"
+    return (
+        f"{server.url}/v1/text-to-speech/v1/multi-stream-input?model_id=m&output_format=pcm_16000"
+    )
 
 
 def _pool(server: ElevenLabsEmulator, size: int = 1) -> Pool[aiohttp.ClientWebSocketResponse]:
@@ -84,16 +86,16 @@ async def test_next_holder_never_receives_the_previous_holders_audio() -> None:
         async with pool:
             first = await session.ws_connect(_el_url(server))
             await first.send_str(json.dumps({"text": " ", "context_id": "call-1"}))
-            await first.send_str(json.dumps({"text": "a long reply " * 20, "context_id": "call-1",
-                                             "flush": True}))
+            await first.send_str(
+                json.dumps({"text": "a long reply " * 20, "context_id": "call-1", "flush": True})
+            )
             msg = await first.receive_json()
             assert msg.get("contextId") == "call-1"
             await first.close()  # released while call-1 audio is still streaming
             second = await session.ws_connect(_el_url(server))
             assert second is not first
             await second.send_str(json.dumps({"text": " ", "context_id": "call-2"}))
-            await second.send_str(json.dumps({"text": "hi", "context_id": "call-2",
-                                              "flush": True}))
+            await second.send_str(json.dumps({"text": "hi", "context_id": "call-2", "flush": True}))
             seen = set()
             while True:
                 msg = await second.receive_json()

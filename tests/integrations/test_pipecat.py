@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("pipecat")
 
-from voicepool.integrations import pipecat as pooled  # noqa: E402
+from voicepool.integrations import pipecat as pooled
 
-from .conftest import load_example  # noqa: E402
+from .conftest import load_example
 
 bot = load_example("pipecat_bot")
 # deepgram-sdk and Pipecat use deprecated websockets and Pipecat names (as tests/conformance).
@@ -55,7 +55,8 @@ async def test_pools_follow_the_service_settings_and_sample_rate(
         stt = pooled.DeepgramSTTService(api_key=bot.KEY, base_url=stack.deepgram)
         pools.declare(stt)
         [url] = [str(pooled.pool_url(p)) for p in pools.manager.pools.values()]
-        assert "sample_rate=8000" in url and "encoding=linear16" in url
+        assert "sample_rate=8000" in url
+        assert "encoding=linear16" in url
         async with pools:
             with caplog.at_level(logging.WARNING, "voicepool.integrations"):
                 result = await bot.run_call(bot.make_services(stack), turns=1)
@@ -77,7 +78,8 @@ async def test_next_call_never_receives_the_previous_calls_audio() -> None:
         async with pools:
             first = await bot.run_call(bot.make_services(stack), turns=1)
             second = await bot.run_call(bot.make_services(stack), turns=1)
-        assert first.contexts and second.contexts
+        assert first.contexts
+        assert second.contexts
         assert not first.contexts & second.contexts
         el = stack.emulators["elevenlabs"]
         assert el.accepted >= 2  # two sockets: a released one is never lent again

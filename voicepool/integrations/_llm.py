@@ -35,4 +35,5 @@ def pool_key(pool: Pool[Any], api_key: str | None) -> str:
 def pool_base_url(pool: Pool[Any], base_url: str | None) -> str:
     if base_url is not None:
         return base_url
-    return str(pool.adapter.options.base_url).rstrip("/")
+    adapter: Any = pool.adapter
+    return str(adapter.options.base_url).rstrip("/")

@@ -23,7 +23,7 @@ def _exact_class(provider: type[Any]) -> type[Any]:
     cls = _exact_classes.get(provider)
     if cls is None:
 
-        class Exact(provider):  # type: ignore[misc,valid-type]
+        class Exact(provider):  # type: ignore[misc]
             _exact_url: str
 
             def url(self) -> str:
@@ -63,4 +63,5 @@ def exact_adapter(
     opts = model(url=f"{parts.scheme}://{parts.netloc}", secret_headers=dict(headers), **options)
     adapter = _exact_class(base)(opts)
     adapter._exact_url = url
-    return RawWebSocketAdapter(adapter) if raw else adapter
+    lent: Adapter[Any] = RawWebSocketAdapter(adapter) if raw else adapter
+    return lent

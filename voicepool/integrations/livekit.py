@@ -99,7 +99,8 @@ class PooledSession:
             raise _Discovering("voicepool: asked for this socket's URL only")
         lease = await self.index.lease(url, FRAMEWORK)
         if lease is None:
-            return await self.session.ws_connect(url, **kwargs)
+            fresh: aiohttp.ClientWebSocketResponse = await self.session.ws_connect(url, **kwargs)
+            return fresh
         return _lend(lease)
 
     async def close(self) -> None:
@@ -139,9 +140,9 @@ def socket_adapter(
     (``ca_file``, ``verify``...)."""
     from voicepool.adapters.aiohttp_websocket import AiohttpWebSocketAdapter
 
-    endpoint = exact_adapter(provider, url, headers, raw=False, **options)
-    adapter = AiohttpWebSocketAdapter(provider=provider, endpoint=endpoint.options)
-    adapter.endpoint = endpoint  # the exact URL and headers, the provider's knowledge
+    endpoint: Any = exact_adapter(provider, url, headers, raw=False, **options)
+    adapter: Adapter[Any] = AiohttpWebSocketAdapter(provider=provider, endpoint=endpoint.options)
+    adapter.endpoint = endpoint  # type: ignore[attr-defined]  # the exact URL and headers
     adapter.max_idle = endpoint.max_idle
     return adapter
 

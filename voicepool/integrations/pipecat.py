@@ -186,7 +186,7 @@ class _PooledWebsocketService:
                 await lease.release()
 
 
-class ElevenLabsTTSService(_PooledWebsocketService, _ElevenLabsTTSService):  # type: ignore[misc]
+class ElevenLabsTTSService(_PooledWebsocketService, _ElevenLabsTTSService):
     """Pipecat's ElevenLabsTTSService (multi-stream-input WebSocket) on a pooled socket. Same
     arguments, plus ``voicepool_pools`` (default: :meth:`PipecatPools.current`)."""
 
@@ -208,7 +208,7 @@ class ElevenLabsTTSService(_PooledWebsocketService, _ElevenLabsTTSService):  # t
         return "single_use", url, adapter
 
 
-class CartesiaTTSService(_PooledWebsocketService, _CartesiaTTSService):  # type: ignore[misc]
+class CartesiaTTSService(_PooledWebsocketService, _CartesiaTTSService):
     """Pipecat's CartesiaTTSService (WebSocket) on a pooled socket. Same arguments, plus
     ``voicepool_pools`` (default: :meth:`PipecatPools.current`)."""
 
@@ -273,7 +273,7 @@ class _PooledListen:
             await lease.release(error)
 
 
-class DeepgramSTTService(_DeepgramSTTService):  # type: ignore[misc]
+class DeepgramSTTService(_DeepgramSTTService):
     """Pipecat's DeepgramSTTService on a pooled socket. Same arguments, plus
     ``voicepool_pools`` (default: :meth:`PipecatPools.current`)."""
 
@@ -281,7 +281,7 @@ class DeepgramSTTService(_DeepgramSTTService):  # type: ignore[misc]
         self._voicepool_pools = voicepool_pools
         super().__init__(*args, **kwargs)
         self._voicepool_sdk = self._client
-        self._client = _PooledListen(self._client, self)
+        self._client = _PooledListen(self._client, self)  # type: ignore[assignment]
 
     def _voicepool_pool(self, pools: PipecatPools) -> tuple[str, str, Adapter[Any]]:
         rate = self._init_sample_rate or pools.audio_in_sample_rate
@@ -302,10 +302,13 @@ def _http2_adapter(base_url: str, key: str, header: str, pools: PipecatPools) ->
     from voicepool.adapters.http2 import Http2Adapter
 
     tls = dict(pools.tls)
-    return Http2Adapter(base_url=base_url, api_key=key, api_key_header=header, **tls)
+    adapter: Adapter[Any] = Http2Adapter(
+        base_url=base_url, api_key=key, api_key_header=header, **tls
+    )
+    return adapter
 
 
-class OpenAILLMService(_OpenAILLMService):  # type: ignore[misc]
+class OpenAILLMService(_OpenAILLMService):
     """Pipecat's OpenAILLMService whose client runs on a pooled HTTP/2 connection
     (:func:`voicepool.integrations.openai.client`, ``max_retries=0``). Same arguments, plus
     ``voicepool_pools``. Built before the pools run (a template for :meth:`PipecatPools.declare`)
@@ -319,25 +322,36 @@ class OpenAILLMService(_OpenAILLMService):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
 
     def create_client(
-        self, api_key: str | None = None, base_url: str | None = None, **kwargs: Any
+        self,
+        api_key: Any = None,
+        base_url: Any = None,
+        organization: Any = None,
+        project: Any = None,
+        default_headers: Any = None,
+        **kwargs: Any,
     ) -> Any:
         base = (base_url or self._DEFAULT_BASE).rstrip("/")
         self._voicepool_args = (api_key or "", base)
+        own = {
+            "organization": organization,
+            "project": project,
+            "default_headers": default_headers,
+            **kwargs,
+        }
         pools = self._voicepool_pools or PipecatPools._current
-        if pools is None or not pools.running:
-            return super().create_client(api_key=api_key, base_url=base_url, **kwargs)
-        pool = pools.index.find(base)
+        pool = pools.index.find(base) if pools is not None and pools.running else None
         if pool is None:
-            pools.index.miss(base, FRAMEWORK)
-            return super().create_client(api_key=api_key, base_url=base_url, **kwargs)
-        return _openai.client(pool, api_key=api_key, base_url=base)
+            if pools is not None and pools.running:
+                pools.index.miss(base, FRAMEWORK)
+            return super().create_client(api_key=api_key, base_url=base_url, **own)  # type: ignore[no-untyped-call]
+        return _openai.client(pool, api_key=api_key, base_url=base, **own)
 
     def _voicepool_pool(self, pools: PipecatPools) -> tuple[str, str, Adapter[Any]]:
         key, base = self._voicepool_args
         return "http2", base, _http2_adapter(base, key, "authorization", pools)
 
 
-class AnthropicLLMService(_AnthropicLLMService):  # type: ignore[misc]
+class AnthropicLLMService(_AnthropicLLMService):
     """Pipecat's AnthropicLLMService with its client on a pooled HTTP/2 connection
     (:func:`voicepool.integrations.anthropic.client`). Same arguments, plus ``base_url``
     (default ``https://api.anthropic.com``) and ``voicepool_pools``."""
