@@ -36,8 +36,14 @@ import livekit_agent as lk  # noqa: E402
 import pipecat_bot as bot  # noqa: E402
 
 
-def _row(framework: str, mode: str, starts: list[float], turns: list[list[float]],
-         misses: int | str, inside: int | str) -> str:
+def _row(
+    framework: str,
+    mode: str,
+    starts: list[float],
+    turns: list[list[float]],
+    misses: int | str,
+    inside: int | str,
+) -> str:
     first = statistics.median(t[0] for t in turns)
     later = statistics.median(x for t in turns for x in t[1:])
     return (
@@ -55,11 +61,16 @@ async def main(calls: int, turns: int, rtt: float) -> None:
     async with bot.emulated_services(rtt) as stack:
         for pooled in (True, False):
             run = await bot.measure(stack, pooled_run=pooled, calls=calls, turns=turns)
-            rows.append(_row(
-                "pipecat", "pooled" if pooled else "per call",
-                [r.start_ms for r in run.results], [r.turn_ms for r in run.results],
-                run.misses, run.opened_in_calls,
-            ))
+            rows.append(
+                _row(
+                    "pipecat",
+                    "pooled" if pooled else "per call",
+                    [r.start_ms for r in run.results],
+                    [r.turn_ms for r in run.results],
+                    run.misses,
+                    run.opened_in_calls,
+                )
+            )
         stack.rtt = rtt
         for pooled in (True, False):
             await lk.run_job(stack, pooled=pooled, turns=1)  # warm-up
@@ -68,14 +79,23 @@ async def main(calls: int, turns: int, rtt: float) -> None:
                 await lk.run_job(stack, pooled=pooled, turns=turns) for _ in range(calls)
             ]
             opened = stack.handshakes() - before
-            rows.append(_row(
-                "livekit", "pooled" if pooled else "per job",
-                [j.start_ms for j in jobs], [j.turn_ms for j in jobs],
-                0 if pooled else "-", f"{opened}*",
-            ))
-    print(f"{calls} calls x {turns} turns, RTT {rtt * 1e3:.0f} ms (TLS emulators via latency relay)")
-    print(f"{'framework':<9} {'mode':<9} {'start p50':>9} {'max':>8} {'1st turn':>10}"
-          f" {'later':>10} {'1st/lat':>7} {'misses':>6} {'in call':>7}")
+            rows.append(
+                _row(
+                    "livekit",
+                    "pooled" if pooled else "per job",
+                    [j.start_ms for j in jobs],
+                    [j.turn_ms for j in jobs],
+                    0 if pooled else "-",
+                    f"{opened}*",
+                )
+            )
+    print(
+        f"{calls} calls x {turns} turns, RTT {rtt * 1e3:.0f} ms (TLS emulators via latency relay)"
+    )
+    print(
+        f"{'framework':<9} {'mode':<9} {'start p50':>9} {'max':>8} {'1st turn':>10}"
+        f" {'later':>10} {'1st/lat':>7} {'misses':>6} {'in call':>7}"
+    )
     for row in rows:
         print(row)
     print("start: Pipecat pipeline start; LiveKit job ready (pools started with the room join).")

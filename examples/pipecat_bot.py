@@ -162,12 +162,15 @@ class CallResult:
     contexts: set[str | None] = field(default_factory=set)
 
 
-async def run_call(services: list[Any], turns: int = 2, timeout: float = 10.0) -> CallResult:
-    """One call: start the pipeline, speak ``turns`` user turns, end it. Raises TimeoutError."""
+async def run_call(
+    services: list[Any], turns: int = 2, timeout: float = 10.0, out_rate: int = OUT_RATE
+) -> CallResult:
+    """One call: start the pipeline (``out_rate``: its audio out sample rate), speak ``turns``
+    user turns, end it. Raises TimeoutError."""
     stt, llm, tts = services
     out = _AudioOut()
     pipeline = Pipeline([stt, _TranscriptToLLM(), llm, tts, out])
-    params = PipelineParams(audio_in_sample_rate=IN_RATE, audio_out_sample_rate=OUT_RATE)
+    params = PipelineParams(audio_in_sample_rate=IN_RATE, audio_out_sample_rate=out_rate)
     worker = PipelineWorker(
         pipeline, params=params, cancel_on_idle_timeout=False, enable_rtvi=False
     )
