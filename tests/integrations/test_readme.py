@@ -71,4 +71,5 @@ async def test_livekit_snippet(monkeypatch: pytest.MonkeyPatch) -> None:
         ctx = lk.FakeJobContext(stack.rtt)
         ctx.room = None
         await ns["entrypoint"](ctx)
-    assert len(heard) == 1 and len(heard[0]) == 1
+    assert len(heard) == 1
+    assert len(heard[0]) == 1
