@@ -5,6 +5,7 @@ shared CI machine these tests assert the same facts with margins that do not fla
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import statistics
 from typing import Any
@@ -83,3 +84,20 @@ async def test_next_call_never_receives_the_previous_calls_audio() -> None:
         assert not first.contexts & second.contexts
         el = stack.emulators["elevenlabs"]
         assert el.accepted >= 2  # two sockets: a released one is never lent again
+
+
+async def test_fastapi_runner_shares_one_pool_set_across_bot_tasks() -> None:
+    import httpx
+
+    runner = load_example("pipecat_runner")
+    app = runner.app
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://runner") as client:
+            for _ in range(3):
+                assert (await client.post("/calls")).json()["started"]
+            results = await asyncio.gather(*app.state.tasks)
+            health = (await client.get("/health")).json()
+    assert all(r.audio_bytes > 0 for r in results)
+    assert health["status"] == "ready"
+    assert health["pool_misses"] == 0
