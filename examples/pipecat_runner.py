@@ -21,9 +21,9 @@ from typing import Any
 from fastapi import FastAPI
 
 sys.path.insert(0, str(Path(__file__).parent))
-import pipecat_bot as calls  # noqa: E402
+import pipecat_bot as calls
 
-from voicepool.integrations.pipecat import PipecatPools  # noqa: E402
+from voicepool.integrations.pipecat import PipecatPools
 
 
 @contextlib.asynccontextmanager
