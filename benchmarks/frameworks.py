@@ -9,10 +9,11 @@ handshake). The call drivers are examples/pipecat_bot.py and examples/livekit_ag
 * Pipecat: ``--calls`` overlapping calls (one arriving every 50 ms), each a pipeline audio in ->
   Deepgram STT -> OpenAI LLM -> ElevenLabs TTS -> audio out; ``start`` is the pipeline's start
   (until the StartFrame is through: every service connected), a turn is VAD stop -> first audio.
-* LiveKit: jobs one after another (LiveKit runs one job per process; a shared event loop would
-  measure this machine's CPU, not the connections): the Deepgram STT, OpenAI LLM and ElevenLabs
-  TTS plugins driven directly (no LiveKit server), pooled on a PooledSession with the pools
-  started during a simulated room join (one round trip), or per job on a plain aiohttp session.
+* LiveKit: jobs one after another (LiveKit runs one job per process), then the same jobs
+  overlapping in this one process (``||``: they then share one CPU): the Deepgram STT, OpenAI
+  LLM and ElevenLabs TTS plugins driven directly (no LiveKit server), pooled on a PooledSession
+  with the pools started during a simulated room join (one round trip), or per job on a plain
+  aiohttp session.
 
 Each mode runs one unmeasured warm-up call first (the frameworks and SDKs import and build things
 on first use: a process cost, not a call's). Medians; ``first/later`` is the first turn's median
@@ -89,6 +90,13 @@ async def main(calls: int, turns: int, rtt: float) -> None:
                     f"{opened}*",
                 )
             )
+        for pooled in (True, False):
+            before = stack.handshakes()
+            jobs = await lk.run_jobs(stack, pooled=pooled, jobs=calls, turns=turns)
+            opened = stack.handshakes() - before
+            mode = "pooled||" if pooled else "per job||"
+            starts, turn_ms = [j.start_ms for j in jobs], [j.turn_ms for j in jobs]
+            rows.append(_row("livekit", mode, starts, turn_ms, "-", f"{opened}*"))
     print(
         f"{calls} calls x {turns} turns, RTT {rtt * 1e3:.0f} ms (TLS emulators via latency relay)"
     )
@@ -99,6 +107,7 @@ async def main(calls: int, turns: int, rtt: float) -> None:
     for row in rows:
         print(row)
     print("start: Pipecat pipeline start; LiveKit job ready (pools started with the room join).")
+    print("||: LiveKit jobs overlapping in this one process (LiveKit itself runs one per process).")
     print("in call: connections a call waited for (Pipecat). *LiveKit: all handshakes of the")
     print("jobs (pooled: opened during the join, per job: inside the first turn).")
 
