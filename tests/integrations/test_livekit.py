@@ -23,6 +23,7 @@ from .conftest import load_example
 lk = load_example("livekit_agent")
 pytestmark = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 KEY = "k"
+RATE = 16000
 
 
 def _el_url(server: ElevenLabsEmulator) -> str:
@@ -134,3 +135,25 @@ async def test_a_pool_started_in_prewarm_raises_in_the_job_loop() -> None:
         finally:
             done.set()
             await asyncio.to_thread(thread.join, 10)
+
+
+async def test_cartesia_plugin_on_a_pooled_session() -> None:
+    from livekit.plugins import cartesia
+
+    from voicepool.integrations.livekit import job_pools
+
+    async with lk.emulated_services() as stack:
+        session = PooledSession()
+        base = stack.cartesia.replace("wss", "https").rsplit("/tts", 1)[0]
+        tts = cartesia.TTS(api_key=lk.KEY, base_url=base, http_session=session, sample_rate=RATE)
+        async with job_pools(None, session, tts) as pools:
+            async with tts.stream() as synth:
+                synth.push_text("hello there")
+                synth.flush()
+                synth.end_input()
+                frames = [audio async for audio in synth]
+            await tts.aclose()
+            assert frames
+            assert not pools.index.misses
+            assert not pools.index.cold
+        await session.close()
