@@ -26,6 +26,11 @@ def _exact_class(provider: type[Any]) -> type[Any]:
         class Exact(provider):  # type: ignore[misc]
             _exact_url: str
 
+            def __init__(self, options: Any, exact_url: str) -> None:
+                # Set before the provider's constructor: it may read url() (the DNS watch).
+                self._exact_url = exact_url
+                super().__init__(options)
+
             def url(self) -> str:
                 return self._exact_url
 
@@ -61,7 +66,6 @@ def exact_adapter(
     model = base.Options
     assert model is not None
     opts = model(url=f"{parts.scheme}://{parts.netloc}", secret_headers=dict(headers), **options)
-    adapter = _exact_class(base)(opts)
-    adapter._exact_url = url
+    adapter = _exact_class(base)(opts, url)
     lent: Adapter[Any] = RawWebSocketAdapter(adapter) if raw else adapter
     return lent
