@@ -136,10 +136,8 @@ class PoolCore(Generic[C]):
         self.connection_error = connection_error
         self.is_fatal = is_fatal
         self.describe = describe
-        if policy is None and s.warm == "adaptive":
-            from voicepool._engine.warm import AdaptiveWarm  # (imports this module)
-
-            policy = AdaptiveWarm(s.warm_target, s.warm_window)
+        # The driver picks the policy (voicepool._engine.warm.sizing_for: settings.warm), so the
+        # core never imports the policies built on it.
         self.policy = policy or SizingPolicy()
         # Backoff caps grow as initial * multiplier ** (step - 1) until backoff_max: the step
         # is clamped first, so a thousand failures in a row never overflow a float.

@@ -41,6 +41,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from voicepool._engine.core import SizingPolicy
+from voicepool.pool_settings import PoolSettings
 
 if TYPE_CHECKING:
     from voicepool._engine.core import PoolCore
@@ -214,3 +215,11 @@ class AdaptiveWarm(SizingPolicy):
                 self._lower_since = now if want < self.spares else math.inf
         else:
             self._lower_since = math.inf
+
+
+def sizing_for(settings: PoolSettings) -> SizingPolicy | None:
+    """The warm-floor policy ``settings.warm`` names: AdaptiveWarm, or None (the core's fixed
+    floor). Drivers of a PoolCore (the Pool, the traffic simulator) call this."""
+    if settings.warm == "adaptive":
+        return AdaptiveWarm(settings.warm_target, settings.warm_window)
+    return None

@@ -27,6 +27,7 @@ from voicepool._engine.actions import Close, Connect, Grant, Ping, Wake
 from voicepool._engine.core import PoolCore, SizingPolicy
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.waitqueue import Waiter
+from voicepool._engine.warm import sizing_for
 from voicepool.adapter import LeaseMode
 from voicepool.pool_settings import PoolSettings
 
@@ -114,7 +115,7 @@ class TrafficSim:
             rng=random.Random(seed + 1),
             is_open=lambda c: not c.closed,
             describe="sim://provider",
-            policy=policy,
+            policy=policy if policy is not None else sizing_for(settings),
         )
         self.exclusive = mode is LeaseMode.EXCLUSIVE
         self.now = 0.0
