@@ -25,6 +25,8 @@ from tests.telemetry.fakes import Probe
 from voicepool import telemetry
 from voicepool._engine.observer import add_observer_factory, remove_observer_factory
 
+DataPoint = NumberDataPoint | HistogramDataPoint | ExponentialHistogramDataPoint
+
 
 def attributes(
     item: ReadableSpan

@@ -76,7 +76,8 @@ async def test_histograms_are_sampled_above_the_budget() -> None:
             for m in sm.metrics
         }
         wait, use = points[n.WAIT_TIME], points[n.USE_TIME]
-        assert isinstance(wait, HistogramDataPoint) and isinstance(use, HistogramDataPoint)
+        assert isinstance(wait, HistogramDataPoint)
+        assert isinstance(use, HistogramDataPoint)
         assert use.count == 100
         assert use.sum == pytest.approx(100.0)
         assert wait.count == 100
@@ -91,7 +92,8 @@ async def test_histograms_are_sampled_above_the_budget() -> None:
             for m in sm.metrics
         }
         wait, use = exact[n.WAIT_TIME], exact[n.USE_TIME]
-        assert isinstance(wait, HistogramDataPoint) and isinstance(use, HistogramDataPoint)
+        assert isinstance(wait, HistogramDataPoint)
+        assert isinstance(use, HistogramDataPoint)
         assert use.count == 110
         assert wait.count == 105
     finally:

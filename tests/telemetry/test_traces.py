@@ -135,9 +135,11 @@ async def test_connect_span_for_a_waiting_caller_is_its_child(otel: Otel) -> Non
     assert connect.parent.span_id == call.get_span_context().span_id
     assert attributes(connect)[n.ATTR_ADAPTER] == "ScriptedAdapter"
     duration = attributes(connect)[n.ATTR_CONNECT_DURATION]
-    assert isinstance(duration, float) and duration >= 0.005
+    assert isinstance(duration, float)
+    assert duration >= 0.005
     assert connect.status.status_code is StatusCode.UNSET
-    assert connect.end_time is not None and connect.start_time is not None
+    assert connect.end_time is not None
+    assert connect.start_time is not None
     assert connect.end_time - connect.start_time >= 5_000_000  # ns: the handshake's own duration
 
 
