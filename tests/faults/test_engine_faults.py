@@ -7,7 +7,7 @@ import pytest
 
 from tests.faults import scenarios
 
-NOISE_FLOOR = 0.001  # seconds of event-loop lag no single run can tell from noise
+NOISE_FLOOR = 0.002  # seconds of event-loop lag a loaded 2-core CI machine adds to any p99 run
 
 
 async def test_a_server_that_hangs_up_after_the_upgrade_draws_few_handshakes() -> None:
