@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic
 import pytest
@@ -13,6 +13,8 @@ from voicepool.testing import test_certificates
 
 KEY = "conformance-key"
 BAD_KEY = "not-the-key"
+
+ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
 
 
 @pytest.fixture
@@ -23,7 +25,7 @@ def ca_env(monkeypatch: pytest.MonkeyPatch) -> str:
     return path
 
 
-def strict(model: type[pydantic.BaseModel], data: dict[str, Any]) -> pydantic.BaseModel:
+def strict(model: type[ModelT], data: dict[str, Any]) -> ModelT:
     """Validate ``data`` as ``model`` (strict types) and check it has no field the type lacks:
     a field the SDK does not know would pass its lenient parsing unseen."""
     parsed = model.model_validate(data, strict=True)

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx
+import httpx2
 import openai
 import pytest
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from openai.types.responses import Response, ResponseCompletedEvent
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageParam,
+)
+from openai.types.responses import FunctionToolParam, Response, ResponseCompletedEvent
 
 from voicepool.testing import LlmEmulator, test_certificates
 
 from .conftest import BAD_KEY, KEY, strict
 
-TOOLS = [
+TOOLS: list[ChatCompletionFunctionToolParam] = [
     {
         "type": "function",
         "function": {
@@ -34,7 +39,8 @@ async def llm() -> AsyncIterator[LlmEmulator]:
 
 
 def client(llm: LlmEmulator, key: str = KEY, retries: int = 0) -> openai.AsyncOpenAI:
-    http = httpx.AsyncClient(verify=test_certificates().client_context(), http2=False)
+    # The SDK is typed for (and built on) httpx2, the client voicepool.integrations hands it too.
+    http = httpx2.AsyncClient(verify=test_certificates().client_context(), http2=False)
     return openai.AsyncOpenAI(
         base_url=llm.base_url, api_key=key, http_client=http, max_retries=retries
     )
@@ -60,14 +66,18 @@ async def test_chat_stream_with_usage_chunk(llm: LlmEmulator) -> None:
 
 async def test_chat_stream_with_tools_calls_the_tool_then_answers(llm: LlmEmulator) -> None:
     async with client(llm) as oa:
-        messages: list[dict[str, object]] = [{"role": "user", "content": "where is my order"}]
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "user", "content": "where is my order"}
+        ]
         stream = await oa.chat.completions.create(
             model="gpt-4o-mini", messages=messages, tools=TOOLS, stream=True
         )
         chunks = [strict(ChatCompletionChunk, c.to_dict()) async for c in stream]
         calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+        call_id = calls[0].id
         assert calls[0].function
         assert calls[0].function.name == "lookup_order"
+        assert call_id
         arguments = "".join((tc.function.arguments or "") for tc in calls if tc.function)
         assert arguments == '{"query": "tok0"}'
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
@@ -76,18 +86,18 @@ async def test_chat_stream_with_tools_calls_the_tool_then_answers(llm: LlmEmulat
                 "role": "assistant",
                 "tool_calls": [
                     {
-                        "id": calls[0].id,
+                        "id": call_id,
                         "type": "function",
                         "function": {"name": "lookup_order", "arguments": arguments},
                     }
                 ],
             },
-            {"role": "tool", "tool_call_id": calls[0].id or "", "content": "shipped"},
+            {"role": "tool", "tool_call_id": call_id, "content": "shipped"},
         ]
         done = await oa.chat.completions.create(
             model="gpt-4o-mini",
             messages=messages,
-            tools=TOOLS,  # type: ignore[arg-type]
+            tools=TOOLS,
         )
         strict(ChatCompletion, done.to_dict())
         assert done.choices[0].message.content == "tok0 tok1 tok2 tok3 "
@@ -104,12 +114,19 @@ async def test_responses_stream_text_and_function_call(llm: LlmEmulator) -> None
         completed = events[-1]
         assert isinstance(completed, ResponseCompletedEvent)
         assert completed.response.output_text == "tok0 tok1 tok2 tok3 "
-        tools = [{"type": "function", "name": "lookup_order", "parameters": {"type": "object"}}]
+        tools: list[FunctionToolParam] = [
+            {
+                "type": "function",
+                "name": "lookup_order",
+                "parameters": {"type": "object"},
+                "strict": None,
+            }
+        ]
         stream = await oa.responses.create(
             model="gpt-4o-mini",
             input="order?",
             tools=tools,
-            stream=True,  # type: ignore[arg-type]
+            stream=True,
         )
         events = [e async for e in stream]
         for event in events:
