@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from cartesia import AsyncCartesia
 from cartesia.types import WebsocketResponse
+from cartesia.types.voice_specifier_param import TTSRequestVoiceObject
 from cartesia.types.websocket_response import Chunk, Done, Error
 from pydantic import TypeAdapter
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -21,7 +22,7 @@ from .conftest import BAD_KEY, KEY, _no_extras
 
 RESPONSES: TypeAdapter[Any] = TypeAdapter(WebsocketResponse)
 FORMAT = {"container": "raw", "encoding": "pcm_s16le", "sample_rate": 16000}
-VOICE = {"mode": "id", "id": "a0e99841-438c-4a64-b679-ae501e7d6091"}
+VOICE: TTSRequestVoiceObject = {"id": "a0e99841-438c-4a64-b679-ae501e7d6091"}
 
 
 def client(server: CartesiaEmulator, key: str = KEY) -> AsyncCartesia:
