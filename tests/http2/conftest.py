@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
+import httpx2
 import pytest
 
 from voicepool import Pool, PoolSettings
-from voicepool.adapters.http2 import H2Connection, Http2Adapter, PooledTransport
+from voicepool.adapters.http2 import H2Connection, Http2Adapter, PooledTransport, PooledTransport2
 from voicepool.testing.llm import LlmEmulator
 from voicepool.testing.tls import test_certificates
 
@@ -76,4 +77,11 @@ async def pool(llm: LlmEmulator, make_pool: MakePool) -> Pool[H2Connection]:
 @pytest.fixture
 async def client(pool: Pool[H2Connection]) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
+        yield http
+
+
+@pytest.fixture
+async def sdk_client(pool: Pool[H2Connection]) -> AsyncIterator[httpx2.AsyncClient]:
+    """The httpx2 client on PooledTransport2: the flavour the openai and anthropic SDKs take."""
+    async with httpx2.AsyncClient(transport=PooledTransport2(pool)) as http:
         yield http

@@ -61,7 +61,7 @@ def test_bad_headers_and_unknown_options_are_rejected() -> None:
     with pytest.raises(ValidationError):
         Http2Options(base_url="https://x", headers={"x-a": "b\r\nevil: 1"})
     with pytest.raises(ValidationError):
-        Http2Options(base_url="https://x", max_stream=5)  # type: ignore[call-arg]
+        Http2Options(base_url="https://x", max_stream=5)
 
 
 def test_credentials_stay_out_of_descriptions_and_reprs() -> None:

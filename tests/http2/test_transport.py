@@ -18,12 +18,12 @@ from voicepool.testing.llm import LlmEmulator
 
 
 async def test_openai_sdk_streams_on_a_connection_opened_at_boot(
-    llm: LlmEmulator, pool: Pool[H2Connection], client: httpx.AsyncClient
+    llm: LlmEmulator, pool: Pool[H2Connection], sdk_client: httpx2.AsyncClient
 ) -> None:
     assert pool.stats().size == 1
     assert llm.requests["/v1/models"] == 1  # the warm-up ran at boot
     accepted = llm.connections_accepted
-    sdk = openai.AsyncOpenAI(base_url=llm.base_url, api_key=API_KEY, http_client=client)
+    sdk = openai.AsyncOpenAI(base_url=llm.base_url, api_key=API_KEY, http_client=sdk_client)
 
     stream = await sdk.chat.completions.create(
         model="m",
@@ -49,9 +49,9 @@ async def test_openai_sdk_streams_on_a_connection_opened_at_boot(
 
 
 async def test_cancelling_an_openai_stream_resets_it_at_once(
-    llm: LlmEmulator, pool: Pool[H2Connection], client: httpx.AsyncClient
+    llm: LlmEmulator, pool: Pool[H2Connection], sdk_client: httpx2.AsyncClient
 ) -> None:
-    sdk = openai.AsyncOpenAI(base_url=llm.base_url, api_key=API_KEY, http_client=client)
+    sdk = openai.AsyncOpenAI(base_url=llm.base_url, api_key=API_KEY, http_client=sdk_client)
     got_token = asyncio.Event()
 
     async def speak() -> None:
@@ -74,9 +74,9 @@ async def test_cancelling_an_openai_stream_resets_it_at_once(
 
 
 async def test_openai_sdk_non_streaming_and_models(
-    llm: LlmEmulator, client: httpx.AsyncClient
+    llm: LlmEmulator, sdk_client: httpx2.AsyncClient
 ) -> None:
-    sdk = openai.AsyncOpenAI(base_url=llm.base_url, api_key=API_KEY, http_client=client)
+    sdk = openai.AsyncOpenAI(base_url=llm.base_url, api_key=API_KEY, http_client=sdk_client)
     models = await sdk.models.list()
     assert [m.id for m in models.data] == [llm.model]
     done = await sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
