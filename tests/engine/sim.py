@@ -29,6 +29,7 @@ from voicepool._engine.core import PoolCore
 from voicepool._engine.record import ConnRecord
 from voicepool._engine.waitqueue import Waiter
 from voicepool.errors import ConnectError
+from voicepool.testing import FakeAdapter
 
 
 @dataclass(eq=False)
@@ -191,9 +192,10 @@ class Sim:
         return w
 
 
-class _ModeOnly:
-    """The two attributes PoolSettings.resolve reads from an adapter."""
+class _ModeOnly(FakeAdapter):
+    """An adapter for PoolSettings.resolve, which reads only its mode and stream count."""
 
     def __init__(self, mode: LeaseMode, max_streams: int) -> None:
+        super().__init__()
         self.lease_mode = mode
         self.max_streams = max_streams

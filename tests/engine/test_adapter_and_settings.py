@@ -20,6 +20,7 @@ from voicepool.adapter import ENTRY_POINT_GROUP
 from voicepool.testing import FakeAdapter
 from voicepool.testing import FakeMuxAdapter as MuxAdapter
 from voicepool.testing import FakeSingleUseAdapter as SingleUseAdapter
+from voicepool.testing.fake import FakeConn
 
 
 def test_register_and_get_by_name() -> None:
@@ -89,13 +90,14 @@ def test_adapter_defaults() -> None:
     assert not Adapter.is_fatal(adapter, OSError("x"))
     assert adapter.describe() == "fake://test"
     assert Adapter.describe(adapter) == "FakeAdapter"
-    seen: list[object] = []
+    seen: list[FakeConn] = []
+    first, second = FakeConn(1), FakeConn(2)
     adapter.watch(seen.append)
-    adapter.connection_changed("c")
+    adapter.connection_changed(first)
     adapter.unwatch(seen.append)
     adapter.unwatch(seen.append)  # unknown: ignored
-    adapter.connection_changed("d")
-    assert seen == ["c"]
+    adapter.connection_changed(second)
+    assert seen == [first]
 
 
 def test_error_tree() -> None:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from voicepool import LeaseMode, PoolSettings, PoolState
 from voicepool._engine.actions import Close, Connect, Fail
-from voicepool._engine.core import PoolCore, Waiter
+from voicepool._engine.core import PoolCore
+from voicepool._engine.waitqueue import Waiter
 from voicepool.errors import ConnectError, PoolUnavailable
 from voicepool.pool_settings import ResolvedSizing
 
