@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import openai
 import pytest
 
@@ -56,7 +57,7 @@ def test_emulate_process_serves_an_sdk_and_stops_on_a_signal(sig: int) -> None:
         with openai.OpenAI(
             base_url=llm["base_url"],
             api_key=llm["api_key"],
-            http_client=httpx.Client(verify=verify),
+            http_client=httpx2.Client(verify=verify),  # the client the SDK is typed for
             max_retries=0,
         ) as client:
             with pytest.raises(openai.RateLimitError):  # --429 1

@@ -90,7 +90,7 @@ async def test_multi_context_session() -> None:
             await ws.send(wire(CloseContext(context_id="a", close_context=True)))
             await ws.send(wire(CloseContext(context_id="b", close_context=True)))
             audio: dict[str, bytes] = {"a": b"", "b": b""}
-            finals = set()
+            finals: set[str] = set()
             while len(finals) < 2:
                 msg = parse_multi(await ws.recv())
                 assert msg.context_id is not None

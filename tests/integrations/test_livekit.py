@@ -8,6 +8,7 @@ import asyncio
 import json
 import statistics
 import threading
+from typing import cast
 
 import aiohttp
 import pytest
@@ -145,7 +146,12 @@ async def test_cartesia_plugin_on_a_pooled_session() -> None:
     async with lk.emulated_services() as stack:
         session = PooledSession()
         base = stack.cartesia.replace("wss", "https").rsplit("/tts", 1)[0]
-        tts = cartesia.TTS(api_key=lk.KEY, base_url=base, http_session=session, sample_rate=RATE)
+        # The plugin types http_session as aiohttp.ClientSession but only calls what
+        # PooledSession (a duck-typed stand-in) provides.
+        aiohttp_session = cast(aiohttp.ClientSession, session)
+        tts = cartesia.TTS(
+            api_key=lk.KEY, base_url=base, http_session=aiohttp_session, sample_rate=RATE
+        )
         async with job_pools(None, session, tts) as pools:
             async with tts.stream() as synth:
                 synth.push_text("hello there")

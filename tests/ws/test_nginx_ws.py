@@ -88,7 +88,7 @@ async def test_pool_keepalive_holds_sockets_open_through_nginx(
             await lease.conn.finalize()
             async with asyncio.timeout(5):
                 event = await lease.conn.recv()
-            assert event.text == "through nginx"  # type: ignore[union-attr]
+            assert event.text == "through nginx"
 
 
 async def test_without_keepalive_nginx_closes_idle_sockets(
