@@ -26,7 +26,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy voicepool adapters tools
+	$(BIN)/mypy voicepool adapters tools tests
 
 # Branch coverage is measured (and gated) on the engine: the part every call goes through.
 ENGINE_COV := --cov=voicepool.pool --cov=voicepool._engine --cov=voicepool.lease \
