@@ -17,16 +17,26 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from voicepool.adapter import LeaseMode
 from voicepool.errors import VoicepoolError
 
 # Relative imports: mypy cannot map the repo folder adapters/ to voicepool.adapters, and
 # a relative import resolves to the installed package at run time (hence the noqa).
+from .provider import ProviderAdapter, encode  # noqa: TID251
 from .websocket import EndpointOptions, MalformedMessage, ManagedSocket, StreamClosed  # noqa: TID251
 
 if TYPE_CHECKING:
     from voicepool.adapter import Adapter
 
-__all__ = ["ContextError", "ServerEvent", "TTSConnection", "TTSContext", "decode_audio"]
+__all__ = [
+    "ContextError",
+    "Dialect",
+    "ServerEvent",
+    "TTSAdapter",
+    "TTSConnection",
+    "TTSContext",
+    "decode_audio",
+]
 
 
 class ContextError(VoicepoolError, RuntimeError):
@@ -57,7 +67,10 @@ _DONE = _Done()
 
 
 class Dialect(Protocol):
-    """The provider-specific wire format (ElevenLabs, Cartesia)."""
+    """The provider-specific wire format (ElevenLabs, Cartesia); a
+    :class:`~voicepool.adapters.provider.SocketDialect` with contexts."""
+
+    provider: str
 
     def init_messages(self, context_id: str) -> list[dict[str, Any]]: ...
     def text_message(self, context_id: str, text: str, flush: bool) -> dict[str, Any]: ...
@@ -115,8 +128,8 @@ class TTSContext:
         self._queue: asyncio.Queue[bytes | _Done | BaseException] = asyncio.Queue()
 
     async def _send(self, messages: list[dict[str, Any]]) -> None:
-        for msg in messages:
-            await self.conn.send(json.dumps(msg, separators=(",", ":")))
+        for text in encode(messages):
+            await self.conn.send(text)
 
     def _check_usable(self) -> None:
         if self.released:
@@ -226,7 +239,12 @@ def _fresh(exc: BaseException) -> BaseException:
 
 
 class TTSConnection(ManagedSocket):
-    """A shared TTS socket: contexts by id, a reader that routes server messages to them."""
+    """A shared TTS socket: contexts by id, a reader that routes server messages to them.
+
+    Context ids are never reused on a socket (``vp1``, ``vp2``, ... in order of first use,
+    whatever the leases' stream ids), so audio still arriving for a released context can only be
+    dropped, never delivered to a later lease.
+    """
 
     def __init__(
         self,
@@ -237,34 +255,49 @@ class TTSConnection(ManagedSocket):
         *,
         keepalive_interval: float | None,
         capacity: int,
+        recycle_after: float | None = None,
+        stale_after: float | None = None,
     ) -> None:
         super().__init__(
             ws, adapter, keepalive_interval=keepalive_interval, close_timeout=options.close_timeout
         )
         self.dialect = dialect
         self.capacity = capacity
-        self.contexts: dict[str, TTSContext] = {}
+        self.recycle_after = recycle_after  # idle this long: the next ping recycles the socket
+        self.stale_after = stale_after  # idle this long: unusable, the provider may close it
+        self.contexts: dict[str, TTSContext] = {}  # by context id: what the reader routes to
+        self._by_stream: dict[int, TTSContext] = {}  # by lease stream id
+        self._contexts_made = 0
         self.dropped = 0  # messages for contexts already released (barge-in leftovers)
         self.last_error: str | None = None  # a socket-level error message, before a close
-
-    @staticmethod
-    def context_id(stream_id: int) -> str:
-        return f"vp{stream_id}"
 
     def context(self, stream_id: int | None) -> TTSContext:
         """The context of the lease with ``stream_id`` (created on first use)."""
         if stream_id is None:
             raise ValueError("a TTS context needs a MULTIPLEXED lease's stream_id")
-        cid = self.context_id(stream_id)
-        ctx = self.contexts.get(cid)
+        ctx = self._by_stream.get(stream_id)
         if ctx is None:
             self.check_open()
-            ctx = self.contexts[cid] = TTSContext(self, cid)
+            self._contexts_made += 1
+            cid = f"vp{self._contexts_made}"
+            ctx = self._by_stream[stream_id] = self.contexts[cid] = TTSContext(self, cid)
         return ctx
+
+    def idle_for(self, limit: float | None) -> bool:
+        """Whether nothing was sent for ``limit`` seconds with no context open."""
+        if limit is None or self.contexts:
+            return False
+        return self.loop.time() - self.last_sent >= limit
+
+    @property
+    def stale(self) -> bool:
+        return self.idle_for(self.stale_after)
 
     async def release(self, stream_id: int, error: BaseException | None) -> bool:
         """End the lease's context (cancel it unless it finished); False if the socket is gone."""
-        ctx = self.contexts.pop(self.context_id(stream_id), None)
+        ctx = self._by_stream.pop(stream_id, None)
+        if ctx is not None:
+            self.contexts.pop(ctx.context_id, None)
         if ctx is not None and not ctx.released:
             if ctx.final_received:
                 ctx.released = True  # the provider ended it: nothing to close
@@ -295,9 +328,67 @@ class TTSConnection(ManagedSocket):
             ctx._finish(error)
 
     def keepalive_messages(self) -> list[str]:
-        started = [cid for cid, ctx in self.contexts.items() if ctx.started and not ctx.released]
-        return [json.dumps(m) for m in self.dialect.keepalive_messages(started)]
+        # Only contexts the provider holds open: a message naming an ended one (close_context
+        # sent) would open it again, and take a slot.
+        started = [
+            cid
+            for cid, ctx in self.contexts.items()
+            if ctx.started and not ctx.ended and not ctx.released
+        ]
+        return encode(self.dialect.keepalive_messages(started))
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed"
         return f"<{type(self).__name__} {self.where} {state} contexts={len(self.contexts)}>"
+
+
+class TTSAdapter(ProviderAdapter[TTSConnection]):
+    """What the multiplexed TTS adapters share: one :class:`TTSConnection` per socket, one context
+    per lease. Subclasses set ``Options``, build ``dialect``, and give :meth:`url`,
+    :meth:`keepalive_interval` and the idle limits."""
+
+    lease_mode: LeaseMode = LeaseMode.MULTIPLEXED
+    dialect: Dialect
+
+    def keepalive_interval(self) -> float | None:
+        """How often a socket with open contexts keeps itself alive (None: never)."""
+        return None
+
+    async def connect(self) -> TTSConnection:
+        conn = TTSConnection(
+            await self.open_socket(),
+            self,
+            self.dialect,
+            self.options,
+            keepalive_interval=self.keepalive_interval() if self.options.keepalive else None,
+            capacity=self.max_streams,
+            recycle_after=self.recycle_after(),
+            stale_after=self.stale_after(),
+        )
+        conn.start()
+        return conn
+
+    async def ping(self, conn: TTSConnection) -> None:
+        """Keepalive text (unless disabled) + WebSocket ping/pong. Raises StreamClosed when
+        closed, or idle for ``recycle_after`` (the pool then replaces the socket before the
+        provider's idle close)."""
+        if conn.idle_for(conn.recycle_after):
+            raise StreamClosed(f"{conn.where}: idle for too long; recycling before the idle close")
+        await conn.ping(conn.keepalive_messages() if self.options.keepalive else [])
+
+    def is_open(self, conn: TTSConnection) -> bool:
+        return conn.is_open and not conn.stale
+
+    def stream_capacity(self, conn: TTSConnection) -> int:
+        return conn.capacity if conn.is_open else 0
+
+    async def release_stream(
+        self, conn: TTSConnection, stream_id: int, error: BaseException | None
+    ) -> bool:
+        """Close or cancel the lease's context unless it already ended; False only when the
+        socket itself is broken."""
+        return await conn.release(stream_id, error)
+
+    async def close(self, conn: TTSConnection) -> None:
+        """The provider's goodbye, then the closing handshake (bounded by ``close_timeout``)."""
+        await conn.aclose(self.goodbyes())

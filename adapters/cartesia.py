@@ -22,25 +22,23 @@ In a call handler::
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 from pydantic import BaseModel, Field
 
-from voicepool.adapter import LeaseMode
-
 # Relative imports: mypy cannot map the repo folder adapters/ to voicepool.adapters, and
 # a relative import resolves to the installed package at run time (hence the noqa).
-from ._tts import ServerEvent, TTSConnection, TTSContext, decode_audio, load_object  # noqa: TID251
-from .websocket import BaseWebSocketAdapter, EndpointOptions, MalformedMessage, StreamClosed  # noqa: TID251
+from ._tts import ServerEvent, TTSAdapter, TTSContext, decode_audio, load_object  # noqa: TID251
+from .provider import ProviderOptions  # noqa: TID251
+from .websocket import MalformedMessage  # noqa: TID251
 
 __all__ = ["CartesiaAdapter", "CartesiaDialect", "CartesiaOptions", "TTSContext"]
 
 API_VERSION = "2026-08-14"  # what the cartesia 4.x SDK sends (docs/providers.md)
 
 
-class CartesiaOptions(EndpointOptions):
+class CartesiaOptions(ProviderOptions):
     """Typed options: endpoint, version, and the fields every generation request carries."""
 
     url: str = "wss://api.cartesia.ai"
@@ -137,29 +135,12 @@ class CartesiaDialect:
         return ServerEvent("other", cid)
 
 
-class CartesiaConnection(TTSConnection):
-    """A Cartesia socket that knows how long it has been idle (nothing sent, no context)."""
-
-    recycle_after: float | None = None  # the next ping recycles it
-    stale_after: float | None = None  # unusable: the provider may close it any moment
-
-    def idle_for(self, limit: float | None) -> bool:
-        if limit is None or self.contexts:
-            return False
-        return self.loop.time() - self.last_sent >= limit
-
-    @property
-    def stale(self) -> bool:
-        return self.idle_for(self.stale_after)
-
-
-class CartesiaAdapter(BaseWebSocketAdapter[CartesiaConnection]):
+class CartesiaAdapter(TTSAdapter):
     """Pool adapter for Cartesia TTS (see the module doc). Registered as ``cartesia``."""
 
     Options: ClassVar[type[BaseModel] | None] = CartesiaOptions
     options: CartesiaOptions
     service: ClassVar[str | None] = "tts"
-    lease_mode: LeaseMode = LeaseMode.MULTIPLEXED
     max_streams: int = 5
     max_idle: float | None = 300.0
 
@@ -175,42 +156,12 @@ class CartesiaAdapter(BaseWebSocketAdapter[CartesiaConnection]):
     def request_headers(self) -> list[tuple[str, str]]:
         return [*super().request_headers(), ("Cartesia-Version", self.options.version)]
 
-    async def connect(self) -> CartesiaConnection:
+    def recycle_after(self) -> float | None:
         o = self.options
-        conn = CartesiaConnection(
-            await self.open_socket(),
-            self,
-            self.dialect,
-            o,
-            keepalive_interval=None,
-            capacity=o.max_contexts,
-        )
-        if o.max_idle is not None:
-            conn.recycle_after = 0.4 * o.max_idle
-            conn.stale_after = 0.9 * o.max_idle
         if o.recycle_after is not None:
-            conn.recycle_after = o.recycle_after
-        conn.start()
-        return conn
+            return o.recycle_after
+        return 0.4 * o.max_idle if o.max_idle is not None else None
 
-    async def ping(self, conn: CartesiaConnection) -> None:
-        """WebSocket ping/pong (health only). Raises StreamClosed when closed, or idle for
-        ``recycle_after`` (the pool then replaces the socket before Cartesia closes it)."""
-        if conn.idle_for(conn.recycle_after):
-            raise StreamClosed(f"{conn.where}: idle for too long; recycling before the idle close")
-        await conn.ping()
-
-    def is_open(self, conn: CartesiaConnection) -> bool:
-        return conn.is_open and not conn.stale
-
-    def stream_capacity(self, conn: CartesiaConnection) -> int:
-        return conn.capacity if conn.is_open else 0
-
-    async def release_stream(
-        self, conn: CartesiaConnection, stream_id: int, error: BaseException | None
-    ) -> bool:
-        """``cancel`` the lease's context unless done; False only when the socket is broken."""
-        return await conn.release(stream_id, error)
-
-    async def close(self, conn: CartesiaConnection) -> None:
-        await conn.aclose([json.dumps(m) for m in self.dialect.goodbye_messages()])
+    def stale_after(self) -> float | None:
+        o = self.options
+        return 0.9 * o.max_idle if o.max_idle is not None else None

@@ -6,8 +6,16 @@ socket serves one parameter set; the key goes in ``Authorization: Token <key>``.
 Lease modes: ``SINGLE_USE`` by default: a lease is one call's stream; releasing it closes the
 stream politely (``CloseStream``: final results, ``Metadata``, close) and the pool keeps
 ``min_size`` spares warm. Deepgram bills for the time a socket is open: keep spares few. With
-``reuse=True`` the adapter is ``EXCLUSIVE``: after a lease, ``reset`` sends ``Finalize``, waits for
-the flushed result and drops what the next holder must not see.
+``reuse=True`` the adapter is ``EXCLUSIVE``: after a lease, ``reset`` sends ``Finalize``, waits
+until every ``Finalize`` sent on the socket (the holder's too) has its ``from_finalize`` result,
+and drops what the next holder must not see. Deepgram answers a ``Finalize`` when audio is
+buffered and may not otherwise: an unanswered one makes the reset time out after
+``finalize_timeout`` and the socket is discarded (never handed on unproven), so holders of reused
+sockets should finalize only after audio.
+
+Raw mode (``raw = true``, see :mod:`voicepool.adapters.provider`): the lease is the plain
+``websockets`` connection, e.g. for deepgram-sdk's ``AsyncV1SocketClient(websocket=...)``; the
+pool keeps the URL, the ``KeepAlive`` of idle sockets and the ``CloseStream`` goodbye.
 
 Keepalive: the pool pings idle sockets at least every ``max_idle / 2`` (Deepgram closes after about
 10 s without audio or ``KeepAlive``); each ping sends ``{"type":"KeepAlive"}`` as a *text* frame
@@ -38,17 +46,13 @@ from voicepool.adapter import LeaseMode
 
 # Relative imports: mypy cannot map the repo folder adapters/ to voicepool.adapters, and
 # a relative import resolves to the installed package at run time (hence the noqa).
-from .websocket import (  # noqa: TID251
-    BaseWebSocketAdapter,
-    EndpointOptions,
-    MalformedMessage,
-    ManagedSocket,
-    StreamClosed,
-)
+from .provider import ProviderAdapter, ProviderOptions, encode  # noqa: TID251
+from .websocket import MalformedMessage, ManagedSocket, StreamClosed  # noqa: TID251
 
 __all__ = [
     "DeepgramAdapter",
     "DeepgramConnection",
+    "DeepgramDialect",
     "DeepgramEvent",
     "DeepgramOptions",
     "Metadata",
@@ -58,10 +62,6 @@ __all__ = [
     "UnknownEvent",
     "UtteranceEnd",
 ]
-
-KEEPALIVE = json.dumps({"type": "KeepAlive"})
-FINALIZE = json.dumps({"type": "Finalize"})
-CLOSE_STREAM = json.dumps({"type": "CloseStream"})
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -119,6 +119,26 @@ class UnknownEvent:
 DeepgramEvent = Transcript | UtteranceEnd | SpeechStarted | Metadata | ServerError | UnknownEvent
 
 
+class DeepgramDialect:
+    """The live streaming wire format: control messages and typed server events (no I/O)."""
+
+    provider = "Deepgram"
+
+    def keepalive_messages(self, open_contexts: list[str]) -> list[dict[str, Any]]:
+        return [{"type": "KeepAlive"}]  # a *text* frame: Deepgram ignores a binary one
+
+    def goodbye_messages(self) -> list[dict[str, Any]]:
+        # Final results and Metadata follow, then the server closes (1000).
+        return [{"type": "CloseStream"}]
+
+    def finalize_message(self) -> dict[str, Any]:
+        # Answered by one final result with ``from_finalize``, after those of earlier audio.
+        return {"type": "Finalize"}
+
+    def parse(self, message: str | bytes) -> DeepgramEvent:
+        return parse_event(message)
+
+
 def parse_event(message: str | bytes) -> DeepgramEvent:
     """Parse one server message. Raises MalformedMessage (Deepgram sends JSON text only)."""
     if isinstance(message, bytes):
@@ -156,7 +176,7 @@ def parse_event(message: str | bytes) -> DeepgramEvent:
 # -- options --------------------------------------------------------------------------------------
 
 
-class DeepgramOptions(EndpointOptions):
+class DeepgramOptions(ProviderOptions):
     """Typed options; the URL is ``url + path + ?query`` built from them."""
 
     url: str = "wss://api.deepgram.com"
@@ -182,9 +202,6 @@ class DeepgramOptions(EndpointOptions):
     max_idle: float | None = Field(
         default=10.0, gt=0, description="Deepgram's idle close (about 10 s)."
     )
-    keepalive: bool = Field(
-        default=True, description="Send KeepAlive (off only to test the idle close)."
-    )
     keepalive_interval: float = Field(
         default=4.0, gt=0, description="KeepAlive period of held sockets."
     )
@@ -195,6 +212,11 @@ class DeepgramOptions(EndpointOptions):
 
     @model_validator(mode="after")
     def _keepalive_fits(self) -> DeepgramOptions:
+        if self.raw and self.reuse:
+            raise ValueError(
+                "raw and reuse together: a raw socket is read by its holder only, so no reset"
+                " can prove it clean (raw leases are single_use)"
+            )
         if self.max_idle is not None and self.keepalive_interval >= self.max_idle:
             raise ValueError(
                 f"keepalive_interval ({self.keepalive_interval}) must be below max_idle"
@@ -246,6 +268,11 @@ class DeepgramConnection(ManagedSocket):
 
     def __init__(self, ws: Any, adapter: DeepgramAdapter) -> None:
         o = adapter.options
+        dialect = adapter.dialect
+        self.dialect = dialect
+        [self._keepalive_text] = encode(dialect.keepalive_messages([]))
+        [self._finalize_text] = encode([dialect.finalize_message()])
+        [self._close_text] = encode(dialect.goodbye_messages())
         super().__init__(
             ws,
             adapter,
@@ -253,7 +280,12 @@ class DeepgramConnection(ManagedSocket):
             close_timeout=o.close_timeout,
         )
         self._events: asyncio.Queue[Any] = asyncio.Queue()
+        # Every Finalize is answered by one ``from_finalize`` result, in order: a reset is at a
+        # boundary only when all of them (the holder's too) are answered.
+        self.finalizes_sent = 0
+        self.finalizes_answered = 0
         self._finalized = asyncio.Event()
+        self._finalized.set()
         self.closing = False
         self.audio_since_finalize = False
         self.metadata: Metadata | None = None
@@ -269,19 +301,24 @@ class DeepgramConnection(ManagedSocket):
         self.audio_since_finalize = True
 
     async def keep_alive(self) -> None:
-        await self.send(KEEPALIVE)
+        await self.send(self._keepalive_text)
         self.keepalives_sent += 1
 
     async def finalize(self) -> None:
         """Ask for the results of all audio sent so far (they carry ``from_finalize``)."""
+        self.finalizes_sent += 1
         self._finalized.clear()
-        await self.send(FINALIZE)
+        try:
+            await self.send(self._finalize_text)
+        except BaseException:
+            self.finalizes_sent -= 1  # (a frame is queued whole or not at all)
+            raise
         self.audio_since_finalize = False
 
     async def close_stream(self) -> None:
         """End the stream: the server sends final results, ``Metadata``, then closes."""
         self.closing = True
-        await self.send(CLOSE_STREAM)
+        await self.send(self._close_text)
 
     # -- receiving --------------------------------------------------------------------------------
 
@@ -328,9 +365,11 @@ class DeepgramConnection(ManagedSocket):
     # -- ManagedSocket hooks ----------------------------------------------------------------------
 
     def on_message(self, message: str | bytes) -> None:
-        event = parse_event(message)
+        event = self.dialect.parse(message)
         if isinstance(event, Transcript) and event.from_finalize:
-            self._finalized.set()
+            self.finalizes_answered += 1
+            if self.finalizes_answered >= self.finalizes_sent:
+                self._finalized.set()
         elif isinstance(event, Metadata):
             self.metadata = event
         self._events.put_nowait(event)
@@ -341,7 +380,7 @@ class DeepgramConnection(ManagedSocket):
         self._events.put_nowait(_END if clean else error)
 
     def keepalive_messages(self) -> list[str]:
-        return [KEEPALIVE]
+        return [self._keepalive_text]
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed"
@@ -351,17 +390,20 @@ class DeepgramConnection(ManagedSocket):
 # -- adapter --------------------------------------------------------------------------------------
 
 
-class DeepgramAdapter(BaseWebSocketAdapter[DeepgramConnection]):
+class DeepgramAdapter(ProviderAdapter[DeepgramConnection]):
     """Pool adapter for Deepgram live ASR (see the module doc). Registered as ``deepgram``."""
 
     Options: ClassVar[type[BaseModel] | None] = DeepgramOptions
     options: DeepgramOptions
     service: ClassVar[str | None] = "asr"
+    dialect: DeepgramDialect
     lease_mode: LeaseMode = LeaseMode.SINGLE_USE
     max_idle: float | None = 10.0
+    waits_for_server_close: ClassVar[bool] = True
 
     def __init__(self, options: DeepgramOptions | None = None, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
+        self.dialect = DeepgramDialect()
         if self.options.reuse:
             self.lease_mode = LeaseMode.EXCLUSIVE
 
@@ -376,15 +418,16 @@ class DeepgramAdapter(BaseWebSocketAdapter[DeepgramConnection]):
 
     async def ping(self, conn: DeepgramConnection) -> None:
         """``KeepAlive`` (text) + WebSocket ping/pong. Raises StreamClosed on a closed socket."""
-        await conn.ping([KEEPALIVE] if self.options.keepalive else [])
+        await conn.ping(self.idle_keepalives())
 
     def is_open(self, conn: DeepgramConnection) -> bool:
         return conn.is_open
 
     async def reset(self, conn: DeepgramConnection) -> None:
-        """EXCLUSIVE reuse: ``Finalize`` if audio flowed, wait for its result, drop leftovers.
+        """EXCLUSIVE reuse: ``Finalize`` if audio flowed, wait until every Finalize sent on the
+        socket (the holder's too) is answered, then drop what the holder left unread.
 
-        Raises StreamClosed (socket gone) or TimeoutError (no flushed result within
+        Raises StreamClosed (socket gone) or TimeoutError (not all answered within
         ``finalize_timeout``): the pool then discards the socket.
         """
         conn.check_open()
@@ -392,13 +435,13 @@ class DeepgramAdapter(BaseWebSocketAdapter[DeepgramConnection]):
             raise StreamClosed(f"{conn.where}: stream was closed by its holder")
         if conn.audio_since_finalize:
             await conn.finalize()
-            async with asyncio.timeout(self.options.finalize_timeout):
-                await conn._finalized.wait()
-            conn.check_open()
+        async with asyncio.timeout(self.options.finalize_timeout):
+            await conn._finalized.wait()
+        conn.check_open()
         conn.drain()
 
     async def close(self, conn: DeepgramConnection) -> None:
         """``CloseStream``, wait for the server's close (bounded by ``close_timeout``), close."""
-        goodbye = [] if conn.closing else [CLOSE_STREAM]
+        goodbye = [] if conn.closing else self.goodbyes()
         conn.closing = True
         await conn.aclose(goodbye, wait_for_server=True)

@@ -7,10 +7,11 @@ releasing a lease sends ``close_context`` before its slot is reused, so an inter
 fails (close, malformed message) is replaced.
 
 Keepalive: ElevenLabs closes a socket after ``inactivity_timeout`` (default 20 s) without text.
-The pool pings idle sockets; each ping sends ``{"context_id": ..., "text": ""}`` (an empty text is
-the documented per-context keepalive; on a socket with no context the adapter uses its
-``keepalive_context_id``, which no context ever takes) and a WebSocket ping. A socket with open
-contexts keeps itself alive the same way whenever nothing was sent for ``keepalive_interval``.
+The pool pings idle sockets; each ping sends a keepalive and a WebSocket ping. The keepalive is
+``{"context_id": ..., "text": ""}`` for each open context (the documented per-context keepalive)
+and ``{"text": ""}`` on a socket with none: a message that names a context opens it, so a made-up
+keepalive context would take one of the 5 slots. A socket with open contexts keeps itself alive
+the same way whenever nothing was sent for ``keepalive_interval``.
 
 In a call handler::
 
@@ -23,25 +24,23 @@ In a call handler::
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar
 from urllib.parse import quote, urlencode
 
 from pydantic import BaseModel, Field, model_validator
 
-from voicepool.adapter import LeaseMode
-
 # Relative imports: mypy cannot map the repo folder adapters/ to voicepool.adapters, and
 # a relative import resolves to the installed package at run time (hence the noqa).
-from ._tts import ServerEvent, TTSConnection, TTSContext, decode_audio, load_object  # noqa: TID251
-from .websocket import BaseWebSocketAdapter, EndpointOptions, MalformedMessage  # noqa: TID251
+from ._tts import ServerEvent, TTSAdapter, TTSContext, decode_audio, load_object  # noqa: TID251
+from .provider import ProviderOptions  # noqa: TID251
+from .websocket import MalformedMessage  # noqa: TID251
 
 __all__ = ["ElevenLabsAdapter", "ElevenLabsDialect", "ElevenLabsOptions", "TTSContext"]
 
 MAX_CONTEXTS = 5
 
 
-class ElevenLabsOptions(EndpointOptions):
+class ElevenLabsOptions(ProviderOptions):
     """Typed options; the URL is built from ``url``, ``voice_id`` and the query fields."""
 
     url: str = "wss://api.elevenlabs.io"
@@ -57,13 +56,9 @@ class ElevenLabsOptions(EndpointOptions):
     params: dict[str, str] = Field(default_factory=dict, description="More query parameters.")
     max_contexts: int = Field(default=MAX_CONTEXTS, ge=1, le=MAX_CONTEXTS)
     max_idle: float | None = Field(default=None, gt=0, description="Default: inactivity_timeout.")
-    keepalive: bool = Field(
-        default=True, description="Send keepalives (off only to test the idle close)."
-    )
     keepalive_interval: float | None = Field(
         default=None, gt=0, description="Default: max_idle / 3."
     )
-    keepalive_context_id: str = "vp-keepalive"
 
     @model_validator(mode="after")
     def _keepalive_fits(self) -> ElevenLabsOptions:
@@ -113,8 +108,12 @@ class ElevenLabsDialect:
         return [] if ended else [{"context_id": context_id, "close_context": True}]
 
     def keepalive_messages(self, open_contexts: list[str]) -> list[dict[str, Any]]:
-        ids = open_contexts or [self.options.keepalive_context_id]
-        return [{"context_id": cid, "text": ""} for cid in ids]
+        # A message naming a context opens it, taking one of the socket's 5 slots: name only
+        # contexts already open, and keep a socket without one alive with a context-less
+        # keepalive (what Pipecat does since its #4527).
+        if not open_contexts:
+            return [{"text": ""}]
+        return [{"context_id": cid, "text": ""} for cid in open_contexts]
 
     def goodbye_messages(self) -> list[dict[str, Any]]:
         return [{"close_socket": True}]
@@ -140,13 +139,12 @@ class ElevenLabsDialect:
         return ServerEvent("other", cid)
 
 
-class ElevenLabsAdapter(BaseWebSocketAdapter[TTSConnection]):
+class ElevenLabsAdapter(TTSAdapter):
     """Pool adapter for ElevenLabs multi-context TTS (see the module doc). Name: ``elevenlabs``."""
 
     Options: ClassVar[type[BaseModel] | None] = ElevenLabsOptions
     options: ElevenLabsOptions
     service: ClassVar[str | None] = "tts"
-    lease_mode: LeaseMode = LeaseMode.MULTIPLEXED
     max_streams: int = MAX_CONTEXTS
     max_idle: float | None = 20.0
 
@@ -168,37 +166,6 @@ class ElevenLabsAdapter(BaseWebSocketAdapter[TTSConnection]):
         path = f"/v1/text-to-speech/{quote(o.voice_id, safe='')}/multi-stream-input"
         return f"{o.url.rstrip('/')}{path}?{urlencode(query)}"
 
-    async def connect(self) -> TTSConnection:
+    def keepalive_interval(self) -> float | None:
         o = self.options
-        interval = o.keepalive_interval or o.idle_close() / 3
-        conn = TTSConnection(
-            await self.open_socket(),
-            self,
-            self.dialect,
-            o,
-            keepalive_interval=interval if o.keepalive else None,
-            capacity=o.max_contexts,
-        )
-        conn.start()
-        return conn
-
-    async def ping(self, conn: TTSConnection) -> None:
-        """Keepalive text (unless disabled) + WebSocket ping/pong. Raises StreamClosed."""
-        await conn.ping(conn.keepalive_messages() if self.options.keepalive else [])
-
-    def is_open(self, conn: TTSConnection) -> bool:
-        return conn.is_open
-
-    def stream_capacity(self, conn: TTSConnection) -> int:
-        return conn.capacity if conn.is_open else 0
-
-    async def release_stream(
-        self, conn: TTSConnection, stream_id: int, error: BaseException | None
-    ) -> bool:
-        """``close_context`` for the lease's context unless it already ended; False only when the
-        socket itself is broken."""
-        return await conn.release(stream_id, error)
-
-    async def close(self, conn: TTSConnection) -> None:
-        """``close_socket``, then the closing handshake (bounded by ``close_timeout``)."""
-        await conn.aclose([json.dumps(m) for m in self.dialect.goodbye_messages()])
+        return o.keepalive_interval or o.idle_close() / 3

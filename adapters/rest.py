@@ -245,10 +245,7 @@ class RestAdapter(Adapter[RestConnection]):
     Options: ClassVar[type[RestOptions]] = RestOptions
 
     def __init__(self, options: RestOptions | None = None, **kwargs: Any) -> None:
-        if options is None:
-            options = RestOptions(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either a RestOptions or keyword options, not both")
+        options = self._build_options(options, kwargs)
         self.options = options
         parts = urlsplit(options.base_url)
         self._origin = f"{parts.scheme}://{parts.netloc}"

@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import ssl
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -39,7 +40,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from voicepool._redact import SECRET_KEY, get_logger
-from voicepool.adapter import Adapter
+from voicepool.adapter import Adapter, LeaseMode
 from voicepool.dns import AddressTracker, default_resolver
 from voicepool.errors import ConnectError, VoicepoolError
 from voicepool.settings import NO_SECRET, OptionalSecret
@@ -53,6 +54,7 @@ __all__ = [
     "StreamClosed",
     "WebSocketAdapter",
     "WebSocketOptions",
+    "handshake_status_error",
     "translate_connect_error",
 ]
 
@@ -138,11 +140,50 @@ class EndpointOptions(BaseModel):
 
 
 class WebSocketOptions(EndpointOptions):
-    """Options of the generic adapter: an endpoint plus an optional text keepalive."""
+    """Options of the generic adapter: an endpoint, an optional text keepalive, and the boundary
+    that makes ``exclusive`` reuse safe.
+
+    Without ``reset_boundary`` the adapter is ``single_use``: a stateful socket handed to a second
+    call could carry the first call's data. With it, leases are ``exclusive`` and the reset after
+    each one sends ``reset_message`` (if any) and reads until a text message matching
+    ``reset_boundary`` arrives, dropping everything before it; a socket that reaches no boundary
+    within ``reset_timeout``, or receives anything within ``reset_quiet`` after it, is discarded.
+    ``reset_message`` should produce exactly one boundary: a holder that asks for one itself
+    reads it before releasing.
+    """
 
     keepalive_message: str | None = Field(
         default=None, description="Text frame sent on each health ping (a provider keepalive)."
     )
+    reset_message: str | None = Field(
+        default=None,
+        description="Text frame sent at reset to ask the server for a boundary (e.g. a flush).",
+    )
+    reset_boundary: str | None = Field(
+        default=None,
+        description=(
+            "Regular expression matching the server's last message of a finished exchange."
+            " Set: leases are exclusive, and a reset drains to it. Unset: single_use."
+        ),
+    )
+    reset_timeout: float = Field(
+        default=2.0, gt=0, description="How long a reset waits for the boundary."
+    )
+    reset_quiet: float = Field(
+        default=0.05,
+        ge=0,
+        description="Silence required after the boundary, seconds (a message within it: discard).",
+    )
+
+    @field_validator("reset_boundary")
+    @classmethod
+    def _boundary_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"reset_boundary is not a regular expression: {exc}") from exc
+        return value
 
 
 def safe_endpoint(url: str) -> str:
@@ -152,20 +193,27 @@ def safe_endpoint(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 
+def handshake_status_error(endpoint: str, status: int, retry_after: str | None) -> ConnectError:
+    """The :class:`~voicepool.ConnectError` for an upgrade answered with HTTP ``status`` (any
+    client library): fatal for :data:`FATAL_STATUSES`, with a hint and ``Retry-After`` on 429."""
+    hint = _HINTS.get(status, "server error" if status >= 500 else "unexpected status")
+    extra = f" (Retry-After: {retry_after})" if retry_after and status == 429 else ""
+    return ConnectError(
+        f"{endpoint}: handshake rejected with HTTP {status}: {hint}{extra}",
+        fatal=status in FATAL_STATUSES,
+        status=status,
+    )
+
+
 def translate_connect_error(exc: BaseException, endpoint: str) -> ConnectError:
     """A :class:`~voicepool.ConnectError` for a failed open (the cause is chained by the caller).
 
     Fatal: HTTP statuses in :data:`FATAL_STATUSES`, certificate failures, an invalid URI.
     """
     if isinstance(exc, InvalidStatus):
-        status = exc.response.status_code
-        hint = _HINTS.get(status, "server error" if status >= 500 else "unexpected status")
-        retry = exc.response.headers.get("Retry-After")
-        extra = f" (Retry-After: {retry})" if retry and status == 429 else ""
-        return ConnectError(
-            f"{endpoint}: handshake rejected with HTTP {status}: {hint}{extra}",
-            fatal=status in FATAL_STATUSES,
-            status=status,
+        response = exc.response
+        return handshake_status_error(
+            endpoint, response.status_code, response.headers.get("Retry-After")
         )
     if isinstance(exc, ssl.SSLCertVerificationError):
         return ConnectError(
@@ -225,19 +273,6 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
         # Retires connections whose address left DNS (the pool's conn: the socket, or the
         # ManagedSocket wrapping it).
         self.addresses = AddressTracker(self, urlsplit(self.url()).hostname or "")
-
-    @classmethod
-    def _build_options(cls, options: Any, kwargs: dict[str, Any]) -> Any:
-        model = cls.Options
-        assert model is not None
-        if options is None:
-            return model(**kwargs)
-        if kwargs:
-            raise TypeError("pass either an Options model or keyword options, not both")
-        if isinstance(options, model):
-            return options
-        data = options.model_dump() if isinstance(options, BaseModel) else options
-        return model.model_validate(data)
 
     # -- what subclasses customise ----------------------------------------------------------------
 
@@ -325,6 +360,28 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
             return exc.fatal
         return translate_connect_error(exc, "").fatal
 
+    # -- what a pool needs to keep a socket it does not read (raw and aiohttp adapters) -------
+
+    waits_for_server_close: ClassVar[bool] = False
+    """The server answers the goodbye with final messages and closes itself (Deepgram)."""
+
+    def idle_keepalives(self) -> list[str]:
+        """Text frames that keep an idle socket from the server's idle close."""
+        return []
+
+    def goodbyes(self) -> list[str]:
+        """Text frames sent before the closing handshake."""
+        return []
+
+    def recycle_after(self) -> float | None:
+        """Seconds idle after which a ping fails on purpose, so the pool replaces the socket
+        before the server's idle close (None: the keepalive keeps it)."""
+        return None
+
+    def stale_after(self) -> float | None:
+        """Seconds idle after which the socket is reported unusable (None: never)."""
+        return None
+
     def __repr__(self) -> str:
         return f"<{self.describe()}>"
 
@@ -332,15 +389,29 @@ class BaseWebSocketAdapter(Adapter[C], Generic[C]):
 class WebSocketAdapter(BaseWebSocketAdapter[ClientConnection]):
     """Generic WebSocket adapter: ``lease.conn`` is a ``websockets`` ``ClientConnection``.
 
-    ``ping`` sends ``keepalive_message`` (if any), then a WebSocket ping, and waits for the pong
-    (the pool bounds it with ``ping_timeout``); it raises :class:`StreamClosed` when the socket is
-    closed. ``connect`` raises :class:`~voicepool.ConnectError` (see the module doc for fatality).
+    ``single_use`` unless ``reset_boundary`` is set (then ``exclusive``: see
+    :class:`WebSocketOptions`). ``ping`` sends ``keepalive_message`` (if any), then a WebSocket
+    ping, and waits for the pong (the pool bounds it with ``ping_timeout``); it raises
+    :class:`StreamClosed` when the socket is closed. ``connect`` raises
+    :class:`~voicepool.ConnectError` (see the module doc for fatality).
     """
 
     Options: ClassVar[type[BaseModel] | None] = WebSocketOptions
     options: WebSocketOptions
+    lease_mode: LeaseMode = LeaseMode.SINGLE_USE
+
+    def __init__(self, options: WebSocketOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
+        boundary = self.options.reset_boundary
+        self._boundary = re.compile(boundary) if boundary is not None else None
+        if self._boundary is not None:
+            self.lease_mode = LeaseMode.EXCLUSIVE  # per instance: a reset can prove it clean
 
     # -- Adapter ----------------------------------------------------------------------------------
+
+    def idle_keepalives(self) -> list[str]:
+        message = self.options.keepalive_message
+        return [message] if message is not None else []
 
     async def connect(self) -> ClientConnection:
         ws = await self.open_socket()
@@ -351,24 +422,84 @@ class WebSocketAdapter(BaseWebSocketAdapter[ClientConnection]):
     async def ping(self, conn: ClientConnection) -> None:
         """Provider keepalive (if configured), then a WebSocket ping; wait for the pong.
 
-        Raises StreamClosed if the socket is closed. Cancelling only stops the wait.
+        Raises StreamClosed if the socket is closed. Cancelled while waiting for the pong (the
+        pool's ``ping_timeout``), it aborts the socket: a silent peer is then reported closed.
         """
         try:
-            if self.options.keepalive_message is not None:
-                await conn.send(self.options.keepalive_message)
-            pong = await conn.ping()
-            await pong
+            for message in self.idle_keepalives():
+                await conn.send(message)
         except ConnectionClosed as exc:
             raise _closed_error(exc, self.describe()) from exc
+        await _await_pong(conn, self.describe())
 
     def is_open(self, conn: ClientConnection) -> bool:
         return conn.state is State.OPEN and self.addresses.is_listed(conn)
+
+    async def reset(self, conn: ClientConnection) -> None:
+        """Prove the socket clean for the next holder, or raise so the pool discards it.
+
+        Sends ``reset_message`` (if any), then reads until a text message matches
+        ``reset_boundary`` (within ``reset_timeout``), dropping what came before; a message
+        within ``reset_quiet`` after the boundary means the server is still sending: discard.
+        Without a boundary nothing can prove the socket clean (an ``exclusive`` override in
+        settings), so it always raises. Raises RuntimeError, TimeoutError or StreamClosed; a
+        cancelled reset leaves the socket in an unknown state, which the pool discards.
+        """
+        boundary = self._boundary
+        if boundary is None:
+            raise RuntimeError(
+                f"{self.describe()}: no reset_boundary, so nothing proves the socket clean;"
+                " discarding it (set reset_boundary for exclusive reuse)"
+            )
+        try:
+            if self.options.reset_message is not None:
+                await conn.send(self.options.reset_message)
+            async with asyncio.timeout(self.options.reset_timeout):
+                while True:
+                    message = await conn.recv()
+                    if isinstance(message, str) and boundary.search(message):
+                        break
+            try:
+                # Silence after the boundary is the proof: a server still streaming the last
+                # call's data is caught here, not by the next holder (recv is cancellation-safe).
+                async with asyncio.timeout(self.options.reset_quiet):
+                    await conn.recv()
+            except TimeoutError:
+                return
+        except ConnectionClosed as exc:
+            raise _closed_error(exc, self.describe()) from exc
+        raise RuntimeError(f"{self.describe()}: the server kept sending after the boundary")
 
     async def close(self, conn: ClientConnection) -> None:
         """Closing handshake (1000), bounded by ``close_timeout``; never raises on a dead peer."""
         self.addresses.discard(conn)
         with contextlib.suppress(ConnectionClosed, OSError):
             await conn.close()
+
+
+async def _await_pong(
+    ws: ClientConnection, where: str, abandon: Callable[[str], None] | None = None
+) -> None:
+    """Send a WebSocket ping and wait for its pong. Raises StreamClosed on a closed socket.
+
+    Cancelled while waiting (the pool's ``ping_timeout``): no pong came in time, so the socket is
+    abandoned (its transport aborted) before the cancellation propagates: a socket's state stays
+    OPEN when its peer vanishes silently, and it must not be reported open after a failed ping.
+    """
+    try:
+        pong = await ws.ping()
+    except ConnectionClosed as exc:
+        raise _closed_error(exc, where) from exc
+    try:
+        await pong
+    except ConnectionClosed as exc:
+        raise _closed_error(exc, where) from exc
+    except asyncio.CancelledError:
+        if abandon is not None:
+            abandon("no pong within the ping timeout")
+        else:
+            ws.transport.abort()
+        raise
 
 
 def _closed_error(exc: ConnectionClosed, where: str) -> StreamClosed:
@@ -445,16 +576,23 @@ class ManagedSocket:
         self.last_sent = self.loop.time()
 
     async def ping(self, messages: Iterable[str] = ()) -> None:
-        """Send ``messages`` (provider keepalives), then a WebSocket ping; wait for the pong."""
+        """Send ``messages`` (provider keepalives), then a WebSocket ping; wait for the pong.
+
+        Raises StreamClosed if the socket is closed. The caller bounds the wait (the pool's
+        ``ping_timeout``): a ping cancelled while it waits for the pong abandons the socket (see
+        :meth:`abandon`), so a silent peer is reported dead the moment its ping fails.
+        """
         for message in messages:
             await self.send(message)
             self.keepalives_sent += 1
         self.check_open()
-        try:
-            pong = await self.ws.ping()
-            await pong
-        except ConnectionClosed as exc:
-            raise _closed_error(exc, self.where) from exc
+        await _await_pong(self.ws, self.where, self.abandon)
+
+    def abandon(self, why: str) -> None:
+        """The peer is unreachable: fail every consumer now, drop the TCP connection, and let
+        the reader report the close to the pool (``is_open`` is False from here on)."""
+        self._fail(StreamClosed(f"{self.where}: {why}"))
+        self.ws.transport.abort()
 
     # -- subclass hooks ---------------------------------------------------------------------------
 
@@ -542,28 +680,54 @@ class ManagedSocket:
             self._keepalive = None
         if self._addresses is not None:
             self._addresses.discard(self)
-        deadline = self.loop.time() + self.close_timeout
+        reader = self._reader
+
+        async def server_closed() -> None:
+            if reader is not None:
+                await asyncio.shield(reader)
+
         try:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    if self.is_open:
-                        with contextlib.suppress(StreamClosed):
-                            for message in goodbye:
-                                await self.send(message)
-                        if wait_for_server and self._reader is not None:
-                            await asyncio.shield(self._reader)
-                    with contextlib.suppress(ConnectionClosed, OSError):
-                        await self.ws.close()
-            except TimeoutError:
-                pass
+            await close_politely(
+                self.ws,
+                goodbye if self.is_open else (),
+                timeout=self.close_timeout,
+                until_closed=server_closed if wait_for_server else None,
+            )
         finally:
-            # Past the deadline, or cancelled: drop the TCP connection rather than leak it.
-            if self.ws.state is not State.CLOSED:
-                self.ws.transport.abort()
             for task in list(self._tasks):
                 task.cancel()
-            reader = self._reader
             if reader is not None and not reader.done():
                 reader.cancel()
-        if self._reader is not None:
-            await asyncio.wait([self._reader, *self._tasks], timeout=self.close_timeout)
+        if reader is not None:
+            await asyncio.wait([reader, *self._tasks], timeout=self.close_timeout)
+
+
+async def close_politely(
+    ws: ClientConnection,
+    goodbye: Iterable[str],
+    *,
+    timeout: float,
+    until_closed: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Send ``goodbye`` (if the socket is open), await ``until_closed`` (the server's own close,
+    for providers that answer a goodbye with final results), then the closing handshake.
+
+    The whole close takes at most ``timeout``; past it, or if cancelled, the TCP connection is
+    aborted, so nothing is left open. Never raises on a dead peer.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            if ws.state is State.OPEN:
+                with contextlib.suppress(ConnectionClosed):
+                    for message in goodbye:
+                        await ws.send(message)
+                if until_closed is not None:
+                    await until_closed()
+            with contextlib.suppress(ConnectionClosed, OSError):
+                await ws.close()
+    except TimeoutError:
+        pass
+    finally:
+        # Past the deadline, or cancelled: drop the TCP connection rather than leak it.
+        if ws.state is not State.CLOSED:
+            ws.transport.abort()

@@ -161,7 +161,7 @@ async def test_the_background_refresh_keeps_a_watched_name_fresh(zone: Zone) -> 
                 await eventually(lambda: zone.lookups >= 3, "two background refreshes")
                 assert pool.stats().connects == 2
                 fresh = resolver.listed(HOST)
-                assert fresh == {"127.0.0.2", "127.0.0.1"}
+                assert fresh == frozenset({"127.0.0.2", "127.0.0.1"})
     finally:
         await resolver.aclose()
         set_default_resolver(None)
@@ -258,7 +258,12 @@ async def test_ttls_from_a_real_dns_server() -> None:
         heard = asyncio.Event()
         listed: list[frozenset[str]] = []
         await resolver.resolve(SHORT)
-        resolver.watch(SHORT, lambda now: (listed.append(now), heard.set()))
+
+        def dropped(now: frozenset[str]) -> None:
+            listed.append(now)
+            heard.set()
+
+        resolver.watch(SHORT, dropped)
         stub.records[SHORT] = ["127.0.0.1"]
         await asyncio.wait_for(heard.wait(), 10)
         assert listed == [frozenset({"127.0.0.1"})]

@@ -11,8 +11,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 ALLOWED = [{"voicepool.pool", "voicepool.lease"}]
 
@@ -85,7 +83,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="engine, http2 and cli probe circles: being removed")
 def test_no_import_circle_but_pool_and_lease() -> None:
     known = _modules()
     graph = {name: set(_imports(name, path, known)) for name, path in known.items()}

@@ -90,9 +90,15 @@ def test_public_exports_match_design() -> None:
 def test_core_never_imports_adapters() -> None:
     """Layers point downward: the core reaches adapters through entry points only.
 
-    The top layer (the CLI and the demo, like examples/) embeds concrete adapters and may.
+    The top layer (the CLI and the demo, like examples/) embeds concrete adapters and may, and so
+    may voicepool.integrations (above the manager: DESIGN.md, layers).
     """
-    top = {ROOT / "voicepool" / "cli", ROOT / "voicepool" / "demo", ROOT / "voicepool" / "cli.py"}
+    top = {
+        ROOT / "voicepool" / "cli",
+        ROOT / "voicepool" / "demo",
+        ROOT / "voicepool" / "cli.py",
+        ROOT / "voicepool" / "integrations",
+    }
     for path in (ROOT / "voicepool").rglob("*.py"):
         if any(path == t or t in path.parents for t in top):
             continue
@@ -105,6 +111,25 @@ def test_core_never_imports_adapters() -> None:
                 continue
             for module in modules:
                 assert not module.startswith(("voicepool.adapters", "adapters")), (path, module)
+
+
+def test_frameworks_are_imported_by_voicepool_integrations_only() -> None:
+    """Pipecat and LiveKit are extras: no library module outside voicepool.integrations (and no
+    adapter) imports them."""
+    frameworks = ("pipecat", "livekit")
+    for base in (ROOT / "voicepool", ROOT / "adapters"):
+        for path in base.rglob("*.py"):
+            if ROOT / "voicepool" / "integrations" in path.parents:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    modules = [node.module]
+                elif isinstance(node, ast.Import):
+                    modules = [a.name for a in node.names]
+                else:
+                    continue
+                for module in modules:
+                    assert module.split(".")[0] not in frameworks, (path, module)
 
 
 def test_version_is_the_projects() -> None:

@@ -32,7 +32,16 @@ from pydantic_core import PydanticUndefined
 
 __all__ = ["BLOCKS", "BUILTIN_ADAPTERS", "check", "render", "sync"]
 
-BUILTIN_ADAPTERS = ("deepgram", "elevenlabs", "cartesia", "http2", "rest", "sip", "websocket")
+BUILTIN_ADAPTERS = (
+    "deepgram",
+    "elevenlabs",
+    "cartesia",
+    "http2",
+    "rest",
+    "sip",
+    "websocket",
+    "aiohttp_websocket",
+)
 _BLOCK = re.compile(r"(<!-- generated:([\w-]+)[^>]*-->\n)(.*?)(<!-- end:\2 -->)", re.S)
 _ROOT = Path(__file__).resolve().parents[1]
 FILES = ("README.md", "docs/configuration.md")

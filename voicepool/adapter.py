@@ -87,6 +87,28 @@ class Adapter(Generic[C]):
             return cls()
         return cls(options)  # type: ignore[call-arg]
 
+    @classmethod
+    def _build_options(cls, options: Any, kwargs: dict[str, Any]) -> Any:
+        """The validated ``Options`` model for a constructor that takes a model or keywords.
+
+        ``options`` may be ``None`` (build from ``kwargs``), an instance of ``cls.Options`` (kept
+        as is), another model or a mapping (validated into ``cls.Options``). Raises TypeError when
+        both a model and keywords are given, pydantic's ValidationError on bad values.
+        """
+        model = cls.Options
+        if model is None:
+            raise TypeError(f"{cls.__name__} takes no options")
+        if options is None:
+            return model(**kwargs)
+        if kwargs:
+            raise TypeError(
+                f"pass either a {model.__name__} or keyword options to {cls.__name__}, not both"
+            )
+        if isinstance(options, model):
+            return options
+        data = options.model_dump() if hasattr(options, "model_dump") else options
+        return model.model_validate(data)
+
     async def connect(self) -> C:
         """Open and return one ready connection (handshakes done).
 
@@ -136,6 +158,24 @@ class Adapter(Generic[C]):
         pool keeps the connection while :meth:`is_open` holds and does not call again.
         """
         return self.is_open(conn)
+
+    # -- why a connection ended (read by the pool when it retires one) ----------------------------
+
+    def close_reason(self, conn: C) -> str | None:
+        """Why ``conn`` stopped taking leases, as the peer said it (``"goaway"``: HTTP/2 GOAWAY;
+        ``"rejected"``: credentials refused on it), or None to let the pool name it (expired,
+        remote_closed). The pool uses it as the close reason in ``stats().closed``. No I/O.
+        """
+        return None
+
+    def connection_error(self, conn: C) -> BaseException | None:
+        """The error that ended or drained ``conn`` (a protocol error, a GOAWAY with an error
+        code, a 401 on a request), or None. The pool records it as its ``last_error`` when it
+        retires ``conn``, and treats it as a failed connect (circuit open at once) when
+        :meth:`is_fatal` accepts it: this is how a request-path failure that no retry can cure
+        reaches the pool, once. No I/O.
+        """
+        return None
 
     # -- notifications to the pool ----------------------------------------------------------------
 

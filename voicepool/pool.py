@@ -37,6 +37,7 @@ from voicepool._engine.observer import PoolObserver, observers_for
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
 from voicepool._engine.waitqueue import Waiter
+from voicepool._engine.warm import sizing_for
 from voicepool._redact import get_logger, remember_from
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import (
@@ -107,7 +108,10 @@ class Pool(Generic[C]):
             rng=rng if rng is not None else random.Random(),
             is_open=adapter.is_open,
             describe=adapter.describe(),
-            policy=sizing,
+            policy=sizing if sizing is not None else sizing_for(s),
+            close_reason=adapter.close_reason,
+            connection_error=adapter.connection_error,
+            is_fatal=adapter.is_fatal,
             use_proves_liveness=adapter.use_proves_liveness,
         )
         self._mux = resolved.lease_mode is LeaseMode.MULTIPLEXED

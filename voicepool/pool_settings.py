@@ -2,17 +2,19 @@
 
 Sizing (DESIGN.md): ``max_size = ceil(concurrency * per_call * (1 + headroom) / max_streams)``
 unless given; ``min_size`` defaults to ``max_size`` (a warm floor) for EXCLUSIVE and MULTIPLEXED,
-and to a few spares, ``ceil(concurrency * per_call * headroom)``, for SINGLE_USE.
+and to a few spares, ``ceil(concurrency * per_call * headroom)``, for SINGLE_USE; with
+``warm = "adaptive"`` it defaults to 1 (the policy keeps what the traffic needs above it).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from voicepool._validation import format_errors
 from voicepool.adapter import LeaseMode
 from voicepool.errors import ConfigError
 
@@ -47,9 +49,10 @@ class PoolSettings(BaseModel):
             try:
                 super().__init__(**data)
             except ValidationError as exc:
-                from voicepool.settings import _format  # the settings layer formats errors
-
-                raise ConfigError(_format(exc, None, head="invalid PoolSettings")) from None
+                message = format_errors(
+                    exc, None, echo=frozenset(type(self).model_fields), head="invalid PoolSettings"
+                )
+                raise ConfigError(message) from None
 
         # Only a wrapper of BaseModel.__init__ (as pydantic's RootModel marks its own): validation
         # (model_validate, nested models) keeps building instances without it, raising
@@ -152,6 +155,23 @@ class PoolSettings(BaseModel):
     trace_acquire: bool = Field(
         default=False, description="A span per acquire (debugging; costly)."
     )
+    warm: Literal["fixed", "adaptive"] = Field(
+        default="fixed",
+        description="Warm floor: `fixed` keeps min_size; `adaptive` sizes it from the traffic"
+        " (in use plus the warm_target Poisson quantile of arrivals within a connect time).",
+    )
+    warm_target: float = Field(
+        default=0.999,
+        gt=0,
+        lt=1,
+        description="Adaptive: probability that arrivals within a connect time find a warm one.",
+    )
+    warm_window: float = Field(
+        default=300.0,
+        ge=10,
+        le=MAX_SECONDS,
+        description="Adaptive: estimation horizon (s); spares fall by one per window at most.",
+    )
 
     @field_validator("max_size")
     @classmethod
@@ -192,7 +212,9 @@ class PoolSettings(BaseModel):
                 max_size = max(max_size, self.min_size)
         min_size = self.min_size
         if min_size is None:
-            if mode is LeaseMode.SINGLE_USE:
+            if self.warm == "adaptive":
+                min_size = 1  # one warm connection whatever the traffic; the policy adds the rest
+            elif mode is LeaseMode.SINGLE_USE:
                 min_size = min(max_size, max(1, math.ceil(need * self.headroom - 1e-9)))
             else:
                 min_size = max_size

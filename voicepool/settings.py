@@ -66,6 +66,7 @@ from pydantic_settings import (
 )
 
 from voicepool._redact import SECRET_KEY, Redacted, redact, remember, scrub, secret_values
+from voicepool._validation import format_errors, plain_message
 from voicepool.adapter import get_adapter, registered_adapters
 from voicepool.errors import AdapterNotFound, ConfigError
 from voicepool.group import GroupPolicy, compatible
@@ -127,7 +128,6 @@ would not match the descriptor type the checkers see)."""
 _POOL_FIELDS = frozenset(PoolSettings.model_fields)
 _ENTRY_KEYS = frozenset({"adapter", "required", "options", "settings"})
 _POOL_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _Loc = tuple[int | str, ...]
 # The TOML file the current construction reads, so its errors can name it.
 _reading: ContextVar[Path | None] = ContextVar("voicepool_settings_file", default=None)
@@ -157,7 +157,7 @@ class _Errors:
         """Re-home ``exc``'s errors under ``prefix``; inputs are kept only when ``inputs``;
         ``hidden`` values (and every remembered credential) are masked in the messages."""
         for err in exc.errors(include_url=False):
-            message = scrub(_plain(err["msg"]), hidden)
+            message = scrub(plain_message(err["msg"]), hidden)
             if err["type"] == "extra_forbidden" and not inputs:
                 message = f"unknown option for this adapter ({message.lower()})"
             self.add((*prefix, *err["loc"]), err["type"], message, err["input"] if inputs else None)
@@ -165,11 +165,6 @@ class _Errors:
     def raise_if_any(self, title: str) -> None:
         if self.items:
             raise ValidationError.from_exception_data(title, self.items)
-
-
-def _plain(message: str) -> str:
-    # pydantic prefixes messages of ValueErrors raised in validators; the path already says enough.
-    return message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
 # -- one pool ------------------------------------------------------------------------------------
@@ -291,7 +286,7 @@ def _parse_entry(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[st
                     " are the PoolSettings fields)",
                 )
             else:
-                errors.add(loc, err["type"], _plain(err["msg"]), err["input"])
+                errors.add(loc, err["type"], plain_message(err["msg"]), err["input"])
 
     options: BaseModel | None = None
     raw_options = data.get("options")
@@ -441,7 +436,7 @@ class VoicePoolSettings(BaseSettings):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise ConfigError(_format(exc, _reading.get())) from None
+            raise ConfigError(format_errors(exc, _reading.get(), echo=_POOL_FIELDS)) from None
         finally:
             _reading.reset(token)
 
@@ -595,34 +590,6 @@ def _check_process_limits(pools: Mapping[str, PoolConfig], errors: _Errors) -> N
         )
         for name, _ in users:
             errors.add(("pools", name, "max_size"), "process_limit", message)
-
-
-def _format(exc: ValidationError, config: Any, *, head: str = "invalid voicepool settings") -> str:
-    """One line per problem, ``path: reason``; inputs shown only for numeric pool settings."""
-    lines = []
-    for err in exc.errors(include_url=False):
-        path = ".".join(str(part) for part in err["loc"]) or "settings"
-        line = f"{path}: {_plain(err['msg'])}"
-        value = err.get("input")
-        loc = err["loc"]
-        # Pool settings are numbers, booleans and enums: safe to echo. Strings (from the
-        # environment) only when they look like a number, to never echo a misplaced secret.
-        echo = isinstance(value, int | float) or (
-            isinstance(value, str) and _NUMBER.fullmatch(value.strip()) is not None
-        )
-        if (
-            echo
-            and loc
-            and loc[-1] in _POOL_FIELDS
-            and "options" not in loc
-            and err["type"] not in {"extra_forbidden", "process_limit"}
-        ):
-            line += f" (got {value!r})"
-        lines.append("  " + line)
-    source = f" (config file {str(config)!r})" if config else ""
-    count = len(lines)
-    title = f"{head}{source}: {count} problem{'s' if count != 1 else ''}"
-    return "\n".join([title, *lines])
 
 
 # -- reprs ---------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@
   ``PooledTransport2`` is the same for ``httpx2`` clients (``anthropic.AsyncAnthropic`` 2.x
   accepts only those; imported on first use).
 
+The HTTP/2 decisions (slot map, event dispatch, GOAWAY drain, flow-control acks) are sans-I/O in
+``protocol.py`` (:class:`~.protocol.H2Protocol` over ``h2``); ``connection.py`` runs it over an
+asyncio stream and ``stream.py`` is what a request's task awaits.
+
 Modules of this package import each other relatively: the repo folder ``adapters/`` is installed as
 ``voicepool.adapters``, which mypy cannot map, and a relative import resolves to the installed
 name at run time (ruff's TID251 ban sees the folder name, hence the ``noqa``).
@@ -15,7 +19,8 @@ name at run time (ruff's TID251 ban sees the folder name, hence the ``noqa``).
 
 from .adapter import Http2Adapter, Http2Options  # noqa: TID251
 from .connection import H2Connection  # noqa: TID251
-from .stream import ConnectionClosed, H2Error, H2Stream, Origin, StreamRefused, StreamReset  # noqa: TID251
+from .protocol import ConnectionClosed, H2Error, Origin, StreamRefused, StreamReset  # noqa: TID251
+from .stream import H2Stream  # noqa: TID251
 from .transport import PooledTransport  # noqa: TID251
 
 Options = Http2Options

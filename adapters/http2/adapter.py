@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ssl
 import time
+import weakref
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -24,7 +25,7 @@ from voicepool.settings import NO_SECRET, OptionalSecret
 
 from .._http import check_base_url, header_name  # noqa: TID251, TID252
 from .connection import H2Connection  # noqa: TID251
-from .stream import ConnectionClosed, H2Error, Origin  # noqa: TID251
+from .protocol import ConnectionClosed, H2Error, Origin  # noqa: TID251
 
 __all__ = ["Http2Adapter", "Http2Options"]
 
@@ -75,6 +76,13 @@ class Http2Options(BaseModel):
     connection_window: int = Field(
         default=1 << 24, ge=65535, le=2**31 - 1, description="Receive window."
     )
+    stall_timeout: float | None = Field(
+        default=0.5,
+        gt=0,
+        description="A stream started on a connection quiet for a quarter of this carries a PING;"
+        " no answer within it and the connection takes no new streams (a black hole shows"
+        " before any request times out). None: off.",
+    )
     ping_backoff: float = Field(
         default=2.0,
         ge=1.0,
@@ -116,10 +124,7 @@ class Http2Adapter(Adapter[H2Connection]):
     Options: ClassVar[type[Http2Options]] = Http2Options
 
     def __init__(self, options: Http2Options | None = None, **kwargs: Any) -> None:
-        if options is None:
-            options = Http2Options(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either an Http2Options or keyword options, not both")
+        options = self._build_options(options, kwargs)
         self.options = options
         # Per-instance capacity: PoolSettings.resolve() reads it for sizing.
         self.max_streams = options.max_streams
@@ -139,6 +144,12 @@ class Http2Adapter(Adapter[H2Connection]):
         self._calmed: set[int] = set()  # ids of connections whose calm GOAWAY was counted
         self.calm_goaways = 0
         self.addresses = AddressTracker(self, host)  # retires connections whose address left DNS
+        self._live: weakref.WeakSet[H2Connection] = weakref.WeakSet()  # for credentials_rejected
+        self._rejected: dict[int, ConnectError] = {}  # id(conn) -> the 401/403 that drained it
+        # After a 401/403, new connections take one stream until a request on them is accepted,
+        # so the reconnect that closes the pool's circuit lets one request retest the key, not all.
+        self._last_rejection: ConnectError | None = None
+        self._probation: set[int] = set()
 
     def _ssl_context(self) -> ssl.SSLContext:
         opts = self.options
@@ -146,8 +157,15 @@ class Http2Adapter(Adapter[H2Connection]):
         if not opts.verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        ctx.set_alpn_protocols(["h2"])
+        # Offer HTTP/1.1 too: a server without HTTP/2 then completes the handshake and picks it,
+        # and connect() refuses it with a clear "does not speak HTTP/2" instead of a TLS alert.
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
         return ctx
+
+    @property
+    def on_probation(self) -> bool:
+        """Connections opened after a 401/403 take one stream until a request is accepted."""
+        return bool(self._probation)
 
     @property
     def ping_gap(self) -> float:
@@ -172,6 +190,8 @@ class Http2Adapter(Adapter[H2Connection]):
                     on_change=self._on_change,
                     stream_window=self.options.stream_window,
                     connection_window=self.options.connection_window,
+                    stall_timeout=self.options.stall_timeout,
+                    min_ping_gap=lambda: self._ping_gap,
                     server_hostname=self.options.server_hostname,
                     sock=sock,
                 )
@@ -193,6 +213,9 @@ class Http2Adapter(Adapter[H2Connection]):
             except BaseException:
                 await conn.aclose(0)
                 raise
+        self._live.add(conn)
+        if self._last_rejection is not None:
+            self._probation.add(id(conn))
         return conn
 
     async def _warmup(self, conn: H2Connection) -> None:
@@ -233,13 +256,20 @@ class Http2Adapter(Adapter[H2Connection]):
         """HTTP/2 PING, answered by the server's ACK (the pool applies ``ping_timeout``).
 
         After a GOAWAY ENHANCE_YOUR_CALM, a ping that comes sooner than :attr:`ping_gap` after the
-        last one on this connection is skipped, which lengthens the effective interval.
+        last one on this connection is skipped, which lengthens the effective interval, but only
+        while the skip tells the truth: the server was heard from within that gap and after the
+        last stream that ended in an error. A connection in doubt (the pool pings it at once
+        after a failed stream) is always pinged, so a black hole shows within ``ping_timeout``.
         Raises ConnectionClosed when the connection is gone.
         """
         if not conn.is_open:
             raise ConnectionClosed(f"connection to {self.origin} is closed")
-        if self._ping_gap and time.monotonic() - conn.last_ping < self._ping_gap:
-            return
+        gap = self._ping_gap
+        if gap:
+            now = time.monotonic()
+            heard = conn.last_received
+            if now - conn.last_ping < gap and now - heard < gap and heard > conn.last_stream_error:
+                return
         await conn.ping()
 
     def is_open(self, conn: H2Connection) -> bool:
@@ -249,6 +279,9 @@ class Http2Adapter(Adapter[H2Connection]):
         """GOAWAY, then a polite TLS close (bounded); never raises."""
         self._calmed.discard(id(conn))
         self.addresses.discard(conn)
+        self._live.discard(conn)
+        self._rejected.pop(id(conn), None)
+        self._probation.discard(id(conn))
         await conn.aclose()
 
     def is_fatal(self, exc: BaseException) -> bool:
@@ -257,16 +290,81 @@ class Http2Adapter(Adapter[H2Connection]):
         return super().is_fatal(exc)
 
     def stream_capacity(self, conn: H2Connection) -> int:
-        """min(max_streams, the server's SETTINGS_MAX_CONCURRENT_STREAMS); 0 while draining."""
-        if conn.draining:
+        """min(max_streams, the server's SETTINGS_MAX_CONCURRENT_STREAMS); 0 while draining,
+        while stalled (its liveness PING unanswered: back when the server is heard again), or
+        after a 401/403; 1 on probation after a 401/403."""
+        if conn.draining or conn.stalled or id(conn) in self._rejected:
             return 0
+        if id(conn) in self._probation:
+            return 1
         return min(self.options.max_streams, conn.remote_max_streams)
+
+    def close_reason(self, conn: H2Connection) -> str | None:
+        """``"rejected"`` after a 401/403 drained it, ``"stalled"`` when its liveness PING went
+        unanswered, ``"goaway"`` after the server's GOAWAY, ``"protocol_error"`` after the server
+        broke HTTP/2; else None (the pool names it)."""
+        if id(conn) in self._rejected:
+            return "rejected"
+        if conn.stalled:
+            return "stalled"
+        if conn.goaway_code is not None:
+            return "goaway"
+        if conn.protocol.violated:
+            return "protocol_error"
+        return None
+
+    def connection_error(self, conn: H2Connection) -> BaseException | None:
+        """The 401/403 :class:`ConnectError` (fatal) that drained ``conn``, or the server's error
+        that ended it (protocol violation, GOAWAY with an error code, lost socket)."""
+        rejected = self._rejected.get(id(conn))
+        if rejected is not None:
+            return rejected
+        return conn.protocol.ended_by()
+
+    def credentials_accepted(self, conn: H2Connection) -> None:
+        """A request on ``conn`` was answered with neither 401 nor 403: after a rejection, the
+        key works again, and a connection on probation (one stream) gets its full capacity."""
+        if id(conn) in self._probation:
+            self._probation.discard(id(conn))
+            self._last_rejection = None
+            self._probation.clear()  # the others too: the key is the adapter's
+            for live in list(self._live):
+                self.connection_changed(live)
+
+    def credentials_rejected(self, conn: H2Connection, status: int, target: str) -> None:
+        """A request on ``conn`` was answered 401/403 (``target``: method and path, no query).
+
+        The credentials are the adapter's, so every connection stops taking streams (in-flight
+        ones finish) and reports a fatal :class:`ConnectError` naming the status: the pool opens
+        its circuit once, and later acquires fail at once with ``PoolUnavailable``. Calls for a
+        connection already drained this way are ignored (no per-request storm). Never raises.
+        """
+        if id(conn) in self._rejected:
+            return
+        hint = "check the credentials" if status == 401 else "the credentials lack access"
+        err = ConnectError(
+            f"{self.origin} answered HTTP {status} to {target}: {hint}", fatal=True, status=status
+        )
+        log.warning(
+            "%s answered HTTP %d to %s; draining its connections", self.origin, status, target
+        )
+        self._last_rejection = err
+        self._probation.discard(id(conn))
+        for live in [conn, *(c for c in self._live if c is not conn)]:
+            if live.is_open and id(live) not in self._rejected:
+                self._rejected[id(live)] = err
+                self.connection_changed(live)
 
     async def release_stream(
         self, conn: H2Connection, stream_id: int, error: BaseException | None
     ) -> bool:
         """RST_STREAM(CANCEL) the lease's stream if it is unfinished (barge-in). Never suspends,
-        so it completes even in a cancelled task. False only when the connection is broken."""
+        so it completes even in a cancelled task. False only when the connection is broken.
+
+        A stream that ended in an error puts the connection in doubt until the server is heard
+        from again (see :meth:`ping`)."""
+        if error is not None:
+            conn.last_stream_error = time.monotonic()
         return conn.release_slot(stream_id)
 
     def describe(self) -> str:

@@ -29,7 +29,8 @@ from voicepool.pool import Pool
 
 from .adapter import Http2Adapter  # noqa: TID251
 from .connection import H2Connection  # noqa: TID251
-from .stream import ConnectionClosed, H2Error, H2Stream, StreamRefused, StreamReset  # noqa: TID251
+from .protocol import ConnectionClosed, H2Error, StreamRefused, StreamReset  # noqa: TID251
+from .stream import H2Stream  # noqa: TID251
 
 __all__ = ["PooledTransport", "ResponseStreamBase", "TransportCore"]
 
@@ -37,6 +38,10 @@ __all__ = ["PooledTransport", "ResponseStreamBase", "TransportCore"]
 _DROP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
+
+
+# A credential the server refuses: no retry cures it, the pool must hear it (circuit open).
+_AUTH_REJECTED = frozenset({401, 403})
 
 
 def _error_name(exc: Exception, phase: Literal["read", "write"]) -> str | None:
@@ -148,13 +153,13 @@ class TransportCore:
     _stream_cls: ClassVar[type[ResponseStreamBase]]
 
     def __init__(
-        self, pool: Pool[H2Connection], *, retries: int = 2, close_pool: bool = False
+        self, pool: Pool[H2Connection], *, max_refused: int = 8, close_pool: bool = False
     ) -> None:
         if not isinstance(pool.adapter, Http2Adapter):
             raise TypeError(f"PooledTransport needs a pool of Http2Adapter, got {pool.adapter!r}")
         self._pool = pool
         self._adapter: Http2Adapter = pool.adapter
-        self._retries = max(0, retries)
+        self._max_refused = max(0, max_refused)
         self._close_pool = close_pool
         origin = self._adapter.origin
         self._origin = (origin.scheme, origin.host.lower(), origin.port)
@@ -183,8 +188,12 @@ class TransportCore:
         body: bytes | None = None
         if isinstance(request.stream, http.ByteStream):
             body = request.content  # in memory: can be re-sent after a refused stream
-        attempts = 1 + self._retries if body is not None else 1
-        for attempt in range(attempts):
+        # A refused stream (REFUSED_STREAM, above a GOAWAY's last-stream-id, or a connection that
+        # drained while we took it) was never processed (RFC 9113 8.7, 6.8): it is re-sent on
+        # another connection, outside any retry budget (the SDKs' own retries stay theirs), up to
+        # ``max_refused`` times so a server that refuses everything still gets an answer.
+        refusals = 0
+        while True:
             lease = self._pool.acquire(timeout=acquire_timeout)
             try:
                 await lease.__aenter__()
@@ -199,22 +208,29 @@ class TransportCore:
                         status, resp_headers = await stream.response()
             except StreamRefused as exc:
                 await _release(lease, None)
-                if attempt + 1 < attempts:
+                refusals += 1
+                if body is not None and refusals <= self._max_refused:
                     continue
-                raise http.ConnectError(f"stream refused: {exc}", request=request) from exc
+                raise http.ConnectError(
+                    f"stream refused {refusals} times: {exc}", request=request
+                ) from exc
             except BaseException as exc:
                 await _release(lease, exc)
                 mapped = _translate(http, exc, request, "read")
                 if mapped is exc:
                     raise
                 raise mapped from exc
+            if status in _AUTH_REJECTED:
+                target = f"{request.method} {url.path}"  # no query: it may carry a key
+                self._adapter.credentials_rejected(lease.conn, status, target)
+            elif self._adapter.on_probation:
+                self._adapter.credentials_accepted(lease.conn)
             return http.Response(
                 status,
                 headers=resp_headers,
                 stream=self._stream_cls(lease, stream, request, read_timeout),
                 extensions={"http_version": b"HTTP/2", "stream_id": stream.id},
             )
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send(
         self,
@@ -282,8 +298,12 @@ class PooledTransport(TransportCore, httpx.AsyncBaseTransport):
     * Acquire waits at most the pool's ``acquire_timeout`` (or httpx's smaller ``pool`` timeout):
       an exhausted pool raises ``httpx.PoolTimeout`` rather than queueing a voice turn for minutes.
     * A stream the server refused without processing it (REFUSED_STREAM, above a GOAWAY's last
-      stream id) is retried on another connection up to ``retries`` times when the body is in
-      memory; other failures become httpx errors (ReadError, RemoteProtocolError, ...).
+      stream id) is re-sent on another connection when the body is in memory, transparently and
+      outside any retry budget (RFC 9113 8.7), at most ``max_refused`` times (default 8: a burst
+      at a server's request budget, bounded for a server that refuses everything); other
+      failures become httpx errors (ReadError, RemoteProtocolError, ...).
+    * A 401/403 answer is returned as is and tells the pool (``credentials_rejected``): its
+      circuit opens once and later acquires fail at once with ``PoolUnavailable``.
     * ``aclose()`` leaves the pool alone (it is shared) unless ``close_pool=True``.
 
     Cancellation-safe: a cancelled request or body read resets its stream and frees the lease.

@@ -179,6 +179,7 @@ class SipRegistration:
         "contact_tag",
         "expires",
         "key",
+        "loss_error",
         "reason",
         "registered_at",
         "registers",
@@ -195,6 +196,7 @@ class SipRegistration:
         self.key: int | None = None
         self.state = RegState.REGISTERING
         self.status: int | None = None
+        self.loss_error: ConnectError | None = None  # the failed REGISTER that ended it
         self.reason = ""
         self.expires = 0
         self.registered_at = 0.0
@@ -247,6 +249,9 @@ class SipRegistration:
                 self.valid_until = event.at + event.expiration
                 self._arm_lapse()
             else:
+                # Kept for the pool (SipAdapter.connection_error): a 403 on a refresh is the
+                # reason the registration ended, fatal, with its status.
+                self.loss_error = self._adapter._register_error(event, refresh=True)
                 self._lost()
         for fut in waiters:
             if not fut.done():
@@ -376,6 +381,10 @@ class SipAdapter(Adapter[SipRegistration]):
 
     def is_open(self, conn: SipRegistration) -> bool:
         return conn.registered
+
+    def connection_error(self, conn: SipRegistration) -> BaseException | None:
+        """The refused REGISTER that ended ``conn`` (fatal for 401/403/404/407), or None."""
+        return conn.loss_error if conn.state is RegState.LOST else None
 
     async def close(self, conn: SipRegistration) -> None:
         """Un-REGISTER and remove the account (bounded by ``unregister_timeout``).

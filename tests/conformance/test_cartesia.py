@@ -119,11 +119,12 @@ async def test_adapter_sends_the_version_the_sdk_sends() -> None:
     from voicepool.adapters.cartesia import CartesiaAdapter
 
     sdk_version = AsyncCartesia(api_key=KEY).default_headers["cartesia-version"]
+    assert isinstance(sdk_version, str)  # (typed ``str | Omit``: a header can be omitted)
     assert sdk_version == API_VERSION
     async with CartesiaEmulator(tls=True, api_key=KEY, versions=[sdk_version]) as server:
         adapter = CartesiaAdapter(url=server.url, api_key=KEY, ca_file=server.ca_file)
         async with Pool(adapter, name="tts") as pool, pool.acquire() as lease:
-            ctx = lease.conn.context(lease.stream_id)  # type: ignore[attr-defined]
+            ctx = lease.conn.context(lease.stream_id)
             audio = b"".join([chunk async for chunk in ctx.synthesize("Hello.")])
         assert audio == synthesize("Hello.", server.bytes_per_char)
         assert set(server.versions_seen) == {sdk_version}  # (the pool warms several sockets)

@@ -4,13 +4,15 @@ through it, adopts its stream limit, and survives its keepalive timeout closing 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
-from tests.http2.conftest import MakePool, settings
+from tests.http2.conftest import MakePool, adapter_for, settings
 from tests.peers.nginx import Nginx, free_port, nginx_available
+from voicepool import ConnectError, Pool, PoolUnavailable
 from voicepool.adapters.http2 import PooledTransport
 from voicepool.testing import wait_until
 from voicepool.testing.llm import LlmEmulator
@@ -97,3 +99,88 @@ async def test_pool_survives_nginx_keepalive_timeout(
         texts = await asyncio.gather(*(_stream(http, url) for _ in range(10)))
     assert all("data: [DONE]" in text for text in texts)
     assert pool.stats().connects == connects  # served by the replacements, no handshake inline
+
+
+BUDGET_STREAMS = 16
+BUDGET_REQUESTS = 10  # nginx's keepalive_requests: below its stream limit, so GOAWAY mid-burst
+
+
+def _budget_block(port: int, upstream: int) -> str:
+    certs = test_certificates()
+    return f"""
+    upstream llm_emulator {{ server 127.0.0.1:{upstream}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {certs.cert_path};
+        ssl_certificate_key {certs.key_path};
+        keepalive_requests {BUDGET_REQUESTS};
+        http2_max_concurrent_streams {BUDGET_STREAMS};
+        location / {{
+            proxy_pass http://llm_emulator;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+    """
+
+
+async def test_no_request_lost_at_nginx_request_budget(make_pool: MakePool) -> None:
+    # Every nginx connection takes 16 streams but serves 10 requests, then GOAWAY: the streams
+    # above its last-stream-id (or refused) were never processed and are retried elsewhere
+    # (RFC 9113 8.7), outside any retry budget.
+    async with LlmEmulator(tls=False, ttft=0.01, tokens=2, tokens_per_second=1000.0) as emu:
+        port = free_port()
+        async with Nginx(_budget_block(port, emu.port)):
+            url = f"https://127.0.0.1:{port}"
+            pool = await make_pool(url, settings(min_size=2, max_size=8, acquire_timeout=10.0))
+            transport = PooledTransport(pool)
+            async with httpx.AsyncClient(transport=transport, timeout=10.0) as http:
+
+                async def one() -> int:
+                    resp = await http.post(url + "/v1/chat/completions", json=CHAT)
+                    return resp.status_code
+
+                statuses: list[int | BaseException] = []
+                for _ in range(10):  # 600 requests, 60 at a time
+                    batch = await asyncio.gather(
+                        *(one() for _ in range(60)), return_exceptions=True
+                    )
+                    statuses.extend(batch)
+            failed = [s for s in statuses if s != 200]
+            assert failed == []
+            assert len(statuses) == 600
+            assert emu.requests["/v1/chat/completions"] == 600
+            closed = pool.stats().closed
+            assert closed.get("goaway", 0) >= 600 // BUDGET_REQUESTS - 10
+            assert "expired" not in closed
+
+
+def _http11_block(port: int) -> str:
+    certs = test_certificates()
+    return f"""
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {certs.cert_path};
+        ssl_certificate_key {certs.key_path};
+        location / {{ return 200 "ok"; }}
+    }}
+    """
+
+
+async def test_http11_only_nginx_is_unavailable_at_once_with_a_clear_error() -> None:
+    port = free_port()
+    async with Nginx(_http11_block(port)):
+        pool = Pool(
+            adapter_for(f"https://127.0.0.1:{port}"),
+            settings(min_size=2, max_size=2, failure_threshold=5),
+            name="llm",
+        )
+        t0 = time.monotonic()
+        with pytest.raises(PoolUnavailable) as info:
+            await pool.start()
+        assert time.monotonic() - t0 < 1.0  # one handshake, not connect_timeout or retries
+    cause = info.value.__cause__
+    assert isinstance(cause, ConnectError)
+    assert cause.fatal
+    assert "does not speak HTTP/2 (ALPN negotiated http/1.1)" in str(cause)

@@ -4,7 +4,6 @@ and the server's SETTINGS_MAX_CONCURRENT_STREAMS."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 
@@ -26,7 +25,7 @@ async def _stream(http: httpx.AsyncClient, url: str, headers: dict[str, str] | N
     return events
 
 
-async def test_300_streams_spread_over_3_connections_in_about_one_stream_time(
+async def test_300_streams_spread_over_3_connections_all_at_once(
     make_pool: MakePool,
 ) -> None:
     # Each stream lasts ~1 s: first token after 0.2 s, then 2 more at 2.5 tokens/s.
@@ -36,19 +35,15 @@ async def test_300_streams_spread_over_3_connections_in_about_one_stream_time(
         )
         url = emu.base_url + "/chat/completions"
         async with httpx.AsyncClient(transport=PooledTransport(pool), timeout=30) as http:
-            one = time.perf_counter()
             assert await _stream(http, url) == 5  # 3 tokens, a stop chunk, [DONE]
-            one = time.perf_counter() - one
-            t0 = time.perf_counter()
             results = await asyncio.gather(*(_stream(http, url) for _ in range(300)))
-            elapsed = time.perf_counter() - t0
     assert results == [5] * 300
-    assert emu.peak_open_streams == 300  # all at once: nothing queued behind a full connection
+    # All 300 were open at the emulator at the same moment: nothing queued behind a full
+    # connection (a client that queues 100 per connection peaks at 100). This is the proof of
+    # concurrency; a wall-clock bound on a shared machine would only measure its load
+    # (benchmarks/llm.py measures the time, paired against one shared httpx client).
+    assert emu.peak_open_streams == 300
     assert 3 <= pool.stats().connects <= 4  # the 4th opens when the last free stream is taken
-    # All 300 ran at once (peak above), so the time is one stream plus CPU; a client that queues
-    # 100 streams per connection needs 3 stream times. The margin is for CPU: client and
-    # emulator share this process on a busy machine (benchmarks/llm.py measures it apart).
-    assert elapsed < one * 2.5, f"300 streams took {elapsed:.2f}s, one took {one:.2f}s"
 
 
 async def test_cancelling_50_inflight_streams_resets_them_all(

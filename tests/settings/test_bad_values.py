@@ -43,7 +43,7 @@ def _check(exc: ConfigError, path: str) -> None:
 @pytest.mark.parametrize(("field", "value", "text"), CASES, ids=IDS)
 def test_code(field: str, value: object, text: str) -> None:
     with pytest.raises(ConfigError) as info:
-        PoolSettings(**{field: value})  # type: ignore[arg-type]
+        PoolSettings(**{field: value})
     _check(info.value, f"{field}:")
 
 

@@ -2,26 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
+    ExponentialHistogramDataPoint,
     HistogramDataPoint,
     InMemoryMetricReader,
     Metric,
     NumberDataPoint,
 )
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Tracer
+from opentelemetry.util.types import AttributeValue
 
 from tests.telemetry.fakes import Probe
 from voicepool import telemetry
 from voicepool._engine.observer import add_observer_factory, remove_observer_factory
+
+DataPoint = NumberDataPoint | HistogramDataPoint | ExponentialHistogramDataPoint
+
+
+def attributes(
+    item: ReadableSpan
+    | Event
+    | NumberDataPoint
+    | HistogramDataPoint
+    | ExponentialHistogramDataPoint,
+) -> Mapping[str, AttributeValue]:
+    """``item.attributes``, asserted present: the SDK types them optional, and every span, event
+    and point the pool records carries some."""
+    found = item.attributes
+    assert found is not None, item
+    return found
 
 
 @dataclass
@@ -49,8 +67,9 @@ class Otel:
         metric = (metrics if metrics is not None else self.metrics()).get(name)
         return [] if metric is None else list(metric.data.data_points)
 
-    def value(self, name: str, metrics: dict[str, Metric] | None = None, **attrs: Any) -> float:
-        """The value of the one point of ``name`` whose attributes include ``attrs``."""
+    def value(self, name: str, metrics: dict[str, Metric] | None = None, /, **attrs: Any) -> float:
+        """The value of the one point of ``name`` whose attributes include ``attrs`` (``metrics``
+        is positional-only so that any attribute name can be passed as a keyword)."""
         want = {k.replace("__", "."): v for k, v in attrs.items()}
         hits = [
             p

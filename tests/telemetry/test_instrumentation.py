@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tests.telemetry.conftest import Otel
+from tests.telemetry.conftest import Otel, attributes
 from tests.telemetry.fakes import ScriptedAdapter, settle
 from voicepool import Pool, PoolSettings, PoolUnavailable, telemetry
 from voicepool._engine.observer import observers_for
@@ -56,7 +56,7 @@ def test_bad_budget_is_rejected() -> None:
 async def test_histograms_are_sampled_above_the_budget() -> None:
     """Past the budget a flush records a uniform sample in which zero waits keep their share."""
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
@@ -76,6 +76,8 @@ async def test_histograms_are_sampled_above_the_budget() -> None:
             for m in sm.metrics
         }
         wait, use = points[n.WAIT_TIME], points[n.USE_TIME]
+        assert isinstance(wait, HistogramDataPoint)
+        assert isinstance(use, HistogramDataPoint)
         assert use.count == 100
         assert use.sum == pytest.approx(100.0)
         assert wait.count == 100
@@ -89,8 +91,11 @@ async def test_histograms_are_sampled_above_the_budget() -> None:
             for sm in rm.scope_metrics
             for m in sm.metrics
         }
-        assert exact[n.USE_TIME].count == 110
-        assert exact[n.WAIT_TIME].count == 105
+        wait, use = exact[n.WAIT_TIME], exact[n.USE_TIME]
+        assert isinstance(wait, HistogramDataPoint)
+        assert isinstance(use, HistogramDataPoint)
+        assert use.count == 110
+        assert wait.count == 105
     finally:
         inst.remove()
         provider.shutdown()
@@ -123,7 +128,7 @@ async def test_a_stale_exhaustion_is_not_reported_by_a_later_acquire(otel: Otel)
                 obs.on_waited(pool, 0.0)
     (span,) = otel.spans("call")
     (event,) = span.events
-    assert event.attributes[n.ATTR_WAIT_TIME] == 0.0
+    assert attributes(event)[n.ATTR_WAIT_TIME] == 0.0
 
 
 async def test_install_sdk_private_providers() -> None:
@@ -152,7 +157,7 @@ async def test_cancelled_connect_ends_its_span_without_error(otel: Otel) -> None
     token = obs.connect_started(pool)
     obs.on_connected(pool, token, 0.01, asyncio.CancelledError())
     (span,) = otel.spans(n.SPAN_CONNECT)
-    assert span.attributes[n.ATTR_CONNECT_CANCELLED] is True
+    assert attributes(span)[n.ATTR_CONNECT_CANCELLED] is True
     assert span.status.status_code.name == "UNSET"
     assert not otel.points(n.CREATE_TIME)
 

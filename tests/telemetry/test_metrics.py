@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.telemetry.conftest import Otel
+from tests.telemetry.conftest import Otel, attributes
 from tests.telemetry.fakes import FakeConn, Probe, ScriptedAdapter, auth_error, settle
 from voicepool import Pool, PoolExhausted, PoolSettings, PoolUnavailable
 from voicepool.telemetry import names as n
@@ -25,6 +25,9 @@ EXPECTED_UNITS = {
     n.CLOSED: "{connection}",
     n.WAIT_P95: "s",
     n.POOL_STATE: "{state}",
+    n.IDLE_TIME: "s",
+    n.WARM_TARGET: "{connection}",
+    n.ACQUIRES_WAITED: "{acquire}",
     n.CREATE_TIME: "s",
     n.WAIT_TIME: "s",
     n.USE_TIME: "s",
@@ -34,7 +37,7 @@ EXPECTED_UNITS = {
 def settings(**kw: object) -> PoolSettings:
     base: dict[str, object] = {"min_size": 1, "max_size": 2, "acquire_timeout": 5.0}
     base.update(kw)
-    return PoolSettings(**base)  # type: ignore[arg-type]
+    return PoolSettings(**base)
 
 
 async def test_gauges_units_and_limits(otel: Otel) -> None:
@@ -58,16 +61,19 @@ async def test_gauges_units_and_limits(otel: Otel) -> None:
             assert otel.value(n.POOL_STATE, m, **{n.ATTR_STATE: "ready"}, **_k()) == 1
             assert otel.value(n.POOL_STATE, m, **{n.ATTR_STATE: "unavailable"}, **_k()) == 0
             assert otel.value(n.WAIT_P95, m, **_k()) == 0.0
+            assert otel.value(n.WARM_TARGET, m, **_k()) == 2  # fixed: min_size
+            assert otel.value(n.ACQUIRES_WAITED, m, **_k()) == 0
+            assert otel.value(n.IDLE_TIME, m, **_k()) >= 0.0
             for metric in m.values():
                 for point in metric.data.data_points:
-                    assert point.attributes[n.ATTR_POOL_NAME] == "asr"
+                    assert attributes(point)[n.ATTR_POOL_NAME] == "asr"
         pool.maintain()  # the health task's flush, now rather than within a second
         m = otel.metrics()
         for name in (n.CREATE_TIME, n.WAIT_TIME, n.USE_TIME):
             assert m[name].unit == "s", name
         create = otel.histogram(n.CREATE_TIME)
         assert create.count == 2  # warm-up opened min_size connections
-        assert dict(create.attributes) == NAME
+        assert dict(attributes(create)) == NAME
         assert otel.histogram(n.WAIT_TIME).count == 1  # one acquire, served from idle
         assert otel.histogram(n.WAIT_TIME).sum == 0.0
         assert otel.histogram(n.USE_TIME).count == 1
@@ -140,7 +146,7 @@ async def test_circuit_open_state_and_failed_connects(otel: Otel) -> None:
         assert otel.value(n.UNAVAILABLE, m, **_k()) == 1
         failed = otel.histogram(n.CREATE_TIME, **{n.ATTR_ERROR_TYPE: "ConnectError"})
         assert failed.count >= 1
-        assert set(failed.attributes) == {n.ATTR_POOL_NAME, n.ATTR_ERROR_TYPE}
+        assert set(attributes(failed)) == {n.ATTR_POOL_NAME, n.ATTR_ERROR_TYPE}
     finally:
         await pool.aclose()
 
@@ -156,7 +162,7 @@ async def test_ping_failure_histogram_and_close_reason(otel: Otel, probe: Probe)
         m = otel.metrics()
         ok = otel.histogram(n.PING_DURATION)
         assert ok.count >= 1
-        assert dict(ok.attributes) == NAME
+        assert dict(attributes(ok)) == NAME
         bad = otel.histogram(n.PING_DURATION, **{n.ATTR_ERROR_TYPE: "ConnectionResetError"})
         assert bad.count >= 1
         assert otel.value(n.CLOSED, m, **{n.ATTR_REASON: "ping_failed"}, **_k()) >= 1

@@ -2,7 +2,7 @@
 
 Timing: every emulator idle close here is about a second and the pools ping several times inside
 it; margins are generous because the machine is shared. Nothing waits on a bare sleep where an
-event exists; pool statistics have no event, so ``_util.eventually`` polls them, bounded.
+event exists; pool statistics have no event, so ``voicepool.testing.wait_until`` polls them.
 """
 
 from __future__ import annotations

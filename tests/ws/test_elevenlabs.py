@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -243,3 +244,37 @@ def test_url_options_and_validation() -> None:
         ElevenLabsAdapter(max_contexts=6)
     with pytest.raises(ValueError, match="inactivity_timeout"):
         ElevenLabsAdapter(inactivity_timeout=181)
+
+
+async def test_keepalive_takes_no_context_slot(elevenlabs: ElevenLabsEmulator) -> None:
+    """A keepalive naming a context opens it at ElevenLabs: five real contexts must still fit
+    on a socket that was kept alive while idle."""
+    ad = adapter(elevenlabs)
+    async with Pool(ad, settings(min_size=1, max_size=1), name="tts") as pool:
+        await wait_until(lambda: elevenlabs.keepalives >= 2, timeout=IDLE * 4, what="keepalives")
+        assert elevenlabs.contexts_open == 0
+        elevenlabs.chunk_interval = 0.01
+        async with contextlib.AsyncExitStack() as stack:
+            leases = [await stack.enter_async_context(pool.acquire()) for _ in range(5)]
+            contexts = [lease.conn.context(lease.stream_id) for lease in leases]
+            for n, ctx in enumerate(contexts):
+                await ctx.send_text(f"Turn {n}. ")
+            for ctx in contexts:
+                await ctx.end()
+                assert b"".join([c async for c in ctx.audio()])
+    assert elevenlabs.context_limit_closes == 0
+    assert elevenlabs.contexts_opened == 5
+    assert elevenlabs.accepted == 1
+
+
+async def test_emulator_opens_a_context_for_a_keepalive_that_names_one(
+    elevenlabs: ElevenLabsEmulator,
+) -> None:
+    url = f"{elevenlabs.url}/v1/text-to-speech/v1/multi-stream-input?inactivity_timeout=20"
+    ctx = test_certificates().client_context()
+    async with connect(url, additional_headers={"xi-api-key": API_KEY}, ssl=ctx) as ws:
+        await ws.send(json.dumps({"text": ""}))  # context-less: no slot
+        await ws.send(json.dumps({"context_id": "ka", "text": ""}))  # names one: opens it
+        await (await ws.ping())
+        assert elevenlabs.contexts_open == 1
+        assert elevenlabs.keepalives == 2

@@ -152,3 +152,26 @@ def test_entry_points_and_options_from_settings() -> None:
     built = DeepgramAdapter.from_options(DeepgramOptions(api_key="k", reuse=True))
     assert isinstance(built, DeepgramAdapter)
     assert built.options.reuse
+
+
+def test_one_options_builder_for_every_adapter() -> None:
+    """``Adapter._build_options``: a model, keywords, or a mapping; never a model and keywords."""
+    from voicepool.adapters.deepgram import DeepgramAdapter
+    from voicepool.adapters.http2 import Http2Adapter
+    from voicepool.adapters.rest import RestAdapter
+
+    for cls, kw in [
+        (WebSocketAdapter, {"url": "wss://example.test/"}),
+        (DeepgramAdapter, {"model": "nova-2"}),
+        (Http2Adapter, {"base_url": "https://example.test"}),
+        (RestAdapter, {"base_url": "https://example.test"}),
+    ]:
+        built = cls(**kw)  # type: ignore[arg-type]
+        assert cls(built.options).options is built.options  # type: ignore[arg-type]
+        assert cls(built.options.model_dump()).options == built.options  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=f"{cls.__name__}, not both"):
+            cls(built.options, **kw)  # type: ignore[arg-type]
+    from voicepool import Adapter
+
+    with pytest.raises(TypeError, match="takes no options"):
+        Adapter._build_options(None, {})

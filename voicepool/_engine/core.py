@@ -60,16 +60,44 @@ _IDLE, _IN_USE, _PINGING, _CLOSED = (
 )
 # Losses that tell us about the provider (a network event), not about one lease.
 _LOSSES = frozenset({"remote_closed", "ping_failed"})
+# Close reasons the core infers (drained, closed by the peer): the adapter may name them better
+# (an HTTP/2 GOAWAY is "goaway", not "expired"; see Adapter.close_reason).
+_PEER_NAMED = frozenset({"expired", "remote_closed"})
+
+
+def _no_reason(conn: object) -> str | None:
+    return None
+
+
+def _no_error(conn: object) -> BaseException | None:
+    return None
+
+
+def _never_fatal(exc: BaseException) -> bool:
+    return False
 
 
 class SizingPolicy:
     """How many connections the pool keeps warm. The seam for an adaptive warm floor.
 
-    Override :meth:`warm_floor`; the core clamps the answer to ``[0, max_size]``.
+    Override :meth:`warm_floor`; the core clamps the answer to ``[0, max_size]``. The other
+    hooks let a policy that learns from traffic (``voicepool._engine.warm``) see connect times,
+    ask for the timer and retire idle connections; the defaults do nothing (``warm = "fixed"``).
     """
 
     def warm_floor(self, core: PoolCore[Any], now: float) -> int:
         return core.min_size
+
+    def due(self, now: float) -> float:
+        """When the policy wants :meth:`PoolCore.tick` to run next."""
+        return math.inf
+
+    def connected(self, duration: float) -> None:
+        """A connect succeeded after ``duration`` seconds."""
+
+    def surplus(self, core: PoolCore[Any], now: float) -> int:
+        """How many idle connections (least recently used first) to retire now."""
+        return 0
 
 
 class PoolCore(Generic[C]):
@@ -86,6 +114,9 @@ class PoolCore(Generic[C]):
         is_open: Callable[[C], bool],
         describe: str = "",
         policy: SizingPolicy | None = None,
+        close_reason: Callable[[C], str | None] = _no_reason,
+        connection_error: Callable[[C], BaseException | None] = _no_error,
+        is_fatal: Callable[[BaseException], bool] = _never_fatal,
         use_proves_liveness: bool = True,
     ) -> None:
         self.name = name
@@ -101,7 +132,12 @@ class PoolCore(Generic[C]):
         self.use_proves_liveness = use_proves_liveness
         self.rng = rng
         self.is_open = is_open
+        self.close_reason = close_reason
+        self.connection_error = connection_error
+        self.is_fatal = is_fatal
         self.describe = describe
+        # The driver picks the policy (voicepool._engine.warm.sizing_for: settings.warm), so the
+        # core never imports the policies built on it.
         self.policy = policy or SizingPolicy()
         # Backoff caps grow as initial * multiplier ** (step - 1) until backoff_max: the step
         # is clamped first, so a thousand failures in a row never overflow a float.
@@ -144,6 +180,9 @@ class PoolCore(Generic[C]):
         self.n_connects = 0
         self.n_connect_failures = 0
         self.n_waited = 0
+        self.warm_target = self.min_size  # the floor last computed (stats)
+        self.idle_time = 0.0  # socket-seconds open and idle, summed at each event (see _end)
+        self._idle_at = 0.0
         self.closed_by: dict[str, int] = {}
         self.ping_rtt: float | None = None
         self.window = WaitWindow(s.alarm_window, 0.0, rng)
@@ -419,6 +458,7 @@ class PoolCore(Generic[C]):
             self._check_warm(now)
             return self._end(now, out)
         self.n_connects += 1
+        self.policy.connected(now - attempt.started)
         # The health pass schedules by what it saw: tell it about this one's ping and lifetime.
         self._health_due = min(self._health_due, rec.next_ping, rec.expires)
         if s.idle_timeout is not None and len(self.conns) >= self.min_size:
@@ -507,6 +547,7 @@ class PoolCore(Generic[C]):
         rec = self.by_conn.get(id(conn))
         if rec is None or rec.state is _CLOSED:
             return out
+        self._learn_error(rec, now, out)
         if not is_open:
             if rec.state is _IDLE or (self.mux and rec.streams == 0):
                 self._lost(rec, "remote_closed", now, out)
@@ -559,6 +600,13 @@ class PoolCore(Generic[C]):
                 out.append(Alarm(p95, False, count))
         if (health or now >= self._health_due) and not self.closing:
             self._health_due = self._health_pass(now, out)
+        if not self.closing:
+            for _ in range(self.policy.surplus(self, now)):
+                if not self.idle:
+                    break
+                rec = self.idle.popleft()  # the least recently used
+                rec.state = _IN_USE  # out of the deque already: _retire must not look there
+                self._retire(rec, "surplus", now, out)
         self._grow(now, out)
         self._soonest = self.next_due(now)
         return self._end(now, out)
@@ -717,13 +765,21 @@ class PoolCore(Generic[C]):
         self._retire(rec, reason, now, out)
         if self.closing:
             return
-        if young:
+        cause = self.connection_error(rec.conn) if young else None  # the adapter's account
+        if young and cause is not None and self.is_fatal(cause):
+            # A fatal account (a 403 on a refresh): _retire already counted it as a fatal
+            # failed connect, with the adapter's own error (its status) as last_error.
+            pass
+        elif young:
             # It died before it proved itself: the connect did not really succeed. Counting
             # it as a failure is what stops a server that accepts and hangs up from storming.
             ms = (now - rec.created) * 1e3
             err = ConnectError(
                 f"connection to {self.describe} lost {ms:.0f} ms after it opened ({reason})"
+                + (f": {cause}" if cause is not None else ""),
+                status=cause.status if isinstance(cause, ConnectError) else None,
             )
+            err.__cause__ = cause
             self._failed(err, False, rec.started, now, out)
         else:
             # Replacements of lost connections start at jittered times, not in one burst.
@@ -806,6 +862,8 @@ class PoolCore(Generic[C]):
                 self.idle.remove(rec)
             except ValueError:
                 pass  # already popped by the caller
+        if reason in _PEER_NAMED:
+            reason = self.close_reason(rec.conn) or reason
         rec.state = _CLOSED
         rec.pinging = False
         del self.conns[rec.id]
@@ -818,7 +876,20 @@ class PoolCore(Generic[C]):
         self.closed_by[reason] = self.closed_by.get(reason, 0) + 1
         out.append(Close(rec, reason))
         if not self.closing:
+            self._learn_error(rec, now, out)
             self._grow(now, out)
+
+    def _learn_error(self, rec: ConnRecord[C], now: float, out: list[Action]) -> None:
+        """Record the adapter's account of what ended or drained ``rec`` (a protocol error, a
+        credential refused on a request); a fatal one opens the circuit as a fatal connect
+        would, once per error object (every connection a 401 drained reports the same one)."""
+        err = self.connection_error(rec.conn)
+        if err is None or err is self.last_error:
+            return
+        if self.is_fatal(err):
+            self._failed(err, True, now, now, out)
+        else:
+            self.last_error = err
 
     def _grow(self, now: float, out: list[Action]) -> None:
         """Start the connects the pool needs now; a slot is counted before each one."""
@@ -858,6 +929,7 @@ class PoolCore(Generic[C]):
         if limit <= 0:
             return 0
         floor = max(0, min(self.max_size, self.policy.warm_floor(self, now)))
+        self.warm_target = floor
         refill = self._refill
         while refill and refill[0] <= now:
             heapq.heappop(refill)
@@ -905,6 +977,14 @@ class PoolCore(Generic[C]):
 
     def _end(self, now: float, out: list[Action]) -> list[Action]:
         """Every event ends here: report a state change once, and ask for the timer if due."""
+        # Idle socket-seconds, what a provider bills: the idle count since the last event (the
+        # fast path changes it unseen; the timer bounds how stale the count gets).
+        if now > self._idle_at:
+            idle = (
+                len(self.idle) if not self.mux else sum(1 for r in self.mux_conns if not r.streams)
+            )
+            self.idle_time += idle * (now - self._idle_at)
+            self._idle_at = now
         new = self.state
         if new is not self.reported:
             out.append(StateChanged(self.reported, new))
@@ -941,7 +1021,7 @@ class PoolCore(Generic[C]):
             due = min(due, refill[0])
         if self.retry_at > now:
             due = min(due, self.retry_at)
-        return min(due, self.window.end)
+        return min(due, self.window.end, self.policy.due(now))
 
     @property
     def state(self) -> PoolState:
@@ -999,6 +1079,9 @@ class PoolCore(Generic[C]):
             wait_p95_ms=self.window.current(self.n_acquired) * 1000.0,
             last_error=None if self.last_error is None else scrub(str(self.last_error)),
             ping_rtt_ms=None if self.ping_rtt is None else self.ping_rtt * 1000.0,
+            waited=self.n_waited,
+            warm_target=self.warm_target,
+            idle_time=self.idle_time,
         )
 
     def check(self) -> None:

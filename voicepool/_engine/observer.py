@@ -8,29 +8,33 @@ lands on the caller's current span. Observers must not raise and must not block.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from voicepool.lease import Lease
-    from voicepool.pool import Pool, PoolState
+from voicepool._engine.state import PoolState
+
+# The hooks receive the Pool (and, for on_acquire_end, the Lease). They are typed Any here, not
+# Pool[Any], so this module never imports pool.py, which imports it: subclasses annotate them as
+# ``pool: Pool[Any]`` (an override may narrow Any) and are type-checked against the real class.
+_Pool = Any
+_Lease = Any
 
 
 class PoolObserver:
     """No-op base. Subclass and override what you need."""
 
-    def on_exhausted(self, pool: Pool[Any]) -> None:
+    def on_exhausted(self, pool: _Pool) -> None:
         """An acquire queued while the pool was at max_size (called in the acquiring task)."""
 
-    def on_waited(self, pool: Pool[Any], waited: float) -> None:
+    def on_waited(self, pool: _Pool, waited: float) -> None:
         """An acquire was served after waiting ``waited`` seconds (called in the acquiring task)."""
 
-    def on_timeout(self, pool: Pool[Any], waited: float, error: BaseException) -> None:
+    def on_timeout(self, pool: _Pool, waited: float, error: BaseException) -> None:
         """An acquire timed out; ``error`` is the PoolExhausted about to be raised."""
 
-    def on_unavailable(self, pool: Pool[Any], error: BaseException) -> None:
+    def on_unavailable(self, pool: _Pool, error: BaseException) -> None:
         """An acquire failed fast because the circuit is open."""
 
-    def on_wait_failed(self, pool: Pool[Any], waited: float, error: BaseException) -> None:
+    def on_wait_failed(self, pool: _Pool, waited: float, error: BaseException) -> None:
         """A queued acquire ended after ``waited`` seconds without a lease and without timing out.
 
         ``error`` is what is about to propagate: the CancelledError of a cancelled caller (or of a
@@ -38,44 +42,44 @@ class PoolObserver:
         the circuit opens, or PoolClosed. Called in the acquiring task, before re-raising.
         """
 
-    def acquire_started(self, pool: Pool[Any]) -> object:
+    def acquire_started(self, pool: _Pool) -> object:
         """Only with ``trace_acquire``: an acquire begins; the result goes to on_acquire_end."""
         return None
 
     def on_acquire_end(
-        self, pool: Pool[Any], token: object, lease: Lease[Any], error: BaseException | None
+        self, pool: _Pool, token: object, lease: _Lease, error: BaseException | None
     ) -> None:
         """Only with ``trace_acquire``: the acquire ended (``error`` None when a lease was got)."""
 
-    def connect_started(self, pool: Pool[Any]) -> object:
+    def connect_started(self, pool: _Pool) -> object:
         """A connect begins (background task); the return value is passed to on_connected."""
         return None
 
     def on_connected(
-        self, pool: Pool[Any], token: object, duration: float, error: BaseException | None
+        self, pool: _Pool, token: object, duration: float, error: BaseException | None
     ) -> None:
         """A connect ended, with ``error`` None on success."""
 
-    def on_ping(self, pool: Pool[Any], duration: float, error: BaseException | None) -> None:
+    def on_ping(self, pool: _Pool, duration: float, error: BaseException | None) -> None:
         """A health ping ended."""
 
-    def on_closed(self, pool: Pool[Any], reason: str) -> None:
+    def on_closed(self, pool: _Pool, reason: str) -> None:
         """A connection was retired for ``reason``."""
 
-    def on_state(self, pool: Pool[Any], old: PoolState, new: PoolState) -> None:
+    def on_state(self, pool: _Pool, old: PoolState, new: PoolState) -> None:
         """The pool's circuit or lifecycle state changed."""
 
-    def on_alarm(self, pool: Pool[Any], p95: float, firing: bool) -> None:
+    def on_alarm(self, pool: _Pool, p95: float, firing: bool) -> None:
         """End of an alarm window: the p95 (seconds) is above threshold (firing) or recovered."""
 
-    def on_flush(self, pool: Pool[Any], use_times: list[float], zero_waits: int) -> None:
+    def on_flush(self, pool: _Pool, use_times: list[float], zero_waits: int) -> None:
         """Background flush: hold times since the last flush, and the no-wait acquire count."""
 
-    def on_pool_closed(self, pool: Pool[Any]) -> None:
+    def on_pool_closed(self, pool: _Pool) -> None:
         """The pool is closed; drop references to it."""
 
 
-ObserverFactory = Callable[["Pool[Any]"], PoolObserver | None]
+ObserverFactory = Callable[[_Pool], PoolObserver | None]
 _factories: list[ObserverFactory] = []
 
 
@@ -91,7 +95,7 @@ def remove_observer_factory(factory: ObserverFactory) -> None:
         _factories.remove(factory)
 
 
-def observers_for(pool: Pool[Any]) -> list[PoolObserver]:
+def observers_for(pool: _Pool) -> list[PoolObserver]:
     """The observers every registered factory wants attached to ``pool``."""
     found = []
     for factory in _factories:

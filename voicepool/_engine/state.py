@@ -45,3 +45,11 @@ class PoolStats:
     wait_p95_ms: float = 0.0
     last_error: str | None = None
     ping_rtt_ms: float | None = None  # smoothed (EWMA) round trip of recent successful pings
+    waited: int = 0  # acquires that queued (for a handshake or a release); the rest were warm
+    warm_target: int = 0  # the warm floor last computed (adaptive: in use plus spares)
+    idle_time: float = 0.0  # socket-seconds open while idle (what a time-billed provider bills)
+
+    @property
+    def warm_share(self) -> float:
+        """The share of acquires served at once from a warm connection (1.0 before any)."""
+        return 1.0 - self.waited / self.acquired if self.acquired else 1.0

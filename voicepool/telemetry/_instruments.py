@@ -206,6 +206,24 @@ class Instruments:
             unit="s",
             description="Acquire-wait p95 over the alarm's rolling window (what the alarm sees).",
         )
+        counter(
+            n.IDLE_TIME,
+            each(lambda s: s.idle_time),
+            unit="s",
+            description="Socket-seconds open while idle (what a time-billed provider bills).",
+        )
+        up_down(
+            n.WARM_TARGET,
+            each(lambda s: s.warm_target),
+            unit="{connection}",
+            description="The warm floor last computed (adaptive: in use plus spares).",
+        )
+        counter(
+            n.ACQUIRES_WAITED,
+            each(lambda s: s.waited),
+            unit="{acquire}",
+            description="Acquires that queued; warm share = 1 - waited / acquires.",
+        )
         up_down(
             n.POOL_STATE,
             gauge_cb(state),

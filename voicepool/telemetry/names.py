@@ -26,6 +26,10 @@ ACQUIRES: Final = "voicepool.connection.acquires"  # {acquire}, counter (exact, 
 CLOSED: Final = "voicepool.connection.closed"  # {connection}, counter, attr reason
 WAIT_P95: Final = "voicepool.connection.wait_time.p95"  # s, gauge: the alarm's rolling p95
 POOL_STATE: Final = "voicepool.pool.state"  # {state}, 1 for the current state, attr state
+IDLE_TIME: Final = "voicepool.connection.idle_time"  # s, counter: socket-seconds open and idle
+WARM_TARGET: Final = "voicepool.pool.warm_target"  # {connection}: the warm floor last computed
+# {acquire}, counter: acquires that queued; the share served warm is 1 - waited / acquires
+ACQUIRES_WAITED: Final = "voicepool.connection.acquires.waited"
 
 # -- metrics (histograms, recorded off the fast path; counter recorded per alarm window) --------
 CREATE_TIME: Final = "voicepool.connection.create_time"  # s, attr error.type on failure

@@ -13,8 +13,9 @@ ElevenLabs (``/v1/text-to-speech/{voice}/stream-input`` and ``.../multi-stream-i
   generates the rest, sends ``{"isFinal": true}`` and closes 1000.
 * multi-stream-input: any message naming a new ``context_id`` is that context's first message and
   creates it, ``{"text": "", "context_id": X}`` included (so a keepalive for an unknown context
-  takes one of the 5 slots). A 6th open context gets an error message and close 1008 "Maximum
-  simultaneous contexts per WebSocket connection exceeded". ``voice_settings`` on any later
+  takes one of the 5 slots); a bare ``{"text": ""}`` is a context-less keepalive that opens none.
+  A 6th open context gets an error message and close 1008 "Maximum simultaneous contexts per
+  WebSocket connection exceeded". ``voice_settings`` on any later
   message of a context: close 1008 "voice_settings field must be provided in the first message".
   ``flush`` generates the buffered text; ``close_context`` frees the slot at once, generates what
   is still buffered, then sends ``{"isFinal": true, "contextId": ...}``. ``close_socket``: 1000.
@@ -221,6 +222,12 @@ class ElevenLabsEmulator(_TTSEmulator):
                 if multi and msg.get("close_socket"):
                     await session.close(1000, "")
                     return
+                text = msg.get("text")
+                if multi and not msg.get("context_id") and text == "" and len(msg) == 1:
+                    # A context-less keepalive (what Pipecat sends on a socket without an open
+                    # context): it keeps the socket and opens no context.
+                    self.keepalives += 1
+                    continue
                 cid = str(msg.get("context_id") or "default") if multi else "default"
                 ctx = open_.get(cid)
                 first = cid not in first_messages
