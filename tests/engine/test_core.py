@@ -154,6 +154,28 @@ def test_waiter_whose_deadline_precedes_the_retry_fails_at_once() -> None:
     assert isinstance(err.__cause__, ConnectError)
 
 
+def test_waiter_does_not_wait_for_a_scheduled_retry_even_with_a_late_deadline() -> None:
+    """No connection, nothing in flight, last connect failed: fail now, dial nothing on demand."""
+    sim = Sim(cfg(min_size=1, max_size=1), provider=Provider(up=lambda t: t < 1.0))
+    sim.start()
+    sim.run_until(3.0)
+    sim.kill(sim.conns[0])
+    sim.run_until(4.0)
+    core = sim.core
+    assert not core.conns
+    assert not core.opening
+    assert core.retry_at > sim.now
+    retry_at, dialled = core.retry_at, len(sim.connects)
+    w = sim.acquire(timeout=core.retry_at - sim.now + 10.0)  # deadline well after the retry
+    t, failed, err = sim.failed[-1]
+    assert failed is w
+    assert t == sim.now
+    assert isinstance(err, PoolUnavailable)
+    assert isinstance(err.__cause__, ConnectError)
+    assert len(sim.connects) == dialled  # no connect on demand: a storm stays impossible
+    assert core.retry_at == retry_at  # the background retry keeps its backoff
+
+
 def test_one_connection_pool_with_provider_down_fails_callers_fast() -> None:
     """Callers every 100 ms for 10 s of outage: median time to their PoolUnavailable."""
     sim = Sim(cfg(min_size=1, max_size=1), provider=Provider(up=lambda t: t < 1.0))

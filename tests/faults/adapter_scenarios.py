@@ -9,6 +9,7 @@ a request budget below the stream limit, and an HTTP/1.1-only server.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from voicepool import Pool, PoolSettings
 from voicepool.adapters.elevenlabs import ElevenLabsAdapter
 from voicepool.adapters.http2 import H2Connection, Http2Adapter, PooledTransport
 from voicepool.testing import ElevenLabsEmulator, FaultProxy, LlmEmulator, test_certificates
+
+log = logging.getLogger(__name__)
 
 CHAT = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -203,6 +206,16 @@ def _nginx_h2_front(port: int, upstream: int, extra: str, *, http2: bool = True)
     """
 
 
+def _chain(exc: BaseException) -> str:
+    """``Type: message`` of ``exc`` and up to four of its causes, joined by `` <- ``."""
+    parts: list[str] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(parts) < 5:
+        parts.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__
+    return " <- ".join(parts)
+
+
 async def nginx_request_budget(requests: int = 600, concurrency: int = 60) -> int:
     """Failed requests out of ``requests`` (``concurrency`` at a time) through nginx with
     ``keepalive_requests 10`` and a 16-stream limit (GOAWAY every 10 requests a connection)."""
@@ -226,8 +239,10 @@ async def nginx_request_budget(requests: int = 600, concurrency: int = 60) -> in
                             async with asyncio.timeout(10.0):
                                 resp = await http.post(url + "/v1/chat/completions", json=CHAT)
                             if resp.status_code != 200:
+                                log.warning("nginx budget: HTTP %s", resp.status_code)
                                 failed += 1
-                        except Exception:
+                        except Exception as exc:
+                            log.warning("nginx budget: %s", _chain(exc))
                             failed += 1
 
                 await asyncio.gather(*(one() for _ in range(requests)))
@@ -257,11 +272,6 @@ async def nginx_http11_only() -> Http11Result:
             try:
                 await pool.start()
             except Exception as exc:
-                parts: list[str] = []
-                cause: BaseException | None = exc
-                while cause is not None and len(parts) < 5:
-                    parts.append(f"{type(cause).__name__}: {cause}")
-                    cause = cause.__cause__
-                return Http11Result(time.monotonic() - t0, " <- ".join(parts))
+                return Http11Result(time.monotonic() - t0, _chain(exc))
             await pool.aclose(0)
             return Http11Result(time.monotonic() - t0, "no error: the pool started")

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.faults import scenarios
 
 NOISE_FLOOR = 0.002  # seconds of event-loop lag a loaded 2-core CI machine adds to any p99 run
@@ -40,7 +38,6 @@ async def test_a_min_size_0_pool_recovers_after_its_circuit_opened() -> None:
 
 # Not met by PoolCore either (engine 6325495): a waiter stays while a retry is due before its
 # deadline, and that retry fails too (median 2 s at full size, benchmarks/faults.py fail-fast).
-@pytest.mark.xfail(strict=True, reason="issue 11: callers wait for retries that fail")
 async def test_a_one_connection_pool_fails_callers_fast_while_its_provider_is_down() -> None:
     assert await scenarios.caller_failure_latency(5, spacing=0.1) <= 0.1
 

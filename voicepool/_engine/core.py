@@ -827,21 +827,19 @@ class PoolCore(Generic[C]):
                 out.append(Fail(w, self._unavailable()))
             return
         if not self.conns and not self.opening:
-            # No connection and the last connect failed: a waiter whose deadline comes before
-            # the next retry cannot be served; tell it now instead of at its deadline.
-            for w in self.waiters:
-                if w.deadline < self.retry_at:
-                    self.waiters.leave(w)
-                    out.append(Fail(w, self._unavailable()))
+            # No connection, nothing in flight, and the last connect failed: no waiter waits
+            # for a *scheduled* retry (with backoff_initial under acquire_timeout it would
+            # usually wait for a retry that then fails too); tell them now. The retry itself
+            # keeps its backoff: nothing is dialled on demand, so a storm stays impossible.
+            for w in self.waiters.clear():
+                w.state = 2
+                out.append(Fail(w, self._unavailable()))
 
     def _retry_too_late(self, deadline: float, now: float) -> bool:
-        return (
-            bool(self.steps)
-            and not self.conns
-            and not self.opening
-            and self.retry_at > now
-            and deadline < self.retry_at
-        )
+        """A new waiter fails at once: no connection, no connect in flight, the last connect
+        failed and its retry is scheduled later (a dead provider costs a call microseconds,
+        not ``acquire_timeout``; only an in-flight connect is worth waiting for)."""
+        return bool(self.steps) and not self.conns and not self.opening and self.retry_at > now
 
     def _unavailable(self) -> PoolUnavailable:
         self.n_unavailable += 1
