@@ -101,3 +101,19 @@ def test_a_young_loss_wraps_a_retryable_error_and_keeps_its_status() -> None:
     assert last.__cause__ is conn.error
     assert "lost 400 ms after it opened" in str(last)
     core.check()
+
+
+def test_a_young_loss_does_not_fail_waiters_that_can_wait_for_the_retry() -> None:
+    """A GOAWAY right after the handshake: the server answers, so a waiter whose deadline is
+    after the scheduled reconnect waits for it (the refused streams' retries), instead of
+    failing fast as for a provider that refuses connections."""
+    core, (conn,) = _core(1, min_healthy=2.0)
+    conn.reason = "goaway"
+    (refill,) = [a for a in core.changed(conn, False, 0, 0.3) if isinstance(a, Connect)]
+    core.connect_cancelled(refill, 0.31)  # nothing in flight, no connection, retry scheduled
+    assert not core.conns
+    assert not core.opening
+    assert core.retry_at > 0.31
+    waiter = Waiter(deadline=100.0, timeout=99.7)
+    assert not [a for a in core.wait(waiter, 0.31) if isinstance(a, Fail)]
+    core.check()

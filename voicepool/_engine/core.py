@@ -165,6 +165,7 @@ class PoolCore(Generic[C]):
         self.steps = 0  # backoff steps: failures that did not overlap a counted one
         self._step_at = -math.inf
         self.retry_at = 0.0
+        self._last_reachable = False  # the last failure was a server that answered (see _failed)
         self.last_error: BaseException | None = None
         self._warm_failed = False
         self._refill: list[float] = []  # jittered start times of replacements for lost ones
@@ -454,7 +455,7 @@ class PoolCore(Generic[C]):
             self.closed_by["no_capacity"] = self.closed_by.get("no_capacity", 0) + 1
             out.append(Close(rec, "no_capacity"))
             err = ConnectError(f"connect to {self.describe} gave a connection with no capacity")
-            self._failed(err, False, attempt.started, now, out)
+            self._failed(err, False, attempt.started, now, out, reachable=True)
             self._check_warm(now)
             return self._end(now, out)
         self.n_connects += 1
@@ -563,7 +564,7 @@ class PoolCore(Generic[C]):
             if rec.cap == 0 and not rec.proven and now - rec.created < self.settings.min_healthy:
                 # Zero capacity straight after the handshake: the server takes no streams at all.
                 err = ConnectError(f"{self.describe} advertised no stream capacity")
-                self._failed(err, False, rec.started, now, out)
+                self._failed(err, False, rec.started, now, out, reachable=True)
             if rec.cap == 0 and rec.streams == 0:
                 self._retire(rec, "expired", now, out)
             elif rec.cap > old:
@@ -780,7 +781,7 @@ class PoolCore(Generic[C]):
                 status=cause.status if isinstance(cause, ConnectError) else None,
             )
             err.__cause__ = cause
-            self._failed(err, False, rec.started, now, out)
+            self._failed(err, False, rec.started, now, out, reachable=True)
         else:
             # Replacements of lost connections start at jittered times, not in one burst.
             at = now + self.rng.uniform(0, self.settings.backoff_initial)
@@ -803,11 +804,25 @@ class PoolCore(Generic[C]):
             out.append(Ping(other))
 
     def _failed(
-        self, err: BaseException, fatal: bool, started: float, now: float, out: list[Action]
+        self,
+        err: BaseException,
+        fatal: bool,
+        started: float,
+        now: float,
+        out: list[Action],
+        *,
+        reachable: bool = False,
     ) -> None:
-        """One failed connect (or young loss). Overlapping failures are one backoff step."""
+        """One failed connect (or young loss). Overlapping failures are one backoff step.
+
+        ``reachable``: the server accepted the connection and then failed it (a young loss, no
+        stream capacity). It counts for the backoff like any failure, but it does not fail
+        every waiter at once: the provider answers, so a waiter whose deadline is after the
+        scheduled retry waits for it (a GOAWAY right after the handshake, whose refused
+        streams are retried, must not fail them)."""
         self.n_connect_failures += 1
         self.last_error = err
+        self._last_reachable = reachable
         if started >= self._step_at or not self.steps:
             self.steps += 1
             self._step_at = now
@@ -831,15 +846,22 @@ class PoolCore(Generic[C]):
             # for a *scheduled* retry (with backoff_initial under acquire_timeout it would
             # usually wait for a retry that then fails too); tell them now. The retry itself
             # keeps its backoff: nothing is dialled on demand, so a storm stays impossible.
-            for w in self.waiters.clear():
-                w.state = 2
-                out.append(Fail(w, self._unavailable()))
+            for w in self.waiters:
+                if not reachable or w.deadline < self.retry_at:
+                    self.waiters.leave(w)
+                    out.append(Fail(w, self._unavailable()))
 
     def _retry_too_late(self, deadline: float, now: float) -> bool:
         """A new waiter fails at once: no connection, no connect in flight, the last connect
         failed and its retry is scheduled later (a dead provider costs a call microseconds,
         not ``acquire_timeout``; only an in-flight connect is worth waiting for)."""
-        return bool(self.steps) and not self.conns and not self.opening and self.retry_at > now
+        return (
+            bool(self.steps)
+            and not self.conns
+            and not self.opening
+            and self.retry_at > now
+            and (not self._last_reachable or deadline < self.retry_at)
+        )
 
     def _unavailable(self) -> PoolUnavailable:
         self.n_unavailable += 1
