@@ -266,7 +266,7 @@ async def test_cancel_inside_block_discards_exclusive_connection() -> None:
         async with pool.acquire() as lease:
             seen.append(lease.conn)
             inside.set()
-            await asyncio.sleep(10)
+            await asyncio.Event().wait()  # held until cancelled
 
     task = asyncio.create_task(use())
     await inside.wait()
@@ -287,7 +287,7 @@ async def test_cancel_inside_block_keeps_multiplexed_connection() -> None:
     async def use() -> None:
         async with pool.acquire():
             inside.set()
-            await asyncio.sleep(10)
+            await asyncio.Event().wait()  # held until cancelled
 
     task = asyncio.create_task(use())
     await inside.wait()

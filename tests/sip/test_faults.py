@@ -68,7 +68,7 @@ async def test_registration_leased_back_to_back_is_still_pinged(registrar: SipRe
         while time.monotonic() - t0 < 2.0:  # bounded: 40 leases
             async with pool.acquire():
                 pass
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # lease pacing (the traffic), not synchronisation
         # pjsua's own refresh comes 30 s before a 60 s expiry: every REGISTER here is a ping.
         assert reg.registers - first >= 2, (first, reg.registers)
 
@@ -89,7 +89,7 @@ class Leases:
                     self.taken.append((t, lease.conn))
             except PoolError:
                 self.taken.append((t, None))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # lease pacing (the traffic), not synchronisation
 
     async def __aenter__(self) -> Leases:
         self._task = asyncio.create_task(self._run())
