@@ -8,17 +8,24 @@ policy learnt day one's bursts). Both pools are EXCLUSIVE with ``concurrency=50`
 fixed keeps all 63 open, adaptive keeps in use plus the 99.9% quantile of arrivals within one
 connect time, and the bursts it has seen.
 
-Printed per seed, same arrivals for both: the share of acquires that waited for a handshake,
-idle socket-seconds (what a time-billed provider bills), connects. Goal (issue 16): adaptive
-waits <= 0.1% and no more than fixed; at least 50% fewer idle socket-seconds.
+Printed per seed, the same calls for both (the trace is drawn from the seed alone): the share of
+acquires that waited for a handshake, idle socket-seconds (open and not held: what a time-billed
+provider bills), connects. Goal (issue 16): adaptive waits <= 0.1% and no more than fixed; at
+least 50% fewer idle socket-seconds.
 
     .venv/bin/python benchmarks/warm_floor.py [--seeds 3]
-    .venv/bin/python benchmarks/warm_floor.py --real [--real-seconds 120]
+    .venv/bin/python benchmarks/warm_floor.py --real [--real-seconds 120]   # both, one run
+    .venv/bin/python benchmarks/warm_floor.py --seeds 0 --real               # real only
 
-``--real``: the same policy over real sockets: a compressed day (``--real-seconds``, diurnal 1 to
-8 calls plus bursts of 4, calls of median 2 s) against the Deepgram emulator over TLS behind
-FaultProxy latency (SINGLE_USE, Deepgram's mode), then the simulator on the same arrivals with
-the connect times the real run measured; idle socket-seconds and wait shares side by side.
+``--real``: the simulator checked against real sockets. A compressed day (``--real-seconds``,
+diurnal 1 to 8 calls plus bursts of 4, calls of median 2 s) is replayed by
+``voicepool.testing.traffic.replay`` against the Deepgram emulator over TLS behind FaultProxy
+(40 ms each way), EXCLUSIVE (``reuse=True``, Finalize as the reset) and SINGLE_USE (Deepgram's
+default), fixed and adaptive. Then the simulator runs the same calls (as they really ran:
+arrivals and holds, late timers included), the handshake times the real pool measured (replayed
+in order), its ping interval and ping time and its timer's ticks, over the same span; idle
+socket-seconds are counted the same way in both (open sockets minus held leases, integrated
+exactly). ``plan`` rows: the simulator on the calls as planned instead. Goal: within 10%.
 """
 
 from __future__ import annotations
@@ -123,14 +130,20 @@ def real(seconds: float, seed: int, modes: list[LeaseMode]) -> bool:
             for label, s in (("sim", obs), ("plan", plan)):
                 idle_d = _apart(r.idle_time, s.idle_time)
                 wait_d = abs(r.waited - s.waited) / max(r.waited, s.waited, 1)
+                # A handful of waits: one call apart is as close as two runs can be.
+                wait_ok = abs(r.waited - s.waited) <= max(1, 0.1 * max(r.waited, s.waited))
                 print(
                     f"{mode.value:>10} {warm:>8} {label:>5} {s.acquires:>8} {s.waited:>6}"
                     f" {s.wait_share:>7.2%} {s.idle_time:>11.1f} {s.connects:>8}"
                     f"   real vs {label}: idle {idle_d:.1%} apart, waits {wait_d:.1%} apart"
                 )
                 if label == "sim":
-                    ok = ok and idle_d <= 0.1 and wait_d <= 0.1
-    print("goal (real within 10% of the simulator, idle and waits):", "met" if ok else "NOT met")
+                    ok = ok and idle_d <= 0.1 and wait_ok
+    print(
+        "goal (real within 10% of the simulator: idle socket-seconds, and waits within 10% or"
+        " one call):",
+        "met" if ok else "NOT met",
+    )
     return ok
 
 
@@ -142,15 +155,19 @@ def main() -> None:
     ap.add_argument("--real-seed", type=int, default=1)
     ap.add_argument("--modes", default="exclusive,single_use")
     args = ap.parse_args()
+    if args.seeds:
+        simulated(args.seeds)
     if args.real:
         real(args.real_seconds, args.real_seed, [LeaseMode(m) for m in args.modes.split(",")])
-        return
+
+
+def simulated(seeds: int) -> None:
     print(
         f"{'seed':>4} {'pool':>8} {'peak':>4} {'acquires':>8} {'waited':>6} {'wait %':>7}"
         f" {'idle sock-s':>11} {'connects':>8} {'sim s':>5}"
     )
     ok = True
-    for seed in range(1, args.seeds + 1):
+    for seed in range(1, seeds + 1):
         rows = {}
         for warm in ("fixed", "adaptive"):
             t0 = time.perf_counter()
