@@ -47,7 +47,8 @@ async def test_adaptive_floor_over_real_sockets_matches_the_simulator() -> None:
         )
         real = await replay(adapter, settings("adaptive"), trace, name="adaptive")
     assert real.acquires == len(trace)
-    assert real.connect_times and min(real.connect_times) >= 0.06  # the proxy's round trips
+    assert real.connect_times
+    assert min(real.connect_times) >= 0.06  # the proxy's round trips
 
     # The simulator on the calls as they ran and the handshakes the pool measured: the same
     # figures, counted the same way (idle: open minus held, exact).
