@@ -35,10 +35,19 @@ import asyncio
 import math
 import statistics
 import time
-from typing import Any
+from dataclasses import dataclass
 
 from voicepool import LeaseMode, PoolSettings
-from voicepool.testing.traffic import DAY, Replay, SimResult, Traffic, TrafficSim, diurnal, replay
+from voicepool.testing.traffic import (
+    DAY,
+    Call,
+    Replay,
+    SimResult,
+    Traffic,
+    TrafficSim,
+    diurnal,
+    replay,
+)
 
 BACKGROUND_PEAK = 40.0  # concurrency of the diurnal curve at its peak; bursts add 10
 
@@ -52,38 +61,57 @@ def traffic() -> Traffic:
     )
 
 
-def day(warm: str, seed: int) -> tuple[SimResult, int]:
+def day(warm: str, seed: int) -> tuple[SimResult, int, tuple[int, int]]:
+    """Day two's figures, the peak held, and (calls, waits) of day one's first hour (a cold
+    worker: nothing learnt yet)."""
     settings = PoolSettings.model_validate({"concurrency": 50, "warm": warm})
     sim = TrafficSim(settings, traffic(), seed=seed)
-    result = sim.run(2 * DAY, measure_from=DAY)
-    return result, sim.max_held
+    calls = sim.calls(2 * DAY)
+    result = sim.run(2 * DAY, measure_from=DAY, trace=calls)
+    cold = (sum(1 for t, _ in calls if t < 3600), sum(1 for t in sim.waited_at if t < 3600))
+    return result, sim.max_held, cold
 
 
-def compressed(seconds: float) -> Traffic:
-    return Traffic(
-        concurrency=diurnal(8.0, 1.0, day=seconds),
-        max_concurrency=8.0,
-        median=2.0,
-        sigma=0.5,
-        burst=4,
-        bursts_per_hour=3600 / 20,
-    )
+@dataclass
+class Compressed:
+    """A day in ``seconds``: diurnal ``peak / 20`` (at least 1) to ``peak`` calls plus bursts
+    of ``burst`` calls within a second, one every 20 s; calls of median 2 s."""
+
+    seconds: float
+    peak: float = 8.0
+    burst: int = 4
+
+    def traffic(self) -> Traffic:
+        return Traffic(
+            concurrency=diurnal(self.peak, max(1.0, self.peak / 20), day=self.seconds),
+            max_concurrency=self.peak,
+            median=2.0,
+            sigma=0.5,
+            burst=self.burst,
+            bursts_per_hour=3600 / 20,
+        )
+
+    def settings(self, warm: str, mode: LeaseMode) -> PoolSettings:
+        return PoolSettings.model_validate(
+            {
+                "concurrency": math.ceil(self.peak) + self.burst,
+                "warm": warm,
+                "warm_window": 10.0,
+                "lease_mode": mode.value,
+            }
+        )
 
 
-def compressed_settings(warm: str, mode: LeaseMode) -> PoolSettings:
-    return PoolSettings.model_validate(
-        {"concurrency": 12, "warm": warm, "warm_window": 10.0, "lease_mode": mode.value}
-    )
-
-
-async def real_run(warm: str, mode: LeaseMode, seconds: float, seed: int) -> tuple[Replay, Any]:
+async def real_run(
+    day: Compressed, warm: str, mode: LeaseMode, seed: int
+) -> tuple[Replay, list[Call]]:
     """The compressed day's calls over real sockets (Deepgram emulator, TLS, FaultProxy)."""
     from voicepool.adapters.deepgram import DeepgramAdapter
     from voicepool.testing.asr import DeepgramEmulator
     from voicepool.testing.faultproxy import FaultProxy
 
-    settings = compressed_settings(warm, mode)
-    trace = TrafficSim(settings, compressed(seconds), seed=seed).calls(seconds)
+    settings = day.settings(warm, mode)
+    trace = TrafficSim(settings, day.traffic(), seed=seed).calls(day.seconds)
     async with (
         DeepgramEmulator(tls=True, api_key="k" * 40, idle_timeout=None) as dg,
         FaultProxy("127.0.0.1", dg.port, latency=0.04) as proxy,
@@ -101,13 +129,14 @@ def _apart(real: float, sim: float) -> float:
     return abs(real - sim) / sim if sim else (0.0 if real == sim else math.inf)
 
 
-def real(seconds: float, seed: int, modes: list[LeaseMode]) -> bool:
+def real(day: Compressed, seed: int, modes: list[LeaseMode]) -> bool:
     """Each pool over real sockets, then the simulator on the same calls (as they ran, and as
     planned) with the handshake times the real pool measured. True if within 10%."""
     print(
-        f"real sockets: a {seconds:g} s compressed day, seed {seed} (Deepgram emulator, TLS,"
-        " FaultProxy 40 ms each way); sim = the simulator on the calls as they ran, the"
-        " measured handshakes replayed in order; plan = on the planned calls"
+        f"real sockets: a {day.seconds:g} s compressed day (peak {day.peak:g} calls, bursts of"
+        f" {day.burst}), seed {seed} (Deepgram emulator, TLS, FaultProxy 40 ms each way);"
+        " sim = the simulator on the calls as they ran, the measured handshakes replayed in"
+        " order; plan = on the planned calls"
     )
     print(
         f"{'mode':>10} {'pool':>8} {'run':>5} {'acquires':>8} {'waited':>6} {'wait %':>7}"
@@ -115,9 +144,10 @@ def real(seconds: float, seed: int, modes: list[LeaseMode]) -> bool:
     )
     ok = True
     for mode in modes:
+        rows: dict[str, tuple[Replay, SimResult]] = {}
         for warm in ("fixed", "adaptive"):
-            r, trace = asyncio.run(real_run(warm, mode, seconds, seed))
-            settings = compressed_settings(warm, mode)
+            r, trace = asyncio.run(real_run(day, warm, mode, seed))
+            settings = day.settings(warm, mode)
             obs = r.simulate(settings, mode)
             plan = r.simulate(settings, mode, trace=trace)
             ct = sorted(r.connect_times)
@@ -139,6 +169,15 @@ def real(seconds: float, seed: int, modes: list[LeaseMode]) -> bool:
                 )
                 if label == "sim":
                     ok = ok and idle_d <= 0.1 and wait_ok
+            rows[warm] = (r, plan)
+        (fr, fs), (ar, as_) = rows["fixed"], rows["adaptive"]
+        print(
+            f"{mode.value:>10}  adaptive vs fixed: idle socket-seconds"
+            f" {1 - ar.idle_time / fr.idle_time:.1%} fewer (sim on the planned calls:"
+            f" {1 - as_.idle_time / fs.idle_time:.1%}), wait share {ar.wait_share:.2%} vs"
+            f" {fr.wait_share:.2%} (sim: {as_.wait_share:.2%} vs {fs.wait_share:.2%}),"
+            f" connects {len(ar.connect_times)} vs {len(fr.connect_times)}"
+        )
     print(
         "goal (real within 10% of the simulator: idle socket-seconds, and waits within 10% or"
         " one call):",
@@ -154,11 +193,14 @@ def main() -> None:
     ap.add_argument("--real-seconds", type=float, default=120.0)
     ap.add_argument("--real-seed", type=int, default=1)
     ap.add_argument("--modes", default="exclusive,single_use")
+    ap.add_argument("--real-peak", type=float, default=8.0)
+    ap.add_argument("--real-burst", type=int, default=4)
     args = ap.parse_args()
     if args.seeds:
         simulated(args.seeds)
     if args.real:
-        real(args.real_seconds, args.real_seed, [LeaseMode(m) for m in args.modes.split(",")])
+        day = Compressed(args.real_seconds, args.real_peak, args.real_burst)
+        real(day, args.real_seed, [LeaseMode(m) for m in args.modes.split(",")])
 
 
 def simulated(seeds: int) -> None:
@@ -171,12 +213,13 @@ def simulated(seeds: int) -> None:
         rows = {}
         for warm in ("fixed", "adaptive"):
             t0 = time.perf_counter()
-            r, peak = day(warm, seed)
+            r, peak, (cold_calls, cold_waits) = day(warm, seed)
             rows[warm] = r
             print(
                 f"{seed:>4} {warm:>8} {peak:>4} {r.acquires:>8} {r.waited:>6}"
                 f" {r.wait_share:>7.3%} {r.idle_time:>11.0f} {r.connects:>8}"
-                f" {time.perf_counter() - t0:>5.1f}"
+                f" {time.perf_counter() - t0:>5.1f}   cold first hour: {cold_waits} of"
+                f" {cold_calls} waited"
             )
         f, a = rows["fixed"], rows["adaptive"]
         saved = 1 - a.idle_time / f.idle_time

@@ -158,7 +158,7 @@ class TrafficSim:
         self._wake = math.inf
         self.acquires = 0
         self.waited = 0
-        self.waited_at: list[float] = []  # arrival times of the calls that waited (measured)
+        self.waited_at: list[float] = []  # arrival times of the calls that waited (all of them)
         self.measure_from = 0.0
         self.max_held = 0
         self._held = 0
@@ -326,8 +326,7 @@ class TrafficSim:
             self._hold(rec_or_none, hold)
             return
         self.waited += counted
-        if counted:
-            self.waited_at.append(self.now)
+        self.waited_at.append(self.now)
         timeout = self.settings.acquire_timeout
         self._apply(core.wait(Waiter(self.now + timeout, timeout, hold), self.now))
 
