@@ -102,7 +102,8 @@ class FirstAudioSink(io.AudioOutput):
 class SimulatedJob:
     """A fake JobContext (livekit.agents.testing) whose ``connect()`` takes ``join`` seconds like
     a room join, and whose :meth:`shutdown` runs the context's shutdown callbacks concurrently,
-    as LiveKit's job process does (``ipc/job_proc_lazy_main.py``)."""
+    then its cleanup, as LiveKit's job process does (``ipc/job_proc_lazy_main.py``; private
+    names: no public API runs them outside a worker)."""
 
     def __init__(self, ctx: Any, join: float) -> None:
         self.ctx = ctx
@@ -117,7 +118,10 @@ class SimulatedJob:
 
     async def shutdown(self, reason: str = "job done") -> None:
         callbacks = list(self.ctx._shutdown_callbacks)  # AgentSession registers its close there
-        await asyncio.gather(*(callback(reason) for callback in callbacks))
+        try:
+            await asyncio.gather(*(callback(reason) for callback in callbacks))
+        finally:
+            await self.ctx._on_cleanup()  # the job's temporary directory, its telemetry
 
 
 @contextlib.asynccontextmanager
