@@ -112,14 +112,18 @@ else
   redis.call('HDEL', busyk, me)
   redis.call('HDEL', waitk, me)
 end
+local holding = 0
+for _, w in ipairs(redis.call('ZRANGE', workers, 0, -1)) do
+  if redis.call('ZSCORE', tokens, w .. '#0') then holding = holding + 1 end
+end
 local total = 0
 local bv = redis.call('HVALS', busyk)
 for _, v in ipairs(bv) do total = total + tonumber(v) end
 -- abandoned keys go away by themselves (every live holder renews them)
 local keep = ttl * 4
 for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, keep) end
-return {g, redis.call('ZCARD', tokens), redis.call('ZCARD', workers), others_waiting, total,
-        epoch, recovering and 1 or 0}
+return {g, redis.call('ZCARD', tokens), holding, others_waiting, total,
+        epoch, recovering and 1 or 0, redis.call('ZCARD', workers)}
 """
 
 
@@ -211,11 +215,18 @@ class FleetQuota:
                 step,
             ],
         )
-        granted, used, holders, others, total, epoch, recovering = raw
+        granted, used, holders, others, total, epoch, recovering, workers = raw
         epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         self._epochs[holder] = epoch
         return QuotaGrant(
-            int(granted), int(used), int(holders), int(others), int(total), epoch, bool(recovering)
+            int(granted),
+            int(used),
+            int(holders),
+            int(others),
+            int(total),
+            epoch,
+            bool(recovering),
+            int(workers),
         )
 
     async def held(self, key: str) -> dict[str, int]:

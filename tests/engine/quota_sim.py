@@ -64,8 +64,10 @@ class MemoryFleet:
         self.busy[holder] = a.busy
         used = sum(n for n, _ in self.held.values())
         self.max_used = max(self.max_used, used)
-        holders = sum(1 for n, _ in self.held.values() if n) or 1
-        return QuotaGrant(g, used, holders, others, sum(self.busy.values()), "mem")
+        holders = sum(1 for n, _ in self.held.values() if n)
+        workers = len(self.held)
+        busy = sum(self.busy.values())
+        return QuotaGrant(g, used, holders, others, busy, "mem", False, workers)
 
 
 class QuotaSim(Sim):

@@ -46,7 +46,8 @@ def test_idle_hit_and_release_never_touch_the_quota() -> None:
     before = len(sim.syncs)
     for _ in range(100):
         rec, actions = sim.core.take(sim.now)
-        assert rec is not None and actions is NO_ACTIONS
+        assert rec is not None
+        assert actions is NO_ACTIONS
         actions2 = sim.core.released(rec, sim.now, "ok")
         assert not any(isinstance(a, QuotaSync) for a in actions2)
     assert len(sim.syncs) == before
@@ -92,7 +93,8 @@ def test_idle_spares_move_to_a_starved_worker() -> None:
         s.hold = 30.0  # calls last
         s.start()
     lockstep([a, b], 0.5)
-    assert open_conns(a.core) == 5 and open_conns(b.core) == 5
+    assert open_conns(a.core) == 5
+    assert open_conns(b.core) == 5
     # B takes its 5 and 3 more callers wait
     t0 = b.now
     for _ in range(5):
@@ -121,10 +123,12 @@ def test_exhaustion_names_the_fleet_quota() -> None:
     for _ in range(2):
         other.acquire(timeout=1.0)  # the account's 2 are in use elsewhere
     w = sim.acquire(timeout=1.0)
-    assert w is not None and w.exhausted
+    assert w is not None
+    assert w.exhausted
     lockstep([other, sim], 1.5)
     (_, failed, err) = sim.failed[-1]
-    assert failed is w and isinstance(err, PoolExhausted)
+    assert failed is w
+    assert isinstance(err, PoolExhausted)
     msg = str(err)
     assert "fleet quota 'dg-main' at its limit (2/2 tokens held by 1 workers" in msg, msg
     assert sim.core.n_exhausted == 1
@@ -152,7 +156,8 @@ def test_backend_down_keeps_serving_from_the_reservation_and_reconciles() -> Non
     assert len(sim.connects) > connects  # spares replaced within the reservation ...
     assert open_conns(sim.core) <= 3  # ... and nothing beyond it
     gate = sim.core.quota
-    assert gate is not None and gate.backend_errors >= 3
+    assert gate is not None
+    assert gate.backend_errors >= 3
     assert not sim.failed
     online: list[bool] = [gate.online]
     fleet.held.clear()  # Redis came back without its data
@@ -203,7 +208,8 @@ def test_connect_waits_for_the_reservation() -> None:
     assert [type(a) for a in actions if isinstance(a, Connect | QuotaSync)] == [QuotaSync]
     sim.apply(actions)
     sim.run_until(0.1)
-    assert sim.granted and sim.granted[0][1] is w
+    assert sim.granted
+    assert sim.granted[0][1] is w
 
 
 @pytest.mark.parametrize(

@@ -997,7 +997,8 @@ class PoolCore(Generic[C]):
             q.retry_at = now + (q.poll if self.waiters.count else q.refresh)
         excess = held - q.covered()
         if grant.others_waiting and grant.used >= q.limit and not self.waiters.count:
-            share = max(0, q.limit - grant.busy) // max(1, grant.holders) // q.per
+            workers = max(1, grant.workers, grant.holders)
+            share = max(0, q.limit - grant.busy) // workers // q.per
             excess = max(excess, held - (self._in_use()[0] + share))
         if excess > 0:
             spare = [r for r in self.mux_conns if not r.streams] if self.mux else list(self.idle)

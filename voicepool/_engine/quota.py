@@ -24,7 +24,8 @@ class QuotaGrant:
     """What the backend answered to one sync of one holder (a pool in one worker).
 
     ``granted``: tokens this holder holds now. ``used``: tokens held fleet-wide (<= ``limit``).
-    ``holders``: workers holding tokens or waiting for some. ``others_waiting``: callers waiting
+    ``holders``: holders with tokens; ``workers``: those plus holders only waiting for some
+    (what a fair share divides by). ``others_waiting``: callers waiting
     in the other holders. ``busy``: leases in use plus callers waiting, summed over the fleet.
     ``epoch``: the backend state's identity (it changes when Redis lost its data).
     ``recovering``: new tokens are refused while holders re-register after such a loss.
@@ -37,6 +38,7 @@ class QuotaGrant:
     busy: int
     epoch: str = ""
     recovering: bool = False
+    workers: int = 0
 
 
 class QuotaBackend(Protocol):
