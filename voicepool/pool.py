@@ -658,7 +658,17 @@ class Pool(Generic[C]):
         log.debug(
             "pool %s: connection #%d closed (%s)", self.name, a.rec.id, a.reason, extra=self._extra
         )
-        self._spawn(calls.close(self.adapter, a.rec.conn, self.name), self._closers)
+        if self._core.quota is None:
+            self._spawn(calls.close(self.adapter, a.rec.conn, self.name), self._closers)
+        else:
+            self._spawn(self._close_counted(a.rec), self._closers)
+
+    async def _close_counted(self, rec: ConnRecord[C]) -> None:
+        """Close, then free the fleet quota's token (not before: the provider still counts it)."""
+        try:
+            await calls.close(self.adapter, rec.conn, self.name)
+        finally:
+            self._apply(self._core.quota_closed(rec, self._clock()))
 
     def _spawn(self, coro: Coroutine[Any, Any, None], into: set[asyncio.Task[Any]]) -> None:
         assert self._loop is not None

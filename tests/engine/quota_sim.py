@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from voicepool import LeaseMode, PoolSettings
-from voicepool._engine.actions import QuotaSync
+from voicepool._engine.actions import Close, QuotaSync
 from voicepool._engine.core import PoolCore
 from voicepool._engine.quota import QuotaGate, QuotaGrant
+from voicepool._engine.record import ConnRecord
 
 from .sim import Sim
 
@@ -95,6 +96,8 @@ class QuotaSim(Sim):
     def apply(self, actions: Any) -> None:
         rest = []
         for a in actions:
+            if isinstance(a, Close):
+                self._closed_later(a.rec)
             if isinstance(a, QuotaSync):
                 self.actions.append(a)
                 self.syncs.append(a)
@@ -102,6 +105,9 @@ class QuotaSim(Sim):
             else:
                 rest.append(a)
         super().apply(rest)
+
+    def _closed_later(self, rec: ConnRecord[Any]) -> None:
+        self.at(self.now + self.rtt, lambda: self.apply(self.core.quota_closed(rec, self.now)))
 
     def _sync(self, a: QuotaSync) -> None:
         def answer() -> None:

@@ -908,6 +908,8 @@ class PoolCore(Generic[C]):
             except ValueError:
                 pass
         self.closed_by[reason] = self.closed_by.get(reason, 0) + 1
+        if self.quota is not None:
+            self.quota.closing.add(rec.id)  # its token is in use until quota_closed
         out.append(Close(rec, reason))
         if not self.closing:
             self._learn_error(rec, now, out)
@@ -947,7 +949,12 @@ class PoolCore(Generic[C]):
         if held >= self.max_size:
             return False
         q = self.quota
-        return q is None or q.fits(held)
+        return q is None or q.fits(held + len(q.closing))
+
+    def _quota_held(self, q: QuotaGate) -> int:
+        """Connections the quota counts: open, opening, and closing (the provider counts a
+        stream until its close completes: a replacement must not overlap it)."""
+        return len(self.conns) + self.opening + len(q.closing)
 
     # -- the fleet quota --------------------------------------------------------------------------
 
@@ -958,18 +965,19 @@ class PoolCore(Generic[C]):
         assert q is not None
         if q.in_flight or self.closing or self.lifecycle is PoolState.NEW:
             return
+        if q.yielding and q.closing:
+            return  # giving spares away: the sync that hands them back follows their closes
         if now < q.retry_at:
             self._at(q.retry_at)
             return
         out.append(self._quota_sync(q))
 
     def _quota_sync(self, q: QuotaGate) -> QuotaSync:
-        held = len(self.conns) + self.opening
+        held = self._quota_held(q)
         waiting = self.waiters.count
         q.in_flight = True
-        return QuotaSync(
-            (held + q.short) * q.per, held * q.per, waiting, self._in_use()[0] + waiting
-        )
+        more = 0 if q.yielding else q.short  # a pool giving spares away asks for none
+        return QuotaSync((held + more) * q.per, held * q.per, waiting, self._in_use()[0] + waiting)
 
     def quota_synced(self, grant: QuotaGrant, now: float) -> list[Action]:
         """The backend answered a :class:`QuotaSync`: the reservation is ``grant.granted`` now.
@@ -992,9 +1000,11 @@ class PoolCore(Generic[C]):
         q.sync_due = now + q.refresh
         if self.closing:
             return self._end(now, out)
-        held = len(self.conns) + self.opening
+        held = self._quota_held(q)
         if asked and q.granted < (held + asked) * q.per:
             q.retry_at = now + (q.poll if self.waiters.count else q.refresh)
+        if q.yielding and (not grant.others_waiting or self.waiters.count):
+            q.yielding = False  # the starved workers are served (or this one starves now)
         excess = held - q.covered()
         if grant.others_waiting and grant.used >= q.limit and not self.waiters.count:
             workers = max(1, grant.workers, grant.holders)
@@ -1007,11 +1017,13 @@ class PoolCore(Generic[C]):
                     self.idle.remove(rec)
                     rec.state = _IN_USE  # out of the deque already: _retire must not look there
                 self._retire(rec, "quota", now, out, grow=False)
-            left = len(self.conns) + self.opening
-            if left * q.per < q.granted:
-                q.granted = left * q.per  # given up: not usable here from now, whatever Redis says
-                q.short = 0
-                out.append(self._quota_sync(q))  # hand them back now, not at the next refresh
+            # Given up: not usable here from now, whatever Redis says; the tokens go back as
+            # soon as their closes complete (quota_closed), not at the next refresh, and
+            # until the starved are served this pool asks for nothing more.
+            q.granted = min(q.granted, (len(self.conns) + self.opening) * q.per)
+            q.yielding = True
+            if not q.closing:
+                out.append(self._quota_sync(q))
         if not q.in_flight:
             self._grow(now, out)
         if self.warming and not self.opening:
@@ -1019,6 +1031,19 @@ class PoolCore(Generic[C]):
             self.warming = False
             self.lifecycle = PoolState.READY
         self._at(q.sync_due)
+        return self._end(now, out)
+
+    def quota_closed(self, rec: ConnRecord[C], now: float) -> list[Action]:
+        """The driver finished closing ``rec``: its token is free for a replacement now."""
+        out: list[Action] = []
+        q = self.quota
+        if q is None or rec.id not in q.closing:
+            return out
+        q.closing.discard(rec.id)
+        if not self.closing:
+            if q.yielding and not q.closing and not q.in_flight:
+                out.append(self._quota_sync(q))  # hand the given-up tokens back now
+            self._grow(now, out)
         return self._end(now, out)
 
     def quota_cancelled(self) -> None:
@@ -1197,8 +1222,9 @@ class PoolCore(Generic[C]):
     def quota_limited(self) -> str:
         """Why the fleet quota holds this pool back, or "" when it does not."""
         q = self.quota
-        held = len(self.conns) + self.opening
-        if q is None or held >= self.max_size or q.fits(held):
+        if q is None or len(self.conns) + self.opening >= self.max_size:
+            return ""
+        if q.fits(self._quota_held(q)):
             return ""
         if not q.online:
             return (
@@ -1256,7 +1282,7 @@ class PoolCore(Generic[C]):
             "quota_key": q.key,
             "quota_limit": q.limit,
             "quota_reserved": q.granted,
-            "quota_used": (len(self.conns) + self.opening) * q.per,
+            "quota_used": self._quota_held(q) * q.per,
             "quota_fleet_used": q.used,
             "quota_holders": q.holders,
             "quota_backend_errors": q.backend_errors,

@@ -69,6 +69,7 @@ class QuotaGate:
     __slots__ = (
         "backend_errors",
         "busy",
+        "closing",
         "epoch",
         "granted",
         "holders",
@@ -85,6 +86,7 @@ class QuotaGate:
         "sync_due",
         "syncs",
         "used",
+        "yielding",
     )
 
     def __init__(self, key: str, limit: int, per: int, refresh: float, poll: float) -> None:
@@ -94,6 +96,7 @@ class QuotaGate:
         self.refresh = refresh
         self.poll = poll
         self.granted = 0  # tokens the backend confirmed for this pool (the reservation)
+        self.closing: set[int] = set()  # ids of retired connections whose close still runs
         self.short = 0  # connects the pool wanted at its last growth that the quota refused
         self.in_flight = False  # one sync at a time
         self.retry_at = 0.0  # no new ask before this (a refused ask waits, it does not spin)
@@ -106,6 +109,7 @@ class QuotaGate:
         self.others_waiting = 0
         self.busy = 0
         self.epoch = ""
+        self.yielding = False  # gave idle spares to starved workers; asks for nothing meanwhile
 
     def fits(self, held: int) -> bool:
         """Whether one more connection fits in the reservation beside ``held`` ones."""
