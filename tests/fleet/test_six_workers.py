@@ -173,7 +173,8 @@ async def test_six_workers_share_twenty_streams_without_a_429() -> None:
                     gone = loop.time() - t_kill
                     break
                 await asyncio.sleep(0.05)  # polls Redis's view, bounded by the loop above
-            assert gone is not None and gone <= TTL + REFRESH, gone
+            assert gone is not None, held
+            assert gone <= TTL + REFRESH, gone
             # ... and another worker can use it: 14 calls on worker 1 are all served.
             (r,) = await _phase(workers, {1: 14}, 2.0)
             served += r["served"]

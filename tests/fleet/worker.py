@@ -64,7 +64,7 @@ async def main(config: dict[str, Any]) -> None:
             rejected[err.status or 0] += 1
             raise
 
-    adapter.connect = counting_connect  # type: ignore[method-assign]
+    adapter.connect = counting_connect
     settings: dict[str, Any] = {
         "concurrency": 10,
         "acquire_timeout": config.get("acquire_timeout", 8.0),
