@@ -761,6 +761,7 @@ class Pool(Generic[C]):
                     limit=qs.limit,
                     ttl=qs.ttl,
                     step=gate.per,
+                    recover=min(qs.ttl, 3 * qs.refresh),
                 )
         except asyncio.CancelledError:
             self._core.quota_cancelled()

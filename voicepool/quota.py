@@ -17,8 +17,9 @@ the core). Everything a pool tells Redis is one call of one Lua script, atomic o
   per token; a smaller ``want`` gives tokens back;
 - Redis's own clock (``TIME``) scores everything, so the workers' clocks never matter;
 - a Redis that lost its data (restart without persistence) starts a new epoch: holders that
-  knew the old one re-register what they hold open, and for one ``ttl`` nobody gets new tokens,
-  so a worker that asks first cannot take the share of one that has not re-registered yet.
+  knew the old one re-register what they hold open, and for a recovery window (pools use
+  ``min(ttl, 3 * refresh)``: every live holder syncs within it) nobody gets new tokens, so a
+  worker that asks first cannot take the share of one that has not re-registered yet.
 
 Cancellation-safe: a cancelled :meth:`FleetQuota.sync` either ran on the server or did not;
 the next sync sets the holding again, whatever the last one did.
@@ -53,6 +54,7 @@ local limit = tonumber(ARGV[6])
 local ttl = tonumber(ARGV[7])
 local known = ARGV[8]
 local step = tonumber(ARGV[9])
+local recover = tonumber(ARGV[10])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- expired tokens first, then the demand of holders that stopped refreshing
@@ -71,7 +73,7 @@ if not epoch then
 end
 if known ~= '' and known ~= epoch then
   local until_ms = tonumber(redis.call('HGET', meta, 'recover') or '0')
-  if now + ttl > until_ms then redis.call('HSET', meta, 'recover', now + ttl) end
+  if now + recover > until_ms then redis.call('HSET', meta, 'recover', now + recover) end
 end
 local recovering = tonumber(redis.call('HGET', meta, 'recover') or '0') > now
 -- the caller's tokens are <me>#0 .. <me>#(n-1), refreshed together (one expiry)
@@ -165,15 +167,23 @@ class FleetQuota:
         self.url = url
         self.worker = worker or default_worker_id()
         self.timeout = timeout
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
         self._client: Any = client or Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             health_check_interval=0,
+            # One immediate retry on a fresh connection: the first command after a Redis
+            # restart meets the connection the old server closed. Never on a timeout.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
             retry_on_timeout=False,
         )
         self._script = self._client.register_script(_SCRIPT)
-        self._epochs: dict[str, str] = {}  # holder -> the epoch it last saw
+        self._epochs: dict[tuple[str, str], str] = {}  # (key, holder) -> the epoch it last saw
         self.calls = 0  # round trips made (for the fleet benchmark's ops/s)
 
     def holder(self, pool: str) -> str:
@@ -191,16 +201,19 @@ class FleetQuota:
         limit: int,
         ttl: float,
         step: int = 1,
+        recover: float | None = None,
     ) -> QuotaGrant:
         """Set ``holder``'s tokens under ``key`` to ``want`` (as far as the limit allows),
         refresh their TTL and publish its demand; one round trip, atomic on the server.
         ``step``: tokens are granted in multiples of it (the tokens of one connection).
+        ``recover``: after a data loss, how long (s, default ``ttl``) nobody gets new tokens
+        while holders re-register; it must cover every live holder's next sync.
 
         Raises redis-py's errors (``ConnectionError``, ``TimeoutError``, ...) when Redis is down
         or slow; the pool counts them as ``voicepool.quota.backend_errors``.
         """
         self.calls += 1
-        known = self._epochs.get(holder, "")
+        known = self._epochs.get((key, holder), "")
         raw = await self._script(
             keys=_keys(key),
             args=[
@@ -213,11 +226,12 @@ class FleetQuota:
                 max(1, round(ttl * 1000)),
                 known,
                 step,
+                max(1, round((ttl if recover is None else recover) * 1000)),
             ],
         )
         granted, used, holders, others, total, epoch, recovering, workers = raw
         epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
-        self._epochs[holder] = epoch
+        self._epochs[key, holder] = epoch
         return QuotaGrant(
             int(granted),
             int(used),

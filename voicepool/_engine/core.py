@@ -977,7 +977,11 @@ class PoolCore(Generic[C]):
         waiting = self.waiters.count
         q.in_flight = True
         more = 0 if q.yielding else q.short  # a pool giving spares away asks for none
-        return QuotaSync((held + more) * q.per, held * q.per, waiting, self._in_use()[0] + waiting)
+        want = (held + more) * q.per
+        # Tokens this sync gives back are not usable while it is in flight: a connect admitted
+        # on them meanwhile would be over the reservation the answer confirms.
+        q.granted = min(q.granted, want)
+        return QuotaSync(want, held * q.per, waiting, self._in_use()[0] + waiting)
 
     def quota_synced(self, grant: QuotaGrant, now: float) -> list[Action]:
         """The backend answered a :class:`QuotaSync`: the reservation is ``grant.granted`` now.

@@ -58,6 +58,7 @@ class QuotaBackend(Protocol):
         limit: int,
         ttl: float,
         step: int = 1,
+        recover: float | None = None,
     ) -> QuotaGrant: ...
 
     async def aclose(self) -> None: ...
