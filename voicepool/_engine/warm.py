@@ -33,7 +33,8 @@ the same handshake-wait share as fixed sized for the peak (0-0.07%, every wait a
 and ``--real`` confirms the simulator over real sockets on the same calls (idle within 1.3%, waits
 to the call). But it makes about four times the connects (a surplus retired after its linger is
 reopened for the next rise), and a cold worker has learnt nothing: it starts from ``min_size`` 1
-and meets its first bursts short (a two-minute real day: 0.26% of acquires waited, fixed 0%).
+and meets its first bursts short (the simulated day's first hour: up to 10 of 64 acquires
+waited, fixed none; a two-minute real day: 0.26% to 0.42%, fixed 0%).
 So adaptive is the choice of a long-running worker on a time-billed provider, not the default.
 """
 
