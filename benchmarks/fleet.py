@@ -15,7 +15,7 @@ One run prints:
    second, the keys' memory, and the worst-case over-commit (connections open or closing across
    the fleet above the limit, sampled every 5 ms; must be 0).
 
-Run: ``.venv/bin/python benchmarks/fleet.py [--rounds 9] [--n 20000] [--workers 100]``
+Run: ``.venv/bin/python benchmarks/fleet.py [--rounds 15] [--n 20000] [--workers 100]``
 (needs redis-server: scripts/install-system-deps.sh).
 """
 
@@ -69,8 +69,7 @@ async def warm_ratio(url: str, rounds: int, n: int) -> float:
     await plain.start()
     await quoted.start()
 
-    async def run(pool: Pool[Conn]) -> float:
-        gc.collect()
+    async def run(pool: Pool[Conn], n: int = n) -> float:
         t0 = time.perf_counter_ns()
         for _ in range(n):
             async with pool.acquire():
@@ -80,13 +79,21 @@ async def warm_ratio(url: str, rounds: int, n: int) -> float:
     for _ in range(2):
         await run(plain)
         await run(quoted)
+    gc.collect()
+    gc.disable()  # no collection lands in one pool's slice and not the other's
     ratios = []
+    chunks = 10  # each round alternates the two pools in ten slices: drift hits both alike
     for r in range(rounds):
-        if r % 2:
-            a, b = await run(plain), await run(quoted)
-        else:
-            b, a = await run(quoted), await run(plain)
+        a = b = 0.0
+        for c in range(chunks):
+            if (r + c) % 2:
+                a += await run(plain, n // chunks)
+                b += await run(quoted, n // chunks)
+            else:
+                b += await run(quoted, n // chunks)
+                a += await run(plain, n // chunks)
         ratios.append(b / a)
+    gc.enable()
     await plain.aclose()
     await quoted.aclose()
     await fleet.aclose()
@@ -307,7 +314,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--moves", type=int, default=5)
