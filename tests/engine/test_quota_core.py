@@ -220,8 +220,43 @@ def test_connect_waits_for_the_reservation() -> None:
         ({"key": "k", "limit": 5, "ttl": 2, "refresh": 1.5}, "refresh"),
         ({"key": "a b", "limit": 5}, "key"),
         ({"key": "k", "limit": 5, "unit": "socket"}, "unit"),
+        ({"key": "k", "limit": 5, "backend": "localhost:6379"}, "backend"),
+        ({"key": "k", "limit": 5, "refresh": 0.2, "timeout": 0.5}, "timeout"),
     ],
 )
 def test_bad_quota_settings_name_the_field(quota: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError, match=f"quota.{field}"):
         PoolSettings(quota=quota)
+
+
+def test_backend_down_at_boot_ends_warm_up_with_nothing_open() -> None:
+    fleet = MemoryFleet(limit=5, ttl=4.0, up=False)
+    sim = QuotaSim(cfg(5, min_size=3, max_size=3), fleet, "a")
+    sim.start()
+    sim.run_until(0.1)
+    assert sim.core.state is PoolState.READY
+    assert not sim.core.conns
+    assert "backend unreachable" in sim.core.exhausted_message(1.0)
+    fleet.up = True
+    sim.run_until(1.0)  # the next refresh reserves the floor
+    assert len(sim.core.conns) == 3
+
+
+def test_quota_events_after_close_and_for_unknown_connections() -> None:
+    fleet = MemoryFleet(limit=5, ttl=4.0)
+    sim = QuotaSim(cfg(5, min_size=2, max_size=2), fleet, "a")
+    sim.start()
+    sim.run_until(0.1)
+    gate = sim.core.quota
+    assert gate is not None
+    rec = next(iter(sim.core.conns.values()))
+    assert sim.core.quota_closed(rec, sim.now) == []  # not closing: nothing to free
+    gate.in_flight = True
+    sim.core.quota_cancelled()
+    assert not gate.in_flight
+    sim.apply(sim.core.close(sim.now))
+    grant = fleet.sync(sim.now, "a", QuotaSync(0, 2, 0, 0))
+    gate.in_flight = True
+    assert not any(isinstance(a, Connect) for a in sim.core.quota_synced(grant, sim.now))
+    assert not gate.in_flight
+    assert not any(isinstance(a, QuotaSync) for a in sim.core.quota_failed(sim.now))
