@@ -31,9 +31,10 @@ import os
 import socket
 import uuid
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from voicepool._engine.quota import QuotaGrant
-from voicepool._redact import get_logger, scrub
+from voicepool._redact import remember, scrub
 from voicepool.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FleetQuota", "QuotaGrant", "default_worker_id"]
 
-log = get_logger("voicepool.quota")
 
 _SCRIPT = """
 local tokens, workers, busyk, waitk, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -165,6 +165,9 @@ class FleetQuota:
                 "fleet quotas need redis-py: pip install 'voicepool[fleet]'"
             ) from None
         self.url = url
+        password = urlsplit(url).password
+        if password:
+            remember([password])  # masked in every log and error from now on
         self.worker = worker or default_worker_id()
         self.timeout = timeout
         from redis.asyncio.retry import Retry

@@ -229,3 +229,11 @@ async def test_redis_down_at_boot_starts_the_pool_and_names_it_at_exhaustion() -
             async with pool.acquire(timeout=0.3):
                 pass
         assert pool.stats().quota_backend_errors >= 1
+
+
+def test_a_redis_password_never_shows() -> None:
+    q = FleetQuota("redis://:quota-s3cret-pass@127.0.0.1:1/0")
+    assert "quota-s3cret-pass" not in repr(q)
+    from voicepool._redact import scrub
+
+    assert "quota-s3cret-pass" not in scrub("auth failed for quota-s3cret-pass")
