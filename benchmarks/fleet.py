@@ -176,7 +176,7 @@ async def spare_moves(url: str, rounds: int) -> list[float]:
 
 async def hundred_workers(
     server: RedisServer, workers: int, limit: int, seconds: float
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """``workers`` pools (SINGLE_USE, sized for 4 calls, 1 spare) share ``limit`` tokens; each
     second the load moves: a random third of the workers carry the calls, fleet demand about
     80% of the limit. Redis restarts (data lost) half-way."""
@@ -200,6 +200,7 @@ async def hundred_workers(
     end = t_start + seconds
     worst = 0
     served = failed = 0
+    why: dict[str, int] = {}
     demand_target = int(limit * 0.8)
     rng = random.Random(7)
     busy: list[int] = [0] * workers
@@ -211,8 +212,9 @@ async def hundred_workers(
                 async with pools[i].acquire():
                     await asyncio.sleep(rng.uniform(0.05, 0.2))
                 served += 1
-            except Exception:
+            except Exception as err:
                 failed += 1
+                why[type(err).__name__] = why.get(type(err).__name__, 0) + 1
 
     async def sampler() -> None:
         nonlocal worst
@@ -257,6 +259,7 @@ async def hundred_workers(
         "served": served,
         "failed": failed,
         "backend_errors": errors,
+        "why": why,
     }
 
 
@@ -305,7 +308,8 @@ async def main(args: argparse.Namespace) -> None:
             f"4. {args.workers} workers, limit {args.limit}, {sim['elapsed']:.1f} s with a Redis"
             f" restart: {sim['ops_per_s']:.0f} Redis ops/s ({sim['syncs']:.0f} script calls),"
             f" keys {sim['memory'] / 1024:.1f} KiB, {sim['served']:.0f} calls served,"
-            f" {sim['failed']:.0f} failed, {sim['backend_errors']:.0f} backend errors;"
+            f" {sim['failed']:.0f} failed {sim['why'] or ''}, {sim['backend_errors']:.0f} backend"
+            " errors;"
             f" worst-case over-commit {sim['over_commit']:.0f} (must be 0)"
         )
 

@@ -18,7 +18,7 @@ the core). Everything a pool tells Redis is one call of one Lua script, atomic o
 - Redis's own clock (``TIME``) scores everything, so the workers' clocks never matter;
 - a Redis that lost its data (restart without persistence) starts a new epoch: holders that
   knew the old one re-register what they hold open, and for a recovery window (pools use
-  ``min(ttl, 3 * refresh)``: every live holder syncs within it) nobody gets new tokens, so a
+  ``min(ttl, 2 * refresh)``: every live holder syncs within it) nobody gets new tokens, so a
   worker that asks first cannot take the share of one that has not re-registered yet; the same
   window opens when a holder comes back claiming connections whose tokens expired (Redis was
   unreachable for longer than the TTL).
@@ -84,11 +84,11 @@ if claimed > 0 and known == epoch and not redis.call('ZSCORE', workers, me) then
   local until_ms = tonumber(redis.call('HGET', meta, 'recover') or '0')
   if now + recover > until_ms then redis.call('HSET', meta, 'recover', now + recover) end
 end
--- nobody reached Redis for two refreshes while holders were registered (an outage): they may
+-- nobody reached Redis for a recovery window while holders were registered (an outage): they may
 -- hold connections whose tokens expired or were never refreshed; let them all re-register
 -- before anyone grows
 local last = tonumber(redis.call('HGET', meta, 'last') or '0')
-if had > 0 and last > 0 and now - last > recover / 1.5 then
+if had > 0 and last > 0 and now - last > recover then
   local until_ms = tonumber(redis.call('HGET', meta, 'recover') or '0')
   if now + recover > until_ms then redis.call('HSET', meta, 'recover', now + recover) end
 end

@@ -31,7 +31,7 @@ class MemoryFleet:
     busy: dict[str, int] = field(default_factory=dict)
     calls: int = 0
     max_used: int = 0
-    recover: float = 1.5  # after a data loss, no new tokens for this long (the pools' 3 refresh)
+    recover: float = 1.0  # after a data loss, no new tokens for this long (the pools' 2 refresh)
     epoch: int = 0
     recover_until: float = -1.0
     last: float = -1.0  # the last sync of anyone
@@ -58,7 +58,7 @@ class MemoryFleet:
     def sync(self, now: float, holder: str, a: QuotaSync, step: int = 1) -> QuotaGrant:
         self.calls += 1
         had = any(n or self.busy.get(h) or self.waiting.get(h) for h, (n, _) in self.held.items())
-        if had and self.last >= 0 and now - self.last > self.recover / 1.5:
+        if had and self.last >= 0 and now - self.last > self.recover:
             self.recover_until = max(self.recover_until, now + self.recover)  # after an outage
         self.last = now
         self._evict(now)

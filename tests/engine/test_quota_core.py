@@ -263,11 +263,14 @@ def test_quota_events_after_close_and_for_unknown_connections() -> None:
     assert not any(isinstance(a, QuotaSync) for a in sim.core.quota_failed(sim.now))
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_random_fleet_never_over_commits(seed: int) -> None:
-    """Five pools, one account: callers arrive anywhere, connections die, the backend goes down
-    and comes back without its data. After every step the connections open, opening or still
-    closing across the fleet stay within the limit."""
+    """Five pools, one account: callers arrive anywhere, connections die, and the backend has
+    outages of 0.1-3 s (longer than the TTL included), a third of them ending in a restart that
+    lost its data, each at least a recovery window (2 refreshes) after the last. After every
+    step the connections open, opening or still closing across the fleet stay within the limit.
+    (Two outages inside one recovery window can leave a holder unregistered past it: the
+    documented double-fault limit, docs/fleet.md.)"""
     rng = random.Random(seed)
     limit = 12
     fleet = MemoryFleet(limit=limit, ttl=2.0)
@@ -288,19 +291,26 @@ def test_random_fleet_never_over_commits(seed: int) -> None:
         sims.append(sim)
     t = 0.0
     worst = 0
-    for _ in range(600):
+    outage_end = -1.0  # while down: when it ends; then the earliest start of the next
+    lose = False
+    for _ in range(800):
         t += 0.01
         lockstep(sims, t, dt=0.01)
         roll = rng.random()
         sim = rng.choice(sims)
+        if not fleet.up and t >= outage_end:
+            if lose:
+                fleet.lose_data()  # back after a restart without persistence
+            fleet.up = True
+            outage_end = t + 1.0
         if roll < 0.5:
             sim.acquire(timeout=rng.uniform(0.2, 2.0))
         elif roll < 0.52 and sim.conns:
             sim.kill(rng.choice(sim.conns))
-        elif roll < 0.525:
-            fleet.up = not fleet.up
-        elif roll < 0.527:
-            fleet.lose_data()
+        elif roll < 0.53 and fleet.up and t >= outage_end:
+            fleet.up = False
+            outage_end = t + rng.uniform(0.1, 3.0)
+            lose = rng.random() < 1 / 3
         used = sum(
             len(x.core.conns) + x.core.opening + len(x.core.quota.closing)
             for x in sims
