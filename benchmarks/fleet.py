@@ -271,17 +271,24 @@ async def _retry(fn: Any, *args: Any) -> Any:
         return await fn(*args)
 
 
-async def bare_sync(url: str, samples: int) -> tuple[float, float]:
-    """p50 / p99 of one FleetQuota.sync round trip alone (ms), for context."""
+async def bare_sync(url: str, samples: int) -> tuple[float, float, float, float]:
+    """p50 / p99 of one FleetQuota.sync round trip alone, then of a redis-py PING (the floor of
+    any Redis round trip from this client on this machine), in ms, for context."""
     fleet = FleetQuota(url)
-    times = []
+    syncs, pings = [], []
     for i in range(samples):
         t0 = time.perf_counter_ns()
         await fleet.sync("bare", "h", want=i % 3, claimed=0, waiting=0, busy=0, limit=100, ttl=10.0)
-        times.append((time.perf_counter_ns() - t0) / 1e6)
+        t1 = time.perf_counter_ns()
+        await fleet._client.ping()
+        syncs.append((t1 - t0) / 1e6)
+        pings.append((time.perf_counter_ns() - t1) / 1e6)
     await fleet.aclose()
-    times.sort()
-    return times[len(times) // 2], times[min(len(times) - 1, int(0.99 * len(times)))]
+
+    def pct(v: list[float], p: float) -> float:
+        return sorted(v)[min(len(v) - 1, int(p * len(v)))]
+
+    return pct(syncs, 0.5), pct(syncs, 0.99), pct(pings, 0.5), pct(pings, 0.99)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -296,8 +303,11 @@ async def main(args: argparse.Namespace) -> None:
             f" {p50:.3f} ms without, p99 {q99:.3f} ms vs {p99:.3f} ms:"
             f" p99 added {q99 - p99:.3f} ms (target <= 1 ms)"
         )
-        b50, b99 = await bare_sync(url, args.samples)
-        print(f"   (one FleetQuota.sync alone: p50 {b50:.3f} ms, p99 {b99:.3f} ms)")
+        b50, b99, g50, g99 = await bare_sync(url, args.samples)
+        print(
+            f"   (one FleetQuota.sync alone: p50 {b50:.3f} ms, p99 {b99:.3f} ms;"
+            f" a redis-py PING: p50 {g50:.3f} ms, p99 {g99:.3f} ms)"
+        )
         moves = await spare_moves(url, args.moves)
         print(
             f"3. idle spare to a starved worker (refresh 1 s, {len(moves)} runs): median"
