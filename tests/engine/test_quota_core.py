@@ -321,3 +321,24 @@ def test_random_fleet_never_over_commits(seed: int) -> None:
     lockstep(sims, t + 3.0)
     assert worst <= 0, worst
     assert fleet.max_used <= limit
+
+
+def test_quota_settings_fail_at_boot_with_their_path() -> None:
+    from voicepool.manager import PoolManager
+    from voicepool.settings import VoicePoolSettings
+
+    entry = {"adapter": "deepgram", "options": {"api_key": "k-1234"}}
+    with pytest.raises(ConfigError) as info:
+        VoicePoolSettings(
+            pools={"asr": {**entry, "quota": {"key": "dg", "limit": 0, "backend": "x"}}}
+        )
+    text = str(info.value)
+    assert "pools.asr.quota.limit" in text, text
+    assert "pools.asr.quota.backend" in text, text
+    good = VoicePoolSettings.model_validate(
+        {"pools": {"asr": {**entry, "quota": {"key": "dg", "limit": 5}}}}
+    )
+    pool = PoolManager.from_settings(good).pools["asr"]
+    assert pool.settings.quota is not None
+    assert pool.settings.quota.limit == 5
+    assert pool.stats().quota_key == "dg"
