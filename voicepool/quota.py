@@ -8,7 +8,8 @@ the core). Everything a pool tells Redis is one call of one Lua script, atomic o
 - keys (one hash tag, so a Redis Cluster keeps them on one shard): ``vp:q:{key}:tokens``, a
   sorted set of tokens (``<holder>#<i>``) scored by expiry in ms; ``...:workers``, holders scored
   by expiry; ``...:busy`` and ``...:waiting``, hashes holder -> leases in use plus callers
-  waiting / callers waiting (the demand signal); ``...:meta``, the state's epoch;
+  waiting / callers waiting (the demand signal); ``...:held``, holder -> its token count;
+  ``...:meta``, the state's epoch;
 - every call first evicts expired tokens and dead holders (a worker killed with -9 stops
   refreshing: its share is free after ``ttl``), then sets the caller's holding to ``want``:
   new tokens only up to ``limit``, none for a holder without waiting callers while others have
@@ -46,7 +47,7 @@ __all__ = ["FleetQuota", "QuotaGrant", "default_worker_id"]
 
 
 _SCRIPT = """
-local tokens, workers, busyk, waitk, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local tokens, workers, busyk, waitk, meta, heldk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local me = ARGV[1]
 local want = tonumber(ARGV[2])
 local claimed = tonumber(ARGV[3])
@@ -64,8 +65,14 @@ local had = redis.call('ZCARD', workers)
 redis.call('ZREMRANGEBYSCORE', tokens, '-inf', now)
 local dead = redis.call('ZRANGEBYSCORE', workers, '-inf', now)
 for _, w in ipairs(dead) do
+  -- the fleet's totals are kept in meta (O(1) a call, whatever the number of workers)
+  local b = tonumber(redis.call('HGET', busyk, w) or '0')
+  local q = tonumber(redis.call('HGET', waitk, w) or '0')
+  if b ~= 0 then redis.call('HINCRBY', meta, 'busy', 0 - b) end  -- (never a "-0")
+  if q ~= 0 then redis.call('HINCRBY', meta, 'wait', 0 - q) end
   redis.call('HDEL', busyk, w)
   redis.call('HDEL', waitk, w)
+  redis.call('HDEL', heldk, w)
 end
 if #dead > 0 then redis.call('ZREMRANGEBYSCORE', workers, '-inf', now) end
 -- the state's epoch: a new one means Redis lost its data (or this key is new)
@@ -94,14 +101,12 @@ if had > 0 and last > 0 and now - last > recover then
 end
 redis.call('HSET', meta, 'last', now)
 local recovering = tonumber(redis.call('HGET', meta, 'recover') or '0') > now
--- the caller's tokens are <me>#0 .. <me>#(n-1), refreshed together (one expiry)
-local present = 0
-while redis.call('ZSCORE', tokens, me .. '#' .. present) do present = present + 1 end
-local others_waiting = 0
-local wv = redis.call('HGETALL', waitk)
-for i = 1, #wv, 2 do
-  if wv[i] ~= me then others_waiting = others_waiting + tonumber(wv[i + 1]) end
-end
+-- the caller's tokens are <me>#0 .. <me>#(n-1), refreshed together (one expiry as its entry in
+-- workers: they are evicted together), and counted in held
+local present = tonumber(redis.call('HGET', heldk, me) or '0')
+local old_busy = tonumber(redis.call('HGET', busyk, me) or '0')
+local old_wait = tonumber(redis.call('HGET', waitk, me) or '0')
+local others_waiting = math.max(0, tonumber(redis.call('HGET', meta, 'wait') or '0') - old_wait)
 local room = limit - redis.call('ZCARD', tokens)
 local g = math.min(want, present)
 -- re-register what the caller holds open (lost with an expiry or a data loss), room permitting
@@ -117,12 +122,25 @@ if want > g and room > 0 and not recovering and not (waiting == 0 and others_wai
 end
 g = g - (g % step)  -- whole connections only (a multiplexed one may hold several tokens)
 local exp = now + ttl
-for i = 0, g - 1 do redis.call('ZADD', tokens, exp, me .. '#' .. i) end
-local i = g
-while i < present do
-  redis.call('ZREM', tokens, me .. '#' .. i)
-  i = i + 1
+-- one ZADD / ZREM per 200 tokens, not one call per token
+local i = 0
+while i < g do
+  local args = {}
+  for j = i, math.min(g, i + 200) - 1 do
+    args[#args + 1] = exp
+    args[#args + 1] = me .. '#' .. j
+  end
+  redis.call('ZADD', tokens, unpack(args))
+  i = i + 200
 end
+i = g
+while i < present do
+  local args = {}
+  for j = i, math.min(present, i + 200) - 1 do args[#args + 1] = me .. '#' .. j end
+  redis.call('ZREM', tokens, unpack(args))
+  i = i + 200
+end
+if g > 0 then redis.call('HSET', heldk, me, g) else redis.call('HDEL', heldk, me) end
 if g > 0 or waiting > 0 or busy > 0 then
   redis.call('ZADD', workers, exp, me)
   redis.call('HSET', busyk, me, busy)
@@ -131,14 +149,12 @@ else
   redis.call('ZREM', workers, me)
   redis.call('HDEL', busyk, me)
   redis.call('HDEL', waitk, me)
+  busy, waiting = 0, 0
 end
-local holding = 0
-for _, w in ipairs(redis.call('ZRANGE', workers, 0, -1)) do
-  if redis.call('ZSCORE', tokens, w .. '#0') then holding = holding + 1 end
-end
-local total = 0
-local bv = redis.call('HVALS', busyk)
-for _, v in ipairs(bv) do total = total + tonumber(v) end
+if busy ~= old_busy then redis.call('HINCRBY', meta, 'busy', busy - old_busy) end
+if waiting ~= old_wait then redis.call('HINCRBY', meta, 'wait', waiting - old_wait) end
+local holding = redis.call('HLEN', heldk)
+local total = math.max(0, tonumber(redis.call('HGET', meta, 'busy') or '0'))
 -- abandoned keys go away by themselves (every live holder renews them)
 local keep = ttl * 4
 for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, keep) end
@@ -154,7 +170,14 @@ def default_worker_id() -> str:
 
 def _keys(key: str) -> list[str]:
     base = f"vp:q:{{{key}}}"
-    return [f"{base}:tokens", f"{base}:workers", f"{base}:busy", f"{base}:waiting", f"{base}:meta"]
+    return [
+        f"{base}:tokens",
+        f"{base}:workers",
+        f"{base}:busy",
+        f"{base}:waiting",
+        f"{base}:meta",
+        f"{base}:held",
+    ]
 
 
 class FleetQuota:
