@@ -47,7 +47,8 @@ __all__ = ["FleetQuota", "QuotaGrant", "default_worker_id"]
 
 
 _SCRIPT = """
-local tokens, workers, busyk, waitk, meta, heldk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local tokens, workers, busyk, waitk = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local meta, heldk = KEYS[5], KEYS[6]
 local me = ARGV[1]
 local want = tonumber(ARGV[2])
 local claimed = tonumber(ARGV[3])
