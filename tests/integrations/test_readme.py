@@ -69,7 +69,7 @@ async def test_livekit_snippet(monkeypatch: pytest.MonkeyPatch) -> None:
             self.mic, self.sink = lk.SimulatedMic(), lk.FirstAudioSink()
             sessions.append(self)
 
-        async def start(self, *, room: Any, agent: Any, **kwargs: Any) -> Any:
+        async def start(self, *, room: Any, agent: Any, **kwargs: Any) -> Any:  # type: ignore[override]
             assert room is None  # no LiveKit server here
             self.input.audio, self.output.audio = self.mic, self.sink
             return await super().start(agent=agent, **kwargs)

@@ -286,7 +286,7 @@ class DeepgramEmulator(WebSocketEmulator):
 
 
 def _endpointing(value: str) -> float | None:
-    """The ``endpointing`` query value as seconds; None when off (``false``, ``0``, not a number)."""
+    """The ``endpointing`` query value as seconds; None when off (``false``, ``0``, non-numeric)."""
     return int(value) / 1000 if value.isdigit() and int(value) > 0 else None
 
 
