@@ -761,7 +761,7 @@ class Pool(Generic[C]):
                     limit=qs.limit,
                     ttl=qs.ttl,
                     step=gate.per,
-                    recover=min(qs.ttl, 3 * qs.refresh),
+                    recover=min(qs.ttl, 2 * qs.refresh),  # every live holder syncs within it
                 )
         except asyncio.CancelledError:
             self._core.quota_cancelled()
