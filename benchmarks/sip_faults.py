@@ -2,6 +2,7 @@
 registrar fails, measured against real registrars on 127.0.0.1.
 
     .venv/bin/python benchmarks/sip.py --faults [--transport udp|tcp] [--ping-interval 5]
+                                       [--ping-timeout 5]
 
 Shipped pool settings except ``min_size = max_size`` and ``ping_interval`` (printed). During each
 scenario a load loop takes a lease every 10 ms with zero hold time and records, for each one,
@@ -279,7 +280,12 @@ async def storm(settings: PoolSettings, transport: str) -> None:
 
 
 async def run(args: Any) -> None:
-    base = PoolSettings(min_size=2, max_size=2, ping_interval=args.ping_interval)
+    timeout = args.ping_timeout
+    if timeout is None:
+        timeout = min(PoolSettings().ping_timeout, args.ping_interval)
+    base = PoolSettings(
+        min_size=2, max_size=2, ping_interval=args.ping_interval, ping_timeout=timeout
+    )
     print(f"SIP fault matrix ({args.transport}; shipped settings, min=max=2,"
           f" ping_interval {base.ping_interval:g} s, ping_timeout {base.ping_timeout:g} s,"
           f" backoff {base.backoff_initial:g}..{base.backoff_max:g} s)")  # fmt: skip
