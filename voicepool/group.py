@@ -51,7 +51,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from voicepool._engine.observer import PoolObserver
-from voicepool.adapter import Adapter
+from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConfigError, PoolClosed, PoolError, PoolExhausted, PoolUnavailable
 from voicepool.lease import Lease
 from voicepool.pool import Pool, PoolState
@@ -171,6 +171,13 @@ class _MemberWatch(PoolObserver):
 
     def on_closed(self, pool: Pool[Any], reason: str) -> None:
         if reason in _LOSSES:
+            self.member.suspect = True
+
+    def on_lost_in_use(self, pool: Pool[Any], reason: str) -> None:
+        # A leased socket dropped: its idle neighbours may be dead too (a crash reaches the
+        # sockets in use first when most are in use). SINGLE_USE sockets end with their call
+        # (a Deepgram CloseStream is answered by the server's close): that is no news.
+        if reason in _LOSSES and pool.lease_mode is not LeaseMode.SINGLE_USE:
             self.member.suspect = True
 
     def on_connected(

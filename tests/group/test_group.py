@@ -25,7 +25,13 @@ from voicepool.group import (
     add_group_observer_factory,
     remove_group_observer_factory,
 )
-from voicepool.testing.fake import FakeAdapter, FakeConn, FakeMuxAdapter, FakeNoResetAdapter
+from voicepool.testing.fake import (
+    FakeAdapter,
+    FakeConn,
+    FakeMuxAdapter,
+    FakeNoResetAdapter,
+    FakeSingleUseAdapter,
+)
 
 
 def settings(**kw: object) -> PoolSettings:
@@ -371,3 +377,45 @@ async def _suspect_scenario(group: PoolGroup[FakeConn], a: FakeAdapter) -> None:
     await settle(lambda: eu.stats().size == 4)
     async with group.acquire() as lease:
         assert lease.pool is eu
+
+
+async def test_a_leased_connection_lost_makes_its_member_suspect_at_once() -> None:
+    """A crash reaches the sockets in use first when most are in use: the first of them to drop
+    sends new leases to the other member's free connections, before any idle socket is lent."""
+    a, b = FakeNoResetAdapter(), FakeNoResetAdapter()
+    lenient = settings(failure_threshold=5)
+    group = PoolGroup(
+        [Pool(a, lenient, name="eu"), Pool(b, lenient, name="us")], name="tts", failback_after=60
+    )
+    async with group:
+        eu, us = group.members
+        held = await group.lease()
+        assert held.pool is eu
+        a.gate = asyncio.Event()  # no connect of eu's succeeds meanwhile (none would prove it)
+        a.kill(held.conn)  # the peer dropped a socket in use; eu's idle ones look open
+        assert eu.stats().idle == 3
+        lease = await group.lease()
+        assert lease.pool is us  # not one of eu's (perhaps dead) idle sockets
+        await lease.release()
+        await held.release()
+        a.gate.set()
+
+
+async def test_a_single_use_connection_closed_in_use_is_no_news() -> None:
+    """SINGLE_USE sockets end with their call (the server answers the end of the stream with a
+    close): that keeps the member trusted."""
+    a, b = FakeSingleUseAdapter(), FakeSingleUseAdapter()
+    group = PoolGroup(
+        [Pool(a, settings(min_size=2), name="eu"), Pool(b, settings(), name="us")],
+        name="asr",
+        failback_after=60,
+    )
+    async with group:
+        eu, _us = group.members
+        held = await group.lease()
+        assert held.pool is eu
+        a.kill(held.conn)  # the stream's normal end
+        lease = await group.lease()
+        assert lease.pool is eu
+        await lease.release()
+        await held.release()
