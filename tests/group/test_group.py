@@ -52,6 +52,7 @@ class Switches(GroupObserver):
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, str, bool]] = []
+        self.at: list[float] = []  # loop time of each switch in seen
         self.served: list[tuple[str, str, str]] = []
         self.waited: list[tuple[str, float]] = []
         self._event = asyncio.Event()
@@ -59,6 +60,7 @@ class Switches(GroupObserver):
 
     def on_switch(self, group: PoolGroup[Any], old: str, new: str, why: str, back: bool) -> None:
         self.seen.append((old, new, why, back))
+        self.at.append(asyncio.get_running_loop().time())
         self._event.set()
 
     def on_switch_served(self, group: PoolGroup[Any], old: str, new: str, why: str) -> None:
