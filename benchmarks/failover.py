@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import os
 import random
 import re
@@ -66,6 +67,8 @@ KEY = "bench-key"
 class Call:
     started: float  # perf_counter at arrival
     wait: float = 0.0  # seconds in acquire
+    wait_cpu: float = 0.0  # CPU seconds of this thread in acquire (wait >> wait_cpu: descheduled)
+    queued: bool = False  # the acquire found nothing free and waited for a connection
     first_turn: float = 0.0  # acquire + audio + interim result
     member: str = ""
     error: str = ""
@@ -185,6 +188,9 @@ async def regions() -> AsyncIterator[tuple[Region, Region]]:
         await asyncio.gather(near.stop(), far.stop())
 
 
+QUEUED: contextvars.ContextVar[bool] = contextvars.ContextVar("queued", default=False)
+
+
 class Switches(GroupObserver):
     def __init__(self) -> None:
         self.seen: list[tuple[float, str, str, str, bool]] = []
@@ -193,6 +199,9 @@ class Switches(GroupObserver):
     def on_switch(self, group: PoolGroup[Any], old: str, new: str, why: str, back: bool) -> None:
         self.seen.append((time.perf_counter(), old, new, why, back))
         self.changed.set()
+
+    def on_served(self, group: PoolGroup[Any], member: str, waited: float) -> None:
+        QUEUED.set(True)  # called in the caller's task: its own context
 
 
 async def turn(stream: DeepgramConnection) -> None:
@@ -311,9 +320,11 @@ async def main(args: argparse.Namespace) -> None:
 
             async def group_call(call: Call) -> None:
                 try:
-                    t_acquire = time.perf_counter()
+                    t_acquire, cpu = time.perf_counter(), time.thread_time()
                     async with group.acquire() as lease:
                         call.wait = time.perf_counter() - t_acquire
+                        call.wait_cpu = time.thread_time() - cpu
+                        call.queued = QUEUED.get()
                         call.member = lease.pool.name
                         await turn(lease.conn)
                         call.first_turn = time.perf_counter() - call.started
@@ -398,6 +409,15 @@ async def main(args: argparse.Namespace) -> None:
                     f" ({(t_dead - t_crash) * 1e3:.1f} ms) {len(crashing)} calls,"
                     f" {sum(1 for c in crashing if c.error)} failed"
                 )
+                for c in after_open:
+                    if c.wait > 0.001:
+                        print(
+                            f"   waited {c.wait * 1e3:.2f} ms"
+                            f" ({'queued for a connection' if c.queued else 'nothing queued'},"
+                            f" {c.wait_cpu * 1e3:.2f} ms of CPU: the rest the process was"
+                            f" descheduled or the loop ran others), started"
+                            f" {(c.started - t_crash) * 1e3:+.0f} ms from the crash"
+                        )
                 for c in [*crashing, *new]:
                     if c.error:
                         print(
