@@ -28,8 +28,10 @@ ping, and the fail-back timer):
   (a fraction) and ``rtt_margin`` seconds, so a 1 ms difference never flaps.
 * Failover: the active member turned UNAVAILABLE (or closed): the best READY member, else the best
   DEGRADED one, takes over at once. Fail-back (or an RTT switch): a better member takes over only
-  after it stayed READY for ``failback_after`` seconds, for new leases only (leases in use never
-  move). A member that goes up and down faster than that never takes traffic back.
+  after it stayed READY for ``failback_after`` seconds and no switch happened in that time, for
+  new leases only (leases in use never move). A member that goes up and down faster than that
+  never takes traffic back, and round trips that cross back and forth switch at most once per
+  ``failback_after``.
 * The active member keeps its own warm floor (``min_size``); the others keep ``standby_min`` warm,
   pinged connections, so the first call after a failover pays no handshake; on a switch the new
   active grows to its full floor in the background and the old one shrinks to ``standby_min``.
@@ -254,6 +256,7 @@ class PoolGroup(Generic[C]):
         self._active = self._members[0]
         self._order: tuple[_Member[C], ...] = tuple(self._members)
         self._announce: tuple[str, str, str] | None = None  # a switch no caller has seen yet
+        self._switched_at = -float("inf")  # clock time of the last switch (not the boot choice)
         self._failback_timer: asyncio.TimerHandle | None = None
         self._trim_timer: asyncio.TimerHandle | None = None
         self._releasers: set[asyncio.Task[None]] = set()
@@ -552,12 +555,14 @@ class PoolGroup(Generic[C]):
                     continue
                 if not self._beats(m, cur):
                     continue
-                ready_for = now - m.ready_since
-                if ready_for >= self.failback_after:
+                # READY for failback_after, and no other switch in that time: two healthy
+                # members whose round trips cross back and forth (a loaded loop inflates pings)
+                # trade traffic at most once per failback_after.
+                due = max(m.ready_since, self._switched_at) + self.failback_after
+                if now >= due:
                     new = m
                     why = "failback" if self.policy is GroupPolicy.PRIORITY else "lower_rtt"
                     break
-                due = m.ready_since + self.failback_after
                 wake_at = due if wake_at is None else min(wake_at, due)
             if new is None and wake_at is not None:
                 self._arm_failback(wake_at - now)
@@ -605,6 +610,7 @@ class PoolGroup(Generic[C]):
         self._trim_standbys()
         if initial or new is cur:
             return
+        self._switched_at = self._clock()
         back = why in ("failback", "lower_rtt")
         if back:
             self.failbacks += 1

@@ -421,3 +421,39 @@ async def test_a_single_use_connection_closed_in_use_is_no_news() -> None:
         assert lease.pool is eu
         await lease.release()
         await held.release()
+
+
+async def test_round_trips_that_cross_back_and_forth_switch_once_per_failback_after(
+    switches: Switches,
+) -> None:
+    now = [100.0]
+    a, b = FakeNoResetAdapter(), FakeNoResetAdapter()
+    group = PoolGroup(
+        [Pool(a, settings(), name="a"), Pool(b, settings(), name="b")],
+        name="asr",
+        policy="lowest_rtt",
+        failback_after=5.0,
+        clock=lambda: now[0],
+    )
+    async with group:
+        ma, mb = group._members
+        ma.ready_since = mb.ready_since = now[0] - 60  # both READY for long
+        ma.rtt, mb.rtt = 0.020, 0.060
+        group._reselect()
+        assert group.active.name == "a"  # (perhaps a switch: boot ranked them by connect time)
+        now[0] += 10
+        seen = len(switches.seen)
+        ma.rtt = 0.200  # a's pings slow down: b is clearly better, and READY for long
+        group._reselect()
+        assert group.active.name == "b"
+        ma.rtt = 0.020  # and back: a is better again, but b took over just now
+        now[0] += 4.9
+        group._reselect()
+        assert group.active.name == "b"
+        now[0] += 0.2  # failback_after since the last switch
+        group._reselect()
+        assert group.active.name == "a"
+        assert [s[:3] for s in switches.seen[seen:]] == [
+            ("a", "b", "lower_rtt"),
+            ("b", "a", "lower_rtt"),
+        ]
