@@ -26,14 +26,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import random
 import statistics
 import time
 from typing import Any
 
-from voicepool import LeaseMode, Pool, PoolSettings
-from voicepool._engine.observer import PoolObserver
-from voicepool.testing.traffic import DAY, SimResult, Traffic, TrafficSim, diurnal
+from voicepool import LeaseMode, PoolSettings
+from voicepool.testing.traffic import DAY, Replay, SimResult, Traffic, TrafficSim, diurnal, replay
 
 BACKGROUND_PEAK = 40.0  # concurrency of the diurnal curve at its peak; bursts add 10
 
@@ -54,17 +52,6 @@ def day(warm: str, seed: int) -> tuple[SimResult, int]:
     return result, sim.max_held
 
 
-class _ConnectTimes(PoolObserver):
-    def __init__(self) -> None:
-        self.durations: list[float] = []
-
-    def on_connected(
-        self, pool: Pool[Any], token: object, duration: float, error: BaseException | None
-    ) -> None:
-        if error is None:
-            self.durations.append(duration)
-
-
 def compressed(seconds: float) -> Traffic:
     return Traffic(
         concurrency=diurnal(8.0, 1.0, day=seconds),
@@ -76,63 +63,75 @@ def compressed(seconds: float) -> Traffic:
     )
 
 
-def compressed_settings(warm: str) -> PoolSettings:
+def compressed_settings(warm: str, mode: LeaseMode) -> PoolSettings:
     return PoolSettings.model_validate(
-        {"concurrency": 12, "warm": warm, "warm_window": 10.0, "lease_mode": "single_use"}
+        {"concurrency": 12, "warm": warm, "warm_window": 10.0, "lease_mode": mode.value}
     )
 
 
-async def real_run(warm: str, seconds: float, seed: int) -> tuple[int, int, float, list[float]]:
-    """The compressed day over real sockets: (acquires, waited, idle socket-s, connect times)."""
+async def real_run(warm: str, mode: LeaseMode, seconds: float, seed: int) -> tuple[Replay, Any]:
+    """The compressed day's calls over real sockets (Deepgram emulator, TLS, FaultProxy)."""
     from voicepool.adapters.deepgram import DeepgramAdapter
     from voicepool.testing.asr import DeepgramEmulator
     from voicepool.testing.faultproxy import FaultProxy
 
-    traffic = compressed(seconds)
-    arrivals = TrafficSim(compressed_settings(warm), traffic, seed=seed).arrivals(seconds)
-    rng = random.Random(seed + 7)
-    times = _ConnectTimes()
+    settings = compressed_settings(warm, mode)
+    trace = TrafficSim(settings, compressed(seconds), seed=seed).calls(seconds)
     async with (
         DeepgramEmulator(tls=True, api_key="k" * 40, idle_timeout=None) as dg,
         FaultProxy("127.0.0.1", dg.port, latency=0.04) as proxy,
     ):
         adapter = DeepgramAdapter(
-            url=f"wss://127.0.0.1:{proxy.port}", api_key="k" * 40, ca_file=dg.ca_file
+            url=f"wss://127.0.0.1:{proxy.port}",
+            api_key="k" * 40,
+            ca_file=dg.ca_file,
+            reuse=mode is LeaseMode.EXCLUSIVE,  # Finalize as the reset: Deepgram reused
         )
-        pool = Pool(adapter, compressed_settings(warm), name=warm, observers=[times])
-        async with pool:
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
-
-            async def call(at: float) -> None:
-                await asyncio.sleep(max(0.0, at - (loop.time() - t0)))
-                async with pool.acquire(timeout=5.0):
-                    await asyncio.sleep(traffic.median * math.exp(rng.gauss(0, traffic.sigma)))
-
-            async with asyncio.timeout(seconds + 60):
-                await asyncio.gather(*(call(t) for t in arrivals))
-            st = pool.stats()
-    return st.acquired + st.timeouts, st.waited, st.idle_time, times.durations
+        return await replay(adapter, settings, trace, name=warm), trace
 
 
-def real(seconds: float) -> None:
-    print(f"real sockets: a {seconds:g} s compressed day (Deepgram emulator, TLS, FaultProxy)")
-    print(f"{'pool':>8} {'run':>5} {'acquires':>8} {'waited':>6} {'wait %':>7} {'idle sock-s':>11}")
-    for warm in ("fixed", "adaptive"):
-        acq, waited, idle, durations = asyncio.run(real_run(warm, seconds, 1))
-        print(f"{warm:>8} {'real':>5} {acq:>8} {waited:>6} {waited / acq:>7.2%} {idle:>11.1f}")
-        logs = [math.log(d) for d in durations]
-        traffic = compressed(seconds)
-        traffic.connect_median = math.exp(statistics.median(logs))
-        traffic.connect_sigma = statistics.pstdev(logs)
-        r = TrafficSim(compressed_settings(warm), traffic, seed=1, mode=LeaseMode.SINGLE_USE).run(
-            seconds + 10, calls_until=seconds
-        )
-        diff = abs(idle - r.idle_time) / r.idle_time
-        print(
-            f"{warm:>8} {'sim':>5} {r.acquires:>8} {r.waited:>6} {r.wait_share:>7.2%}"
-            f" {r.idle_time:>11.1f}   idle real vs sim: {diff:.1%} apart"
-        )
+def _apart(real: float, sim: float) -> float:
+    return abs(real - sim) / sim if sim else (0.0 if real == sim else math.inf)
+
+
+def real(seconds: float, seed: int, modes: list[LeaseMode]) -> bool:
+    """Each pool over real sockets, then the simulator on the same calls (as they ran, and as
+    planned) with the handshake times the real pool measured. True if within 10%."""
+    print(
+        f"real sockets: a {seconds:g} s compressed day, seed {seed} (Deepgram emulator, TLS,"
+        " FaultProxy 40 ms each way); sim = the simulator on the calls as they ran, the"
+        " measured handshakes replayed in order; plan = on the planned calls"
+    )
+    print(
+        f"{'mode':>10} {'pool':>8} {'run':>5} {'acquires':>8} {'waited':>6} {'wait %':>7}"
+        f" {'idle sock-s':>11} {'connects':>8}"
+    )
+    ok = True
+    for mode in modes:
+        for warm in ("fixed", "adaptive"):
+            r, trace = asyncio.run(real_run(warm, mode, seconds, seed))
+            settings = compressed_settings(warm, mode)
+            obs = r.simulate(settings, mode)
+            plan = r.simulate(settings, mode, trace=trace)
+            ct = sorted(r.connect_times)
+            print(
+                f"{mode.value:>10} {warm:>8} {'real':>5} {r.acquires:>8} {r.waited:>6}"
+                f" {r.wait_share:>7.2%} {r.idle_time:>11.1f} {len(ct):>8}"
+                f"   (pool's own idle_time {r.core_idle_time:.1f}; handshake median"
+                f" {statistics.median(ct) * 1e3:.0f} ms, max {ct[-1] * 1e3:.0f} ms)"
+            )
+            for label, s in (("sim", obs), ("plan", plan)):
+                idle_d = _apart(r.idle_time, s.idle_time)
+                wait_d = abs(r.waited - s.waited) / max(r.waited, s.waited, 1)
+                print(
+                    f"{mode.value:>10} {warm:>8} {label:>5} {s.acquires:>8} {s.waited:>6}"
+                    f" {s.wait_share:>7.2%} {s.idle_time:>11.1f} {s.connects:>8}"
+                    f"   real vs {label}: idle {idle_d:.1%} apart, waits {wait_d:.1%} apart"
+                )
+                if label == "sim":
+                    ok = ok and idle_d <= 0.1 and wait_d <= 0.1
+    print("goal (real within 10% of the simulator, idle and waits):", "met" if ok else "NOT met")
+    return ok
 
 
 def main() -> None:
@@ -140,9 +139,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--real", action="store_true")
     ap.add_argument("--real-seconds", type=float, default=120.0)
+    ap.add_argument("--real-seed", type=int, default=1)
+    ap.add_argument("--modes", default="exclusive,single_use")
     args = ap.parse_args()
     if args.real:
-        real(args.real_seconds)
+        real(args.real_seconds, args.real_seed, [LeaseMode(m) for m in args.modes.split(",")])
         return
     print(
         f"{'seed':>4} {'pool':>8} {'peak':>4} {'acquires':>8} {'waited':>6} {'wait %':>7}"

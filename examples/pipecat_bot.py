@@ -77,7 +77,7 @@ async def emulated_services(rtt: float = 0.040) -> AsyncIterator[Stack]:
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(_restore_env, "SSL_CERT_FILE", saved)
         emulators = {
-            "deepgram": DeepgramEmulator(tls=True, api_key=KEY),
+            "deepgram": DeepgramEmulator(tls=True, api_key=KEY, endpointing=True),
             "elevenlabs": ElevenLabsEmulator(tls=True, api_key=KEY),
             "cartesia": CartesiaEmulator(tls=True, api_key=KEY),
             "llm": LlmEmulator(tls=True, api_key=KEY, ttft=0.02, tokens=6, tokens_per_second=600),

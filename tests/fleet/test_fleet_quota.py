@@ -1,0 +1,193 @@
+"""`FleetQuota` (issue 15) on a real redis-server: the Lua script and the pool driving it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from tests.fleet.conftest import needs_redis
+from tests.peers.redis import RedisServer
+from voicepool import Pool, PoolExhausted, PoolSettings
+from voicepool.quota import FleetQuota
+from voicepool.testing import FakeAdapter, wait_until
+
+pytestmark = needs_redis
+
+
+def _sync(q: FleetQuota, holder: str, **kw: Any) -> Any:
+    args: dict[str, Any] = {"want": 0, "claimed": 0, "waiting": 0, "busy": 0, "limit": 5}
+    args["ttl"] = 10.0
+    args.update(kw)
+    return q.sync("acct", holder, **args)
+
+
+async def _evalsha_calls(q: FleetQuota) -> int:
+    stats = await q._client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_reserve_up_to_the_limit_across_holders(redis_server: RedisServer) -> None:
+    q = FleetQuota(redis_server.url, worker="w")
+    try:
+        a = await _sync(q, "a", want=3)
+        b = await _sync(q, "b", want=4, waiting=1, busy=1)
+        c = await _sync(q, "c", want=2, waiting=1, busy=1)
+        assert (a.granted, b.granted, c.granted) == (3, 2, 0)
+        assert (c.used, c.holders, c.workers, c.others_waiting) == (5, 2, 3, 1)
+        assert await q.held("acct") == {"a": 3, "b": 2}
+        a = await _sync(q, "a", want=1, claimed=3)  # give two back
+        c = await _sync(q, "c", want=2, waiting=1, busy=1)
+        assert (a.granted, c.granted) == (1, 2)
+        assert await q.held("acct") == {"a": 1, "b": 2, "c": 2}
+    finally:
+        await q.aclose()
+
+
+async def test_spares_yield_to_a_holder_with_callers_waiting(redis_server: RedisServer) -> None:
+    q = FleetQuota(redis_server.url, worker="w")
+    try:
+        await _sync(q, "starved", want=2, waiting=2, busy=2)
+        spare = await _sync(q, "spares", want=5)  # nobody waits here: no new tokens
+        assert spare.granted == 0
+        assert spare.others_waiting == 2
+        starved = await _sync(q, "starved", want=5, claimed=2, waiting=3, busy=5)
+        assert starved.granted == 5
+    finally:
+        await q.aclose()
+
+
+async def test_a_dead_workers_tokens_expire_after_the_ttl(redis_server: RedisServer) -> None:
+    q = FleetQuota(redis_server.url, worker="w")
+    try:
+        loop = asyncio.get_running_loop()
+        await _sync(q, "dead", want=5, ttl=0.3)
+        t0 = loop.time()
+        assert (await _sync(q, "live", want=5, waiting=1, busy=1, ttl=0.3)).granted == 0
+        # The dead one never refreshes; poll (bounded) until Redis's clock passes its TTL.
+        got = 0
+        while got == 0 and loop.time() - t0 < 3.0:
+            got = (await _sync(q, "live", want=5, waiting=1, busy=1, ttl=0.3)).granted
+            await asyncio.sleep(0.02)
+        assert got == 5
+        assert loop.time() - t0 <= 0.3 + 0.2
+        assert await q.held("acct") == {"live": 5}
+    finally:
+        await q.aclose()
+
+
+async def test_the_refresh_is_one_round_trip_whatever_the_tokens(
+    redis_server: RedisServer,
+) -> None:
+    q = FleetQuota(redis_server.url, worker="w")
+    try:
+        await _sync(q, "a", want=40, limit=50)
+        before = await _evalsha_calls(q)
+        for _ in range(5):
+            assert (await _sync(q, "a", want=40, claimed=40, limit=50)).granted == 40
+        assert await _evalsha_calls(q) - before == 5  # one per refresh, not one per token
+    finally:
+        await q.aclose()
+
+
+async def test_a_redis_that_lost_its_data_gives_holders_their_share_back_first(
+    redis_server: RedisServer,
+) -> None:
+    a = FleetQuota(redis_server.url, worker="a")
+    b = FleetQuota(redis_server.url, worker="b")
+    try:
+        await _sync(a, "a", want=3, ttl=1.0)
+        await _sync(b, "b", want=2, ttl=1.0)
+        await redis_server.restart()  # no persistence: every token is gone
+        first: Any = None
+        for _ in range(3):  # the first call after a restart may meet the old connection
+            try:
+                first = await _sync(a, "a", want=5, claimed=3, ttl=1.0)
+                break
+            except Exception:
+                continue
+        assert first is not None
+        # a asked for 5 first, but only its 3 came back: b's 2 are kept for it.
+        assert first.granted == 3
+        assert first.recovering
+        second: Any = None
+        for _ in range(3):
+            try:
+                second = await _sync(b, "b", want=2, claimed=2, ttl=1.0)
+                break
+            except Exception:
+                continue
+        assert second is not None
+        assert second.granted == 2
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+def _settings(url: str, limit: int, **kw: Any) -> PoolSettings:
+    quota = {"key": "acct", "limit": limit, "backend": url, "ttl": 2.0, "refresh": 0.2}
+    quota.update(kw.pop("quota", {}))
+    return PoolSettings.model_validate({"quota": quota, "acquire_timeout": 1.0, **kw})
+
+
+async def test_pool_exhaustion_names_the_fleet_quota(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    async with (
+        Pool(FakeAdapter(), _settings(url, 2, min_size=2, max_size=2), name="first") as first,
+        Pool(FakeAdapter(), _settings(url, 2, min_size=0, max_size=4), name="second") as second,
+    ):
+        held = [await first.lease(), await first.lease()]  # the account's 2, in use
+        with pytest.raises(PoolExhausted) as info:
+            async with second.acquire(timeout=0.5):
+                pass
+        for lease in held:
+            await lease.release()
+    msg = str(info.value)
+    assert "fleet quota 'acct' at its limit (2/2 tokens held by 1 workers" in msg, msg
+
+
+async def test_pool_survives_redis_stopped_and_restarted(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SINGLE_USE (a connection per call): calls go on while Redis is down, from the
+    reservation; nothing opens beyond it; one warning per outage; reconciled on return."""
+    adapter = FakeAdapter()
+    settings = _settings(
+        redis_server.url, 10, min_size=3, max_size=6, lease_mode="single_use", concurrency=3
+    )
+    caplog.set_level(logging.WARNING, logger="voicepool.pool")
+    failed = 0
+    async with Pool(adapter, settings, name="asr") as pool:
+
+        async def calls(n: int) -> None:
+            nonlocal failed
+            for _ in range(n):
+                try:
+                    async with pool.acquire():
+                        await asyncio.sleep(0.005)
+                except Exception:
+                    failed += 1
+
+        await calls(20)
+        await redis_server.stop()
+        await wait_until(lambda: pool.stats().quota_backend_errors >= 1, timeout=5.0)
+        await calls(40)
+        st = pool.stats()
+        assert st.size + st.opening <= st.quota_reserved <= 6
+        await redis_server.start()
+        errors = pool.stats().quota_backend_errors
+        await wait_until(lambda: "reachable again" in caplog.text, timeout=5.0)
+        await calls(20)
+        assert pool.stats().quota_backend_errors >= errors
+        q = FleetQuota(redis_server.url, worker="probe")
+        try:
+            await wait_until(lambda: pool.stats().quota_reserved >= 3, timeout=5.0)
+            held = await q.held("acct")
+        finally:
+            await q.aclose()
+        assert sum(held.values()) == pool.stats().quota_reserved
+    assert failed == 0
+    warnings = [r for r in caplog.records if "backend unreachable" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
