@@ -12,7 +12,6 @@ returns to the core's idle deque directly, allocation-free.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import math
 import random
@@ -197,9 +196,10 @@ class Pool(Generic[C]):
         self._flush_at = self._clock() + _FLUSH_EVERY
         if s_quota := self.settings.quota:
             if self._quota is None:
-                from voicepool.quota import FleetQuota  # redis-py: only for pools with a quota
+                from voicepool.quota import shared  # redis-py: only for pools with a quota
 
-                self._quota = FleetQuota(s_quota.backend, timeout=s_quota.timeout)
+                # One client per loop and backend: a worker's pools share its Redis connection.
+                self._quota = shared(s_quota.backend, s_quota.timeout)
                 self._owns_quota = True
             self._holder = self._quota.holder(self.name)
         try:
@@ -810,8 +810,10 @@ class Pool(Generic[C]):
         except Exception as err:
             log.debug("pool %s: quota release failed: %r", self.name, err, extra=self._extra)
         if self._owns_quota:
-            with contextlib.suppress(Exception):
-                await backend.aclose()
+            from voicepool.quota import FleetQuota, release_shared
+
+            assert isinstance(backend, FleetQuota)
+            await release_shared(backend)
 
     def _on_conn_changed(self, conn: Any) -> None:
         """Adapter callback: re-read ``conn``'s capacity and liveness now."""

@@ -43,7 +43,7 @@ from voicepool.errors import ConfigError
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["FleetQuota", "QuotaGrant", "default_worker_id"]
+__all__ = ["FleetQuota", "QuotaGrant", "default_worker_id", "release_shared", "shared"]
 
 
 _SCRIPT = """
@@ -230,9 +230,14 @@ class FleetQuota:
         self._script = self._client.register_script(_SCRIPT)
         self._epochs: dict[tuple[str, str], str] = {}  # (key, holder) -> the epoch it last saw
         self.calls = 0  # round trips made (for the fleet benchmark's ops/s)
+        self._names: dict[str, int] = {}
 
     def holder(self, pool: str) -> str:
-        return f"{self.worker}/{pool}"
+        """A holder name for one pool: ``<worker>/<pool>``, with ``.2``, ``.3``... for more
+        pools of that name on this client (each pool is its own holder)."""
+        n = self._names.get(pool, 0) + 1
+        self._names[pool] = n
+        return f"{self.worker}/{pool}" if n == 1 else f"{self.worker}/{pool}.{n}"
 
     async def sync(
         self,
@@ -305,3 +310,43 @@ class FleetQuota:
 
     def __repr__(self) -> str:
         return f"<FleetQuota {scrub(self.url)!r} worker={self.worker!r}>"
+
+
+# One client per event loop and backend: the pools of a worker share its Redis connection.
+_shared: dict[tuple[str, float], list[tuple[object, FleetQuota, int]]] = {}
+
+
+def shared(url: str, timeout: float) -> FleetQuota:
+    """The running loop's :class:`FleetQuota` for ``url`` (made on first use); pair each call
+    with :func:`release_shared`. Raises ConfigError without redis-py. Call it from the loop."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    entries = _shared.setdefault((url, timeout), [])
+    for n, (owner, client, users) in enumerate(entries):
+        if owner is loop:
+            entries[n] = (owner, client, users + 1)
+            return client
+    client = FleetQuota(url, timeout=timeout)
+    entries.append((loop, client, 1))
+    return client
+
+
+async def release_shared(client: FleetQuota) -> None:
+    """One user of a :func:`shared` client is done; the last one closes it. Never raises (a
+    close that fails only loses a socket its loop drops anyway)."""
+    for key, entries in list(_shared.items()):
+        for n, (owner, c, users) in enumerate(entries):
+            if c is not client:
+                continue
+            if users > 1:
+                entries[n] = (owner, c, users - 1)
+                return
+            del entries[n]
+            if not entries:
+                del _shared[key]
+            try:
+                await client.aclose()
+            except Exception:  # pragma: no cover - a broken socket at close
+                pass
+            return

@@ -237,3 +237,21 @@ def test_a_redis_password_never_shows() -> None:
     from voicepool._redact import scrub
 
     assert "quota-s3cret-pass" not in scrub("auth failed for quota-s3cret-pass")
+
+
+async def test_pools_of_a_worker_share_one_redis_client(redis_server: RedisServer) -> None:
+    from voicepool import quota as quota_mod
+
+    url = redis_server.url
+    a = Pool(FakeAdapter(), _settings(url, 6, min_size=2, max_size=2), name="asr")
+    b = Pool(FakeAdapter(), _settings(url, 6, min_size=2, max_size=2), name="asr")
+    async with a, b:
+        assert a._quota is b._quota  # one Redis connection for the worker
+        assert a._holder != b._holder  # two holders all the same
+        q = FleetQuota(url, worker="probe")
+        try:
+            held = await q.held("acct")
+        finally:
+            await q.aclose()
+        assert sorted(held.values()) == [2, 2], held
+    assert not quota_mod._shared  # the last pool closed the client
