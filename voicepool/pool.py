@@ -186,6 +186,15 @@ class Pool(Generic[C]):
         """
         if self._started or self._close_task is not None:
             raise PoolError(f"pool {self.name!r} was already started", pool=self.name)
+        if s_quota := self.settings.quota:
+            if self._quota is None:
+                from voicepool.quota import shared  # redis-py: only for pools with a quota
+
+                # One client per loop and backend: a worker's pools share its Redis connection.
+                # (Before anything starts: without redis-py this raises ConfigError, no leak.)
+                self._quota = shared(s_quota.backend, s_quota.timeout)
+                self._owns_quota = True
+            self._holder = self._quota.holder(self.name)
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._started = True
@@ -194,14 +203,6 @@ class Pool(Generic[C]):
         self.adapter.watch(self._on_conn_changed)
         self._warmed = loop.create_future()
         self._flush_at = self._clock() + _FLUSH_EVERY
-        if s_quota := self.settings.quota:
-            if self._quota is None:
-                from voicepool.quota import shared  # redis-py: only for pools with a quota
-
-                # One client per loop and backend: a worker's pools share its Redis connection.
-                self._quota = shared(s_quota.backend, s_quota.timeout)
-                self._owns_quota = True
-            self._holder = self._quota.holder(self.name)
         try:
             # Warm-up connects belong to the caller's trace (the boot span); the timer's work
             # (refills, pings) runs in a context of its own, never a child of a span long ended.
