@@ -763,6 +763,7 @@ class Pool(Generic[C]):
                     ttl=qs.ttl,
                     step=gate.per,
                     recover=min(qs.ttl, 2 * qs.refresh),  # every live holder syncs within it
+                    urgent=a.waiting > 0,  # callers wait: no batching with other pools
                 )
         except asyncio.CancelledError:
             self._core.quota_cancelled()

@@ -30,6 +30,7 @@ the next sync sets the holding again, whatever the last one did.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -229,7 +230,10 @@ class FleetQuota:
         )
         self._script = self._client.register_script(_SCRIPT)
         self._epochs: dict[tuple[str, str], str] = {}  # (key, holder) -> the epoch it last saw
-        self.calls = 0  # round trips made (for the fleet benchmark's ops/s)
+        self.calls = 0  # script calls made (for the fleet benchmark's ops/s)
+        self.round_trips = 0  # ... and the round trips they took (pipelined together)
+        self._batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._runs: set[asyncio.Task[None]] = set()
         self._names: dict[str, int] = {}
 
     def holder(self, pool: str) -> str:
@@ -252,21 +256,25 @@ class FleetQuota:
         ttl: float,
         step: int = 1,
         recover: float | None = None,
+        urgent: bool = False,
     ) -> QuotaGrant:
         """Set ``holder``'s tokens under ``key`` to ``want`` (as far as the limit allows),
         refresh their TTL and publish its demand; one round trip, atomic on the server.
         ``step``: tokens are granted in multiples of it (the tokens of one connection).
         ``recover``: after a data loss, how long (s, default ``ttl``) nobody gets new tokens
         while holders re-register; it must cover every live holder's next sync.
+        ``urgent`` (callers wait for it): sent at once, not batched with this loop iteration's
+        other syncs.
 
         Raises redis-py's errors (``ConnectionError``, ``TimeoutError``, ...) when Redis is down
         or slow; the pool counts them as ``voicepool.quota.backend_errors``.
         """
         self.calls += 1
         known = self._epochs.get((key, holder), "")
-        raw = await self._script(
-            keys=_keys(key),
-            args=[
+        raw = await self._submit(
+            urgent,
+            _keys(key),
+            [
                 holder,
                 want,
                 claimed,
@@ -293,6 +301,64 @@ class FleetQuota:
             int(workers),
         )
 
+    async def _submit(self, urgent: bool, keys: list[str], args: list[Any]) -> Any:
+        """Run the script once; the syncs submitted in one loop iteration (the pools of this
+        worker refreshing together: their refreshes share a time grid) go in one pipelined
+        round trip. Cancelling the caller stops its wait, not the batch."""
+        if urgent:
+            self.round_trips += 1
+            return await self._script(keys=keys, args=args)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((keys, args, fut))
+        if len(self._batch) == 1:
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+
+    async def _run(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        self.round_trips += 1
+        if len(batch) == 1:
+            keys, args, fut = batch[0]
+            try:
+                result: Any = await self._script(keys=keys, args=args)
+            except Exception as err:
+                if not fut.done():
+                    fut.set_exception(err)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
+            return
+        from redis.exceptions import NoScriptError
+
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as err:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        for (keys, args, fut), result in zip(batch, results, strict=True):
+            if isinstance(result, NoScriptError):  # a Redis that restarted: load it, once each
+                try:
+                    result = await self._script(keys=keys, args=args)
+                except Exception as err:
+                    result = err
+            if fut.done():
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
     async def held(self, key: str) -> dict[str, int]:
         """Live tokens per holder under ``key`` (for tests, ``voicepool probe``, dashboards)."""
         sec, usec = await self._client.time()  # Redis's clock scores the tokens
@@ -305,7 +371,9 @@ class FleetQuota:
         return out
 
     async def aclose(self) -> None:
-        """Close the client's connections. Idempotent."""
+        """Close the client's connections (after the round trips in flight). Idempotent."""
+        if self._runs:
+            await asyncio.wait(list(self._runs), timeout=self.timeout + 1)
         await self._client.aclose()
 
     def __repr__(self) -> str:

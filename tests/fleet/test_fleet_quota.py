@@ -255,3 +255,24 @@ async def test_pools_of_a_worker_share_one_redis_client(redis_server: RedisServe
             await q.aclose()
         assert sorted(held.values()) == [2, 2], held
     assert not quota_mod._shared  # the last pool closed the client
+
+
+async def test_a_workers_pools_refresh_in_one_round_trip(redis_server: RedisServer) -> None:
+    """Three pools of one worker, one Redis client: their refreshes share the refresh grid and
+    go in one pipelined round trip (one per worker per refresh, not one per pool or token)."""
+    url = redis_server.url
+    pools = [
+        Pool(FakeAdapter(), _settings(url, 30, min_size=3, max_size=3), name=f"p{i}")
+        for i in range(3)
+    ]
+    for p in pools:
+        await p.start()
+    client = pools[0]._quota
+    assert isinstance(client, FleetQuota)
+    calls, trips = client.calls, client.round_trips
+    await wait_until(lambda: client.calls - calls >= 30, timeout=10.0)  # ~10 refreshes each
+    made, taken = client.calls - calls, client.round_trips - trips
+    for p in pools:
+        await p.aclose()
+    print(f"\n{made} syncs in {taken} round trips")
+    assert taken <= made * 0.5, (made, taken)  # mostly three syncs a round trip
