@@ -1,7 +1,7 @@
 """A region outage under live traffic: a PoolGroup vs a framework-style fallback.
 
     .venv/bin/python benchmarks/failover.py [--rate 25] [--hold 4] [--standby-min 10]
-                                            [--failback-after 3] [--seconds 4] [--rounds 3]
+                                            [--failback-after 3] [--seconds 4] [--rounds 5]
                                             [--verbose]
 
 Two Deepgram emulators ("regions") behind FaultProxy at 20 and 60 ms round trip, Deepgram adapter
@@ -569,7 +569,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--failback-after", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each phase")
-    parser.add_argument("--rounds", type=int, default=3, help="outage + fail-back rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="outage + fail-back rounds")
     parser.add_argument("--verbose", action="store_true", help="the slowest calls of each outage")
     if sys.argv[1:2] == ["--serve"]:  # a region's child process: --serve LATENCY PORT
         asyncio.run(serve(float(sys.argv[2]), int(sys.argv[3])))
