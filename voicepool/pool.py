@@ -761,7 +761,7 @@ class Pool(Generic[C]):
                     limit=qs.limit,
                     ttl=qs.ttl,
                     step=gate.per,
-                    recover=min(qs.ttl, 3 * qs.refresh),
+                    recover=min(qs.ttl, 2 * qs.refresh),  # every live holder syncs within it
                 )
         except asyncio.CancelledError:
             self._core.quota_cancelled()
@@ -815,9 +815,20 @@ class Pool(Generic[C]):
 
     def _on_conn_changed(self, conn: Any) -> None:
         """Adapter callback: re-read ``conn``'s capacity and liveness now."""
-        if self._core.by_conn.get(id(conn)) is None:
+        rec = self._core.by_conn.get(id(conn))
+        if rec is None:
             return
         is_open = self._is_open(conn)
+        if (
+            not is_open
+            and self._observers
+            and not self._core.closing
+            and (rec.state is ConnState.IN_USE or (self._mux and rec.streams > 0))
+        ):
+            # Retired only when its lease ends: observers hear of the loss now.
+            reason = self.adapter.close_reason(conn) or "remote_closed"
+            for obs in self._observers:
+                obs.on_lost_in_use(self, reason)
         cap = self.adapter.stream_capacity(conn) if self._mux and is_open else 1
         self._apply(self._core.changed(conn, is_open, cap, self._clock()))
 

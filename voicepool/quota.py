@@ -18,8 +18,10 @@ the core). Everything a pool tells Redis is one call of one Lua script, atomic o
 - Redis's own clock (``TIME``) scores everything, so the workers' clocks never matter;
 - a Redis that lost its data (restart without persistence) starts a new epoch: holders that
   knew the old one re-register what they hold open, and for a recovery window (pools use
-  ``min(ttl, 3 * refresh)``: every live holder syncs within it) nobody gets new tokens, so a
-  worker that asks first cannot take the share of one that has not re-registered yet.
+  ``min(ttl, 2 * refresh)``: every live holder syncs within it) nobody gets new tokens, so a
+  worker that asks first cannot take the share of one that has not re-registered yet; the same
+  window opens when a holder comes back claiming connections whose tokens expired (Redis was
+  unreachable for longer than the TTL).
 
 Cancellation-safe: a cancelled :meth:`FleetQuota.sync` either ran on the server or did not;
 the next sync sets the holding again, whatever the last one did.
@@ -31,9 +33,10 @@ import os
 import socket
 import uuid
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from voicepool._engine.quota import QuotaGrant
-from voicepool._redact import get_logger, scrub
+from voicepool._redact import remember, scrub
 from voicepool.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -41,7 +44,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FleetQuota", "QuotaGrant", "default_worker_id"]
 
-log = get_logger("voicepool.quota")
 
 _SCRIPT = """
 local tokens, workers, busyk, waitk, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -58,6 +60,7 @@ local recover = tonumber(ARGV[10])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- expired tokens first, then the demand of holders that stopped refreshing
+local had = redis.call('ZCARD', workers)
 redis.call('ZREMRANGEBYSCORE', tokens, '-inf', now)
 local dead = redis.call('ZRANGEBYSCORE', workers, '-inf', now)
 for _, w in ipairs(dead) do
@@ -75,6 +78,21 @@ if known ~= '' and known ~= epoch then
   local until_ms = tonumber(redis.call('HGET', meta, 'recover') or '0')
   if now + recover > until_ms then redis.call('HSET', meta, 'recover', now + recover) end
 end
+-- a holder whose tokens expired while it kept its connections open (Redis unreachable for
+-- longer than the TTL, to it or to everyone): the same, so it gets its share back first
+if claimed > 0 and known == epoch and not redis.call('ZSCORE', workers, me) then
+  local until_ms = tonumber(redis.call('HGET', meta, 'recover') or '0')
+  if now + recover > until_ms then redis.call('HSET', meta, 'recover', now + recover) end
+end
+-- nobody reached Redis for a recovery window while holders were registered (an outage): they may
+-- hold connections whose tokens expired or were never refreshed; let them all re-register
+-- before anyone grows
+local last = tonumber(redis.call('HGET', meta, 'last') or '0')
+if had > 0 and last > 0 and now - last > recover then
+  local until_ms = tonumber(redis.call('HGET', meta, 'recover') or '0')
+  if now + recover > until_ms then redis.call('HSET', meta, 'recover', now + recover) end
+end
+redis.call('HSET', meta, 'last', now)
 local recovering = tonumber(redis.call('HGET', meta, 'recover') or '0') > now
 -- the caller's tokens are <me>#0 .. <me>#(n-1), refreshed together (one expiry)
 local present = 0
@@ -165,6 +183,9 @@ class FleetQuota:
                 "fleet quotas need redis-py: pip install 'voicepool[fleet]'"
             ) from None
         self.url = url
+        password = urlsplit(url).password
+        if password:
+            remember([password])  # masked in every log and error from now on
         self.worker = worker or default_worker_id()
         self.timeout = timeout
         from redis.asyncio.retry import Retry
