@@ -12,7 +12,6 @@ returns to the core's idle deque directly, allocation-free.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import math
 import random
@@ -187,6 +186,15 @@ class Pool(Generic[C]):
         """
         if self._started or self._close_task is not None:
             raise PoolError(f"pool {self.name!r} was already started", pool=self.name)
+        if s_quota := self.settings.quota:
+            if self._quota is None:
+                from voicepool.quota import shared  # redis-py: only for pools with a quota
+
+                # One client per loop and backend: a worker's pools share its Redis connection.
+                # (Before anything starts: without redis-py this raises ConfigError, no leak.)
+                self._quota = shared(s_quota.backend, s_quota.timeout)
+                self._owns_quota = True
+            self._holder = self._quota.holder(self.name)
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._started = True
@@ -195,13 +203,6 @@ class Pool(Generic[C]):
         self.adapter.watch(self._on_conn_changed)
         self._warmed = loop.create_future()
         self._flush_at = self._clock() + _FLUSH_EVERY
-        if s_quota := self.settings.quota:
-            if self._quota is None:
-                from voicepool.quota import FleetQuota  # redis-py: only for pools with a quota
-
-                self._quota = FleetQuota(s_quota.backend, timeout=s_quota.timeout)
-                self._owns_quota = True
-            self._holder = self._quota.holder(self.name)
         try:
             # Warm-up connects belong to the caller's trace (the boot span); the timer's work
             # (refills, pings) runs in a context of its own, never a child of a span long ended.
@@ -761,7 +762,8 @@ class Pool(Generic[C]):
                     limit=qs.limit,
                     ttl=qs.ttl,
                     step=gate.per,
-                    recover=min(qs.ttl, 3 * qs.refresh),
+                    recover=min(qs.ttl, 2 * qs.refresh),  # every live holder syncs within it
+                    urgent=a.waiting > 0,  # callers wait: no batching with other pools
                 )
         except asyncio.CancelledError:
             self._core.quota_cancelled()
@@ -810,14 +812,27 @@ class Pool(Generic[C]):
         except Exception as err:
             log.debug("pool %s: quota release failed: %r", self.name, err, extra=self._extra)
         if self._owns_quota:
-            with contextlib.suppress(Exception):
-                await backend.aclose()
+            from voicepool.quota import FleetQuota, release_shared
+
+            assert isinstance(backend, FleetQuota)
+            await release_shared(backend)
 
     def _on_conn_changed(self, conn: Any) -> None:
         """Adapter callback: re-read ``conn``'s capacity and liveness now."""
-        if self._core.by_conn.get(id(conn)) is None:
+        rec = self._core.by_conn.get(id(conn))
+        if rec is None:
             return
         is_open = self._is_open(conn)
+        if (
+            not is_open
+            and self._observers
+            and not self._core.closing
+            and (rec.state is ConnState.IN_USE or (self._mux and rec.streams > 0))
+        ):
+            # Retired only when its lease ends: observers hear of the loss now.
+            reason = self.adapter.close_reason(conn) or "remote_closed"
+            for obs in self._observers:
+                obs.on_lost_in_use(self, reason)
         cap = self.adapter.stream_capacity(conn) if self._mux and is_open else 1
         self._apply(self._core.changed(conn, is_open, cap, self._clock()))
 
