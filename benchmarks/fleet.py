@@ -15,7 +15,7 @@ One run prints:
    second, the keys' memory, and the worst-case over-commit (connections open or closing across
    the fleet above the limit, sampled every 5 ms; must be 0).
 
-Run: ``.venv/bin/python benchmarks/fleet.py [--rounds 9] [--n 20000] [--workers 100]``
+Run: ``.venv/bin/python benchmarks/fleet.py [--rounds 15] [--n 20000] [--workers 100]``
 (needs redis-server: scripts/install-system-deps.sh).
 """
 
@@ -69,8 +69,7 @@ async def warm_ratio(url: str, rounds: int, n: int) -> float:
     await plain.start()
     await quoted.start()
 
-    async def run(pool: Pool[Conn]) -> float:
-        gc.collect()
+    async def run(pool: Pool[Conn], n: int = n) -> float:
         t0 = time.perf_counter_ns()
         for _ in range(n):
             async with pool.acquire():
@@ -80,13 +79,21 @@ async def warm_ratio(url: str, rounds: int, n: int) -> float:
     for _ in range(2):
         await run(plain)
         await run(quoted)
+    gc.collect()
+    gc.disable()  # no collection lands in one pool's slice and not the other's
     ratios = []
+    chunks = 10  # each round alternates the two pools in ten slices: drift hits both alike
     for r in range(rounds):
-        if r % 2:
-            a, b = await run(plain), await run(quoted)
-        else:
-            b, a = await run(quoted), await run(plain)
+        a = b = 0.0
+        for c in range(chunks):
+            if (r + c) % 2:
+                a += await run(plain, n // chunks)
+                b += await run(quoted, n // chunks)
+            else:
+                b += await run(quoted, n // chunks)
+                a += await run(plain, n // chunks)
         ratios.append(b / a)
+    gc.enable()
     await plain.aclose()
     await quoted.aclose()
     await fleet.aclose()
@@ -169,7 +176,7 @@ async def spare_moves(url: str, rounds: int) -> list[float]:
 
 async def hundred_workers(
     server: RedisServer, workers: int, limit: int, seconds: float
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """``workers`` pools (SINGLE_USE, sized for 4 calls, 1 spare) share ``limit`` tokens; each
     second the load moves: a random third of the workers carry the calls, fleet demand about
     80% of the limit. Redis restarts (data lost) half-way."""
@@ -193,6 +200,7 @@ async def hundred_workers(
     end = t_start + seconds
     worst = 0
     served = failed = 0
+    why: dict[str, int] = {}
     demand_target = int(limit * 0.8)
     rng = random.Random(7)
     busy: list[int] = [0] * workers
@@ -204,8 +212,9 @@ async def hundred_workers(
                 async with pools[i].acquire():
                     await asyncio.sleep(rng.uniform(0.05, 0.2))
                 served += 1
-            except Exception:
+            except Exception as err:
                 failed += 1
+                why[type(err).__name__] = why.get(type(err).__name__, 0) + 1
 
     async def sampler() -> None:
         nonlocal worst
@@ -234,8 +243,10 @@ async def hundred_workers(
     elapsed = loop.time() - t_start
     syncs = sum(c.calls for c in clients)  # script calls: Redis's own counter restarted
     memory = 0
-    for suffix in ("tokens", "workers", "busy", "waiting", "meta"):
+    for suffix in ("tokens", "workers", "busy", "waiting", "meta", "held"):
         memory += int(await _retry(probe._client.memory_usage, f"vp:q:{{sim}}:{suffix}") or 0)
+    stats = await _retry(probe._client.info, "commandstats")
+    usec = float(stats.get("cmdstat_evalsha", {}).get("usec_per_call", 0.0))
     errors = sum(p.stats().quota_backend_errors for p in pools)
     await asyncio.gather(*(p.aclose() for p in pools))
     for c in clients:
@@ -250,6 +261,8 @@ async def hundred_workers(
         "served": served,
         "failed": failed,
         "backend_errors": errors,
+        "why": why,
+        "usec": usec,
     }
 
 
@@ -261,17 +274,24 @@ async def _retry(fn: Any, *args: Any) -> Any:
         return await fn(*args)
 
 
-async def bare_sync(url: str, samples: int) -> tuple[float, float]:
-    """p50 / p99 of one FleetQuota.sync round trip alone (ms), for context."""
+async def bare_sync(url: str, samples: int) -> tuple[float, float, float, float]:
+    """p50 / p99 of one FleetQuota.sync round trip alone, then of a redis-py PING (the floor of
+    any Redis round trip from this client on this machine), in ms, for context."""
     fleet = FleetQuota(url)
-    times = []
+    syncs, pings = [], []
     for i in range(samples):
         t0 = time.perf_counter_ns()
         await fleet.sync("bare", "h", want=i % 3, claimed=0, waiting=0, busy=0, limit=100, ttl=10.0)
-        times.append((time.perf_counter_ns() - t0) / 1e6)
+        t1 = time.perf_counter_ns()
+        await fleet._client.ping()
+        syncs.append((t1 - t0) / 1e6)
+        pings.append((time.perf_counter_ns() - t1) / 1e6)
     await fleet.aclose()
-    times.sort()
-    return times[len(times) // 2], times[min(len(times) - 1, int(0.99 * len(times)))]
+
+    def pct(v: list[float], p: float) -> float:
+        return sorted(v)[min(len(v) - 1, int(p * len(v)))]
+
+    return pct(syncs, 0.5), pct(syncs, 0.99), pct(pings, 0.5), pct(pings, 0.99)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -286,8 +306,11 @@ async def main(args: argparse.Namespace) -> None:
             f" {p50:.3f} ms without, p99 {q99:.3f} ms vs {p99:.3f} ms:"
             f" p99 added {q99 - p99:.3f} ms (target <= 1 ms)"
         )
-        b50, b99 = await bare_sync(url, args.samples)
-        print(f"   (one FleetQuota.sync alone: p50 {b50:.3f} ms, p99 {b99:.3f} ms)")
+        b50, b99, g50, g99 = await bare_sync(url, args.samples)
+        print(
+            f"   (one FleetQuota.sync alone: p50 {b50:.3f} ms, p99 {b99:.3f} ms;"
+            f" a redis-py PING: p50 {g50:.3f} ms, p99 {g99:.3f} ms)"
+        )
         moves = await spare_moves(url, args.moves)
         print(
             f"3. idle spare to a starved worker (refresh 1 s, {len(moves)} runs): median"
@@ -296,9 +319,11 @@ async def main(args: argparse.Namespace) -> None:
         sim = await hundred_workers(server, args.workers, args.limit, args.seconds)
         print(
             f"4. {args.workers} workers, limit {args.limit}, {sim['elapsed']:.1f} s with a Redis"
-            f" restart: {sim['ops_per_s']:.0f} Redis ops/s ({sim['syncs']:.0f} script calls),"
+            f" restart: {sim['ops_per_s']:.0f} Redis ops/s ({sim['syncs']:.0f} script calls,"
+            f" {sim['usec']:.0f} us of Redis CPU each),"
             f" keys {sim['memory'] / 1024:.1f} KiB, {sim['served']:.0f} calls served,"
-            f" {sim['failed']:.0f} failed, {sim['backend_errors']:.0f} backend errors;"
+            f" {sim['failed']:.0f} failed {sim['why'] or ''}, {sim['backend_errors']:.0f} backend"
+            " errors;"
             f" worst-case over-commit {sim['over_commit']:.0f} (must be 0)"
         )
 
@@ -307,7 +332,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--moves", type=int, default=5)

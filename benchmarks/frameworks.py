@@ -1,6 +1,7 @@
 """Pipecat and LiveKit Agents on voicepool pools vs their own per-call connections, in one run.
 
     .venv/bin/python benchmarks/frameworks.py [--rounds 3] [--calls 10] [--turns 3] [--rtt 0.040]
+                                              [--uvloop]
 
 The TLS emulators (Deepgram, ElevenLabs, OpenAI-compatible HTTP/2) run in this process behind
 the demo's latency relay (``latency_proxy``: ``--rtt`` round trip, plus a round trip for each TCP
@@ -37,6 +38,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,7 @@ class _LeaseClock:
             finally:
                 spent.append((time.perf_counter() - t0) * 1e3)
 
-        vp_pipecat.PipecatPools.lease_socket = lease_socket  # type: ignore[method-assign]
+        vp_pipecat.PipecatPools.lease_socket = lease_socket  # type: ignore[method-assign,assignment]
 
 
 def _summary(starts: list[float], turns: list[list[float]], misses: int, inside: int) -> Row:
@@ -149,7 +151,7 @@ def _line(framework: str, mode: str, r: Row) -> str:
     )
 
 
-async def main(rounds: int, calls: int, turns: int, rtt: float) -> None:
+async def main(rounds: int, calls: int, turns: int, rtt: float, loop_name: str) -> None:
     from loguru import logger
 
     logger.remove()  # Pipecat logs every frame at DEBUG
@@ -164,11 +166,21 @@ async def main(rounds: int, calls: int, turns: int, rtt: float) -> None:
         stack.rtt = rtt
         runs: list[tuple[str, str, Callable[[], Awaitable[Row]]]] = []
         for pooled in (True, False):
-            label = "pooled" if pooled else "per call"
-            runs.append(("pipecat", label, lambda p=pooled: _pipecat(stack, p, calls, turns)))
+            runs.append(
+                (
+                    "pipecat",
+                    "pooled" if pooled else "per call",
+                    partial(_pipecat, stack, pooled, calls, turns),
+                )
+            )
         for pooled in (True, False):
-            label = "pooled" if pooled else "per job"
-            runs.append(("livekit", label, lambda p=pooled: _livekit(stack, p, calls, turns)))
+            runs.append(
+                (
+                    "livekit",
+                    "pooled" if pooled else "per job",
+                    partial(_livekit, stack, pooled, calls, turns),
+                )
+            )
         for n in range(rounds):
             for framework, label, run in runs:
                 row = await run()
@@ -184,7 +196,8 @@ async def main(rounds: int, calls: int, turns: int, rtt: float) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{rounds} rounds x {calls} calls x {turns} turns, RTT {rtt * 1e3:.0f} ms (TLS emulators"
-        f" via latency relay, in this process); this process: {cpu:.1f} s CPU in {wall:.1f} s;"
+        f" via latency relay, in this process), {loop_name}; this process: {cpu:.1f} s CPU in"
+        f" {wall:.1f} s;"
         f" machine load average {load:.1f} on {os.cpu_count()} CPUs"
     )
     for line in per_round:
@@ -212,5 +225,12 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--rtt", type=float, default=0.040)
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (extra uvloop)")
     args = parser.parse_args()
-    asyncio.run(main(args.rounds, args.calls, args.turns, args.rtt))
+    runner: Any = asyncio.run
+    if args.uvloop:
+        import uvloop
+
+        runner = uvloop.run
+    loop_name = "uvloop" if args.uvloop else "asyncio"
+    runner(main(args.rounds, args.calls, args.turns, args.rtt, loop_name))

@@ -157,7 +157,7 @@ def plugins(stack: Stack, http_session: Any) -> tuple[Any, Any]:
 class Job:
     """A started job: its AgentSession, the simulated user's mic and speaker."""
 
-    session: AgentSession
+    session: AgentSession[None]
     mic: SimulatedMic
     sink: FirstAudioSink
     ready_ms: float  # entrypoint start until the session was started (join and pools included)
@@ -165,7 +165,7 @@ class Job:
     transcripts: list[str] = field(default_factory=list)
 
 
-def agent_session(stt: Any, llm: Any, tts: Any) -> AgentSession:
+def agent_session(stt: Any, llm: Any, tts: Any) -> AgentSession[None]:
     """The session: STT turn detection (Deepgram's endpointing), no VAD, no interruptions (the
     simulated user never talks over the agent), no extra endpointing delay."""
     return AgentSession(

@@ -85,12 +85,9 @@ class QuotaSettings(BaseModel):
     @classmethod
     def _backend_scheme(cls, value: str) -> str:
         if not value.startswith(_QUOTA_SCHEMES):
-            head = value.split("://", 1)[0] if "://" in value else "no scheme"
-            raise ValueError(
-                f"must be a redis://, rediss:// or unix:// URL (got {head}://...)"
-                if "://" in value
-                else "must be a redis://, rediss:// or unix:// URL (got no scheme)"
-            )
+            # Only the scheme is echoed: the rest of the URL may carry a password.
+            got = f"{value.split('://', 1)[0]}://..." if "://" in value else "no scheme"
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL (got {got})")
         return value
 
     @field_validator("refresh")

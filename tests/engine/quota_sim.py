@@ -31,6 +31,18 @@ class MemoryFleet:
     busy: dict[str, int] = field(default_factory=dict)
     calls: int = 0
     max_used: int = 0
+    recover: float = 1.0  # after a data loss, no new tokens for this long (the pools' 2 refresh)
+    epoch: int = 0
+    recover_until: float = -1.0
+    last: float = -1.0  # the last sync of anyone
+    known: dict[str, int] = field(default_factory=dict)  # holder -> epoch it saw (its client)
+
+    def lose_data(self) -> None:
+        """Redis restarted without persistence: every token and demand entry is gone."""
+        self.held.clear()
+        self.waiting.clear()
+        self.busy.clear()
+        self.epoch += 1
 
     def _evict(self, now: float) -> None:
         for h, (_n, exp) in list(self.held.items()):
@@ -45,7 +57,17 @@ class MemoryFleet:
 
     def sync(self, now: float, holder: str, a: QuotaSync, step: int = 1) -> QuotaGrant:
         self.calls += 1
+        had = any(n or self.busy.get(h) or self.waiting.get(h) for h, (n, _) in self.held.items())
+        if had and self.last >= 0 and now - self.last > self.recover:
+            self.recover_until = max(self.recover_until, now + self.recover)  # after an outage
+        self.last = now
         self._evict(now)
+        if holder in self.known and self.known[holder] != self.epoch:
+            self.recover_until = max(self.recover_until, now + self.recover)
+        elif holder in self.known and a.claimed > 0 and holder not in self.held:
+            self.recover_until = max(self.recover_until, now + self.recover)  # expired meanwhile
+        self.known[holder] = self.epoch
+        recovering = now < self.recover_until
         present = self.held.get(holder, (0, 0.0))[0]
         others = sum(v for h, v in self.waiting.items() if h != holder)
         room = self.limit - sum(n for n, _ in self.held.values())
@@ -54,7 +76,7 @@ class MemoryFleet:
         if back > 0 and room > 0:
             back = min(back, room)
             g, room = g + back, room - back
-        if a.want > g and room > 0 and not (a.waiting == 0 and others > 0):
+        if a.want > g and room > 0 and not recovering and not (a.waiting == 0 and others > 0):
             g += min(a.want - g, room)
         g -= g % step
         self.held[holder] = (g, now + self.ttl)

@@ -12,7 +12,7 @@ from tests.fleet.conftest import needs_redis
 from tests.peers.redis import RedisServer
 from voicepool import Pool, PoolExhausted, PoolSettings
 from voicepool.quota import FleetQuota
-from voicepool.testing import FakeAdapter, wait_until
+from voicepool.testing import FakeAdapter, FaultProxy, wait_until
 
 pytestmark = needs_redis
 
@@ -191,3 +191,88 @@ async def test_pool_survives_redis_stopped_and_restarted(
     assert failed == 0
     warnings = [r for r in caplog.records if "backend unreachable" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+async def test_slow_redis_never_delays_a_warm_call(redis_server: RedisServer) -> None:
+    """Redis black-holed (answers nothing): warm calls are served with no wait, every sync
+    times out as a backend error, and closing the pool mid-sync leaves nothing behind."""
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        settings = _settings(url, 10, min_size=3, max_size=3, quota={"timeout": 0.1})
+        pool = Pool(FakeAdapter(), settings, name="asr")
+        await pool.start()
+        assert pool.stats().size == 3
+        proxy.black_hole()
+        await wait_until(lambda: pool.stats().quota_backend_errors >= 2, timeout=5.0)
+        loop = asyncio.get_running_loop()
+        worst = 0.0
+        for _ in range(200):
+            t0 = loop.time()
+            async with pool.acquire():
+                pass
+            worst = max(worst, loop.time() - t0)
+        assert worst < 0.01, worst  # never a Redis timeout (0.1 s) on the warm path
+        await wait_until(lambda: bool(pool._core.quota and pool._core.quota.in_flight), 5.0)
+        await pool.aclose()  # cancels the sync in flight
+        assert pool._core.quota is not None
+        assert not pool._core.quota.in_flight
+
+
+async def test_redis_down_at_boot_starts_the_pool_and_names_it_at_exhaustion() -> None:
+    from tests.peers.nginx import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings = _settings(url, 5, min_size=2, max_size=4, quota={"timeout": 0.1})
+    async with Pool(FakeAdapter(), settings, name="asr") as pool:  # require_ready: no raise
+        assert pool.stats().size == 0
+        with pytest.raises(PoolExhausted, match="backend unreachable"):
+            async with pool.acquire(timeout=0.3):
+                pass
+        assert pool.stats().quota_backend_errors >= 1
+
+
+def test_a_redis_password_never_shows() -> None:
+    q = FleetQuota("redis://:quota-s3cret-pass@127.0.0.1:1/0")
+    assert "quota-s3cret-pass" not in repr(q)
+    from voicepool._redact import scrub
+
+    assert "quota-s3cret-pass" not in scrub("auth failed for quota-s3cret-pass")
+
+
+async def test_pools_of_a_worker_share_one_redis_client(redis_server: RedisServer) -> None:
+    from voicepool import quota as quota_mod
+
+    url = redis_server.url
+    a = Pool(FakeAdapter(), _settings(url, 6, min_size=2, max_size=2), name="asr")
+    b = Pool(FakeAdapter(), _settings(url, 6, min_size=2, max_size=2), name="asr")
+    async with a, b:
+        assert a._quota is b._quota  # one Redis connection for the worker
+        assert a._holder != b._holder  # two holders all the same
+        q = FleetQuota(url, worker="probe")
+        try:
+            held = await q.held("acct")
+        finally:
+            await q.aclose()
+        assert sorted(held.values()) == [2, 2], held
+    assert not quota_mod._shared  # the last pool closed the client
+
+
+async def test_a_workers_pools_refresh_in_one_round_trip(redis_server: RedisServer) -> None:
+    """Three pools of one worker, one Redis client: their refreshes share the refresh grid and
+    go in one pipelined round trip (one per worker per refresh, not one per pool or token)."""
+    url = redis_server.url
+    pools = [
+        Pool(FakeAdapter(), _settings(url, 30, min_size=3, max_size=3), name=f"p{i}")
+        for i in range(3)
+    ]
+    for p in pools:
+        await p.start()
+    client = pools[0]._quota
+    assert isinstance(client, FleetQuota)
+    calls, trips = client.calls, client.round_trips
+    await wait_until(lambda: client.calls - calls >= 30, timeout=10.0)  # ~10 refreshes each
+    made, taken = client.calls - calls, client.round_trips - trips
+    for p in pools:
+        await p.aclose()
+    print(f"\n{made} syncs in {taken} round trips")
+    assert taken <= made * 0.5, (made, taken)  # mostly three syncs a round trip

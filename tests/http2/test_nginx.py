@@ -207,6 +207,8 @@ async def test_a_learnt_request_budget_is_forgotten_when_the_server_serves_more(
                 f"keepalive_requests {BUDGET_REQUESTS};", "keepalive_requests 1000;"
             )
         ):
+            # The pool found nginx gone and backs off: wait for its refill by the new one.
+            await wait_until(lambda: pool.stats().size == 2 and pool.stats().opening == 0)
             before = len(adapter.conns)
             async with httpx.AsyncClient(transport=PooledTransport(pool), timeout=10.0) as http:
                 assert set(await _burst(http, url, 3)) == {200}

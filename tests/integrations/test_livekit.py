@@ -56,9 +56,21 @@ async def test_agent_session_first_turn_pooled_vs_per_job() -> None:
     first_warm = statistics.median(j.turn_ms[0] for j in warm)
     later_warm = statistics.median(t for j in warm for t in j.turn_ms[1:])
     first_cold = statistics.median(j.turn_ms[0] for j in cold)
-    assert first_warm < later_warm * 1.25
+    assert first_warm < later_warm * 1.5  # room for a stall of a loaded machine (see Pipecat's)
     # At least the LLM's TCP + TLS round trips (the session prewarms the TTS socket at start).
     assert first_cold > first_warm + 2 * stack.rtt * 1e3
+
+
+async def test_ten_overlapping_agent_sessions_on_pools() -> None:
+    """Ten jobs at once in this one process (LiveKit's thread executor runs jobs side by side;
+    here they share one loop, the harder case): every job's sockets were opened during its join
+    (no miss, no lease waited for a handshake), every turn was heard, every job's pools closed."""
+    async with lk.emulated_services() as stack:
+        await lk.run_job(stack, pooled=True, turns=1)  # process warm-up (imports)
+        jobs = await lk.run_jobs(stack, pooled=True, jobs=10, turns=2)
+    for job in jobs:
+        assert job.transcripts == ["hello there turn0", "hello there turn1"]
+        assert (job.misses, job.cold_leases, job.pools_closed) == (0, 0, True)
 
 
 async def test_ws_connect_lends_and_close_releases_and_misses_go_to_a_real_session() -> None:

@@ -120,9 +120,14 @@ class TrafficSim:
         policy: SizingPolicy | None = None,
         sample_every: float = 60.0,
         ping_interval: float | None = None,
+        tick_every: float | None = None,
+        ticks: Sequence[float] = (),
     ) -> None:
         """``ping_interval``: the driver's (a Pool lowers the settings' one to half the
-        adapter's ``max_idle``); default ``settings.ping_interval``."""
+        adapter's ``max_idle``); default ``settings.ping_interval``. ``tick_every``: a timer of
+        the driver's own besides the core's wakes (a Pool with observers ticks the core at each
+        flush of their figures, once a second); default none. ``ticks``: the times a real
+        driver's timer fired (:attr:`Replay.ticks`), replayed as ticks of the core."""
         self.settings = settings
         self.traffic = traffic
         self.seed = seed
@@ -133,6 +138,8 @@ class TrafficSim:
         )
         self.rtt = rtt
         self.sample_every = sample_every
+        self.tick_every = tick_every
+        self.ticks = ticks
         sizing = settings.resolve(cast(Any, _ModeOnly(mode)))
         self.core: PoolCore[_Conn] = PoolCore(
             "sim",
@@ -151,7 +158,7 @@ class TrafficSim:
         self._wake = math.inf
         self.acquires = 0
         self.waited = 0
-        self.waited_at: list[float] = []  # arrival times of the calls that waited (measured)
+        self.waited_at: list[float] = []  # arrival times of the calls that waited (all of them)
         self.measure_from = 0.0
         self.max_held = 0
         self._held = 0
@@ -196,6 +203,18 @@ class TrafficSim:
         while t < duration:
             self._at(t, self._sample)
             t += self.sample_every
+        if self.tick_every is not None:
+            every = self.tick_every
+
+            def tick() -> None:
+                self._apply(self.core.tick(self.now))
+                if self.now + every <= duration:
+                    self._at(self.now + every, tick)
+
+            self._at(every, tick)
+        for t in self.ticks:
+            if t <= duration:
+                self._at(t, lambda: self._apply(self.core.tick(self.now)))
         while True:
             nxt = min(self._events[0][0] if self._events else math.inf, self._wake)
             if nxt > duration:
@@ -307,8 +326,7 @@ class TrafficSim:
             self._hold(rec_or_none, hold)
             return
         self.waited += counted
-        if counted:
-            self.waited_at.append(self.now)
+        self.waited_at.append(self.now)
         timeout = self.settings.acquire_timeout
         self._apply(core.wait(Waiter(self.now + timeout, timeout, hold), self.now))
 
@@ -352,7 +370,7 @@ class Replay:
     every handshake the pool timed, in order;
     ``warmup``: how long ``start()`` took; ``span``: start of the traffic to the last release;
     ``ping_interval``: the pool's (the adapter may lower the settings' one); ``ping_rtt``: the
-    median health ping it timed.
+    median health ping it timed; ``ticks``: when its timer fired (from the start of ``start()``).
     """
 
     acquires: int
@@ -366,6 +384,7 @@ class Replay:
     span: float
     ping_interval: float
     ping_rtt: float
+    ticks: list[float]
 
     @property
     def wait_share(self) -> float:
@@ -380,8 +399,10 @@ class Replay:
         seed: int = 1,
     ) -> SimResult:
         """The simulator on the same calls (default: as they really ran), the same handshake
-        times (replayed in order), the pool's ping interval and ping time, measured over the
-        same span after the same warm-up: the figures to set beside this run's."""
+        times (replayed in order), the pool's ping interval and ping time, its timer's ticks
+        replayed (besides the core's wakes: its observer flush ticks the core each second, late
+        by the loop's lag), measured over the same span after the same warm-up: the figures to
+        set beside this run's."""
         traffic = Traffic(connect_times=self.connect_times or None)
         sim = TrafficSim(
             settings,
@@ -390,6 +411,7 @@ class Replay:
             seed=seed,
             rtt=self.ping_rtt,
             ping_interval=self.ping_interval,
+            ticks=self.ticks,
         )
         calls = self.calls if trace is None else trace
         shifted = [(self.warmup + at, hold) for at, hold in calls]
@@ -448,6 +470,14 @@ async def replay(
     pool: Pool[Any] = Pool(adapter, settings, name=name, observers=[sockets], clock=clock)
     ran: list[Call] = []
     waited_at: list[float] = []
+    ticks: list[float] = []
+    on_timer = pool._on_timer
+
+    def timed() -> None:  # the driver's timer, recorded for the simulator to replay
+        ticks.append(clock() - booted)
+        on_timer()
+
+    pool._on_timer = timed  # type: ignore[method-assign]
     booted = clock()
     async with pool:
         t0 = clock()
@@ -494,4 +524,5 @@ async def replay(
         warmup=t0 - booted,
         span=t_end - t0,
         ping_interval=ping_interval,
+        ticks=ticks,
     )
