@@ -42,11 +42,11 @@ FAST_TESTS := tests/engine tests/settings/test_settings.py tests/settings/test_b
 check: lint typecheck
 	$(BIN)/pytest -q -x $(FAST_TESTS)
 
-# --reruns 1: a test that fails once and passes on its rerun is reported as R in the summary
+# --reruns 1: a test that fails once and passes on its rerun is reported as R (named by -rR)
 # (timing under a loaded 2-core CI machine, a transport collected late); a known debt, listed in
 # the closing notes, not a licence: a test that fails twice fails the run.
 test: install sysdeps lint typecheck
-	$(BIN)/pytest -q --reruns 1 $(ENGINE_COV)
+	$(BIN)/pytest -q -rR --durations=10 --reruns 1 $(ENGINE_COV)
 
 demo: install
 	$(BIN)/voicepool demo
