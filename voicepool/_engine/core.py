@@ -168,11 +168,6 @@ class PoolCore(Generic[C]):
         self.closing = False
         self.circuit_open = False
         self.steps = 0  # backoff steps: failures that did not overlap a counted one
-        # After a failure: one connect at a time, at retry_at. A ping answered on a young
-        # connection ends it (the provider answers: dial at full concurrency again) but not
-        # the failure count, which starts over only once a connection survives min_healthy
-        # or carries a lease to a clean end (_prove).
-        self.probing = False
         self._step_at = -math.inf
         self.retry_at = 0.0
         self._last_reachable = False  # the last failure was a server that answered (see _failed)
@@ -491,7 +486,7 @@ class PoolCore(Generic[C]):
         else:
             self._deliver(rec, now, out)
         self._check_warm(now)
-        if self.probing or (self.warming and not self.opening):
+        if self.steps or (self.warming and not self.opening):
             # Recovering (the probe), or a warm-up wave just completed short of the floor: ping
             # it at once, and start no other connect until it answers. A server that accepts
             # and hangs up is found in one round trip instead of drawing the next wave (or a
@@ -554,16 +549,7 @@ class PoolCore(Generic[C]):
             rtt if self.ping_rtt is None else self.ping_rtt + _RTT_WEIGHT * (rtt - self.ping_rtt)
         )
         rec.next_ping = now + rec.ping_period
-        if rec.proven or now - rec.created >= self.settings.min_healthy:
-            self._prove(rec, now)
-        else:
-            # A young connection answered: the provider is up, stop pacing connects one at a
-            # time. Not proof: a server that answers and hangs up a few ms later must not reset
-            # the failure count on every cycle (it would draw a wave each backoff_initial). And
-            # only the probe's answer (dialled after the last failure) ends the pacing: one
-            # of a wave started before it says nothing new.
-            if rec.started >= self._step_at:
-                self.probing = False
+        self._prove(rec, now)
         if self.mux:
             if rec.suspect:
                 rec.suspect = False
@@ -787,7 +773,6 @@ class PoolCore(Generic[C]):
         if rec.proven:
             return
         rec.proven = True
-        self.probing = False
         if self.steps:
             self.steps = 0
             self._step_at = -math.inf
@@ -870,7 +855,6 @@ class PoolCore(Generic[C]):
         self.n_connect_failures += 1
         self.last_error = err
         self._last_reachable = reachable
-        self.probing = True
         if started >= self._step_at or not self.steps:
             self.steps += 1
             self._step_at = now
@@ -905,7 +889,7 @@ class PoolCore(Generic[C]):
         failed and its retry is scheduled later (a dead provider costs a call microseconds,
         not ``acquire_timeout``; only an in-flight connect is worth waiting for)."""
         return (
-            self.probing
+            bool(self.steps)
             and not self.conns
             and not self.opening
             and self.retry_at > now
@@ -1130,9 +1114,9 @@ class PoolCore(Generic[C]):
             return 0  # (full first: the contended hand-off asks this at every wait)
         if self.warming and self.opening:
             return 0  # warm-up dials in waves: a wave that fails ends it (see _check_warm)
-        if self._gate is not None and (self.probing or self.warming):
+        if self._gate is not None and (self.steps or self.warming):
             return 0  # a young connection's ping decides first (see connected)
-        if self.probing:
+        if self.steps:
             if now < self.retry_at or self.opening:
                 return 0
             limit = 1
@@ -1365,7 +1349,7 @@ class PoolCore(Generic[C]):
             # Someone waits: a connect runs, or one is scheduled, or every slot is busy.
             assert (
                 self.opening
-                or self.probing
+                or self.steps
                 or self._refill
                 or len(self.conns) >= self.max_size
                 or (self.mux and any(r.suspect or r.pinging for r in self.mux_conns))
