@@ -1,7 +1,7 @@
 """A region outage under live traffic: a PoolGroup vs a framework-style fallback.
 
     .venv/bin/python benchmarks/failover.py [--rate 25] [--hold 4] [--standby-min 10]
-                                            [--failback-after 3] [--seconds 4] [--rounds 3]
+                                            [--failback-after 3] [--seconds 4] [--rounds 5]
                                             [--verbose]
 
 Two Deepgram emulators ("regions") behind FaultProxy at 20 and 60 ms round trip, Deepgram adapter
@@ -69,6 +69,7 @@ class Call:
     wait: float = 0.0  # seconds in acquire
     wait_cpu: float = 0.0  # CPU seconds of this thread in acquire (wait >> wait_cpu: descheduled)
     queued: bool = False  # the acquire found nothing free and waited for a connection
+    fresh: bool = False  # the first lease of its connection (opened since the last call)
     first_turn: float = 0.0  # acquire + audio + interim result
     member: str = ""
     error: str = ""
@@ -318,6 +319,8 @@ async def main(args: argparse.Namespace) -> None:
                 f" while booting: {len(switches.seen)})"
             )
 
+            used: set[int] = set()  # ids of connections lent at least once
+
             async def group_call(call: Call) -> None:
                 try:
                     t_acquire, cpu = time.perf_counter(), time.thread_time()
@@ -326,6 +329,8 @@ async def main(args: argparse.Namespace) -> None:
                         call.wait_cpu = time.thread_time() - cpu
                         call.queued = QUEUED.get()
                         call.member = lease.pool.name
+                        call.fresh = id(lease.conn) not in used
+                        used.add(id(lease.conn))
                         await turn(lease.conn)
                         call.first_turn = time.perf_counter() - call.started
                         await asyncio.sleep(args.hold)
@@ -365,7 +370,16 @@ async def main(args: argparse.Namespace) -> None:
             ratios: list[float] = []
             outage_group: list[float] = []
             outage_control: list[float] = []
-            totals = {"new": 0, "failed": 0, "slow_waits": 0, "crashing": 0, "crash_failed": 0}
+            totals = {
+                "new": 0,
+                "failed": 0,
+                "slow_waits": 0,
+                "queued": 0,
+                "crashing": 0,
+                "crash_failed": 0,
+            }
+            fresh_turns: list[float] = []
+            reused_turns: list[float] = []
             for r in range(args.rounds):
                 # -- 3. the primary crashes mid-traffic -------------------------------------------
                 in_flight = [c for c in traffic.calls if c.member == "asr_near" and c.first_turn]
@@ -395,6 +409,9 @@ async def main(args: argparse.Namespace) -> None:
                 totals["new"] += len(new)
                 totals["failed"] += len(failed)
                 totals["slow_waits"] += slow_waits
+                totals["queued"] += sum(1 for c in after_open if c.wait > 0.001 and c.queued)
+                fresh_turns += [c.first_turn for c in window if c.first_turn and c.fresh]
+                reused_turns += [c.first_turn for c in window if c.first_turn and not c.fresh]
                 totals["crashing"] += len(crashing)
                 totals["crash_failed"] += sum(1 for c in crashing if c.error)
                 print(
@@ -425,8 +442,10 @@ async def main(args: argparse.Namespace) -> None:
                             f" from the crash, on {c.member or 'no lease'})"
                         )
                 print(
-                    f"   first call on the standby: acquire {first_far.wait * 1e3:.2f} ms (a"
-                    f" handshake is >= 2 round trips = 120 ms); first turn group p50"
+                    f"   first call on the standby: acquire {first_far.wait * 1e3:.2f} ms"
+                    f" ({'queued' if first_far.queued else 'not queued'},"
+                    f" {first_far.wait_cpu * 1e3:.2f} ms CPU; a handshake is >= 2 round trips ="
+                    f" 120 ms); first turn group p50"
                     f" {pct(turns, 0.5):.1f} p99 {pct(turns, 0.99):.1f} ms ({len(turns)} calls),"
                     f" warm control beside it p50 {pct(beside, 0.5):.1f} p99"
                     f" {pct(beside, 0.99):.1f} ms ({len(beside)} calls): {ratio:.2f}x"
@@ -479,13 +498,20 @@ async def main(args: argparse.Namespace) -> None:
             group_p99_ratio = pct(outage_group, 0.99) / pct(outage_control, 0.99)
             print(
                 f"   over {args.rounds} outages: {totals['new']} new calls, {totals['failed']}"
-                f" failed, {totals['slow_waits']} waited > 1 ms after the circuit opened;"
+                f" failed, {totals['slow_waits']} waited > 1 ms after the circuit opened"
+                f" ({totals['queued']} of them queued for a connection; the others never"
+                f" suspended: the OS descheduled the process);"
                 f" {totals['crashing']} calls during the resets, {totals['crash_failed']}"
                 f" failed. First turn p99 group {pct(outage_group, 0.99):.1f} ms"
                 f" ({len(outage_group)} calls) / warm control beside it"
                 f" {pct(outage_control, 0.99):.1f} ms ({len(outage_control)}):"
                 f" {group_p99_ratio:.2f}x pooled; per round {', '.join(f'{x:.2f}' for x in ratios)}"
-                f" (median {statistics.median(ratios):.2f}x)"
+                f" (median {statistics.median(ratios):.2f}x). Group calls on a connection's first"
+                f" lease (a standby spare, or one the standby opened as it grew): p50"
+                f" {pct(fresh_turns, 0.5):.1f}"
+                f" p99 {pct(fresh_turns, 0.99):.1f} ms ({len(fresh_turns)}); on one used before:"
+                f" p50 {pct(reused_turns, 0.5):.1f} p99 {pct(reused_turns, 0.99):.1f} ms"
+                f" ({len(reused_turns)})"
             )
 
             # -- 5. flapping ----------------------------------------------------------------------
@@ -569,7 +595,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--failback-after", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each phase")
-    parser.add_argument("--rounds", type=int, default=3, help="outage + fail-back rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="outage + fail-back rounds")
     parser.add_argument("--verbose", action="store_true", help="the slowest calls of each outage")
     if sys.argv[1:2] == ["--serve"]:  # a region's child process: --serve LATENCY PORT
         asyncio.run(serve(float(sys.argv[2]), int(sys.argv[3])))

@@ -243,8 +243,10 @@ async def hundred_workers(
     elapsed = loop.time() - t_start
     syncs = sum(c.calls for c in clients)  # script calls: Redis's own counter restarted
     memory = 0
-    for suffix in ("tokens", "workers", "busy", "waiting", "meta"):
+    for suffix in ("tokens", "workers", "busy", "waiting", "meta", "held"):
         memory += int(await _retry(probe._client.memory_usage, f"vp:q:{{sim}}:{suffix}") or 0)
+    stats = await _retry(probe._client.info, "commandstats")
+    usec = float(stats.get("cmdstat_evalsha", {}).get("usec_per_call", 0.0))
     errors = sum(p.stats().quota_backend_errors for p in pools)
     await asyncio.gather(*(p.aclose() for p in pools))
     for c in clients:
@@ -260,6 +262,7 @@ async def hundred_workers(
         "failed": failed,
         "backend_errors": errors,
         "why": why,
+        "usec": usec,
     }
 
 
@@ -316,7 +319,8 @@ async def main(args: argparse.Namespace) -> None:
         sim = await hundred_workers(server, args.workers, args.limit, args.seconds)
         print(
             f"4. {args.workers} workers, limit {args.limit}, {sim['elapsed']:.1f} s with a Redis"
-            f" restart: {sim['ops_per_s']:.0f} Redis ops/s ({sim['syncs']:.0f} script calls),"
+            f" restart: {sim['ops_per_s']:.0f} Redis ops/s ({sim['syncs']:.0f} script calls,"
+            f" {sim['usec']:.0f} us of Redis CPU each),"
             f" keys {sim['memory'] / 1024:.1f} KiB, {sim['served']:.0f} calls served,"
             f" {sim['failed']:.0f} failed {sim['why'] or ''}, {sim['backend_errors']:.0f} backend"
             " errors;"

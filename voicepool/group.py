@@ -336,6 +336,8 @@ class PoolGroup(Generic[C]):
             if m.pool.state is not PoolState.UNAVAILABLE:
                 got = m.pool.lease_nowait()
                 if got is not None:
+                    if self._announce is not None:
+                        self._served(m, None)
                     return got
         return await self._lease_slow(timeout)
 

@@ -12,7 +12,6 @@ returns to the core's idle deque directly, allocation-free.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import math
 import random
@@ -187,6 +186,15 @@ class Pool(Generic[C]):
         """
         if self._started or self._close_task is not None:
             raise PoolError(f"pool {self.name!r} was already started", pool=self.name)
+        if s_quota := self.settings.quota:
+            if self._quota is None:
+                from voicepool.quota import shared  # redis-py: only for pools with a quota
+
+                # One client per loop and backend: a worker's pools share its Redis connection.
+                # (Before anything starts: without redis-py this raises ConfigError, no leak.)
+                self._quota = shared(s_quota.backend, s_quota.timeout)
+                self._owns_quota = True
+            self._holder = self._quota.holder(self.name)
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._started = True
@@ -195,13 +203,6 @@ class Pool(Generic[C]):
         self.adapter.watch(self._on_conn_changed)
         self._warmed = loop.create_future()
         self._flush_at = self._clock() + _FLUSH_EVERY
-        if s_quota := self.settings.quota:
-            if self._quota is None:
-                from voicepool.quota import FleetQuota  # redis-py: only for pools with a quota
-
-                self._quota = FleetQuota(s_quota.backend, timeout=s_quota.timeout)
-                self._owns_quota = True
-            self._holder = self._quota.holder(self.name)
         try:
             # Warm-up connects belong to the caller's trace (the boot span); the timer's work
             # (refills, pings) runs in a context of its own, never a child of a span long ended.
@@ -762,6 +763,7 @@ class Pool(Generic[C]):
                     ttl=qs.ttl,
                     step=gate.per,
                     recover=min(qs.ttl, 2 * qs.refresh),  # every live holder syncs within it
+                    urgent=a.waiting > 0,  # callers wait: no batching with other pools
                 )
         except asyncio.CancelledError:
             self._core.quota_cancelled()
@@ -810,8 +812,10 @@ class Pool(Generic[C]):
         except Exception as err:
             log.debug("pool %s: quota release failed: %r", self.name, err, extra=self._extra)
         if self._owns_quota:
-            with contextlib.suppress(Exception):
-                await backend.aclose()
+            from voicepool.quota import FleetQuota, release_shared
+
+            assert isinstance(backend, FleetQuota)
+            await release_shared(backend)
 
     def _on_conn_changed(self, conn: Any) -> None:
         """Adapter callback: re-read ``conn``'s capacity and liveness now."""

@@ -8,7 +8,8 @@ the core). Everything a pool tells Redis is one call of one Lua script, atomic o
 - keys (one hash tag, so a Redis Cluster keeps them on one shard): ``vp:q:{key}:tokens``, a
   sorted set of tokens (``<holder>#<i>``) scored by expiry in ms; ``...:workers``, holders scored
   by expiry; ``...:busy`` and ``...:waiting``, hashes holder -> leases in use plus callers
-  waiting / callers waiting (the demand signal); ``...:meta``, the state's epoch;
+  waiting / callers waiting (the demand signal); ``...:held``, holder -> its token count;
+  ``...:meta``, the state's epoch;
 - every call first evicts expired tokens and dead holders (a worker killed with -9 stops
   refreshing: its share is free after ``ttl``), then sets the caller's holding to ``want``:
   new tokens only up to ``limit``, none for a holder without waiting callers while others have
@@ -29,6 +30,7 @@ the next sync sets the holding again, whatever the last one did.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -42,11 +44,12 @@ from voicepool.errors import ConfigError
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["FleetQuota", "QuotaGrant", "default_worker_id"]
+__all__ = ["FleetQuota", "QuotaGrant", "default_worker_id", "release_shared", "shared"]
 
 
 _SCRIPT = """
-local tokens, workers, busyk, waitk, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local tokens, workers, busyk, waitk = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local meta, heldk = KEYS[5], KEYS[6]
 local me = ARGV[1]
 local want = tonumber(ARGV[2])
 local claimed = tonumber(ARGV[3])
@@ -64,8 +67,14 @@ local had = redis.call('ZCARD', workers)
 redis.call('ZREMRANGEBYSCORE', tokens, '-inf', now)
 local dead = redis.call('ZRANGEBYSCORE', workers, '-inf', now)
 for _, w in ipairs(dead) do
+  -- the fleet's totals are kept in meta (O(1) a call, whatever the number of workers)
+  local b = tonumber(redis.call('HGET', busyk, w) or '0')
+  local q = tonumber(redis.call('HGET', waitk, w) or '0')
+  if b ~= 0 then redis.call('HINCRBY', meta, 'busy', 0 - b) end  -- (never a "-0")
+  if q ~= 0 then redis.call('HINCRBY', meta, 'wait', 0 - q) end
   redis.call('HDEL', busyk, w)
   redis.call('HDEL', waitk, w)
+  redis.call('HDEL', heldk, w)
 end
 if #dead > 0 then redis.call('ZREMRANGEBYSCORE', workers, '-inf', now) end
 -- the state's epoch: a new one means Redis lost its data (or this key is new)
@@ -94,14 +103,12 @@ if had > 0 and last > 0 and now - last > recover then
 end
 redis.call('HSET', meta, 'last', now)
 local recovering = tonumber(redis.call('HGET', meta, 'recover') or '0') > now
--- the caller's tokens are <me>#0 .. <me>#(n-1), refreshed together (one expiry)
-local present = 0
-while redis.call('ZSCORE', tokens, me .. '#' .. present) do present = present + 1 end
-local others_waiting = 0
-local wv = redis.call('HGETALL', waitk)
-for i = 1, #wv, 2 do
-  if wv[i] ~= me then others_waiting = others_waiting + tonumber(wv[i + 1]) end
-end
+-- the caller's tokens are <me>#0 .. <me>#(n-1), refreshed together (one expiry as its entry in
+-- workers: they are evicted together), and counted in held
+local present = tonumber(redis.call('HGET', heldk, me) or '0')
+local old_busy = tonumber(redis.call('HGET', busyk, me) or '0')
+local old_wait = tonumber(redis.call('HGET', waitk, me) or '0')
+local others_waiting = math.max(0, tonumber(redis.call('HGET', meta, 'wait') or '0') - old_wait)
 local room = limit - redis.call('ZCARD', tokens)
 local g = math.min(want, present)
 -- re-register what the caller holds open (lost with an expiry or a data loss), room permitting
@@ -117,12 +124,25 @@ if want > g and room > 0 and not recovering and not (waiting == 0 and others_wai
 end
 g = g - (g % step)  -- whole connections only (a multiplexed one may hold several tokens)
 local exp = now + ttl
-for i = 0, g - 1 do redis.call('ZADD', tokens, exp, me .. '#' .. i) end
-local i = g
-while i < present do
-  redis.call('ZREM', tokens, me .. '#' .. i)
-  i = i + 1
+-- one ZADD / ZREM per 200 tokens, not one call per token
+local i = 0
+while i < g do
+  local args = {}
+  for j = i, math.min(g, i + 200) - 1 do
+    args[#args + 1] = exp
+    args[#args + 1] = me .. '#' .. j
+  end
+  redis.call('ZADD', tokens, unpack(args))
+  i = i + 200
 end
+i = g
+while i < present do
+  local args = {}
+  for j = i, math.min(present, i + 200) - 1 do args[#args + 1] = me .. '#' .. j end
+  redis.call('ZREM', tokens, unpack(args))
+  i = i + 200
+end
+if g > 0 then redis.call('HSET', heldk, me, g) else redis.call('HDEL', heldk, me) end
 if g > 0 or waiting > 0 or busy > 0 then
   redis.call('ZADD', workers, exp, me)
   redis.call('HSET', busyk, me, busy)
@@ -131,14 +151,12 @@ else
   redis.call('ZREM', workers, me)
   redis.call('HDEL', busyk, me)
   redis.call('HDEL', waitk, me)
+  busy, waiting = 0, 0
 end
-local holding = 0
-for _, w in ipairs(redis.call('ZRANGE', workers, 0, -1)) do
-  if redis.call('ZSCORE', tokens, w .. '#0') then holding = holding + 1 end
-end
-local total = 0
-local bv = redis.call('HVALS', busyk)
-for _, v in ipairs(bv) do total = total + tonumber(v) end
+if busy ~= old_busy then redis.call('HINCRBY', meta, 'busy', busy - old_busy) end
+if waiting ~= old_wait then redis.call('HINCRBY', meta, 'wait', waiting - old_wait) end
+local holding = redis.call('HLEN', heldk)
+local total = math.max(0, tonumber(redis.call('HGET', meta, 'busy') or '0'))
 -- abandoned keys go away by themselves (every live holder renews them)
 local keep = ttl * 4
 for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, keep) end
@@ -154,7 +172,14 @@ def default_worker_id() -> str:
 
 def _keys(key: str) -> list[str]:
     base = f"vp:q:{{{key}}}"
-    return [f"{base}:tokens", f"{base}:workers", f"{base}:busy", f"{base}:waiting", f"{base}:meta"]
+    return [
+        f"{base}:tokens",
+        f"{base}:workers",
+        f"{base}:busy",
+        f"{base}:waiting",
+        f"{base}:meta",
+        f"{base}:held",
+    ]
 
 
 class FleetQuota:
@@ -205,10 +230,18 @@ class FleetQuota:
         )
         self._script = self._client.register_script(_SCRIPT)
         self._epochs: dict[tuple[str, str], str] = {}  # (key, holder) -> the epoch it last saw
-        self.calls = 0  # round trips made (for the fleet benchmark's ops/s)
+        self.calls = 0  # script calls made (for the fleet benchmark's ops/s)
+        self.round_trips = 0  # ... and the round trips they took (pipelined together)
+        self._batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._runs: set[asyncio.Task[None]] = set()
+        self._names: dict[str, int] = {}
 
     def holder(self, pool: str) -> str:
-        return f"{self.worker}/{pool}"
+        """A holder name for one pool: ``<worker>/<pool>``, with ``.2``, ``.3``... for more
+        pools of that name on this client (each pool is its own holder)."""
+        n = self._names.get(pool, 0) + 1
+        self._names[pool] = n
+        return f"{self.worker}/{pool}" if n == 1 else f"{self.worker}/{pool}.{n}"
 
     async def sync(
         self,
@@ -223,21 +256,25 @@ class FleetQuota:
         ttl: float,
         step: int = 1,
         recover: float | None = None,
+        urgent: bool = False,
     ) -> QuotaGrant:
         """Set ``holder``'s tokens under ``key`` to ``want`` (as far as the limit allows),
         refresh their TTL and publish its demand; one round trip, atomic on the server.
         ``step``: tokens are granted in multiples of it (the tokens of one connection).
         ``recover``: after a data loss, how long (s, default ``ttl``) nobody gets new tokens
         while holders re-register; it must cover every live holder's next sync.
+        ``urgent`` (callers wait for it): sent at once, not batched with this loop iteration's
+        other syncs.
 
         Raises redis-py's errors (``ConnectionError``, ``TimeoutError``, ...) when Redis is down
         or slow; the pool counts them as ``voicepool.quota.backend_errors``.
         """
         self.calls += 1
         known = self._epochs.get((key, holder), "")
-        raw = await self._script(
-            keys=_keys(key),
-            args=[
+        raw = await self._submit(
+            urgent,
+            _keys(key),
+            [
                 holder,
                 want,
                 claimed,
@@ -264,6 +301,64 @@ class FleetQuota:
             int(workers),
         )
 
+    async def _submit(self, urgent: bool, keys: list[str], args: list[Any]) -> Any:
+        """Run the script once; the syncs submitted in one loop iteration (the pools of this
+        worker refreshing together: their refreshes share a time grid) go in one pipelined
+        round trip. Cancelling the caller stops its wait, not the batch."""
+        if urgent:
+            self.round_trips += 1
+            return await self._script(keys=keys, args=args)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((keys, args, fut))
+        if len(self._batch) == 1:
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+
+    async def _run(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        self.round_trips += 1
+        if len(batch) == 1:
+            keys, args, fut = batch[0]
+            try:
+                result: Any = await self._script(keys=keys, args=args)
+            except Exception as err:
+                if not fut.done():
+                    fut.set_exception(err)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
+            return
+        from redis.exceptions import NoScriptError
+
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as err:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        for (keys, args, fut), result in zip(batch, results, strict=True):
+            if isinstance(result, NoScriptError):  # a Redis that restarted: load it, once each
+                try:
+                    result = await self._script(keys=keys, args=args)
+                except Exception as err:
+                    result = err
+            if fut.done():
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
     async def held(self, key: str) -> dict[str, int]:
         """Live tokens per holder under ``key`` (for tests, ``voicepool probe``, dashboards)."""
         sec, usec = await self._client.time()  # Redis's clock scores the tokens
@@ -276,8 +371,50 @@ class FleetQuota:
         return out
 
     async def aclose(self) -> None:
-        """Close the client's connections. Idempotent."""
+        """Close the client's connections (after the round trips in flight). Idempotent."""
+        if self._runs:
+            await asyncio.wait(list(self._runs), timeout=self.timeout + 1)
         await self._client.aclose()
 
     def __repr__(self) -> str:
         return f"<FleetQuota {scrub(self.url)!r} worker={self.worker!r}>"
+
+
+# One client per event loop and backend: the pools of a worker share its Redis connection.
+_shared: dict[tuple[str, float], list[tuple[object, FleetQuota, int]]] = {}
+
+
+def shared(url: str, timeout: float) -> FleetQuota:
+    """The running loop's :class:`FleetQuota` for ``url`` (made on first use); pair each call
+    with :func:`release_shared`. Raises ConfigError without redis-py. Call it from the loop."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    entries = _shared.setdefault((url, timeout), [])
+    for n, (owner, client, users) in enumerate(entries):
+        if owner is loop:
+            entries[n] = (owner, client, users + 1)
+            return client
+    client = FleetQuota(url, timeout=timeout)
+    entries.append((loop, client, 1))
+    return client
+
+
+async def release_shared(client: FleetQuota) -> None:
+    """One user of a :func:`shared` client is done; the last one closes it. Never raises (a
+    close that fails only loses a socket its loop drops anyway)."""
+    for key, entries in list(_shared.items()):
+        for n, (owner, c, users) in enumerate(entries):
+            if c is not client:
+                continue
+            if users > 1:
+                entries[n] = (owner, c, users - 1)
+                return
+            del entries[n]
+            if not entries:
+                del _shared[key]
+            try:
+                await client.aclose()
+            except Exception:  # pragma: no cover - a broken socket at close
+                pass
+            return

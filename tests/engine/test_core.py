@@ -343,8 +343,12 @@ def test_waiter_abandonment_is_constant_time() -> None:
         core.check()
         return elapsed / n
 
-    small, large = cost(1_000), cost(20_000)
-    assert large < small * 4, (small, large)  # flat per waiter, not linear
+    # The fastest of five runs each: a load spike on a shared machine only ever adds time, so
+    # the minimum is the cost itself. A linear scan costs 20x per waiter here; a larger queue
+    # also misses the CPU cache more (up to 5x seen), hence 10x.
+    small = min(cost(1_000) for _ in range(5))
+    large = min(cost(20_000) for _ in range(5))
+    assert large < small * 10, (small, large)  # flat per waiter, not linear
 
 
 # Ping others on a loss; suspect MULTIPLEXED connections -------------------------------------------

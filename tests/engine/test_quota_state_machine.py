@@ -32,6 +32,7 @@ class QuotaMachine(CoreMachine):
         self.closes: list[ConnRecord[Conn]] = []
         self.limit = 4
         self.others = 0  # tokens the rest of the fleet holds
+        self.others_waiting = 0  # callers waiting in the rest of the fleet
         self.backend = 0  # tokens the backend holds for this pool
         self.draining = False
 
@@ -107,7 +108,9 @@ class QuotaMachine(CoreMachine):
         g = min(a.want, self.backend + max(0, free))
         g -= g % self._gate().per
         self.backend = g
-        grant = QuotaGrant(g, g + self.others, 1 + bool(self.others), 0, a.busy, "e", False, 2)
+        waiting = 0 if room else self.others_waiting
+        busy = a.busy + waiting
+        grant = QuotaGrant(g, g + self.others, 1 + bool(self.others), waiting, busy, "e", False, 2)
         super().apply(self.c.quota_synced(grant, self.now))
 
     @precondition(lambda self: bool(self.syncs))
@@ -126,10 +129,12 @@ class QuotaMachine(CoreMachine):
         self.closes.remove(rec)
         self.apply(self.c.quota_closed(rec, self.now))
 
-    @rule(others=st.integers(0, 6))
-    def fleet_changes(self, others: int) -> None:
-        # Others take only what is free (the backend never over-grants).
+    @rule(others=st.integers(0, 6), waiting=st.integers(0, 2))
+    def fleet_changes(self, others: int, waiting: int) -> None:
+        # Others take only what is free (the backend never over-grants); callers waiting there
+        # make this pool give up idle spares when the account is full.
         self.others = min(others, max(0, self.limit - self.backend))
+        self.others_waiting = waiting
 
     @invariant()
     def within_backend(self) -> None:

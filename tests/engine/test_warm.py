@@ -43,7 +43,7 @@ def test_settings_are_validated_naming_the_field() -> None:
     ):
         with pytest.raises(pydantic.ValidationError, match=field):
             PoolSettings.model_validate(bad)
-    assert PoolSettings().warm == "fixed"  # the default until decided otherwise (see DESIGN.md)
+    assert PoolSettings().warm == "fixed"  # the default, decided from the benchmark (warm.py)
 
 
 def test_adaptive_min_size_defaults_to_one_and_max_stays_the_bound() -> None:

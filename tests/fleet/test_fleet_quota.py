@@ -237,3 +237,42 @@ def test_a_redis_password_never_shows() -> None:
     from voicepool._redact import scrub
 
     assert "quota-s3cret-pass" not in scrub("auth failed for quota-s3cret-pass")
+
+
+async def test_pools_of_a_worker_share_one_redis_client(redis_server: RedisServer) -> None:
+    from voicepool import quota as quota_mod
+
+    url = redis_server.url
+    a = Pool(FakeAdapter(), _settings(url, 6, min_size=2, max_size=2), name="asr")
+    b = Pool(FakeAdapter(), _settings(url, 6, min_size=2, max_size=2), name="asr")
+    async with a, b:
+        assert a._quota is b._quota  # one Redis connection for the worker
+        assert a._holder != b._holder  # two holders all the same
+        q = FleetQuota(url, worker="probe")
+        try:
+            held = await q.held("acct")
+        finally:
+            await q.aclose()
+        assert sorted(held.values()) == [2, 2], held
+    assert not quota_mod._shared  # the last pool closed the client
+
+
+async def test_a_workers_pools_refresh_in_one_round_trip(redis_server: RedisServer) -> None:
+    """Three pools of one worker, one Redis client: their refreshes share the refresh grid and
+    go in one pipelined round trip (one per worker per refresh, not one per pool or token)."""
+    url = redis_server.url
+    pools = [
+        Pool(FakeAdapter(), _settings(url, 30, min_size=3, max_size=3), name=f"p{i}")
+        for i in range(3)
+    ]
+    for p in pools:
+        await p.start()
+    client = pools[0]._quota
+    assert isinstance(client, FleetQuota)
+    calls, trips = client.calls, client.round_trips
+    await wait_until(lambda: client.calls - calls >= 30, timeout=10.0)  # ~10 refreshes each
+    made, taken = client.calls - calls, client.round_trips - trips
+    for p in pools:
+        await p.aclose()
+    print(f"\n{made} syncs in {taken} round trips")
+    assert taken <= made * 0.5, (made, taken)  # mostly three syncs a round trip

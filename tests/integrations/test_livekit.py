@@ -56,7 +56,7 @@ async def test_agent_session_first_turn_pooled_vs_per_job() -> None:
     first_warm = statistics.median(j.turn_ms[0] for j in warm)
     later_warm = statistics.median(t for j in warm for t in j.turn_ms[1:])
     first_cold = statistics.median(j.turn_ms[0] for j in cold)
-    assert first_warm < later_warm * 1.25
+    assert first_warm < later_warm * 1.5  # room for a stall of a loaded machine (see Pipecat's)
     # At least the LLM's TCP + TLS round trips (the session prewarms the TTS socket at start).
     assert first_cold > first_warm + 2 * stack.rtt * 1e3
 

@@ -23,10 +23,10 @@ bot = load_example("pipecat_bot")
 pytestmark = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
-def _first_vs_later(results: list[Any]) -> float:
+def _first_and_later(results: list[Any]) -> tuple[float, float]:
     first = statistics.median(r.turn_ms[0] for r in results)
     later = statistics.median(t for r in results for t in r.turn_ms[1:])
-    return float(first / later)
+    return first, later
 
 
 @pytest.mark.parametrize("tts", ["elevenlabs", "cartesia"])
@@ -45,8 +45,13 @@ async def test_ten_concurrent_calls_pooled_vs_per_call(tts: str) -> None:
     # adds CPU, which a loaded 2-core machine stretches: half the cold start is a safe bound,
     # benchmarks/frameworks.py measures the figure itself.
     assert warm_start < cold_start / 2
-    assert _first_vs_later(warm.results) < 1.25
-    assert _first_vs_later(cold.results) > _first_vs_later(warm.results)
+    # A stall of the whole process (a loaded machine; measured up to ~500 ms) lands on whichever
+    # turns are running, first or later: the pooled bound has room for it (the benchmark gives
+    # the figure, 1.03-1.09), the per-call one asserts the LLM connection its first turn opens.
+    first_warm, later_warm = _first_and_later(warm.results)
+    first_cold, later_cold = _first_and_later(cold.results)
+    assert first_warm < later_warm * 1.5
+    assert first_cold > later_cold + stack.rtt * 1e3  # TCP + TLS: two round trips
 
 
 async def test_pools_follow_the_service_settings_and_sample_rate(

@@ -1027,7 +1027,9 @@ class PoolCore(Generic[C]):
         q.granted = grant.granted
         q.used, q.holders = grant.used, grant.holders
         q.others_waiting, q.busy, q.epoch = grant.others_waiting, grant.busy, grant.epoch
-        q.sync_due = now + q.refresh
+        # On a grid of the refresh period (never later than one period): the pools of a worker
+        # refresh together, in one pipelined round trip.
+        q.sync_due = (math.floor(now / q.refresh) + 1) * q.refresh
         if self.closing:
             return self._end(now, out)
         held = self._quota_held(q)

@@ -59,6 +59,7 @@ class QuotaBackend(Protocol):
         ttl: float,
         step: int = 1,
         recover: float | None = None,
+        urgent: bool = False,
     ) -> QuotaGrant: ...
 
     async def aclose(self) -> None: ...
