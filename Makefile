@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install sysdeps lint typecheck check test demo bench clean
+.PHONY: install sysdeps lint typecheck check test stress demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,6 +47,11 @@ check: lint typecheck
 # the closing notes, not a licence: a test that fails twice fails the run.
 test: install sysdeps lint typecheck
 	$(BIN)/pytest -q -rR --durations=10 --reruns 1 $(ENGINE_COV)
+
+# The cancellation and state-machine suites N times in a row, stopping at the first failure.
+N ?= 20
+stress: install
+	bash scripts/stress-engine.sh $(N)
 
 demo: install
 	$(BIN)/voicepool demo
