@@ -167,7 +167,14 @@ class PoolCore(Generic[C]):
         self.warming = False
         self.closing = False
         self.circuit_open = False
-        self.steps = 0  # backoff steps: failures that did not overlap a counted one
+        # Backoff steps: failures that did not overlap a counted one. The count starts over
+        # only when a connection proves itself (_prove: it survived min_healthy or carried a
+        # lease to a clean end), never on a ping answer alone: a server that answers and hangs
+        # up a few ms later must keep its backoff growing.
+        self.steps = 0
+        # After a failure, until a connection answers a ping or proves itself: DEGRADED below
+        # the floor, and a waiter no scheduled retry serves in time fails at once.
+        self.probing = False
         self._step_at = -math.inf
         self.retry_at = 0.0
         self._last_reachable = False  # the last failure was a server that answered (see _failed)
@@ -477,7 +484,7 @@ class PoolCore(Generic[C]):
         self.by_conn[id(conn)] = rec
         if self.circuit_open:
             self.circuit_open = False  # the probe's first success closes the circuit
-        # Unproven until a ping answers, a lease ends cleanly or min_healthy passes.
+        # Unproven until it survives min_healthy or a lease ends cleanly.
         self._young.append(rec)
         self._at(min(self._health_due, now + s.min_healthy))
         if self.mux:
@@ -549,7 +556,13 @@ class PoolCore(Generic[C]):
             rtt if self.ping_rtt is None else self.ping_rtt + _RTT_WEIGHT * (rtt - self.ping_rtt)
         )
         rec.next_ping = now + rec.ping_period
-        self._prove(rec, now)
+        if now - rec.created >= self.settings.min_healthy:
+            self._prove(rec, now)
+        else:
+            # A young connection answered: the provider is up again (not DEGRADED, waiters
+            # wait for connects again). Not proof: its loss within min_healthy still counts
+            # as a failed connect, and while failures are counted the floor waits for it.
+            self.probing = False
         if self.mux:
             if rec.suspect:
                 rec.suspect = False
@@ -773,6 +786,8 @@ class PoolCore(Generic[C]):
         if rec.proven:
             return
         rec.proven = True
+        self.probing = False
+        self.circuit_open = False  # (opened while it was young: no probe runs to close it)
         if self.steps:
             self.steps = 0
             self._step_at = -math.inf
@@ -855,6 +870,7 @@ class PoolCore(Generic[C]):
         self.n_connect_failures += 1
         self.last_error = err
         self._last_reachable = reachable
+        self.probing = True
         if started >= self._step_at or not self.steps:
             self.steps += 1
             self._step_at = now
@@ -889,7 +905,7 @@ class PoolCore(Generic[C]):
         failed and its retry is scheduled later (a dead provider costs a call microseconds,
         not ``acquire_timeout``; only an in-flight connect is worth waiting for)."""
         return (
-            bool(self.steps)
+            self.probing
             and not self.conns
             and not self.opening
             and self.retry_at > now
@@ -1118,10 +1134,12 @@ class PoolCore(Generic[C]):
             return 0  # warm-up dials in waves: a wave that fails ends it (see _check_warm)
         if self._gate is not None and (self.steps or self.warming):
             return 0  # a young connection's ping decides first (see connected)
+        trial = False
         if self.steps:
             if now < self.retry_at or self.opening:
                 return 0
             limit = 1
+            trial = self._on_trial()
         elif self.warming:
             limit = self.settings.connect_concurrency
         else:
@@ -1140,22 +1158,37 @@ class PoolCore(Generic[C]):
             free = sum(max(0, r.cap - r.streams) for r in self.mux_conns if not r.suspect)
             free += self.opening * per
             short = waiting - free
-            need = -(-short // per) if short > 0 else 0
+            demand = need = -(-short // per) if short > 0 else 0
             if free == 0 and self.mux_conns:
                 need = max(need, 1)  # saturated: one more before the next caller has to wait
             need = max(need, floor - size - self.opening - paced)
         elif self.single_use:
             # Spares being pinged are out of the idle deque but still spares.
             spares = len(self.idle) + sum(1 for r in self.conns.values() if r.state is _PINGING)
-            need = max(waiting - self.opening, floor + waiting - spares - self.opening - paced)
+            demand = waiting - self.opening
+            need = max(demand, floor + waiting - spares - self.opening - paced)
         else:
-            need = max(waiting - self.opening, floor - size - self.opening - paced)
+            demand = waiting - self.opening
+            need = max(demand, floor - size - self.opening - paced)
         if paced > max(0, floor - size):
             del refill[max(0, floor - size) :]  # more replacements pending than missing
             heapq.heapify(refill)
-        if self.circuit_open:
+        if trial:
+            need = demand  # the floor waits for the unproven (see above)
+        elif self.circuit_open:
             need = max(need, 1)  # the probe runs whatever the demand (min_size 0 included)
         return min(need, room, limit)
+
+    def _on_trial(self) -> bool:
+        """A connection dialled since the last counted failure is open and not proven yet.
+
+        Until it proves itself (min_healthy, or a lease's clean end) or dies, the floor waits
+        and only a waiter gets a connect: a server that answers the first ping and hangs up
+        50 ms later must draw one connect per backoff step, not one per ping round trip.
+        (Connections dialled before the failure do not hold the retry: they say nothing new.)
+        O(young connections), and only asked while failures are counted."""
+        at = self._step_at
+        return any(r.started >= at and r.state is not _CLOSED and not r.proven for r in self._young)
 
     def _check_warm(self, now: float) -> None:
         """Warm-up ends when a wave completes with the floor reached, or with a failure."""
@@ -1235,7 +1268,7 @@ class PoolCore(Generic[C]):
             return self.lifecycle
         if self.circuit_open:
             return PoolState.UNAVAILABLE
-        if self.steps and len(self.conns) < self.min_size:
+        if self.probing and len(self.conns) < self.min_size:
             return PoolState.DEGRADED
         return PoolState.READY
 
@@ -1340,6 +1373,7 @@ class PoolCore(Generic[C]):
                 assert 0 <= rec.cap <= self.max_streams, rec
         for rec in self.idle:
             assert self.conns.get(rec.id) is rec, "idle record not in the pool"
+        assert self.steps or not self.probing, "probing with no failure counted"
         if self.mux:
             assert all(self.conns.get(r.id) is r for r in self.mux_conns)
             assert len(self.mux_conns) == len(self.conns)
