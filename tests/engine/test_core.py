@@ -82,6 +82,69 @@ def test_accept_then_close_handshakes_are_one_wave_then_one_per_backoff_step(see
     assert sim.core.state is not PoolState.READY
 
 
+@pytest.mark.parametrize("hang_up", [0.003, 0.05])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_server_closing_ms_after_answering_a_ping_draws_few_handshakes(
+    hang_up: float, seed: int
+) -> None:
+    """63 warm connections, then the server restarts into closing each connection 3 or 50 ms
+    after the upgrade: after the immediate ping has answered. A ping answer is not proof (only
+    min_healthy or a clean lease end is), so each loss is a failed connect and the probe of each
+    backoff step holds every other connect until it proves or dies: <= 40 in 5 s (it was
+    750-1,170 at 3 ms and 540-570 at 50 ms when a ping answer reset the failure count)."""
+    sim = Sim(cfg(min_size=63, max_size=63), seed=seed)
+    sim.start()
+    sim.run_until(3.0)  # warm and proven (min_healthy 2 s)
+    assert len(sim.core.conns) == 63
+    sim.provider.hang_up = hang_up
+    for conn in list(sim.conns):
+        sim.kill(conn)
+    before = len(sim.connects)
+    sim.run_until(8.0)
+    drawn = len(sim.connects) - before
+    assert drawn <= 40, drawn
+    assert sim.core.steps >= 2  # the failure count kept growing through the answered pings
+    pinged = sum(1 for a in sim.actions[before:] if isinstance(a, Ping))
+    assert pinged >= 1
+
+
+def test_server_closing_3ms_after_the_upgrade_from_boot_draws_few_handshakes() -> None:
+    """From boot: the first warm-up wave's ping answers (7 ms) before its loss (8 ms), so a
+    second wave is drawn; then one probe per backoff step: <= 40 in 5 s (it was 865-990)."""
+    for seed in (1, 2, 3):
+        sim = Sim(cfg(min_size=63, max_size=63), provider=Provider(hang_up=0.003), seed=seed)
+        sim.start()
+        sim.run_until(5.0)
+        assert len(sim.connects) <= 40, (seed, len(sim.connects))
+        assert sim.core.state is not PoolState.READY
+
+
+def test_a_ping_answer_does_not_prove_a_young_connection() -> None:
+    """A young connection that answered its ping and is lost within min_healthy is a failed
+    connect; one that survives min_healthy resets the failure count."""
+    sim = Sim(cfg(min_size=1, max_size=1), seed=1)
+    sim.start()
+    sim.run_until(0.1)
+    (first,) = sim.core.conns.values()
+    assert not first.proven
+    sim.kill(sim.conns[-1])  # young: a failure
+    assert sim.core.steps == 1
+    sim.run_until(sim.core.retry_at + 0.02)  # the probe connected and answered its ping
+    assert len(sim.core.conns) == 1
+    assert sim.core.ping_rtt is not None
+    probe = sim.core.conns[max(sim.core.conns)]
+    assert not probe.proven
+    assert sim.core.steps == 1
+    assert sim.core.state is PoolState.READY  # it answers: not DEGRADED, though unproven
+    sim.kill(sim.conns[-1])  # lost after its ping answered, within min_healthy
+    assert sim.core.steps == 2
+    assert sim.core.n_connect_failures == 2
+    sim.run_until(sim.core.retry_at + 0.02)
+    sim.run_until(sim.now + sim.settings.min_healthy)
+    assert sim.core.steps == 0  # survived min_healthy: proven
+    assert sim.core.state is PoolState.READY
+
+
 def test_zero_stream_http2_server_is_a_failed_connect() -> None:
     """MAX_CONCURRENT_STREAMS 0: at most 20 handshakes in 5 s, none kept."""
     sim = Sim(
