@@ -354,10 +354,15 @@ async def main(args: argparse.Namespace) -> None:
                 return [c.first_turn for c in ctl.since(t0, t1) if c.first_turn and not c.error]
 
             held: list[int] = []  # standby connections (members not active), sampled
+            steady: list[int] = []  # the same, in normal traffic only (phase 2, between rounds)
+            in_steady = [True]
 
             async def sample_standbys() -> None:
                 for _ in range(20_000):  # bounded: every 50 ms, cancelled at the end of phase 5
-                    held.append(sum(p.stats().size for p in group.members if p is not group.active))
+                    n = sum(p.stats().size for p in group.members if p is not group.active)
+                    held.append(n)
+                    if in_steady[0]:
+                        steady.append(n)
                     await asyncio.sleep(0.05)
 
             sampler = asyncio.get_running_loop().create_task(sample_standbys())
@@ -396,6 +401,7 @@ async def main(args: argparse.Namespace) -> None:
                 in_flight = [c for c in traffic.calls if c.member == "asr_near" and c.first_turn]
                 in_flight = [c for c in in_flight if c.started > time.perf_counter() - args.hold]
                 n_switch = len(switches.seen)
+                in_steady[0] = False
                 t_crash, t_dead = await near_region.crash()  # its first and last reset
                 async with asyncio.timeout(5):
                     while len(switches.seen) == n_switch:
@@ -504,6 +510,7 @@ async def main(args: argparse.Namespace) -> None:
                     f" (down to its floor {shrunk_after or float('nan'):.1f} s after the"
                     f" fail-back; calls hold {args.hold} s)"
                 )
+                in_steady[0] = True
                 await asyncio.sleep(args.hold)  # the next round starts with calls on the primary
 
             group_p99_ratio = pct(outage_group, 0.99) / pct(outage_control, 0.99)
@@ -527,6 +534,7 @@ async def main(args: argparse.Namespace) -> None:
 
             # -- 5. flapping ----------------------------------------------------------------------
             n_switch = len(switches.seen)
+            in_steady[0] = False
             for _ in range(3):
                 await near_region.crash()
                 await asyncio.sleep(2.0)
@@ -542,9 +550,12 @@ async def main(args: argparse.Namespace) -> None:
             sampler.cancel()
             print(
                 f"   over the run: {len(traffic.calls)} calls, failovers {group.failovers},"
-                f" fail-backs {group.failbacks}; standby connections held on average"
-                f" {statistics.fmean(held):.1f} (max {max(held)}, {len(held)} samples;"
-                f" standby {args.standby}, standby_min {args.standby_min})"
+                f" fail-backs {group.failbacks}; standby connections held (standby"
+                f" {args.standby}, standby_min {args.standby_min}): in normal traffic (phase 2,"
+                f" and between rounds once shrunk) mean {statistics.fmean(steady):.1f} max"
+                f" {max(steady)} ({len(steady)} samples); over the whole run (with the old"
+                f" active's leased sockets after each fail-back) mean {statistics.fmean(held):.1f}"
+                f" max {max(held)}"
             )
 
         # -- 6. the framework-style fallback, same outage ------------------------------------------

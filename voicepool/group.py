@@ -43,7 +43,7 @@ ping, and the fail-back timer):
   quantile of the pool's settings) fed with the group's lease arrivals, and once a second
   (:meth:`PoolGroup._size_standbys`) each standby's floor is set to
   ``max(standby_min, quantile(rate x its connect time))`` within its ``max_size``. It grows at
-  once and shrinks by one connection per ``_STANDBY_WINDOW`` (10 s) at most, so it does not
+  once and shrinks by one connection per ``_STANDBY_WINDOW`` (20 s) at most, so it does not
   oscillate; idle, it comes down to ``standby_min``, the hard minimum. ``standby = "fixed"``:
   ``standby_min`` exactly (size it by hand to the arrivals within a connect time).
 
@@ -89,7 +89,7 @@ _TRIM_EVERY = 0.5  # seconds between closes of standby connections that came bac
 _SIZE_EVERY = 1.0  # seconds between updates of the adaptive standby floors (the estimator's bucket)
 # The estimators' time constant: a standby must be sized for the traffic of the last seconds (a
 # failover can come minutes after a worker boots, or seconds), and spares fall by one per window.
-_STANDBY_WINDOW = 10.0
+_STANDBY_WINDOW = 20.0
 _STANDBY_MODES = ("adaptive", "fixed")
 
 
