@@ -27,6 +27,12 @@ Shrinking (:meth:`surplus`) retires one idle connection at a time, the least rec
 only one that has been idle for a tenth of the window, and never below the floor: a connection
 released a moment ago is the one the next call takes.
 
+A group's standbys (``voicepool.group``, ``standby = "adaptive"``) reuse this estimator without a
+core: the group feeds its own lease count to :meth:`AdaptiveWarm.observe` once a second and the
+standby's connects to :meth:`AdaptiveWarm.connected`, with ``slack=0`` (a standby that takes over
+grows at once, no tick to wait for) and ``bursts=False`` (the burst count is per whole bucket,
+several times a standby's horizon), and keeps :attr:`AdaptiveWarm.spares` warm.
+
 Default: ``warm = "fixed"``, decided from ``benchmarks/warm_floor.py``. On a simulated day (peak
 50 calls, bursts of 10; measured on day two) adaptive keeps 66-72% fewer idle socket-seconds at
 the same handshake-wait share as fixed sized for the peak (0-0.07%, every wait at ``max_size``),
