@@ -22,13 +22,16 @@ import asyncio
 import contextlib
 import ssl
 import weakref
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from voicepool.adapter import Adapter, LeaseMode, get_adapter
 from voicepool.errors import ConnectError
+
+if TYPE_CHECKING:
+    from aiohttp.client_proto import ResponseHandler
 
 # Relative imports: mypy cannot map the repo folder adapters/ to voicepool.adapters, and
 # a relative import resolves to the installed package at run time (hence the noqa).
@@ -203,6 +206,9 @@ class AiohttpWebSocketAdapter(Adapter[aiohttp.ClientWebSocketResponse]):
         """The provider's goodbye (if open), its own close when it sends one, the closing
         handshake, then the socket's session; bounded by ``close_timeout``. Never raises."""
         session = self._sessions.pop(conn, None)
+        # Taken before the close releases the connection (and with it the protocol).
+        connection = conn._response.connection
+        proto = connection.protocol if connection is not None else None
         try:
             async with asyncio.timeout(self.endpoint.options.close_timeout):
                 if not conn.closed:
@@ -224,6 +230,8 @@ class AiohttpWebSocketAdapter(Adapter[aiohttp.ClientWebSocketResponse]):
         finally:
             if session is not None:
                 await asyncio.shield(session.close())
+            if proto is not None:
+                await _until_lost(proto, self.endpoint.options.close_timeout)
 
     def is_fatal(self, exc: BaseException) -> bool:
         return self.endpoint.is_fatal(exc)
@@ -233,3 +241,21 @@ class AiohttpWebSocketAdapter(Adapter[aiohttp.ClientWebSocketResponse]):
 
     def __repr__(self) -> str:
         return f"<{self.describe()}>"
+
+
+async def _until_lost(proto: ResponseHandler, timeout: float) -> None:
+    """Wait until the TCP connection under ``proto`` is gone; abort it after ``timeout`` or when
+    cancelled. aiohttp returns from a WebSocket's close (and its session's) while a TLS transport
+    still exchanges close_notify with the server: a loop closed meanwhile (a test's, a worker's at
+    exit) keeps that socket open until a garbage collection finds it (a ResourceWarning)."""
+    closed = proto.closed
+    if closed is None or closed.done():
+        return
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(closed)
+    except TimeoutError:
+        proto.abort()
+    except BaseException:  # cancelled: nothing is left open either
+        proto.abort()
+        raise
