@@ -88,7 +88,11 @@ async def test_pool_survives_nginx_keepalive_timeout(
     _, url = front
     # nginx applies keepalive_timeout once a connection has served a request (before that,
     # client_header_timeout): the warm-up request makes every connection count.
-    pool = await make_pool(url, settings(min_size=2, max_size=2), warmup_path="/v1/models")
+    # min_healthy under the keepalive: a connection nginx closes 1 s after it opened is, for
+    # the pool, a hang-up 1 s after the upgrade (a failed connect) unless it proved itself.
+    pool = await make_pool(
+        url, settings(min_size=2, max_size=2, min_healthy=KEEPALIVE / 2), warmup_path="/v1/models"
+    )
     async with httpx.AsyncClient(transport=PooledTransport(pool)) as http:
         assert "data: [DONE]" in await _stream(http, url)
         # Left idle, nginx closes both connections after its keepalive timeout; the pool hears

@@ -484,7 +484,8 @@ class PoolCore(Generic[C]):
         self.by_conn[id(conn)] = rec
         if self.circuit_open:
             self.circuit_open = False  # the probe's first success closes the circuit
-        # Unproven until it survives min_healthy or a lease ends cleanly.
+        # Unproven until it survives min_healthy, answers a ping a whole ping period after it
+        # opened, or a lease ends cleanly (not on the immediate ping's answer).
         self._young.append(rec)
         self._at(min(self._health_due, now + s.min_healthy))
         if self.mux:
@@ -556,7 +557,9 @@ class PoolCore(Generic[C]):
             rtt if self.ping_rtt is None else self.ping_rtt + _RTT_WEIGHT * (rtt - self.ping_rtt)
         )
         rec.next_ping = now + rec.ping_period
-        if now - rec.created >= self.settings.min_healthy:
+        if now - rec.created >= min(self.settings.min_healthy, rec.ping_period):
+            # It lived min_healthy, or a whole ping period (a provider closing idle sockets
+            # within min_healthy shrinks the period: its recycled sockets are not failures).
             self._prove(rec, now)
         else:
             # A young connection answered: the provider is up again (not DEGRADED, waiters
@@ -787,7 +790,6 @@ class PoolCore(Generic[C]):
             return
         rec.proven = True
         self.probing = False
-        self.circuit_open = False  # (opened while it was young: no probe runs to close it)
         if self.steps:
             self.steps = 0
             self._step_at = -math.inf
