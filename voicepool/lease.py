@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from asyncio import _get_running_loop
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 C = TypeVar("C")
 
-_NEW, _HELD, _RELEASED = 0, 1, 2
+_NEW, _HELD, _RELEASED, _DISCARDED = 0, 1, 2, 3  # _DISCARDED: held, discard() called
 _IDLE, _IN_USE = ConnState.IDLE, ConnState.IN_USE  # module constants: no enum lookups per call
 
 
@@ -38,37 +39,44 @@ class Lease(Generic[C]):
     """
 
     __slots__ = (
-        "_conn",
         "_discard",
         "_leak",
         "_pool",
         "_rec",
+        "_sid",
         "_state",
         "_t0",
         "_timeout",
-        "stream_id",
     )
 
     _rec: ConnRecord[C]
-    _conn: C
     _t0: float
     _leak: asyncio.TimerHandle | None
+    _discard: str
 
     def __init__(self, pool: Pool[C], timeout: float | None) -> None:
-        # Only what __aexit__ reads unconditionally is set here (this is the hot path); _rec,
-        # _conn and _t0 are set by the acquire, _leak only by leak watching.
+        # Only what every exit reads is set here (this is the hot path); _rec and _t0 are set by
+        # the acquire, _sid only on MULTIPLEXED, _leak only by leak watching, _discard only by
+        # discard().
         self._pool = pool
         self._timeout = timeout
         self._state = _NEW
-        self._discard: str | None = None
-        self.stream_id: int | None = None
+
+    @property
+    def stream_id(self) -> int | None:
+        """The stream of a MULTIPLEXED lease while it is held (its id on the connection), else
+        None."""
+        try:
+            return self._sid
+        except AttributeError:
+            return None
 
     @property
     def conn(self) -> C:
         """The leased connection. Raises LeaseReleased outside the ``async with`` block."""
-        if self._state != _HELD:
+        if self._state != _HELD and self._state != _DISCARDED:
             raise LeaseReleased(f"lease of pool {self._pool.name!r} is not held")
-        return self._conn
+        return self._rec.conn
 
     @property
     def pool(self) -> Pool[C]:
@@ -83,9 +91,10 @@ class Lease(Generic[C]):
 
         Takes effect when the block exits. Raises LeaseReleased if the lease is not held.
         """
-        if self._state != _HELD:
+        if self._state != _HELD and self._state != _DISCARDED:
             raise LeaseReleased(f"lease of pool {self._pool.name!r} is not held")
         self._discard = reason
+        self._state = _DISCARDED
 
     async def __aenter__(self) -> Lease[C]:
         if self._state:
@@ -94,19 +103,25 @@ class Lease(Generic[C]):
         # The common case, inlined (this is the hot path: every call-level function call costs
         # tens of ns here): an EXCLUSIVE / SINGLE_USE pool whose newest idle connection is open,
         # used from the loop it was started on. Anything else goes through the core.
-        if pool._simple:
-            idle = pool._idle
-            if idle:
+        idle = pool._idle
+        if idle and _get_running_loop() is pool._loop:
+            if pool._fast:  # no observers, the base is_open: nothing to ask before lending
+                rec = idle.pop()
+                rec.state = _IN_USE
+                self._rec = rec
+                pool._core.n_acquired += 1
+                self._state = _HELD
+                return self
+            if pool._simple:
                 rec = idle[-1]
-                conn = rec.conn
                 check = pool._check_open  # None when the adapter keeps the base is_open
-                if (check is None or check(conn)) and _get_running_loop() is pool._loop:
+                if check is None or check(rec.conn):
                     idle.pop()
                     rec.state = _IN_USE
                     self._rec = rec
-                    self._conn = conn
                     if pool._observers:  # (hold times are for observers only)
-                        self._t0 = pool._clock()
+                        clock = pool._clock
+                        self._t0 = clock()
                     pool._core.n_acquired += 1
                     self._state = _HELD
                     return self
@@ -114,51 +129,87 @@ class Lease(Generic[C]):
         self._state = _HELD
         return self
 
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
-        if self._state != _HELD:
+    ) -> Awaitable[None]:
+        # Not a coroutine function: a clean EXCLUSIVE release that completes at once (the common
+        # case) does its bookkeeping here and returns the pool's already-completed future, so it
+        # costs no coroutine. Everything else returns the coroutine that does the rest.
+        if exc_type is None and self._state == _HELD:
+            pool = self._pool
+            if pool._plain:  # EXCLUSIVE, no leak watching or acquire tracing
+                rec = self._rec
+                clock = pool._clock  # (an attribute, then a call: LOAD_METHOD on it is slow)
+                now = clock()
+                if pool._observers:
+                    pool._record_use(self, now)
+                rec.last_used = now
+                reset = pool._reset
+                if reset is not None:
+                    # A reset that completes without suspending (the base no-op is None above; an
+                    # override that awaits nothing) costs no task and no timer: driven once here
+                    # (a `for` over its awaitable: no StopIteration is raised when it returns);
+                    # only one that really waits goes to the pool under its timeout.
+                    self._state = _RELEASED
+                    coro = reset(rec.conn)
+                    try:
+                        for first in coro.__await__():
+                            return pool._finish_reset(rec, coro, first)
+                    except Exception as err:
+                        pool._reset_failed(rec, now, err)
+                        return pool._done
+                    check = pool._check_open
+                    if check is not None and not check(rec.conn):
+                        pool._reset_failed(rec, now, ConnectionError("closed by its reset"))
+                        return pool._done
+                if rec.expires > now and not pool._waiters.count:
+                    # Back to idle, nobody waiting: what core.released would do, without its
+                    # actions. (A closing pool has expired every connection: those go through
+                    # the core.)
+                    self._state = _RELEASED
+                    rec.state = _IDLE
+                    pool._idle.append(rec)
+                    return pool._done
+                self._state = _RELEASED
+                pool._apply(pool._core.released(rec, now, "ok"))
+                return pool._done
+        return self._exit(exc_type, exc)
+
+    async def _exit(self, exc_type: type[BaseException] | None, exc: BaseException | None) -> None:
+        """The release :meth:`__aexit__` does not complete itself: an error, a discard, another
+        lease mode, leak watching. Cancellation-safe (the bookkeeping runs in ``finally``)."""
+        state = self._state
+        if state != _HELD and state != _DISCARDED:
             return
         self._state = _RELEASED
         pool = self._pool
         if pool._instrumented and self._leak is not None:
             self._leak.cancel()
-        if exc_type is not None or self._discard is not None or not pool._exclusive:
-            await pool._release_slow(self, exc)
+        reason = self._discard if state == _DISCARDED else None
+        if exc_type is not None or reason is not None or not pool._exclusive:
+            await pool._release_slow(self, exc, reason)
             return
-        # A clean EXCLUSIVE release, inlined. A reset that completes without suspending (the
-        # base no-op, or an override that awaits nothing) costs no task and no timer: it is driven
-        # once here; only one that really waits goes to the pool under its timeout.
+        # A clean EXCLUSIVE release of an instrumented pool.
         rec = self._rec
         now = pool._clock()
         if pool._observers:
-            pool._record_use(now - self._t0)
-        rec.last_used = now
+            pool._record_use(self, now)
         reset = pool._reset
         if reset is not None:
-            coro = reset(self._conn)
+            coro = reset(rec.conn)
             try:
-                first = coro.send(None)
-            except StopIteration:
-                pass
+                for first in coro.__await__():
+                    await pool._finish_reset(rec, coro, first)
+                    return
             except Exception as err:
                 pool._reset_failed(rec, now, err)
                 return
-            else:
-                await pool._finish_reset(rec, coro, first)
-                return
-            if not pool._is_open(self._conn):
+            if not pool._is_open(rec.conn):
                 pool._reset_failed(rec, now, ConnectionError("closed by its reset"))
                 return
-        if rec.expires > now and not pool._waiters.count:
-            # Back to idle, nobody waiting: what core.released would do, without its actions.
-            # (A closing pool has expired every connection: those go through the core.)
-            rec.state = _IDLE
-            pool._idle.append(rec)
-            return
         pool._apply(pool._core.released(rec, now, "ok"))
 
     async def release(self, error: BaseException | None = None) -> None:
@@ -171,6 +222,6 @@ class Lease(Generic[C]):
         await self.__aexit__(None if error is None else type(error), error, None)
 
     def __repr__(self) -> str:
-        state = ("new", "held", "released")[self._state]
+        state = ("new", "held", "released", "held, discarded")[self._state]
         sid = f" stream={self.stream_id}" if self.stream_id is not None else ""
         return f"<Lease pool={self._pool.name!r} {state}{sid}>"

@@ -17,7 +17,7 @@ import math
 import random
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from voicepool._engine import calls
@@ -62,6 +62,17 @@ log = get_logger("voicepool.pool")
 
 _MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
 _FLUSH_EVERY = 1.0  # seconds between hand-offs of buffered hold times to observers
+
+
+class _NotStarted:
+    """Stands for the pool's finished future before start(): nothing awaits it then."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+_DONE: Any = _NotStarted()
 
 
 class Pool(Generic[C]):
@@ -119,9 +130,11 @@ class Pool(Generic[C]):
         self._check_open = None if type(adapter).is_open is Adapter.is_open else adapter.is_open
         self._leak_threshold = s.leak_threshold
         self._instrumented = s.leak_threshold is not None or s.trace_acquire
-        # Lease inlines the idle hit for these, and the clean EXCLUSIVE release.
+        # Lease inlines the idle hit for these, and the clean EXCLUSIVE release for _plain.
         self._simple = not self._mux and not self._instrumented
         self._exclusive = resolved.lease_mode is LeaseMode.EXCLUSIVE
+        self._plain = self._exclusive and not self._instrumented
+        self._fast = False  # _simple, the base is_open and no observers (see _refresh_fast)
         # None for the base no-op reset: the clean release then calls nothing at all.
         self._reset: Callable[[C], Coroutine[Any, Any, None]] | None = (
             None if type(adapter).reset is Adapter.reset else adapter.reset
@@ -136,6 +149,9 @@ class Pool(Generic[C]):
         self._work: set[asyncio.Task[Any]] = set()  # connects and pings
         self._closers: set[asyncio.Task[Any]] = set()
         self._warmed: asyncio.Future[None] | None = None
+        # What a release that completed synchronously returns to ``async with`` (set at start):
+        # awaiting a finished future costs no coroutine and never suspends.
+        self._done: asyncio.Future[None] = _DONE
         self._drained: asyncio.Event | None = None
         self._close_task: asyncio.Task[None] | None = None
         self._hard_close: asyncio.Event | None = None
@@ -143,6 +159,12 @@ class Pool(Generic[C]):
         self._flushed = (0, 0)  # (acquired, waited) at the last observer flush
         self._flush_at = 0.0
         self._observers: list[PoolObserver] = [*observers_for(self), *observers]
+        self._refresh_fast()
+
+    def _refresh_fast(self) -> None:
+        """Whether Lease may lend an idle connection without asking anything (no is_open to
+        call, no start time for observers): recomputed when observers come and go."""
+        self._fast = self._simple and self._check_open is None and not self._observers
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -185,6 +207,8 @@ class Pool(Generic[C]):
         # per watching pool (the SIP engine), and a pool built but never started must not pin them.
         self.adapter.watch(self._on_conn_changed)
         self._warmed = loop.create_future()
+        self._done = loop.create_future()
+        self._done.set_result(None)
         self._flush_at = self._clock() + _FLUSH_EVERY
         try:
             # Warm-up connects belong to the caller's trace (the boot span); the timer's work
@@ -317,11 +341,13 @@ class Pool(Generic[C]):
         """Attach ``observer`` (a :class:`voicepool._engine.observer.PoolObserver`) from now on."""
         if observer not in self._observers:
             self._observers.append(observer)
+            self._refresh_fast()
 
     def remove_observer(self, observer: PoolObserver) -> None:
         """Detach an observer added with :meth:`add_observer`; unknown ones are ignored."""
         if observer in self._observers:
             self._observers.remove(observer)
+            self._refresh_fast()
 
     def __repr__(self) -> str:
         core = self._core
@@ -405,8 +431,8 @@ class Pool(Generic[C]):
 
     def _lend(self, lease: Lease[C], rec: ConnRecord[C], sid: int | None, now: float) -> None:
         lease._rec = rec
-        lease._conn = rec.conn
-        lease.stream_id = sid
+        if sid is not None:
+            lease._sid = sid
         lease._t0 = now
 
     async def _acquire_instrumented(self, lease: Lease[C]) -> None:
@@ -443,10 +469,14 @@ class Pool(Generic[C]):
 
     # -- release (the part Lease does not inline) ------------------------------------------------
 
-    def _record_use(self, held: float) -> None:
-        """Buffer a lease hold time for observers (bounded; flushed by the timer)."""
+    def _record_use(self, lease: Lease[C], now: float) -> None:
+        """Buffer a lease hold time for observers (bounded; flushed by the timer). A lease taken
+        before the first observer was added has no start time: it is not counted."""
         if len(self._use_times) < _MAX_BUFFERED:
-            self._use_times.append(held)
+            try:
+                self._use_times.append(now - lease._t0)
+            except AttributeError:
+                pass
 
     async def _finish_reset(
         self, rec: ConnRecord[C], coro: Coroutine[Any, Any, None], first: Any
@@ -469,14 +499,16 @@ class Pool(Generic[C]):
         log.debug("pool %s: reset failed: %r", self.name, err, extra=self._extra)
         self._apply(self._core.released(rec, now, "reset_failed"))
 
-    async def _release_slow(self, lease: Lease[C], exc: BaseException | None) -> None:
-        """Release with a discard, an error, single use, or a stream to end (no clean EXCLUSIVE
-        release comes here: Lease does those). Cancellation-safe (bookkeeping in ``finally``)."""
+    async def _release_slow(
+        self, lease: Lease[C], exc: BaseException | None, reason: str | None
+    ) -> None:
+        """Release with a discard (``reason``), an error, single use, or a stream to end (no
+        clean EXCLUSIVE release comes here: Lease does those). Cancellation-safe (bookkeeping in
+        ``finally``)."""
         rec = lease._rec
-        reason = lease._discard
         now = self._clock()
         if self._observers:
-            self._record_use(now - lease._t0)
+            self._record_use(lease, now)
         if self._mux:
             await self._release_stream(lease, rec, exc, reason)
             return
