@@ -7,7 +7,7 @@ class is deliberately plain (``__slots__``, no ``contextlib`` wrapper): it is th
 from __future__ import annotations
 
 import asyncio
-from asyncio import _get_running_loop
+from threading import get_ident as _get_ident
 from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -23,6 +23,7 @@ C = TypeVar("C")
 
 _NEW, _HELD, _RELEASED, _DISCARDED = 0, 1, 2, 3  # _DISCARDED: held, discard() called
 _IDLE, _IN_USE = ConnState.IDLE, ConnState.IN_USE  # module constants: no enum lookups per call
+_MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
 
 
 class Lease(Generic[C]):
@@ -104,8 +105,11 @@ class Lease(Generic[C]):
         # tens of ns here): an EXCLUSIVE / SINGLE_USE pool whose newest idle connection is open,
         # used from the loop it was started on. Anything else goes through the core.
         idle = pool._idle
-        if idle and _get_running_loop() is pool._loop:
-            if pool._fast:  # no observers, the base is_open: nothing to ask before lending
+        # "Used from the loop it was started on", without asking asyncio for the running loop
+        # (that reads getpid(), a system call, on every call): a BaseEventLoop records the thread
+        # that runs it, and only one loop runs in a thread at a time (Pool._owner).
+        if idle and pool._owner._thread_id == _get_ident():
+            if pool._fast:  # EXCLUSIVE / SINGLE_USE, the base is_open, no observers
                 rec = idle.pop()
                 rec.state = _IN_USE
                 self._rec = rec
@@ -140,12 +144,30 @@ class Lease(Generic[C]):
         # costs no coroutine. Everything else returns the coroutine that does the rest.
         if exc_type is None and self._state == _HELD:
             pool = self._pool
-            if pool._plain:  # EXCLUSIVE, no leak watching or acquire tracing
+            if pool._bare:  # _plain, no observers, the base reset
                 rec = self._rec
                 clock = pool._clock  # (an attribute, then a call: LOAD_METHOD on it is slow)
                 now = clock()
+                rec.last_used = now
+                if rec.expires > now and not pool._waiters.count:
+                    self._state = _RELEASED
+                    rec.state = _IDLE
+                    pool._idle.append(rec)
+                    return pool._done
+                self._state = _RELEASED
+                pool._apply(pool._core.released(rec, now, "ok"))
+                return pool._done
+            if pool._plain:  # EXCLUSIVE, no leak watching or acquire tracing
+                rec = self._rec
+                clock = pool._clock
+                now = clock()
                 if pool._observers:
-                    pool._record_use(self, now)
+                    uses = pool._use_times
+                    if len(uses) < _MAX_BUFFERED:
+                        try:
+                            uses.append(now - self._t0)
+                        except AttributeError:  # taken before the first observer came
+                            pass
                 rec.last_used = now
                 reset = pool._reset
                 if reset is not None:

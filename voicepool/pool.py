@@ -15,6 +15,7 @@ import asyncio
 import contextvars
 import math
 import random
+import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
@@ -49,7 +50,7 @@ from voicepool.errors import (
     PoolUnavailable,
     VoicepoolError,
 )
-from voicepool.lease import _HELD, Lease
+from voicepool.lease import _HELD, _MAX_BUFFERED, _NEW, Lease
 from voicepool.pool_settings import PoolSettings
 
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ __all__ = ["Pool", "PoolState", "PoolStats"]
 C = TypeVar("C")
 log = get_logger("voicepool.pool")
 
-_MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
 _FLUSH_EVERY = 1.0  # seconds between hand-offs of buffered hold times to observers
 
 
@@ -73,6 +73,22 @@ class _NotStarted:
 
 
 _DONE: Any = _NotStarted()
+
+
+class _RunningCheck:
+    """Pool._owner for a loop that does not record its thread (uvloop): ``_thread_id`` is the
+    caller's thread when ``loop`` is the running loop, else None."""
+
+    __slots__ = ("loop",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.loop = loop
+
+    @property
+    def _thread_id(self) -> int | None:
+        running = asyncio._get_running_loop()
+        return threading.get_ident() if running is not None and running is self.loop else None
+_new = object.__new__
 
 
 class Pool(Generic[C]):
@@ -135,6 +151,7 @@ class Pool(Generic[C]):
         self._exclusive = resolved.lease_mode is LeaseMode.EXCLUSIVE
         self._plain = self._exclusive and not self._instrumented
         self._fast = False  # _simple, the base is_open and no observers (see _refresh_fast)
+        self._bare = False  # _plain, the base reset and no observers
         # None for the base no-op reset: the clean release then calls nothing at all.
         self._reset: Callable[[C], Coroutine[Any, Any, None]] | None = (
             None if type(adapter).reset is Adapter.reset else adapter.reset
@@ -149,6 +166,8 @@ class Pool(Generic[C]):
         self._work: set[asyncio.Task[Any]] = set()  # connects and pings
         self._closers: set[asyncio.Task[Any]] = set()
         self._warmed: asyncio.Future[None] | None = None
+        # The loop that Lease compares thread ids with (see Lease.__aenter__): none until start.
+        self._owner: Any = _RunningCheck(None)
         # What a release that completed synchronously returns to ``async with`` (set at start):
         # awaiting a finished future costs no coroutine and never suspends.
         self._done: asyncio.Future[None] = _DONE
@@ -165,6 +184,7 @@ class Pool(Generic[C]):
         """Whether Lease may lend an idle connection without asking anything (no is_open to
         call, no start time for observers): recomputed when observers come and go."""
         self._fast = self._simple and self._check_open is None and not self._observers
+        self._bare = self._plain and self._reset is None and not self._observers
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -176,7 +196,13 @@ class Pool(Generic[C]):
         retry can come before the deadline), PoolClosed when closing, PoolLoopError from another
         event loop. Cancellation-safe at every await.
         """
-        return Lease(self, timeout)
+        # Lease(self, timeout), without the Python-level __init__ frame (the hot path: a third of
+        # the cost of building the lease); keep these three fields in step with Lease.__init__.
+        lease: Lease[C] = _new(Lease)
+        lease._pool = self
+        lease._timeout = timeout
+        lease._state = _NEW
+        return lease
 
     async def lease(self, timeout: float | None = None) -> Lease[C]:
         """Acquire without ``async with`` (frameworks whose connect and disconnect are separate
@@ -209,6 +235,7 @@ class Pool(Generic[C]):
         self._warmed = loop.create_future()
         self._done = loop.create_future()
         self._done.set_result(None)
+        self._owner = loop if isinstance(loop, asyncio.BaseEventLoop) else _RunningCheck(loop)
         self._flush_at = self._clock() + _FLUSH_EVERY
         try:
             # Warm-up connects belong to the caller's trace (the boot span); the timer's work
