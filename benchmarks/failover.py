@@ -1,25 +1,32 @@
 """A region outage under live traffic: a PoolGroup vs a framework-style fallback.
 
-    .venv/bin/python benchmarks/failover.py [--rate 25] [--hold 4] [--standby-min 4]
-                                            [--failback-after 3] [--seconds 4]
+    .venv/bin/python benchmarks/failover.py [--rate 25] [--hold 4] [--standby-min 10]
+                                            [--failback-after 3] [--seconds 4] [--rounds 5]
+                                            [--verbose]
 
 Two Deepgram emulators ("regions") behind FaultProxy at 20 and 60 ms round trip, Deepgram adapter
 pools (EXCLUSIVE, Finalize as the reset; ``--no-reuse``: SINGLE_USE spares), Poisson call
 arrivals at ``--rate`` a second, each call holding its stream ``--hold`` seconds (about rate x
 hold calls in flight). A call's first turn is acquire + one audio frame + its interim transcript.
-The regions (emulators and proxies) run in a child process, so their work does not share the
-clients' event loop, controlled over its stdin. The primary is killed by resetting every
-connection through its proxy and refusing new ones (what a crashed process looks like to a client).
+Each region (emulator + proxy) runs in a child process of its own, so its work does not share
+the clients' event loop. The primary crashes as a process does: it resets every socket at once
+(the listener too: new connections are refused by the kernel) and exits; it returns as a new
+process on the same port.
 
 Phases, one run, every loop bounded in count and time:
 
 1. ``lowest_rtt`` picks the 20 ms region (the smoothed ping round trips are printed).
 2. Normal traffic. All along, a control pool outside the group makes warm calls to the 60 ms
-   region at 10 a second: the "normal" each outage window is compared with (paired in time).
-3. Kill the primary mid-traffic (``--rounds`` times, each followed by 4.): calls in flight on it
-   fail (counted apart: their socket died); new calls: acquire wait (max after the circuit
-   opened, and for the first ones), failures, whether the first call on the standby paid a
-   handshake, first-turn p50/p99 and its ratio to the control's p99 in the same window.
+   region, Poisson at the same rate: the "normal" each outage window is compared with (paired in
+   time, under the same machine load, with as many samples: a p99 of ~100 samples is their
+   maximum, so fewer control samples would bias the ratio).
+3. Crash the primary mid-traffic (``--rounds`` times, each followed by 4.): calls in flight on it
+   fail (counted apart: their socket died); new calls (arrived after the last reset): acquire
+   wait (max after the circuit opened, and for the first ones), failures, whether the first call
+   on the standby paid a handshake, first-turn p50/p99 and the ratio of the p99 to the control's
+   in the same window. Calls that arrived during the resets themselves (the child resets ~200
+   sockets in 10-20 ms) are counted apart. At the end: the p99 ratio over every outage window
+   pooled (the headline: ~500 calls each side), the per-round ratios and their median.
 4. The primary returns: fail-back after ``failback_after`` of READY, the standby shrinks to
    ``standby_min``.
 5. Flapping: the primary goes down and up every 2 s, 3 times: failovers counted.
@@ -33,10 +40,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import os
 import random
 import re
+import socket
+import stat
 import statistics
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -56,77 +67,107 @@ KEY = "bench-key"
 class Call:
     started: float  # perf_counter at arrival
     wait: float = 0.0  # seconds in acquire
+    wait_cpu: float = 0.0  # CPU seconds of this thread in acquire (wait >> wait_cpu: descheduled)
+    queued: bool = False  # the acquire found nothing free and waited for a connection
+    fresh: bool = False  # the first lease of its connection (opened since the last call)
     first_turn: float = 0.0  # acquire + audio + interim result
     member: str = ""
     error: str = ""
 
 
-# -- the child process: both regions (emulator + proxy), killed and revived on command -----------
+# -- the regions: one child process each; a crash is a SIGKILL of the primary's process --------
 
 
-async def serve() -> None:
-    """Run the two regions; print their proxy ports; obey "kill" / "revive" lines on stdin."""
+async def serve(latency: float, port: int) -> None:
+    """Run one region (emulator + proxy on ``port``, 0: any); print the port; exit at stdin EOF."""
     async with (
-        DeepgramEmulator(api_key=KEY, idle_timeout=None) as em_near,
-        DeepgramEmulator(api_key=KEY, idle_timeout=None) as em_far,
-        FaultProxy("127.0.0.1", em_near.port, latency=0.010) as near_proxy,
-        FaultProxy("127.0.0.1", em_far.port, latency=0.030) as far_proxy,
+        DeepgramEmulator(api_key=KEY, idle_timeout=None) as emulator,
+        FaultProxy("127.0.0.1", emulator.port, latency=latency, listen_port=port) as proxy,
     ):
-        print(f"ports near={near_proxy.port} far={far_proxy.port}", flush=True)
+        print(f"port {proxy.port}", flush=True)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while line := (await reader.readline()).strip():
-            if line == b"kill":  # what a crashed process looks like: RSTs, then refusals
-                near_proxy.refuse(True)
-                await near_proxy.reset_all()
-            elif line == b"revive":
-                near_proxy.refuse(False)
-            print("ok", flush=True)
+        while line := await reader.readline():
+            if line.strip() == b"crash":
+                crash_now()
 
 
-class Regions:
-    """The parent's handle on the child process (stopped by its handle, never by name)."""
+def crash_now() -> None:
+    """Die as a crashed process does, all at once: RST every socket (the listener too, so new
+    connections are refused by the kernel), in one synchronous loop, then exit. Prints the
+    perf_counter (CLOCK_MONOTONIC, the parent's clock too) before and after the resets."""
+    t0 = time.perf_counter()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError, ValueError):
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+    print(f"crashed {t0:.9f} {time.perf_counter():.9f}", flush=True)
+    os._exit(0)
 
-    def __init__(self, proc: asyncio.subprocess.Process, near: int, far: int) -> None:
+
+class Region:
+    """One region's child process, stopped by its handle (PID), never by name.
+
+    :meth:`crash`: the process resets every socket in one synchronous loop and exits (see
+    :func:`crash_now`), as when a provider's process dies: its sockets go at once and its port
+    refuses new connections. (A reset through the proxy's transports, or a SIGKILL on this
+    loaded machine, leaves some sockets alive for 20-120 ms while the others are gone: calls
+    lent those meanwhile were in flight when they died, not new.) The crash instant is the
+    child's, measured on the shared monotonic clock.
+    """
+
+    def __init__(self, latency: float) -> None:
+        self.latency = latency
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Start the process (on the same port as before, if any) and wait until it listens."""
+        assert self.proc is None, "the region is running"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--serve",
+            str(self.latency),
+            str(self.port),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
         self.proc = proc
-        self.near_port = near
-        self.far_port = far
-
-    async def command(self, what: str) -> None:
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.write(f"{what}\n".encode())
-        await self.proc.stdin.drain()
-        async with asyncio.timeout(10):
-            assert (await self.proc.stdout.readline()).strip() == b"ok"
-
-    async def kill(self) -> None:
-        await self.command("kill")
-
-    async def revive(self) -> None:
-        await self.command("revive")
-
-
-@contextlib.asynccontextmanager
-async def regions() -> AsyncIterator[Regions]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        __file__,
-        "--serve",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    try:
         assert proc.stdout is not None
         async with asyncio.timeout(30):
             line = (await proc.stdout.readline()).decode()
-        found = re.search(r"near=(\d+) far=(\d+)", line)
+        found = re.search(r"port (\d+)", line)
         if found is None:
-            raise RuntimeError(f"regions did not start: {line!r}")
-        yield Regions(proc, int(found.group(1)), int(found.group(2)))
-    finally:
+            raise RuntimeError(f"region did not start: {line!r}")
+        self.port = int(found.group(1))
+
+    async def crash(self) -> tuple[float, float]:
+        """Crash the process; return the perf_counter before its first and after its last reset."""
+        proc, self.proc = self.proc, None
+        assert proc is not None
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.write(b"crash\n")
+        await proc.stdin.drain()
+        async with asyncio.timeout(10):
+            line = (await proc.stdout.readline()).decode()
+            await proc.wait()
+        found = re.search(r"crashed ([\d.]+) ([\d.]+)", line)
+        if found is None:
+            raise RuntimeError(f"region did not crash: {line!r}")
+        return float(found.group(1)), float(found.group(2))
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
         if proc.stdin is not None:
             proc.stdin.close()
         try:
@@ -137,6 +178,20 @@ async def regions() -> AsyncIterator[Regions]:
             await proc.wait()
 
 
+@contextlib.asynccontextmanager
+async def regions() -> AsyncIterator[tuple[Region, Region]]:
+    """The near (20 ms round trip) and far (60 ms) regions, started concurrently."""
+    near, far = Region(0.010), Region(0.030)
+    try:
+        await asyncio.gather(near.start(), far.start())
+        yield near, far
+    finally:
+        await asyncio.gather(near.stop(), far.stop())
+
+
+QUEUED: contextvars.ContextVar[bool] = contextvars.ContextVar("queued", default=False)
+
+
 class Switches(GroupObserver):
     def __init__(self) -> None:
         self.seen: list[tuple[float, str, str, str, bool]] = []
@@ -145,6 +200,9 @@ class Switches(GroupObserver):
     def on_switch(self, group: PoolGroup[Any], old: str, new: str, why: str, back: bool) -> None:
         self.seen.append((time.perf_counter(), old, new, why, back))
         self.changed.set()
+
+    def on_served(self, group: PoolGroup[Any], member: str, waited: float) -> None:
+        QUEUED.set(True)  # called in the caller's task: its own context
 
 
 async def turn(stream: DeepgramConnection) -> None:
@@ -163,7 +221,11 @@ class Traffic:
     """Poisson arrivals of calls, each run by ``call()``; bounded by ``stop()`` and a call cap."""
 
     def __init__(
-        self, rate: float, run: Callable[[Call], Coroutine[Any, Any, None]], cap: int
+        self,
+        rate: float,
+        run: Callable[[Call], Coroutine[Any, Any, None]],
+        cap: int,
+        seed: int = 7,
     ) -> None:
         self.rate = rate
         self.run = run
@@ -171,7 +233,7 @@ class Traffic:
         self.calls: list[Call] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
-        self._rng = random.Random(7)
+        self._rng = random.Random(seed)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -220,12 +282,12 @@ async def main(args: argparse.Namespace) -> None:
     telemetry.disable_default()
     switches = Switches()
     add_group_observer_factory(lambda group: switches)
-    async with regions() as region:
+    async with regions() as (near_region, far_region):
 
         def adapter(port: int) -> DeepgramAdapter:
             return DeepgramAdapter(url=f"ws://127.0.0.1:{port}", api_key=KEY, reuse=args.reuse)
 
-        near_port, far_port = region.near_port, region.far_port
+        near_port, far_port = near_region.port, far_region.port
 
         floor = None if args.reuse else args.spares  # EXCLUSIVE: the full warm floor
         near = Pool(adapter(near_port), settings(floor), name="asr_near")
@@ -257,39 +319,42 @@ async def main(args: argparse.Namespace) -> None:
                 f" while booting: {len(switches.seen)})"
             )
 
+            used: set[int] = set()  # ids of connections lent at least once
+
             async def group_call(call: Call) -> None:
                 try:
-                    t_acquire = time.perf_counter()
+                    t_acquire, cpu = time.perf_counter(), time.thread_time()
                     async with group.acquire() as lease:
                         call.wait = time.perf_counter() - t_acquire
+                        call.wait_cpu = time.thread_time() - cpu
+                        call.queued = QUEUED.get()
                         call.member = lease.pool.name
+                        call.fresh = id(lease.conn) not in used
+                        used.add(id(lease.conn))
                         await turn(lease.conn)
                         call.first_turn = time.perf_counter() - call.started
                         await asyncio.sleep(args.hold)
                 except Exception as exc:
-                    call.error = type(exc).__name__
+                    call.error = f"{type(exc).__name__}: {exc}"
 
-            # The control: warm calls to the far region on a pool outside the group, all along,
-            # so the outage's figures are compared with calls made under the same load.
-            control_turns: list[tuple[float, float]] = []
-            control_done = asyncio.Event()
-
-            async def control_calls() -> None:
-                for _ in range(3000):  # bounded: 10 a second for at most 5 minutes
-                    if control_done.is_set():
-                        return
-                    t0 = time.perf_counter()
+            # The control: warm calls to the far region on a pool outside the group, at the same
+            # rate, all along: each outage window is compared with calls made beside it, under
+            # the same load, with as many samples (a p99 of fewer samples is a smaller maximum).
+            async def control_call(call: Call) -> None:
+                try:
                     async with control.acquire() as lease:
                         await turn(lease.conn)
-                        control_turns.append((t0, time.perf_counter() - t0))
-                    await asyncio.sleep(0.1)
+                        call.first_turn = time.perf_counter() - call.started
+                except Exception as exc:
+                    call.error = f"{type(exc).__name__}: {exc}"
 
             def control_window(t0: float, t1: float) -> list[float]:
-                return [v for t, v in control_turns if t0 <= t < t1]
+                return [c.first_turn for c in ctl.since(t0, t1) if c.first_turn and not c.error]
 
+            ctl = Traffic(args.rate, control_call, cap=int(args.rate * 400), seed=11)
+            ctl.start()
             traffic = Traffic(args.rate, group_call, cap=int(args.rate * 300))
             traffic.start()
-            control_task = asyncio.get_running_loop().create_task(control_calls())
             t_normal = time.perf_counter()
             await asyncio.sleep(args.seconds)
             far_normal = control_window(t_normal, time.perf_counter())
@@ -303,57 +368,107 @@ async def main(args: argparse.Namespace) -> None:
             )
 
             ratios: list[float] = []
+            outage_group: list[float] = []
+            outage_control: list[float] = []
+            totals = {
+                "new": 0,
+                "failed": 0,
+                "slow_waits": 0,
+                "queued": 0,
+                "crashing": 0,
+                "crash_failed": 0,
+            }
+            fresh_turns: list[float] = []
+            reused_turns: list[float] = []
             for r in range(args.rounds):
-                # -- 3. kill the primary mid-traffic ----------------------------------------------
+                # -- 3. the primary crashes mid-traffic -------------------------------------------
                 in_flight = [c for c in traffic.calls if c.member == "asr_near" and c.first_turn]
                 in_flight = [c for c in in_flight if c.started > time.perf_counter() - args.hold]
-                far_connects = far.stats().connects
                 n_switch = len(switches.seen)
-                t_kill = time.perf_counter()
-                await region.kill()
+                t_crash, t_dead = await near_region.crash()  # its first and last reset
                 async with asyncio.timeout(5):
                     while len(switches.seen) == n_switch:
                         switches.changed.clear()
                         await switches.changed.wait()
                 t_open = switches.seen[n_switch][0]
                 await asyncio.sleep(args.seconds)
-                new = traffic.since(t_kill, t_kill + args.seconds)
+                window = traffic.since(t_crash, t_crash + args.seconds)
+                crashing = [c for c in window if c.started < t_dead]  # during the resets
+                new = [c for c in window if c.started >= t_dead]
                 after_open = [c for c in new if c.started >= t_open]
                 before_open = [c for c in new if c.started < t_open]
                 failed = [c for c in new if c.error]
-                first_far = next((c for c in after_open if c.member == "asr_far"), None)
-                turns = [c.first_turn for c in new if not c.error]
-                far_outage = control_window(t_kill, t_kill + args.seconds)
+                first_far = next(c for c in window if c.member == "asr_far" and c.first_turn)
+                turns = [c.first_turn for c in window if c.first_turn]
+                beside = control_window(t_crash, t_crash + args.seconds)
+                outage_group += turns
+                outage_control += beside
+                ratio = pct(turns, 0.99) / pct(beside, 0.99)
+                ratios.append(ratio)
+                slow_waits = sum(1 for c in after_open if c.wait > 0.001)
+                totals["new"] += len(new)
+                totals["failed"] += len(failed)
+                totals["slow_waits"] += slow_waits
+                totals["queued"] += sum(1 for c in after_open if c.wait > 0.001 and c.queued)
+                fresh_turns += [c.first_turn for c in window if c.first_turn and c.fresh]
+                reused_turns += [c.first_turn for c in window if c.first_turn and not c.fresh]
+                totals["crashing"] += len(crashing)
+                totals["crash_failed"] += sum(1 for c in crashing if c.error)
                 print(
-                    f"3.{r + 1} kill: failover {(t_open - t_kill) * 1e3:.1f} ms after the kill"
-                    f" ({switches.seen[n_switch][3]}); {len(in_flight)} calls in flight on the"
-                    f" primary lost their socket; new calls {len(new)}: failed {len(failed)},"
-                    f" max acquire wait after the circuit opened"
-                    f" {max((c.wait for c in after_open), default=0) * 1e3:.2f} ms"
-                    f" (p99 {pct([c.wait for c in after_open], 0.99):.2f} ms), before it"
-                    f" {max((c.wait for c in before_open), default=0) * 1e3:.1f} ms"
-                    f" ({len(before_open)} calls); waits > 1 ms after it:"
-                    f" {sum(1 for c in after_open if c.wait > 0.001)}"
+                    f"3.{r + 1} crash: failover {(t_open - t_crash) * 1e3:.1f} ms after the"
+                    f" crash ({switches.seen[n_switch][3]}); {len(in_flight)} calls in flight"
+                    f" on the primary lost their socket; new calls {len(new)}: failed"
+                    f" {len(failed)}; acquire wait after the circuit opened max"
+                    f" {max((c.wait for c in after_open), default=0) * 1e3:.2f} ms, > 1 ms:"
+                    f" {slow_waits} of {len(after_open)}; before it max"
+                    f" {max((c.wait for c in before_open), default=0) * 1e3:.2f} ms"
+                    f" ({len(before_open)} calls); during the resets"
+                    f" ({(t_dead - t_crash) * 1e3:.1f} ms) {len(crashing)} calls,"
+                    f" {sum(1 for c in crashing if c.error)} failed"
                 )
-                for c in failed:
-                    print(
-                        f"   failed: {c.error} {(c.started - t_open) * 1e3:+.1f} ms from the"
-                        f" failover, on {c.member or 'no lease'}"
-                    )
-                first_wait = first_far.wait if first_far else 0.0
+                for c in after_open:
+                    if c.wait > 0.001:
+                        print(
+                            f"   waited {c.wait * 1e3:.2f} ms"
+                            f" ({'queued for a connection' if c.queued else 'nothing queued'},"
+                            f" {c.wait_cpu * 1e3:.2f} ms of CPU: the rest the process was"
+                            f" descheduled or the loop ran others), started"
+                            f" {(c.started - t_crash) * 1e3:+.0f} ms from the crash"
+                        )
+                for c in [*crashing, *new]:
+                    if c.error:
+                        print(
+                            f"   failed: {c.error} (started {(c.started - t_crash) * 1e3:+.2f} ms"
+                            f" from the crash, on {c.member or 'no lease'})"
+                        )
                 print(
-                    f"   first call on the standby waited {first_wait * 1e3:.2f}"
-                    f" ms (a handshake is >= 2 x 60 ms); far connects before it: {far_connects};"
-                    f" first turn p50 {pct(turns, 0.5):.1f} ms p99 {pct(turns, 0.99):.1f} ms"
-                    f" = {pct(turns, 0.99) / pct(far_outage, 0.99):.2f}x the far region's warm p99"
-                    f" measured beside it ({pct(far_outage, 0.99):.1f} ms; before the outage"
-                    f" {pct(far_normal, 0.99):.1f} ms)"
+                    f"   first call on the standby: acquire {first_far.wait * 1e3:.2f} ms"
+                    f" ({'queued' if first_far.queued else 'not queued'},"
+                    f" {first_far.wait_cpu * 1e3:.2f} ms CPU; a handshake is >= 2 round trips ="
+                    f" 120 ms); first turn group p50"
+                    f" {pct(turns, 0.5):.1f} p99 {pct(turns, 0.99):.1f} ms ({len(turns)} calls),"
+                    f" warm control beside it p50 {pct(beside, 0.5):.1f} p99"
+                    f" {pct(beside, 0.99):.1f} ms ({len(beside)} calls): {ratio:.2f}x"
                 )
-                ratios.append(pct(turns, 0.99) / pct(far_outage, 0.99))
+                if args.verbose:
+                    for c in sorted(window, key=lambda c: -c.first_turn)[:5]:
+                        print(
+                            f"   slowest: {c.first_turn * 1e3:.1f} ms, started"
+                            f" {(c.started - t_crash) * 1e3:+.0f} ms from the crash, acquire"
+                            f" {c.wait * 1e3:.2f} ms on {c.member}; control calls > 80 ms"
+                            f" within 300 ms: "
+                            + str(
+                                [
+                                    round((k.started - c.started) * 1e3)
+                                    for k in ctl.since(c.started - 0.3, c.started + 0.3)
+                                    if k.first_turn > 0.08
+                                ]
+                            )
+                        )
 
                 # -- 4. fail-back -----------------------------------------------------------------
                 n_switch = len(switches.seen)
-                await region.revive()
+                await near_region.start()
                 t_back = time.perf_counter()
                 ready_at = None
                 async with asyncio.timeout(args.failback_after + 15):
@@ -380,21 +495,31 @@ async def main(args: argparse.Namespace) -> None:
                 )
                 await asyncio.sleep(args.hold)  # the next round starts with calls on the primary
 
-            group_p99_ratio = statistics.median(ratios)
+            group_p99_ratio = pct(outage_group, 0.99) / pct(outage_control, 0.99)
             print(
-                f"   group first-turn p99 during the outage / warm control p99 beside it, median"
-                f" of {args.rounds} rounds: {group_p99_ratio:.2f}x"
-                f" ({', '.join(f'{x:.2f}' for x in ratios)})"
+                f"   over {args.rounds} outages: {totals['new']} new calls, {totals['failed']}"
+                f" failed, {totals['slow_waits']} waited > 1 ms after the circuit opened"
+                f" ({totals['queued']} of them queued for a connection; the others never"
+                f" suspended: the OS descheduled the process);"
+                f" {totals['crashing']} calls during the resets, {totals['crash_failed']}"
+                f" failed. First turn p99 group {pct(outage_group, 0.99):.1f} ms"
+                f" ({len(outage_group)} calls) / warm control beside it"
+                f" {pct(outage_control, 0.99):.1f} ms ({len(outage_control)}):"
+                f" {group_p99_ratio:.2f}x pooled; per round {', '.join(f'{x:.2f}' for x in ratios)}"
+                f" (median {statistics.median(ratios):.2f}x). Group calls on a connection's first"
+                f" lease (a standby spare, or one the standby opened as it grew): p50"
+                f" {pct(fresh_turns, 0.5):.1f}"
+                f" p99 {pct(fresh_turns, 0.99):.1f} ms ({len(fresh_turns)}); on one used before:"
+                f" p50 {pct(reused_turns, 0.5):.1f} p99 {pct(reused_turns, 0.99):.1f} ms"
+                f" ({len(reused_turns)})"
             )
-            control_done.set()
-            await control_task
 
             # -- 5. flapping ----------------------------------------------------------------------
             n_switch = len(switches.seen)
             for _ in range(3):
-                await region.kill()
+                await near_region.crash()
                 await asyncio.sleep(2.0)
-                await region.revive()
+                await near_region.start()
                 await asyncio.sleep(2.0)
             flaps = switches.seen[n_switch:]
             print(
@@ -409,10 +534,6 @@ async def main(args: argparse.Namespace) -> None:
             )
 
         # -- 6. the framework-style fallback, same outage ------------------------------------------
-        await region.revive()
-        control_turns.clear()
-        control_done.clear()
-        control_task = asyncio.get_running_loop().create_task(control_calls())
         primary, fallback = adapter(near_port), adapter(far_port)
         skip_until = 0.0
 
@@ -444,20 +565,18 @@ async def main(args: argparse.Namespace) -> None:
         fw = Traffic(args.rate, framework_call, cap=int(args.rate * 30))
         fw.start()
         await asyncio.sleep(2.0)
-        t_kill = time.perf_counter()
-        await region.kill()
+        t_crash, _ = await near_region.crash()
         await asyncio.sleep(args.seconds)
         await fw.stop()
-        control_done.set()
-        await control_task
+        await ctl.stop()
         await control.aclose()
-        new = fw.since(t_kill, t_kill + args.seconds)
+        new = fw.since(t_crash, t_crash + args.seconds)
         turns = [c.first_turn for c in new if not c.error]
-        far_outage = control_window(t_kill, t_kill + args.seconds)
+        beside = control_window(t_crash, t_crash + args.seconds)
         print(
             f"6. framework fallback, same outage: new calls {len(new)}, failed"
             f" {sum(1 for c in new if c.error)}, first turn p50 {pct(turns, 0.5):.1f} ms"
-            f" p99 {pct(turns, 0.99):.1f} ms = {pct(turns, 0.99) / pct(far_outage, 0.99):.2f}x"
+            f" p99 {pct(turns, 0.99):.1f} ms = {pct(turns, 0.99) / pct(beside, 0.99):.2f}x"
             f" the far region's warm p99 beside it (group: {group_p99_ratio:.2f}x)"
         )
 
@@ -476,7 +595,9 @@ if __name__ == "__main__":
     )
     parser.add_argument("--failback-after", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each phase")
-    parser.add_argument("--rounds", type=int, default=3, help="outage + fail-back rounds")
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    parsed = parser.parse_args()
-    asyncio.run(serve() if parsed.serve else main(parsed))
+    parser.add_argument("--rounds", type=int, default=5, help="outage + fail-back rounds")
+    parser.add_argument("--verbose", action="store_true", help="the slowest calls of each outage")
+    if sys.argv[1:2] == ["--serve"]:  # a region's child process: --serve LATENCY PORT
+        asyncio.run(serve(float(sys.argv[2]), int(sys.argv[3])))
+        sys.exit(0)
+    asyncio.run(main(parser.parse_args()))

@@ -1,6 +1,7 @@
 """Pipecat and LiveKit Agents on voicepool pools vs their own per-call connections, in one run.
 
-    .venv/bin/python benchmarks/frameworks.py [--calls 10] [--turns 3] [--rtt 0.040]
+    .venv/bin/python benchmarks/frameworks.py [--rounds 3] [--calls 10] [--turns 3] [--rtt 0.040]
+                                              [--uvloop]
 
 The TLS emulators (Deepgram, ElevenLabs, OpenAI-compatible HTTP/2) run in this process behind
 the demo's latency relay (``latency_proxy``: ``--rtt`` round trip, plus a round trip for each TCP
@@ -9,24 +10,35 @@ handshake). The call drivers are examples/pipecat_bot.py and examples/livekit_ag
 * Pipecat: ``--calls`` overlapping calls (one arriving every 50 ms), each a pipeline audio in ->
   Deepgram STT -> OpenAI LLM -> ElevenLabs TTS -> audio out; ``start`` is the pipeline's start
   (until the StartFrame is through: every service connected), a turn is VAD stop -> first audio.
-* LiveKit: jobs one after another (LiveKit runs one job per process), then the same jobs
-  overlapping in this one process (``||``: they then share one CPU): the Deepgram STT, OpenAI
-  LLM and ElevenLabs TTS plugins driven directly (no LiveKit server), pooled on a PooledSession
-  with the pools started during a simulated room join (one round trip), or per job on a plain
-  aiohttp session.
+  ``alone``: one call with no other running (the start's own cost, no contention). ``lease``:
+  the time the pooled services spent in voicepool (``PipecatPools.lease_socket``) per start.
+* LiveKit: ``--calls`` jobs one after another (LiveKit runs one job per process), each a real
+  ``AgentSession`` (Deepgram STT, OpenAI LLM, ElevenLabs TTS plugins; no LiveKit server: no
+  room, audio in and out set in-process, a fake JobContext whose room join takes one round
+  trip); pooled on a PooledSession with the pools started during the join, or per job on a plain
+  aiohttp session. ``start`` is the job's ready time (entrypoint until the session started: the
+  join, and the pools when pooled); a turn is the end of the user's audio -> first reply audio.
 
-Each mode runs one unmeasured warm-up call first (the frameworks and SDKs import and build things
-on first use: a process cost, not a call's). Medians; ``first/later`` is the first turn's median
-over the later turns' median, measured in the same run. Targets (issue 14): Pipecat start <=
-10 ms pooled, first turn pooled within 10% of later turns, 0 misses, 0 connections inside calls.
+Every round runs each mode once, pooled then per call (paired: ratios within a round hold on a
+loaded machine), after one unmeasured warm-up call per mode (the frameworks and SDKs import and
+build things on first use: a process cost, not a call's). Each row is the median over rounds of
+the per-round medians (``max``: the largest single value); ``first/later`` is the first turn's
+median over the later turns' median. ``in call``: connections a call waited for (Pipecat:
+leases that found no idle socket, plus HTTP/2 connects; LiveKit pooled: leases that found no idle
+socket; per call / per job: every handshake of the calls). Targets (issue 14): Pipecat start
+<= 10 ms pooled, first turn pooled within 10% of later turns, 0 misses, 0 connections in calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,86 +48,189 @@ sys.path.insert(0, str(EXAMPLES))
 import livekit_agent as lk  # noqa: E402
 import pipecat_bot as bot  # noqa: E402
 
+from voicepool.integrations import pipecat as vp_pipecat  # noqa: E402
 
-def _row(
-    framework: str,
-    mode: str,
-    starts: list[float],
-    turns: list[list[float]],
-    misses: int | str,
-    inside: int | str,
-) -> str:
+Row = dict[str, Any]
+
+
+class _LeaseClock:
+    """Time spent in ``PipecatPools.lease_socket`` (voicepool's part of a pooled start)."""
+
+    def __init__(self) -> None:
+        self.ms: list[float] = []
+        self._real = vp_pipecat.PipecatPools.lease_socket
+
+    def install(self) -> None:
+        real = self._real
+        spent = self.ms
+
+        async def lease_socket(pools: vp_pipecat.PipecatPools, url: str) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await real(pools, url)
+            finally:
+                spent.append((time.perf_counter() - t0) * 1e3)
+
+        vp_pipecat.PipecatPools.lease_socket = lease_socket  # type: ignore[method-assign,assignment]
+
+
+def _summary(starts: list[float], turns: list[list[float]], misses: int, inside: int) -> Row:
     first = statistics.median(t[0] for t in turns)
     later = statistics.median(x for t in turns for x in t[1:])
-    return (
-        f"{framework:<9} {mode:<9} {statistics.median(starts):>9.1f} {max(starts):>8.1f}"
-        f" {first:>10.0f} {later:>10.0f} {first / later:>7.2f} {misses!s:>6} {inside!s:>7}"
+    return {
+        "start": statistics.median(starts),
+        "max": max(starts),
+        "first": first,
+        "later": later,
+        "ratio": first / later,
+        "misses": misses,
+        "inside": inside,
+    }
+
+
+async def _pipecat(stack: bot.Stack, pooled: bool, calls: int, turns: int) -> Row:
+    run = await bot.measure(stack, pooled_run=pooled, calls=calls, turns=turns)
+    return _summary(
+        [r.start_ms for r in run.results],
+        [r.turn_ms for r in run.results],
+        run.misses,
+        run.opened_in_calls,
     )
 
 
-async def main(calls: int, turns: int, rtt: float) -> None:
+async def _pipecat_alone(stack: bot.Stack, pooled: bool, calls: int) -> float:
+    """Median start of ``calls`` calls run one at a time (one turn each)."""
+    if not pooled:
+        own = bot._PipecatOwn
+        await bot.run_call(bot.make_services(stack, module=own), 1)  # warm-up
+        starts = [
+            (await bot.run_call(bot.make_services(stack, module=own), 1)).start_ms
+            for _ in range(calls)
+        ]
+        return statistics.median(starts)
+    pools = vp_pipecat.PipecatPools(
+        concurrency=2, audio_in_sample_rate=bot.IN_RATE, audio_out_sample_rate=bot.OUT_RATE
+    )
+    pools.declare(*bot.make_services(stack))
+    async with pools:
+        await bot.run_call(bot.make_services(stack), 1)  # warm-up
+        starts = []
+        for _ in range(calls):
+            await bot.pools_full(pools)
+            starts.append((await bot.run_call(bot.make_services(stack), 1)).start_ms)
+    return statistics.median(starts)
+
+
+async def _livekit(stack: bot.Stack, pooled: bool, jobs: int, turns: int) -> Row:
+    await lk.run_job(stack, pooled=pooled, turns=1)  # warm-up
+    before = stack.handshakes()
+    results = [
+        await lk.run_job(stack, pooled=pooled, turns=turns, join=stack.rtt) for _ in range(jobs)
+    ]
+    inside = sum(r.cold_leases for r in results) if pooled else stack.handshakes() - before
+    return _summary(
+        [r.ready_ms for r in results],
+        [r.turn_ms for r in results],
+        sum(r.misses for r in results),
+        inside,
+    )
+
+
+def _median_rows(rows: list[Row]) -> Row:
+    out: Row = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    out["max"] = max(r["max"] for r in rows)
+    out["misses"] = sum(r["misses"] for r in rows)
+    out["inside"] = sum(r["inside"] for r in rows)
+    return out
+
+
+def _line(framework: str, mode: str, r: Row) -> str:
+    return (
+        f"{framework:<9} {mode:<9} {r['start']:>9.1f} {r['max']:>8.1f} {r['first']:>9.0f}"
+        f" {r['later']:>8.0f} {r['ratio']:>7.2f} {r['misses']!s:>6} {r['inside']!s:>7}"
+    )
+
+
+async def main(rounds: int, calls: int, turns: int, rtt: float, loop_name: str) -> None:
     from loguru import logger
 
     logger.remove()  # Pipecat logs every frame at DEBUG
     logger.add(sys.stderr, level="ERROR")
-    rows: list[str] = []
+    clock = _LeaseClock()
+    clock.install()
+    modes: dict[tuple[str, str], list[Row]] = {}
+    alone: dict[str, list[float]] = {"pooled": [], "per call": []}
+    per_round: list[str] = []
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     async with bot.emulated_services(rtt) as stack:
+        stack.rtt = rtt
+        runs: list[tuple[str, str, Callable[[], Awaitable[Row]]]] = []
         for pooled in (True, False):
-            run = await bot.measure(stack, pooled_run=pooled, calls=calls, turns=turns)
-            rows.append(
-                _row(
+            runs.append(
+                (
                     "pipecat",
                     "pooled" if pooled else "per call",
-                    [r.start_ms for r in run.results],
-                    [r.turn_ms for r in run.results],
-                    run.misses,
-                    run.opened_in_calls,
+                    partial(_pipecat, stack, pooled, calls, turns),
                 )
             )
-        stack.rtt = rtt
         for pooled in (True, False):
-            await lk.run_job(stack, pooled=pooled, turns=1)  # warm-up
-            before = stack.handshakes()
-            jobs: list[Any] = [
-                await lk.run_job(stack, pooled=pooled, turns=turns) for _ in range(calls)
-            ]
-            opened = stack.handshakes() - before
-            rows.append(
-                _row(
+            runs.append(
+                (
                     "livekit",
                     "pooled" if pooled else "per job",
-                    [j.start_ms for j in jobs],
-                    [j.turn_ms for j in jobs],
-                    0 if pooled else "-",
-                    f"{opened}*",
+                    partial(_livekit, stack, pooled, calls, turns),
                 )
             )
-        for pooled in (True, False):
-            before = stack.handshakes()
-            jobs = await lk.run_jobs(stack, pooled=pooled, jobs=calls, turns=turns)
-            opened = stack.handshakes() - before
-            mode = "pooled||" if pooled else "per job||"
-            starts, turn_ms = [j.start_ms for j in jobs], [j.turn_ms for j in jobs]
-            rows.append(_row("livekit", mode, starts, turn_ms, "-", f"{opened}*"))
+        for n in range(rounds):
+            for framework, label, run in runs:
+                row = await run()
+                modes.setdefault((framework, label), []).append(row)
+                per_round.append(
+                    f"round {n + 1} {framework} {label}: start p50 {row['start']:.1f} ms,"
+                    f" first/later {row['ratio']:.2f}"
+                )
+            for pooled in (True, False):
+                label = "pooled" if pooled else "per call"
+                alone[label].append(await _pipecat_alone(stack, pooled, 5))
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"{calls} calls x {turns} turns, RTT {rtt * 1e3:.0f} ms (TLS emulators via latency relay)"
+        f"{rounds} rounds x {calls} calls x {turns} turns, RTT {rtt * 1e3:.0f} ms (TLS emulators"
+        f" via latency relay, in this process), {loop_name}; this process: {cpu:.1f} s CPU in"
+        f" {wall:.1f} s;"
+        f" machine load average {load:.1f} on {os.cpu_count()} CPUs"
     )
+    for line in per_round:
+        print("  " + line)
     print(
-        f"{'framework':<9} {'mode':<9} {'start p50':>9} {'max':>8} {'1st turn':>10}"
-        f" {'later':>10} {'1st/lat':>7} {'misses':>6} {'in call':>7}"
+        f"{'framework':<9} {'mode':<9} {'start p50':>9} {'max':>8} {'1st turn':>9}"
+        f" {'later':>8} {'1st/lat':>7} {'misses':>6} {'in call':>7}"
     )
-    for row in rows:
-        print(row)
-    print("start: Pipecat pipeline start; LiveKit job ready (pools started with the room join).")
-    print("||: LiveKit jobs overlapping in this one process (LiveKit itself runs one per process).")
-    print("in call: connections a call waited for (Pipecat). *LiveKit: all handshakes of the")
-    print("jobs (pooled: opened during the join, per job: inside the first turn).")
+    for (framework, label), rows in modes.items():
+        print(_line(framework, label, _median_rows(rows)))
+    leases = sorted(clock.ms)
+    print(
+        f"pipecat start, one call alone (median over rounds): pooled"
+        f" {statistics.median(alone['pooled']):.1f} ms, per call"
+        f" {statistics.median(alone['per call']):.1f} ms; time in voicepool per pooled lease:"
+        f" p50 {statistics.median(leases):.2f} ms, max {leases[-1]:.2f} ms ({len(leases)} leases)"
+    )
+    print("start: Pipecat pipeline start; LiveKit job ready (join of one RTT; pooled: the pools")
+    print("start with it). in call: connections a call waited for (see the module doc).")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--rtt", type=float, default=0.040)
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (extra uvloop)")
     args = parser.parse_args()
-    asyncio.run(main(args.calls, args.turns, args.rtt))
+    runner: Any = asyncio.run
+    if args.uvloop:
+        import uvloop
+
+        runner = uvloop.run
+    loop_name = "uvloop" if args.uvloop else "asyncio"
+    runner(main(args.rounds, args.calls, args.turns, args.rtt, loop_name))

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/sip.py [--rounds 30] [--boot-rounds 8] [--rtt 0.020]
                                        [--registrar kamailio|emulator] [--transport udp|tcp]
     .venv/bin/python benchmarks/sip.py --faults [--transport udp|tcp] [--ping-interval 5]
+                                       [--ping-timeout 5]
 
 ``--faults`` runs the fault matrix instead (registrar down and back, flapping, 503 storm, restart
 under load): see ``benchmarks/sip_faults.py``.
@@ -202,6 +203,12 @@ def parse(argv: list[str]) -> Any:
     parser.add_argument("--faults", action="store_true", help="run the fault matrix instead")
     parser.add_argument(
         "--ping-interval", type=float, default=5.0, help="--faults: the pools' ping_interval"
+    )
+    parser.add_argument(
+        "--ping-timeout",
+        type=float,
+        default=None,
+        help="--faults: the pools' ping_timeout (default: shipped, at most --ping-interval)",
     )
     return parser.parse_args(argv)
 

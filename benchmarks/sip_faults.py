@@ -2,6 +2,7 @@
 registrar fails, measured against real registrars on 127.0.0.1.
 
     .venv/bin/python benchmarks/sip.py --faults [--transport udp|tcp] [--ping-interval 5]
+                                       [--ping-timeout 5]
 
 Shipped pool settings except ``min_size = max_size`` and ``ping_interval`` (printed). During each
 scenario a load loop takes a lease every 10 ms with zero hold time and records, for each one,
@@ -13,7 +14,10 @@ acquire that failed. Figures:
 * seconds to recover: from the heal until a lease of a registration the registrar holds again;
 * leases handed out unregistered: leases whose binding the registrar did not hold (the failure
   the pool exists to prevent);
-* REGISTERs a second during a 503 storm (SIPp answering every REGISTER 503).
+* REGISTERs a second during a 503 storm (SIPp answering every REGISTER 503);
+* beside down-and-back and the restart, what an OPTIONS keepalive (1 s, 1 s timeout; measured
+  here, not done by the adapter) would have seen: a registrar gone silent after about a second,
+  but not a restart's lost bindings (a restarted registrar answers OPTIONS at once).
 
 Scenarios: registrar down and back (Kamailio stopped until the pool notices, at most 40 s, then
 started), flapping (the emulator accepts for 3 s, then answers 503 for 3 s, three times), 503
@@ -42,7 +46,7 @@ from voicepool.adapters.sip import SipAdapter, SipEngine, SipOptions, SipRegistr
 from voicepool.testing.sip_registrar import SipRegistrar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.peers.kamailio import Kamailio
+from tests.peers.kamailio import Kamailio, options_ok
 from tests.peers.sipp import Sipp
 
 TICK = 0.01  # one zero-hold lease every 10 ms
@@ -151,6 +155,41 @@ class KamailioTruth:
         self.up = True
 
 
+class OptionsWatch:
+    """What an OPTIONS keepalive would see (not something the adapter does): one OPTIONS to the
+    registrar every ``interval`` s over UDP, unanswered after ``timeout`` s counting as down.
+    Measured beside the pool to compare with its detection (a refresh REGISTER as the ping)."""
+
+    def __init__(self, kam: Kamailio, interval: float = 1.0, timeout: float = 1.0) -> None:
+        self.kam, self.interval, self.timeout = kam, interval, timeout
+        self.failed: list[float] = []  # when each unanswered probe was sent
+        self.sent = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            t = time.monotonic()
+            self.sent += 1
+            if not await options_ok(self.kam.host, self.kam.port, self.timeout):
+                self.failed.append(t)
+            await asyncio.sleep(max(0.0, t + self.interval - time.monotonic()))
+
+    def detect(self, fault: float) -> float | None:
+        """Seconds from ``fault`` to the end of the first unanswered probe sent after it."""
+        late = [t for t in self.failed if t >= fault]
+        return late[0] + self.timeout - fault if late else None
+
+    async def __aenter__(self) -> OptionsWatch:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 def adapter_for(uri: str, transport: str) -> SipAdapter:
     return SipAdapter(
         SipOptions(
@@ -177,12 +216,13 @@ def fmt(value: float | None) -> str:
 async def down_and_back(settings: PoolSettings, transport: str) -> None:
     async with Kamailio(password="secret") as kam, KamailioTruth(kam) as truth:
         pool = Pool(adapter_for(kam.uri, transport), settings, name="sip-faults")
-        async with pool, loaded(pool, truth) as load:
+        async with pool, loaded(pool, truth) as load, OptionsWatch(kam) as options:
             await asyncio.sleep(1.0)
             fault = time.monotonic()
             await truth.stop()
             # Down until the pool stops lending, at most 40 s (ping interval + timeout + lapse).
             await until(lambda: load.detect(fault) is not None, 40.0)
+            await until(lambda: options.detect(fault) is not None, 3.0)
             heal = time.monotonic()
             await truth.start()
             await until(lambda: load.recover(heal) is not None, 40.0)
@@ -191,12 +231,14 @@ async def down_and_back(settings: PoolSettings, transport: str) -> None:
         print(f"  down and back ({transport})      detect {fmt(load.detect(fault)):>8}"
               f"   recover {fmt(load.recover(heal)):>8}   leases while down: {bad} of {total}"
               f" unregistered")  # fmt: skip
+        print(f"    an OPTIONS probe every {options.interval:g} s ({options.timeout:g} s timeout)"
+              f" would have seen it down after {fmt(options.detect(fault))}")  # fmt: skip
 
 
 async def restart_under_load(settings: PoolSettings, transport: str) -> None:
     async with Kamailio(password="secret") as kam, KamailioTruth(kam) as truth:
         pool = Pool(adapter_for(kam.uri, transport), settings, name="sip-faults")
-        async with pool, loaded(pool, truth) as load:
+        async with pool, loaded(pool, truth) as load, OptionsWatch(kam) as options:
             await asyncio.sleep(1.0)
             fault = time.monotonic()
             await truth.stop()
@@ -213,6 +255,9 @@ async def restart_under_load(settings: PoolSettings, transport: str) -> None:
             f" re-bound {fmt(rebound)} after it; unregistered leases:"
             f" {bad_down} of {total_down} during, {bad_after} of {total_after} after"
         )
+        missed = sum(1 for t in options.failed if t >= fault - options.timeout)
+        print(f"    an OPTIONS probe every {options.interval:g} s: {missed} of {options.sent}"
+              " unanswered around the restart (then answered, the bindings gone)")  # fmt: skip
 
 
 async def flapping(settings: PoolSettings) -> None:
@@ -279,7 +324,12 @@ async def storm(settings: PoolSettings, transport: str) -> None:
 
 
 async def run(args: Any) -> None:
-    base = PoolSettings(min_size=2, max_size=2, ping_interval=args.ping_interval)
+    timeout = args.ping_timeout
+    if timeout is None:
+        timeout = min(PoolSettings().ping_timeout, args.ping_interval)
+    base = PoolSettings(
+        min_size=2, max_size=2, ping_interval=args.ping_interval, ping_timeout=timeout
+    )
     print(f"SIP fault matrix ({args.transport}; shipped settings, min=max=2,"
           f" ping_interval {base.ping_interval:g} s, ping_timeout {base.ping_timeout:g} s,"
           f" backoff {base.backoff_initial:g}..{base.backoff_max:g} s)")  # fmt: skip

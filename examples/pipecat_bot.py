@@ -76,8 +76,9 @@ async def emulated_services(rtt: float = 0.040) -> AsyncIterator[Stack]:
     os.environ["SSL_CERT_FILE"] = str(test_certificates().ca_path)
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(_restore_env, "SSL_CERT_FILE", saved)
-        emulators = {
-            "deepgram": DeepgramEmulator(tls=True, api_key=KEY),
+        emulators: dict[str, Any] = {
+            # endpointing: LiveKit's STT turn detection (examples/livekit_agent.py) needs it.
+            "deepgram": DeepgramEmulator(tls=True, api_key=KEY, endpointing=True),
             "elevenlabs": ElevenLabsEmulator(tls=True, api_key=KEY),
             "cartesia": CartesiaEmulator(tls=True, api_key=KEY),
             "llm": LlmEmulator(tls=True, api_key=KEY, ttft=0.02, tokens=6, tokens_per_second=600),
@@ -176,7 +177,7 @@ async def run_call(
     )
     started = asyncio.Event()
 
-    @worker.event_handler("on_pipeline_started")
+    @worker.event_handler("on_pipeline_started")  # type: ignore[untyped-decorator]
     async def _started(_worker: Any, _frame: Any) -> None:
         started.set()
 

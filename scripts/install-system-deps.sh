@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real protocol peers the integration tests start on 127.0.0.1: Kamailio (SIP
 # registrar, with its TLS module), SIPp (sip-tester), nginx, and Node.js (its http2 module is the
-# HTTP/2 server that refuses streams in tests/http2/test_node.py). Idempotent: does nothing when
+# HTTP/2 server that refuses streams in tests/http2/test_node.py), and redis-server (the fleet
+# quota backend in tests/fleet). Idempotent: does nothing when
 # they are present.
 # Services are NOT started by the packages (policy-rc.d); the tests start their own instances.
 set -euo pipefail
@@ -13,6 +14,7 @@ compgen -G '/usr/lib*/**/kamailio/modules/tls.so' >/dev/null \
 command -v sipp >/dev/null 2>&1 || missing+=(sip-tester)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "install-system-deps: no apt-get; install ${missing[*]} yourself (tests needing them skip)" >&2

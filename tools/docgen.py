@@ -7,6 +7,7 @@ A block sits between ``<!-- generated:NAME -->`` and ``<!-- end:NAME -->`` in a 
 everything outside the markers is hand-written. Blocks:
 
 * ``pool-settings``: every :class:`~voicepool.PoolSettings` field (type, default, description);
+* ``quota-settings``: every :class:`~voicepool.pool_settings.QuotaSettings` field (docs/fleet.md);
 * ``pool-entry``: the keys of a ``[pools.<name>]`` table besides the pool settings;
 * ``group-entry``: the keys of a ``[groups.<name>]`` table (``GroupConfig``);
 * ``adapter-options``: each built-in adapter's ``Options`` model (docs/configuration.md);
@@ -44,7 +45,7 @@ BUILTIN_ADAPTERS = (
 )
 _BLOCK = re.compile(r"(<!-- generated:([\w-]+)[^>]*-->\n)(.*?)(<!-- end:\2 -->)", re.S)
 _ROOT = Path(__file__).resolve().parents[1]
-FILES = ("README.md", "docs/configuration.md")
+FILES = ("README.md", "docs/configuration.md", "docs/fleet.md")
 
 
 # -- types and defaults as a reader wants them ----------------------------------------------------
@@ -125,6 +126,12 @@ def pool_settings() -> str:
     from voicepool.pool_settings import PoolSettings
 
     return "\n".join(_model_table(PoolSettings))
+
+
+def quota_settings() -> str:
+    from voicepool.pool_settings import QuotaSettings
+
+    return "\n".join(_model_table(QuotaSettings))
 
 
 def pool_entry() -> str:
@@ -220,6 +227,7 @@ def telemetry() -> str:
 
 BLOCKS: dict[str, Callable[[], str]] = {
     "pool-settings": pool_settings,
+    "quota-settings": quota_settings,
     "pool-entry": pool_entry,
     "group-entry": group_entry,
     "adapter-options": adapter_options,

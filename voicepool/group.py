@@ -28,8 +28,10 @@ ping, and the fail-back timer):
   (a fraction) and ``rtt_margin`` seconds, so a 1 ms difference never flaps.
 * Failover: the active member turned UNAVAILABLE (or closed): the best READY member, else the best
   DEGRADED one, takes over at once. Fail-back (or an RTT switch): a better member takes over only
-  after it stayed READY for ``failback_after`` seconds, for new leases only (leases in use never
-  move). A member that goes up and down faster than that never takes traffic back.
+  after it stayed READY for ``failback_after`` seconds and no switch happened in that time, for
+  new leases only (leases in use never move). A member that goes up and down faster than that
+  never takes traffic back, and round trips that cross back and forth switch at most once per
+  ``failback_after``.
 * The active member keeps its own warm floor (``min_size``); the others keep ``standby_min`` warm,
   pinged connections, so the first call after a failover pays no handshake; on a switch the new
   active grows to its full floor in the background and the old one shrinks to ``standby_min``.
@@ -51,7 +53,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from voicepool._engine.observer import PoolObserver
-from voicepool.adapter import Adapter
+from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConfigError, PoolClosed, PoolError, PoolExhausted, PoolUnavailable
 from voicepool.lease import Lease
 from voicepool.pool import Pool, PoolState
@@ -173,6 +175,13 @@ class _MemberWatch(PoolObserver):
         if reason in _LOSSES:
             self.member.suspect = True
 
+    def on_lost_in_use(self, pool: Pool[Any], reason: str) -> None:
+        # A leased socket dropped: its idle neighbours may be dead too (a crash reaches the
+        # sockets in use first when most are in use). SINGLE_USE sockets end with their call
+        # (a Deepgram CloseStream is answered by the server's close): that is no news.
+        if reason in _LOSSES and pool.lease_mode is not LeaseMode.SINGLE_USE:
+            self.member.suspect = True
+
     def on_connected(
         self, pool: Pool[Any], token: object, duration: float, error: BaseException | None
     ) -> None:
@@ -247,6 +256,7 @@ class PoolGroup(Generic[C]):
         self._active = self._members[0]
         self._order: tuple[_Member[C], ...] = tuple(self._members)
         self._announce: tuple[str, str, str] | None = None  # a switch no caller has seen yet
+        self._switched_at = -float("inf")  # clock time of the last switch (not the boot choice)
         self._failback_timer: asyncio.TimerHandle | None = None
         self._trim_timer: asyncio.TimerHandle | None = None
         self._releasers: set[asyncio.Task[None]] = set()
@@ -545,12 +555,14 @@ class PoolGroup(Generic[C]):
                     continue
                 if not self._beats(m, cur):
                     continue
-                ready_for = now - m.ready_since
-                if ready_for >= self.failback_after:
+                # READY for failback_after, and no other switch in that time: two healthy
+                # members whose round trips cross back and forth (a loaded loop inflates pings)
+                # trade traffic at most once per failback_after.
+                due = max(m.ready_since, self._switched_at) + self.failback_after
+                if now >= due:
                     new = m
                     why = "failback" if self.policy is GroupPolicy.PRIORITY else "lower_rtt"
                     break
-                due = m.ready_since + self.failback_after
                 wake_at = due if wake_at is None else min(wake_at, due)
             if new is None and wake_at is not None:
                 self._arm_failback(wake_at - now)
@@ -598,6 +610,7 @@ class PoolGroup(Generic[C]):
         self._trim_standbys()
         if initial or new is cur:
             return
+        self._switched_at = self._clock()
         back = why in ("failback", "lower_rtt")
         if back:
             self.failbacks += 1

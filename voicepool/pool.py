@@ -30,16 +30,18 @@ from voicepool._engine.actions import (
     Fail,
     Grant,
     Ping,
+    QuotaSync,
     StateChanged,
     Wake,
 )
 from voicepool._engine.core import PoolCore, SizingPolicy
 from voicepool._engine.observer import PoolObserver, observers_for
+from voicepool._engine.quota import QuotaBackend, QuotaGate
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
 from voicepool._engine.waitqueue import Waiter
 from voicepool._engine.warm import sizing_for
-from voicepool._redact import get_logger, remember_from
+from voicepool._redact import describe_error, get_logger, remember_from
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import (
     ConnectError,
@@ -99,7 +101,9 @@ class Pool(Generic[C]):
 
     ``clock`` (default ``time.monotonic``) is the one clock of every decision; ``rng`` the
     source of every jitter; ``observers`` are added to those the registered factories attach
-    (telemetry); ``sizing`` replaces the warm-floor policy.
+    (telemetry); ``sizing`` replaces the warm-floor policy; ``quota`` is the fleet quota's
+    backend when ``settings.quota`` is set (default: a :class:`voicepool.quota.FleetQuota` of
+    its own on ``settings.quota.backend``, made at start).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class Pool(Generic[C]):
         observers: Iterable[PoolObserver] = (),
         rng: random.Random | None = None,
         sizing: SizingPolicy | None = None,
+        quota: QuotaBackend | None = None,
     ) -> None:
         self.name = name
         self.adapter = adapter
@@ -140,7 +145,10 @@ class Pool(Generic[C]):
             connection_error=adapter.connection_error,
             is_fatal=adapter.is_fatal,
             use_proves_liveness=adapter.use_proves_liveness,
+            quota=_gate(s, resolved.lease_mode, resolved.max_streams),
         )
+        self._quota = quota  # the backend; made at start when settings name one
+        self._owns_quota = False
         self._mux = resolved.lease_mode is LeaseMode.MULTIPLEXED
         self._is_open = adapter.is_open
         self._check_open = None if type(adapter).is_open is Adapter.is_open else adapter.is_open
@@ -226,6 +234,15 @@ class Pool(Generic[C]):
         """
         if self._started or self._close_task is not None:
             raise PoolError(f"pool {self.name!r} was already started", pool=self.name)
+        if s_quota := self.settings.quota:
+            if self._quota is None:
+                from voicepool.quota import shared  # redis-py: only for pools with a quota
+
+                # One client per loop and backend: a worker's pools share its Redis connection.
+                # (Before anything starts: without redis-py this raises ConfigError, no leak.)
+                self._quota = shared(s_quota.backend, s_quota.timeout)
+                self._owns_quota = True
+            self._holder = self._quota.holder(self.name)
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._started = True
@@ -247,7 +264,9 @@ class Pool(Generic[C]):
             await asyncio.shield(self.aclose(0))
             raise
         core = self._core
-        if self.min_size and not core.conns and require_ready:
+        # (A fleet quota that gave nothing yet is not a failure: the pool waits for its share.)
+        quota_only = core.quota is not None and core.last_error is None
+        if self.min_size and not core.conns and require_ready and not quota_only:
             err = PoolUnavailable(
                 f"pool {self.name!r} could not open any of {self.min_size} connections"
                 f" ({self.adapter.describe()}): {core.last_error}",
@@ -611,6 +630,8 @@ class Pool(Generic[C]):
                 self._state_changed(a)  # type: ignore[arg-type]
             elif cls is Alarm:
                 self._alarm(a)  # type: ignore[arg-type]
+            elif cls is QuotaSync:
+                self._spawn(self._quota_sync(a), self._work)  # type: ignore[arg-type]
         core = self._core
         if core.closing and self._drained is not None and not core.busy:
             self._drained.set()
@@ -697,7 +718,17 @@ class Pool(Generic[C]):
         log.debug(
             "pool %s: connection #%d closed (%s)", self.name, a.rec.id, a.reason, extra=self._extra
         )
-        self._spawn(calls.close(self.adapter, a.rec.conn, self.name), self._closers)
+        if self._core.quota is None:
+            self._spawn(calls.close(self.adapter, a.rec.conn, self.name), self._closers)
+        else:
+            self._spawn(self._close_counted(a.rec), self._closers)
+
+    async def _close_counted(self, rec: ConnRecord[C]) -> None:
+        """Close, then free the fleet quota's token (not before: the provider still counts it)."""
+        try:
+            await calls.close(self.adapter, rec.conn, self.name)
+        finally:
+            self._apply(self._core.quota_closed(rec, self._clock()))
 
     def _spawn(self, coro: Coroutine[Any, Any, None], into: set[asyncio.Task[Any]]) -> None:
         assert self._loop is not None
@@ -768,11 +799,99 @@ class Pool(Generic[C]):
             )
         self._apply(self._core.pinged(rec, ok, now, now - t0))
 
+    async def _quota_sync(self, a: QuotaSync) -> None:
+        """Perform one :class:`QuotaSync` under the quota's ``timeout``. A backend error never
+        reaches a caller: the core keeps the reservation and retries after ``refresh``; the
+        first error of an outage is logged (once), and the return."""
+        qs = self.settings.quota
+        backend = self._quota
+        gate = self._core.quota
+        assert qs is not None
+        assert backend is not None
+        assert gate is not None
+        try:
+            async with asyncio.timeout(qs.timeout):
+                grant = await backend.sync(
+                    qs.key,
+                    self._holder,
+                    want=a.want,
+                    claimed=a.claimed,
+                    waiting=a.waiting,
+                    busy=a.busy,
+                    limit=qs.limit,
+                    ttl=qs.ttl,
+                    step=gate.per,
+                    recover=min(qs.ttl, 2 * qs.refresh),  # every live holder syncs within it
+                    urgent=a.waiting > 0,  # callers wait: no batching with other pools
+                )
+        except asyncio.CancelledError:
+            self._core.quota_cancelled()
+            raise
+        except Exception as err:
+            if gate.online:
+                log.warning(
+                    "pool %s: fleet quota %r: backend unreachable (%s); serving from the"
+                    " reservation of %d tokens, opening nothing beyond it",
+                    self.name,
+                    qs.key,
+                    describe_error(err),
+                    gate.granted,
+                    extra=self._extra,
+                )
+            self._apply(self._core.quota_failed(self._clock()))
+            return
+        if not gate.online:
+            log.warning(
+                "pool %s: fleet quota %r: backend reachable again (%d of %d tokens held here)",
+                self.name,
+                qs.key,
+                grant.granted,
+                qs.limit,
+                extra=self._extra,
+            )
+        self._apply(self._core.quota_synced(grant, self._clock()))
+
+    async def _quota_release(self) -> None:
+        """At close: give every token back now (not after the TTL); best effort, bounded."""
+        qs, backend = self.settings.quota, self._quota
+        if qs is None or backend is None:
+            return
+        try:
+            async with asyncio.timeout(qs.timeout):
+                await backend.sync(
+                    qs.key,
+                    self._holder,
+                    want=0,
+                    claimed=0,
+                    waiting=0,
+                    busy=0,
+                    limit=qs.limit,
+                    ttl=qs.ttl,
+                )
+        except Exception as err:
+            log.debug("pool %s: quota release failed: %r", self.name, err, extra=self._extra)
+        if self._owns_quota:
+            from voicepool.quota import FleetQuota, release_shared
+
+            assert isinstance(backend, FleetQuota)
+            await release_shared(backend)
+
     def _on_conn_changed(self, conn: Any) -> None:
         """Adapter callback: re-read ``conn``'s capacity and liveness now."""
-        if self._core.by_conn.get(id(conn)) is None:
+        rec = self._core.by_conn.get(id(conn))
+        if rec is None:
             return
         is_open = self._is_open(conn)
+        if (
+            not is_open
+            and self._observers
+            and not self._core.closing
+            and (rec.state is ConnState.IN_USE or (self._mux and rec.streams > 0))
+        ):
+            # Retired only when its lease ends: observers hear of the loss now.
+            reason = self.adapter.close_reason(conn) or "remote_closed"
+            for obs in self._observers:
+                obs.on_lost_in_use(self, reason)
         cap = self.adapter.stream_capacity(conn) if self._mux and is_open else 1
         self._apply(self._core.changed(conn, is_open, cap, self._clock()))
 
@@ -810,6 +929,8 @@ class Pool(Generic[C]):
         self._apply(core.close_all(self._clock()))
         if self._closers:
             await asyncio.wait(list(self._closers), timeout=calls.CLOSE_TIMEOUT + 1)
+        if core.quota is not None and self._started:
+            await self._quota_release()
         self.adapter.unwatch(self._on_conn_changed)
         if self._timer is not None:
             self._timer.cancel()
@@ -819,3 +940,13 @@ class Pool(Generic[C]):
         self._apply(core.closed(self._clock()))
         for obs in self._observers:
             obs.on_pool_closed(self)
+
+
+def _gate(s: PoolSettings, mode: LeaseMode, max_streams: int) -> QuotaGate | None:
+    """The core's side of ``s.quota``: a MULTIPLEXED connection counts ``max_streams`` tokens
+    when the provider counts streams (it may carry that many), every other connection one."""
+    q = s.quota
+    if q is None:
+        return None
+    per = max_streams if q.unit == "stream" and mode is LeaseMode.MULTIPLEXED else 1
+    return QuotaGate(q.key, q.limit, per, q.refresh, q.poll)

@@ -21,13 +21,93 @@ from voicepool.errors import ConfigError
 if TYPE_CHECKING:
     from voicepool.adapter import Adapter
 
-__all__ = ["MAX_POOL_SIZE", "PoolSettings", "ResolvedSizing"]
+__all__ = ["MAX_POOL_SIZE", "PoolSettings", "QuotaSettings", "ResolvedSizing"]
 
 MAX_POOL_SIZE = 100_000
 """The most connections one pool may hold (given or from the sizing rule): far above what one
 worker process can serve, low enough that a typo (``concurrency = 1e12``) is an error, not a
 boot that tries to open a trillion sockets."""
 MAX_SECONDS = 365 * 86400.0  # durations: finite and at most a year (inf/nan are refused too)
+
+
+_QUOTA_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class QuotaSettings(BaseModel):
+    """A fleet quota (``[pools.<name>.quota]``): pools of many workers naming one ``key`` share
+    ``limit`` on Redis (voicepool.quota, extra ``voicepool[fleet]``; DESIGN.md, "Beyond one pool").
+
+    ``unit``: what the provider counts. ``connection``: each open (or opening) connection holds
+    one token. ``stream``: the same for EXCLUSIVE / SINGLE_USE pools (one stream a connection);
+    a MULTIPLEXED connection holds ``max_streams`` tokens (it may carry that many streams).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    key: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.:/-]+$",
+        description="The provider account these pools share (letters, digits, _.:/-).",
+    )
+    limit: int = Field(ge=1, le=MAX_POOL_SIZE, description="The account's concurrency limit.")
+    unit: Literal["connection", "stream"] = Field(
+        default="connection", description="What the provider counts: connections or streams."
+    )
+    backend: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        min_length=1,
+        description="Redis (6.2+) or Valkey URL: redis://, rediss:// or unix://.",
+    )
+    ttl: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Tokens of a worker that stops refreshing expire after this (s).",
+    )
+    refresh: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="Refresh period (s): TTL, demand signal, spares given to starved workers.",
+    )
+    poll: float = Field(
+        default=0.1,
+        gt=0,
+        le=60,
+        description="While callers wait for quota: how often to ask again (s).",
+    )
+    timeout: float = Field(
+        default=0.5, gt=0, le=60, description="Longest Redis round trip before it counts as down."
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_scheme(cls, value: str) -> str:
+        if not value.startswith(_QUOTA_SCHEMES):
+            # Only the scheme is echoed: the rest of the URL may carry a password.
+            got = f"{value.split('://', 1)[0]}://..." if "://" in value else "no scheme"
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL (got {got})")
+        return value
+
+    @field_validator("refresh")
+    @classmethod
+    def _refresh_under_ttl(cls, value: float, info: ValidationInfo) -> float:
+        ttl = info.data.get("ttl")
+        if ttl is not None and value * 2 > ttl:
+            raise ValueError(
+                f"refresh ({value:g}) must be at most half the ttl ({ttl:g}): one late refresh"
+                " must not let a live worker's tokens expire"
+            )
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_under_refresh(cls, value: float, info: ValidationInfo) -> float:
+        refresh = info.data.get("refresh")
+        if refresh is not None and value > refresh:
+            raise ValueError(f"timeout ({value:g}) must be <= refresh ({refresh:g})")
+        return value
 
 
 class PoolSettings(BaseModel):
@@ -158,7 +238,8 @@ class PoolSettings(BaseModel):
     warm: Literal["fixed", "adaptive"] = Field(
         default="fixed",
         description="Warm floor: `fixed` keeps min_size; `adaptive` sizes it from the traffic"
-        " (in use plus the warm_target Poisson quantile of arrivals within a connect time).",
+        " (in use plus the warm_target Poisson quantile of arrivals within a connect time):"
+        " far fewer idle sockets, more handshakes, needs traffic to learn from (see Lease modes).",
     )
     warm_target: float = Field(
         default=0.999,
@@ -171,6 +252,11 @@ class PoolSettings(BaseModel):
         ge=10,
         le=MAX_SECONDS,
         description="Adaptive: estimation horizon (s); spares fall by one per window at most.",
+    )
+
+    quota: QuotaSettings | None = Field(
+        default=None,
+        description="Fleet quota shared with other workers through Redis (docs/fleet.md).",
     )
 
     @field_validator("max_size")

@@ -150,6 +150,11 @@ class Http2Adapter(Adapter[H2Connection]):
         # so the reconnect that closes the pool's circuit lets one request retest the key, not all.
         self._last_rejection: ConnectError | None = None
         self._probation: set[int] = set()
+        # A server's request budget per connection (nginx keepalive_requests), learnt from its
+        # GOAWAYs: streams beyond it would only be refused, so connections are not given them.
+        self._budget: int | None = None
+        self._budget_seen: int | None = None  # what the last budget GOAWAY showed
+        self._goaways: set[int] = set()  # ids of connections whose GOAWAY was looked at
 
     def _ssl_context(self) -> ssl.SSLContext:
         opts = self.options
@@ -166,6 +171,13 @@ class Http2Adapter(Adapter[H2Connection]):
     def on_probation(self) -> bool:
         """Connections opened after a 401/403 take one stream until a request is accepted."""
         return bool(self._probation)
+
+    @property
+    def request_budget(self) -> int | None:
+        """Requests the server serves on one connection before its GOAWAY, as learnt from two
+        GOAWAYs that refused streams with the same count (None: none learnt). Connections take
+        no more streams than that; forgotten when a connection serves it all without GOAWAY."""
+        return self._budget
 
     @property
     def ping_gap(self) -> float:
@@ -278,6 +290,7 @@ class Http2Adapter(Adapter[H2Connection]):
     async def close(self, conn: H2Connection) -> None:
         """GOAWAY, then a polite TLS close (bounded); never raises."""
         self._calmed.discard(id(conn))
+        self._goaways.discard(id(conn))
         self.addresses.discard(conn)
         self._live.discard(conn)
         self._rejected.pop(id(conn), None)
@@ -290,14 +303,63 @@ class Http2Adapter(Adapter[H2Connection]):
         return super().is_fatal(exc)
 
     def stream_capacity(self, conn: H2Connection) -> int:
-        """min(max_streams, the server's SETTINGS_MAX_CONCURRENT_STREAMS); 0 while draining,
-        while stalled (its liveness PING unanswered: back when the server is heard again), or
-        after a 401/403; 1 on probation after a 401/403."""
+        """min(max_streams, the server's SETTINGS_MAX_CONCURRENT_STREAMS, what is left of its
+        request budget); 0 while draining, while stalled (its liveness PING unanswered: back when
+        the server is heard again), or after a 401/403; 1 on probation after a 401/403."""
         if conn.draining or conn.stalled or id(conn) in self._rejected:
             return 0
         if id(conn) in self._probation:
             return 1
-        return min(self.options.max_streams, conn.remote_max_streams)
+        cap = min(self.options.max_streams, conn.remote_max_streams)
+        if self._budget is not None:
+            cap = min(cap, self._budget_left(conn, self._budget))
+        return cap
+
+    @staticmethod
+    def _budget_left(conn: H2Connection, budget: int) -> int:
+        """Leases ``conn`` may hold under a request budget: those holding a stream, plus the
+        streams it may still open (a lease opens one; the pool compares this to its leases)."""
+        return max(0, budget - conn.streams_started + conn.leased_slots)
+
+    def _learn_budget(self, conn: H2Connection) -> None:
+        """A graceful GOAWAY refused streams we had opened: the server ends connections after a
+        number of requests (nginx ``keepalive_requests``), below its stream limit. The same count
+        twice running becomes the budget; streams beyond it would only be refused, then retried,
+        and under a burst a retried request can be refused on every connection it lands on."""
+        last = conn.goaway_last_stream
+        if conn.goaway_code != ErrorCodes.NO_ERROR or last is None:
+            return
+        if conn.streams_started <= (last + 1) // 2:
+            return  # nothing refused: an idle timeout or shutdown, not a budget
+        processed = (last + 1) // 2
+        seen, self._budget_seen = self._budget_seen, processed
+        if processed < 2 or seen != processed or self._budget == processed:
+            return  # < 2: a warm-up would leave a new connection no stream
+        self._budget = processed
+        log.info(
+            "%s serves %d requests a connection; streams capped at that", self.origin, processed
+        )
+        for live in list(self._live):
+            if live is not conn and live.is_open:
+                self.connection_changed(live)
+
+    def _spend_budget(self, conn: H2Connection) -> None:
+        """A stream of ``conn`` was released under a learnt budget: one fewer may open on it. If
+        it used the whole budget, all its streams ended and no GOAWAY came, the server takes more
+        than learnt (a budget seen during a restart): forget it."""
+        budget = self._budget
+        if budget is None or conn.draining or not conn.is_open:
+            return
+        if conn.leased_slots == 0 and conn.streams_started >= budget:
+            self._budget = None
+            log.info("%s served more than %d requests a connection; uncapped", self.origin, budget)
+            for live in list(self._live):
+                if live.is_open:
+                    self.connection_changed(live)
+        elif self._budget_left(conn, budget) < min(
+            self.options.max_streams, conn.remote_max_streams
+        ):
+            self.connection_changed(conn)
 
     def close_reason(self, conn: H2Connection) -> str | None:
         """``"rejected"`` after a 401/403 drained it, ``"stalled"`` when its liveness PING went
@@ -365,7 +427,10 @@ class Http2Adapter(Adapter[H2Connection]):
         from again (see :meth:`ping`)."""
         if error is not None:
             conn.last_stream_error = time.monotonic()
-        return conn.release_slot(stream_id)
+        is_open = conn.release_slot(stream_id)
+        if self._budget is not None:
+            self._spend_budget(conn)
+        return is_open
 
     def describe(self) -> str:
         return f"http2 {self.origin}{self.path_prefix}"
@@ -373,6 +438,9 @@ class Http2Adapter(Adapter[H2Connection]):
     # -- notifications ----------------------------------------------------------------------------
 
     def _on_change(self, conn: H2Connection) -> None:
+        if conn.goaway_code is not None and id(conn) not in self._goaways:
+            self._goaways.add(id(conn))
+            self._learn_budget(conn)
         if conn.goaway_code == ErrorCodes.ENHANCE_YOUR_CALM and id(conn) not in self._calmed:
             self._calmed.add(id(conn))
             self.calm_goaways += 1

@@ -202,7 +202,13 @@ class H2Connection:
 
     @property
     def leased_slots(self) -> int:
+        """Pool slots holding a started stream (until released)."""
         return len(self._protocol.slots)
+
+    @property
+    def streams_started(self) -> int:
+        """Streams opened on this connection so far (the warm-up request included)."""
+        return self._protocol.streams_started
 
     # -- streams --------------------------------------------------------------------------------
 
@@ -211,8 +217,8 @@ class H2Connection:
     ) -> H2Stream:
         """Open a stream for pool slot ``slot`` and send its HEADERS (synchronous).
 
-        Raises :class:`StreamRefused` when the connection is draining or at the server's stream
-        limit (retry on another connection), :class:`ConnectionClosed` when it is closed.
+        Raises :class:`StreamRefused` when the connection is closed, draining or at the server's
+        stream limit (nothing was sent: retry on another connection).
 
         Liveness: when the server has been quiet for a quarter of ``stall_timeout``, a PING goes
         out with the stream; if nothing at all arrives within ``stall_timeout``, the connection is
@@ -325,8 +331,10 @@ class H2Connection:
 
     def _flush_now(self) -> None:
         self._flush_pending = False
+        if self._writer.transport.is_closing():
+            return  # nothing reaches the server now: queued streams stay unsent (refused at fail)
         data = self._protocol.data_to_send()
-        if data and not self._writer.transport.is_closing():
+        if data:
             self._writer.write(data)
 
     async def _drain(self) -> None:

@@ -226,6 +226,9 @@ class H2Protocol(Generic[S]):
         self.goaway_last_stream: int | None = None
         self.goaway_data: bytes | None = None  # the GOAWAY's debug data (a reason, by convention)
         self.violated = False  # the server broke the protocol (we answered GOAWAY)
+        # Streams whose HEADERS are still in h2's output buffer (not yet taken by data_to_send):
+        # if the connection dies now, the server never saw them, so they are refused, not lost.
+        self._unsent: dict[int, S] = {}
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -238,6 +241,11 @@ class H2Protocol(Generic[S]):
             or self.goaway_code is not None
             or self.h2.highest_outbound_stream_id > LAST_STREAM_ID - 1000
         )
+
+    @property
+    def streams_started(self) -> int:
+        """How many streams this connection has opened (client stream ids are 1, 3, 5, ...)."""
+        return (self.h2.highest_outbound_stream_id + 1) // 2
 
     @property
     def remote_max_streams(self) -> int:
@@ -260,7 +268,8 @@ class H2Protocol(Generic[S]):
         return None
 
     def data_to_send(self) -> bytes:
-        """The bytes queued for the server since the last call."""
+        """The bytes queued for the server since the last call (the caller writes them)."""
+        self._unsent.clear()
         return self.h2.data_to_send()
 
     # -- commands -------------------------------------------------------------------------------
@@ -274,12 +283,16 @@ class H2Protocol(Generic[S]):
     def start_request(self, slot: int, headers: Iterable[tuple[bytes, bytes]], *, end: bool) -> S:
         """Open a stream for pool slot ``slot`` and queue its HEADERS.
 
-        Raises :class:`StreamRefused` when the connection is draining or at the server's stream
-        limit (retry on another connection), :class:`ConnectionClosed` when it is closed,
-        :class:`H2Error` for headers HTTP/2 cannot carry.
+        Raises :class:`StreamRefused` when the connection is closed, draining or at the server's
+        stream limit (nothing was sent: retry on another connection), :class:`H2Error` for
+        headers HTTP/2 cannot carry.
         """
         if self.closed:
-            raise ConnectionClosed(f"connection to {self.origin} is closed: {self.error}")
+            # Closed between the pool's grant and this call (a GOAWAY and the close read in one
+            # step): the request never left, so it is as retryable as a refused one.
+            raise StreamRefused(
+                f"connection to {self.origin} closed before the stream was opened: {self.error}"
+            ) from self.error
         if self.draining:
             raise StreamRefused(f"connection to {self.origin} is draining (GOAWAY)")
         h2c = self.h2
@@ -294,6 +307,7 @@ class H2Protocol(Generic[S]):
         stream.local_closed = end
         self.streams[stream_id] = stream
         self.slots[slot] = stream
+        self._unsent[stream_id] = stream
         return stream
 
     def release_slot(self, slot: int) -> None:
@@ -360,16 +374,26 @@ class H2Protocol(Generic[S]):
             pass
 
     def fail(self, error: BaseException) -> bool:
-        """The connection is over: fail every stream with ``error``. Returns False if it already
-        was (idempotent)."""
+        """The connection is over: fail every stream with ``error``, except those whose HEADERS
+        never left (:class:`StreamRefused`: retryable). Returns False if it already was
+        (idempotent)."""
         if self.closed:
             return False
         self.closed = True
         self.error = error
         streams = list(self.streams.values())
+        unsent, self._unsent = self._unsent, {}
         self.streams.clear()
         for stream in streams:
-            stream._fail(error)
+            if stream.id in unsent:
+                refused = StreamRefused(
+                    f"connection to {self.origin} closed before stream {stream.id} was sent:"
+                    f" {error}"
+                )
+                refused.__cause__ = error
+                stream._fail(refused)
+            else:
+                stream._fail(error)
         return True
 
     # -- events ---------------------------------------------------------------------------------

@@ -115,6 +115,49 @@ async def test_speech_started_after_silence(ca_env: str) -> None:
     assert isinstance(rest[-1], ListenV1Metadata)
 
 
+async def test_endpointing_ends_the_utterance_with_speech_final(ca_env: str) -> None:
+    """With endpointing on, the silence after a word ends the utterance: a final Results with
+    speech_final (what frameworks' STT-driven turn detection waits for); endpointing=false never
+    does."""
+    async with DeepgramEmulator(tls=True, api_key=KEY, endpointing=True) as server:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dg = client(server)
+        async with dg.listen.v1.connect(
+            model="nova-3", endpointing="150", interim_results="true"
+        ) as socket:
+            await socket.send_media(b"hello there")
+            interim = await socket.recv()
+            await socket.send_media(SILENCE)  # 100 ms: not yet
+            still = await socket.recv()
+            await socket.send_media(SILENCE)  # 200 ms >= 150 ms
+            final = await socket.recv()
+            await socket.send_media(SILENCE)  # nothing left to end
+            after = await socket.recv()
+            await socket.send_close_stream()
+            await recv_all(socket)
+        async with dg.listen.v1.connect(
+            model="nova-3", endpointing="false", interim_results="true"
+        ) as socket:
+            await socket.send_media(b"hi")
+            for _ in range(3):
+                await socket.send_media(SILENCE)
+            off = [await socket.recv() for _ in range(4)]
+            await socket.send_close_stream()
+            await recv_all(socket)
+    assert isinstance(final, ListenV1Results)
+    assert (interim.is_final, still.is_final) == (False, False)
+    assert final.is_final is True
+    assert final.speech_final is True
+    assert final.from_finalize is False
+    assert final.channel.alternatives[0].transcript == "hello there"
+    strict(ListenV1Results, final.model_dump(by_alias=True, exclude_unset=True))
+    assert after.is_final is False
+    assert after.channel.alternatives[0].transcript == ""
+    assert not any(m.is_final for m in off)
+    assert server.endpoints == 1
+
+
 async def test_bad_key_429_and_idle_close(ca_env: str) -> None:
     async with DeepgramEmulator(
         tls=True, api_key=KEY, max_concurrency=1, idle_timeout=0.3

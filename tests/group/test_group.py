@@ -25,7 +25,13 @@ from voicepool.group import (
     add_group_observer_factory,
     remove_group_observer_factory,
 )
-from voicepool.testing.fake import FakeAdapter, FakeConn, FakeMuxAdapter, FakeNoResetAdapter
+from voicepool.testing.fake import (
+    FakeAdapter,
+    FakeConn,
+    FakeMuxAdapter,
+    FakeNoResetAdapter,
+    FakeSingleUseAdapter,
+)
 
 
 def settings(**kw: object) -> PoolSettings:
@@ -46,6 +52,7 @@ class Switches(GroupObserver):
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, str, bool]] = []
+        self.at: list[float] = []  # loop time of each switch in seen
         self.served: list[tuple[str, str, str]] = []
         self.waited: list[tuple[str, float]] = []
         self._event = asyncio.Event()
@@ -53,6 +60,7 @@ class Switches(GroupObserver):
 
     def on_switch(self, group: PoolGroup[Any], old: str, new: str, why: str, back: bool) -> None:
         self.seen.append((old, new, why, back))
+        self.at.append(asyncio.get_running_loop().time())
         self._event.set()
 
     def on_switch_served(self, group: PoolGroup[Any], old: str, new: str, why: str) -> None:
@@ -371,3 +379,81 @@ async def _suspect_scenario(group: PoolGroup[FakeConn], a: FakeAdapter) -> None:
     await settle(lambda: eu.stats().size == 4)
     async with group.acquire() as lease:
         assert lease.pool is eu
+
+
+async def test_a_leased_connection_lost_makes_its_member_suspect_at_once() -> None:
+    """A crash reaches the sockets in use first when most are in use: the first of them to drop
+    sends new leases to the other member's free connections, before any idle socket is lent."""
+    a, b = FakeNoResetAdapter(), FakeNoResetAdapter()
+    lenient = settings(failure_threshold=5)
+    group = PoolGroup(
+        [Pool(a, lenient, name="eu"), Pool(b, lenient, name="us")], name="tts", failback_after=60
+    )
+    async with group:
+        eu, us = group.members
+        held = await group.lease()
+        assert held.pool is eu
+        a.gate = asyncio.Event()  # no connect of eu's succeeds meanwhile (none would prove it)
+        a.kill(held.conn)  # the peer dropped a socket in use; eu's idle ones look open
+        assert eu.stats().idle == 3
+        lease = await group.lease()
+        assert lease.pool is us  # not one of eu's (perhaps dead) idle sockets
+        await lease.release()
+        await held.release()
+        a.gate.set()
+
+
+async def test_a_single_use_connection_closed_in_use_is_no_news() -> None:
+    """SINGLE_USE sockets end with their call (the server answers the end of the stream with a
+    close): that keeps the member trusted."""
+    a, b = FakeSingleUseAdapter(), FakeSingleUseAdapter()
+    group = PoolGroup(
+        [Pool(a, settings(min_size=2), name="eu"), Pool(b, settings(), name="us")],
+        name="asr",
+        failback_after=60,
+    )
+    async with group:
+        eu, _us = group.members
+        held = await group.lease()
+        assert held.pool is eu
+        a.kill(held.conn)  # the stream's normal end
+        lease = await group.lease()
+        assert lease.pool is eu
+        await lease.release()
+        await held.release()
+
+
+async def test_round_trips_that_cross_back_and_forth_switch_once_per_failback_after(
+    switches: Switches,
+) -> None:
+    now = [100.0]
+    a, b = FakeNoResetAdapter(), FakeNoResetAdapter()
+    group = PoolGroup(
+        [Pool(a, settings(), name="a"), Pool(b, settings(), name="b")],
+        name="asr",
+        policy="lowest_rtt",
+        failback_after=5.0,
+        clock=lambda: now[0],
+    )
+    async with group:
+        ma, mb = group._members
+        ma.ready_since = mb.ready_since = now[0] - 60  # both READY for long
+        ma.rtt, mb.rtt = 0.020, 0.060
+        group._reselect()
+        assert group.active.name == "a"  # (perhaps a switch: boot ranked them by connect time)
+        now[0] += 10
+        seen = len(switches.seen)
+        ma.rtt = 0.200  # a's pings slow down: b is clearly better, and READY for long
+        group._reselect()
+        assert group.active.name == "b"
+        ma.rtt = 0.020  # and back: a is better again, but b took over just now
+        now[0] += 4.9
+        group._reselect()
+        assert group.active.name == "b"
+        now[0] += 0.2  # failback_after since the last switch
+        group._reselect()
+        assert group.active.name == "a"
+        assert [s[:3] for s in switches.seen[seen:]] == [
+            ("a", "b", "lower_rtt"),
+            ("b", "a", "lower_rtt"),
+        ]

@@ -103,3 +103,22 @@ def test_goaway_with_an_error_code_is_reported() -> None:
     server.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM, additional_data=b"pings")
     client.receive_data(server.data_to_send())
     assert "sent GOAWAY ENHANCE_YOUR_CALM: pings" in str(client.ended_by())
+
+
+def test_a_stream_never_written_is_refused_when_the_connection_dies() -> None:
+    # The pool may grant a slot in the step that also reads the server's GOAWAY and close: a
+    # stream whose HEADERS never left cannot have been processed, so it is retryable; one the
+    # server may have read is not (a POST is not idempotent).
+    client, server = _pair()
+    sent = client.start_request(0, HEADERS, end=True)
+    _to_server(client, server)
+    queued = client.start_request(1, HEADERS, end=True)  # still in h2's output buffer
+    assert client.streams_started == 2
+    lost = ConnectionClosed("connection lost")
+    assert client.fail(lost)
+    assert sent.error is lost
+    assert isinstance(queued.error, StreamRefused)
+    assert queued.error.__cause__ is lost
+    with pytest.raises(StreamRefused, match="closed before the stream was opened") as info:
+        client.start_request(2, HEADERS, end=True)
+    assert info.value.__cause__ is lost

@@ -1,6 +1,6 @@
-"""LiveKit Agents plugins (Deepgram STT, OpenAI LLM, ElevenLabs TTS) on a PooledSession, against
-the TLS emulators behind a 40 ms round trip. No LiveKit server: the plugins are driven directly,
-as their own tests do (examples/livekit_agent.py)."""
+"""LiveKit Agents on a PooledSession, against the TLS emulators behind a 40 ms round trip: a real
+AgentSession (Deepgram STT, OpenAI LLM, ElevenLabs TTS plugins) started without a LiveKit room,
+its audio in and out set in-process, under a fake JobContext (examples/livekit_agent.py)."""
 
 from __future__ import annotations
 
@@ -40,20 +40,37 @@ def _pool(server: ElevenLabsEmulator, size: int = 1) -> Pool[aiohttp.ClientWebSo
     return Pool(adapter, PoolSettings(concurrency=size, min_size=size), name="tts")
 
 
-async def test_jobs_first_turn_pooled_vs_per_job() -> None:
-    """Jobs one after another (LiveKit runs one job per process): pooled, the first turn costs
-    what later turns cost and nothing misses; per job, the first turn pays the handshakes."""
+async def test_agent_session_first_turn_pooled_vs_per_job() -> None:
+    """Jobs one after another (LiveKit runs one job per process), each a real AgentSession:
+    pooled, every socket opened during the join (no miss, no lease waited for a handshake), the
+    first turn costs what later turns cost, and the job's shutdown closes its pools; per job, the
+    first turn pays the handshakes."""
     async with lk.emulated_services() as stack:
         await lk.run_job(stack, pooled=True, turns=1)  # process warm-up (imports)
-        warm = [await lk.run_job(stack, pooled=True, turns=3) for _ in range(2)]
-        cold = [await lk.run_job(stack, pooled=False, turns=3) for _ in range(2)]
-    for jobs in (warm, cold):
-        assert all(len(j.turn_ms) == 3 for j in jobs)
+        warm = [await lk.run_job(stack, pooled=True, turns=3, join=stack.rtt) for _ in range(2)]
+        cold = [await lk.run_job(stack, pooled=False, turns=3, join=stack.rtt) for _ in range(2)]
+    for job in warm + cold:
+        assert job.transcripts == ["hello there turn0", "hello there turn1", "hello there turn2"]
+    for job in warm:
+        assert (job.misses, job.cold_leases, job.pools_closed) == (0, 0, True)
     first_warm = statistics.median(j.turn_ms[0] for j in warm)
     later_warm = statistics.median(t for j in warm for t in j.turn_ms[1:])
     first_cold = statistics.median(j.turn_ms[0] for j in cold)
-    assert first_warm < later_warm * 1.25
-    assert first_cold > first_warm + 3 * stack.rtt * 1e3  # three services' handshakes
+    assert first_warm < later_warm * 1.5  # room for a stall of a loaded machine (see Pipecat's)
+    # At least the LLM's TCP + TLS round trips (the session prewarms the TTS socket at start).
+    assert first_cold > first_warm + 2 * stack.rtt * 1e3
+
+
+async def test_ten_overlapping_agent_sessions_on_pools() -> None:
+    """Ten jobs at once in this one process (LiveKit's thread executor runs jobs side by side;
+    here they share one loop, the harder case): every job's sockets were opened during its join
+    (no miss, no lease waited for a handshake), every turn was heard, every job's pools closed."""
+    async with lk.emulated_services() as stack:
+        await lk.run_job(stack, pooled=True, turns=1)  # process warm-up (imports)
+        jobs = await lk.run_jobs(stack, pooled=True, jobs=10, turns=2)
+    for job in jobs:
+        assert job.transcripts == ["hello there turn0", "hello there turn1"]
+        assert (job.misses, job.cold_leases, job.pools_closed) == (0, 0, True)
 
 
 async def test_ws_connect_lends_and_close_releases_and_misses_go_to_a_real_session() -> None:

@@ -23,10 +23,10 @@ bot = load_example("pipecat_bot")
 pytestmark = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
-def _first_vs_later(results: list[Any]) -> float:
+def _first_and_later(results: list[Any]) -> tuple[float, float]:
     first = statistics.median(r.turn_ms[0] for r in results)
     later = statistics.median(t for r in results for t in r.turn_ms[1:])
-    return float(first / later)
+    return first, later
 
 
 @pytest.mark.parametrize("tts", ["elevenlabs", "cartesia"])
@@ -45,8 +45,13 @@ async def test_ten_concurrent_calls_pooled_vs_per_call(tts: str) -> None:
     # adds CPU, which a loaded 2-core machine stretches: half the cold start is a safe bound,
     # benchmarks/frameworks.py measures the figure itself.
     assert warm_start < cold_start / 2
-    assert _first_vs_later(warm.results) < 1.25
-    assert _first_vs_later(cold.results) > _first_vs_later(warm.results)
+    # A stall of the whole process (a loaded machine; measured up to ~500 ms) lands on whichever
+    # turns are running, first or later: the pooled bound has room for it (the benchmark gives
+    # the figure, 1.03-1.09), the per-call one asserts the LLM connection its first turn opens.
+    first_warm, later_warm = _first_and_later(warm.results)
+    first_cold, later_cold = _first_and_later(cold.results)
+    assert first_warm < later_warm * 1.5
+    assert first_cold > later_cold + stack.rtt * 1e3  # TCP + TLS: two round trips
 
 
 async def test_pools_follow_the_service_settings_and_sample_rate(
@@ -67,6 +72,78 @@ async def test_pools_follow_the_service_settings_and_sample_rate(
         assert result.turn_ms  # the call still works: on its own connections
         assert pools.index.misses["pipecat"] >= 1
         assert any("voicepool.pool.miss" in r.message for r in caplog.records)
+
+
+def test_each_service_pool_url_is_the_one_it_opens() -> None:
+    """The pool each service declares is filed under the URL it will open: its own settings, and
+    the pipeline's sample rate when it has none of its own (no I/O: declare only)."""
+    pools = pooled.PipecatPools(
+        concurrency=1, audio_in_sample_rate=8000, audio_out_sample_rate=22050
+    )
+    services: list[Any] = [
+        pooled.DeepgramSTTService(api_key="k", base_url="wss://dg.test"),
+        pooled.DeepgramSTTService(api_key="k", base_url="wss://dg.test", sample_rate=16000),
+        pooled.ElevenLabsTTSService(
+            api_key="k",
+            url="wss://el.test",
+            settings=pooled.ElevenLabsTTSService.Settings(voice="v"),
+        ),
+        pooled.CartesiaTTSService(
+            api_key="k",
+            url="wss://ca.test/tts/websocket",
+            settings=pooled.CartesiaTTSService.Settings(voice="v"),
+        ),
+        pooled.OpenAILLMService(api_key="k", base_url="https://oa.test/v1/"),
+        pooled.AnthropicLLMService(api_key="k", base_url="https://an.test"),
+    ]
+    pools.declare(*services)
+    by_host: dict[str, list[str]] = {}
+    for pool in pools.manager.pools.values():
+        url = str(pooled.pool_url(pool))
+        by_host.setdefault(url.split("/")[2], []).append(url)
+    dg8, dg16 = sorted(by_host["dg.test"], key=lambda u: "16000" in u)
+    [elevenlabs], [cartesia] = by_host["el.test"], by_host["ca.test"]
+    [openai], [anthropic] = by_host["oa.test"], by_host["an.test"]
+    assert "sample_rate=8000" in dg8
+    assert "sample_rate=16000" in dg16  # the service's own rate wins
+    assert elevenlabs.startswith("wss://el.test/v1/text-to-speech/v/multi-stream-input?")
+    assert "output_format=pcm_22050" in elevenlabs  # from the pipeline's output rate
+    assert cartesia == "wss://ca.test/tts/websocket"
+    assert openai == "https://oa.test/v1"
+    assert anthropic == "https://an.test"
+    for service in services:  # each service finds its own pool by the URL it opens
+        _kind, url, _adapter = service._voicepool_pool(pools)
+        assert pools.index.find(url) is not None, url
+
+
+async def test_anthropic_llm_in_a_pooled_pipeline() -> None:
+    """The pooled AnthropicLLMService in the pipeline (Messages API over the pooled HTTP/2
+    connection): the call is answered, no miss, no connection opened inside the call."""
+    async with bot.emulated_services() as stack:
+        base = stack.llm.removesuffix("/v1")
+
+        def services() -> list[Any]:
+            stt = pooled.DeepgramSTTService(api_key=bot.KEY, base_url=stack.deepgram)
+            voice = pooled.ElevenLabsTTSService.Settings(voice="v1")
+            tts = pooled.ElevenLabsTTSService(api_key=bot.KEY, url=stack.elevenlabs, settings=voice)
+            llm = pooled.AnthropicLLMService(
+                api_key=bot.KEY,
+                base_url=base,
+                settings=pooled.AnthropicLLMService.Settings(model="voicepool-emulator"),
+            )
+            return [stt, llm, tts]
+
+        pools = pooled.PipecatPools(
+            concurrency=2, audio_in_sample_rate=bot.IN_RATE, audio_out_sample_rate=bot.OUT_RATE
+        )
+        pools.declare(*services())
+        async with pools:
+            connects = stack.emulators["llm"].connections_accepted
+            result = await bot.run_call(services(), turns=2)
+            assert stack.emulators["llm"].connections_accepted == connects  # the pool's only
+        assert result.audio_bytes > 0
+        assert len(result.turn_ms) == 2
+        assert not pools.index.misses
 
 
 async def test_next_call_never_receives_the_previous_calls_audio() -> None:

@@ -12,6 +12,8 @@ import pytest
 pytest.importorskip("pipecat")
 pytest.importorskip("livekit.agents")
 
+from voicepool.manager import ManagerState
+
 from .conftest import load_example
 
 bot = load_example("pipecat_bot")
@@ -52,15 +54,25 @@ async def test_pipecat_snippet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_livekit_snippet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snippet's entrypoint, run as LiveKit would run it, in a fake job whose session has no
+    room: a real AgentSession (the test's subclass only sets its audio in and out, and STT turn
+    detection without an endpointing delay), one user turn, then the job's shutdown."""
+    from livekit.agents import AgentSession
+
     _keys(monkeypatch)
-    heard: list[list[float]] = []
+    sessions: list[Any] = []
 
-    class OneTurnSession:  # stands in for AgentSession.start, which needs a LiveKit room
-        def __init__(self, *, stt: Any, tts: Any, llm: Any) -> None:
-            self.plugins = (stt, llm, tts)
+    class OfflineSession(AgentSession):  # type: ignore[type-arg]
+        def __init__(self, **plugins: Any) -> None:
+            offline = lk.agent_session(**plugins)
+            super().__init__(**plugins, turn_handling=offline.options.turn_handling, vad=None)
+            self.mic, self.sink = lk.SimulatedMic(), lk.FirstAudioSink()
+            sessions.append(self)
 
-        async def start(self, *, room: Any, agent: Any) -> None:
-            heard.append((await lk._turns(*self.plugins, turns=1, start_ms=0.0)).turn_ms)
+        async def start(self, *, room: Any, agent: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            assert room is None  # no LiveKit server here
+            self.input.audio, self.output.audio = self.mic, self.sink
+            return await super().start(agent=agent, **kwargs)
 
     async with bot.emulated_services() as stack:
         monkeypatch.setenv("DEEPGRAM_URL", stack.deepgram + "/v1/listen")
@@ -68,9 +80,20 @@ async def test_livekit_snippet(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("OPENAI_BASE_URL", stack.llm)
         ns: dict[str, Any] = {}
         exec(snippet("Using voicepool with LiveKit Agents"), ns)
-        ns["AgentSession"] = OneTurnSession
-        ctx = lk.FakeJobContext(stack.rtt)
-        ctx.room = None
-        await ns["entrypoint"](ctx)
-    assert len(heard) == 1
-    assert len(heard[0]) == 1
+        ns["AgentSession"] = OfflineSession
+        started: list[Any] = []
+
+        async def start_job_pools(*args: Any, **kwargs: Any) -> Any:
+            started.append(await real_start(*args, **kwargs))
+            return started[-1]
+
+        real_start, ns["start_job_pools"] = ns["start_job_pools"], start_job_pools
+        async with lk.simulated_job(stack.rtt) as ctx:
+            await ns["entrypoint"](ctx)
+            [session], [pools] = sessions, started
+            job = lk.Job(session, session.mic, session.sink, ready_ms=0.0)
+            assert await lk.turn(job, 0) > 0
+    assert session.sink.frames > 0
+    assert not pools.index.misses
+    assert not pools.index.cold  # no lease waited for a handshake: all were opened in the join
+    assert pools.manager.state is ManagerState.CLOSED  # closed by the job's shutdown

@@ -44,6 +44,7 @@ __all__ = [
     "kamailio_available",
     "kamailio_binary",
     "kamailio_has_tls",
+    "options_ok",
     "port_bound",
 ]
 
@@ -379,7 +380,7 @@ request_route {{
                             f"kamailio exited with status {proc.returncode} at start:\n"
                             f"{self.log_tail()}"
                         )
-                    if self.ctl_socket.exists() and await _options_ok(self.host, self.port):
+                    if self.ctl_socket.exists() and await options_ok(self.host, self.port):
                         return
                     # Nothing signals that Kamailio has forked its workers: poll, bounded.
                     await asyncio.sleep(0.02)
@@ -490,8 +491,8 @@ request_route {{
         return f"<Kamailio pid={self.pid} {self.uri} workdir={str(self.workdir)!r}>"
 
 
-async def _options_ok(host: str, port: int) -> bool:
-    """Send one OPTIONS over UDP; True if a 200 comes back within 0.2 s."""
+async def options_ok(host: str, port: int, timeout: float = 0.2) -> bool:
+    """Send one OPTIONS over UDP; True if a 200 comes back within ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     answered: asyncio.Future[bytes] = loop.create_future()
 
@@ -522,7 +523,7 @@ async def _options_ok(host: str, port: int) -> bool:
             cseq=1,
         )
         transport.sendto(request, (host, port))
-        async with asyncio.timeout(0.2):
+        async with asyncio.timeout(timeout):
             data = await answered
         return parse_message(data).status == 200
     except (TimeoutError, OSError, ValueError):

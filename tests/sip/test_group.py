@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -99,7 +100,8 @@ async def test_two_kamailio_carriers_one_stops_calls_go_to_the_other(
     async with Sipp("uas", transport="udp") as uas:
         first = Pool(sip_adapter(carrier_a.uri), fast(), name="carrier_a")
         second = Pool(sip_adapter(carrier_b.uri), fast(), name="carrier_b")
-        async with PoolGroup([first, second], name="pstn", failback_after=60) as group:
+        group = PoolGroup([first, second], name="pstn", failback_after=1.0)
+        async with group:
             assert await carrier_a.binding_count("alice") == 1
             assert await carrier_b.binding_count("alice") == 1  # the standby is registered
             loop = asyncio.get_running_loop()
@@ -113,7 +115,36 @@ async def test_two_kamailio_carriers_one_stops_calls_go_to_the_other(
                 assert lease.pool is second
                 await place_call(lease.conn, f"sip:service@127.0.0.1:{uas.port}")
             assert waited < 0.05
+            # Carrier A returns: new calls go back to it once it stayed READY for failback_after.
+            await carrier_a.start()
+            t_back = loop.time()
+            assert (await switches.next(timeout=8))[:3] == ("carrier_b", "carrier_a", "failback")
+            failback_s = loop.time() - t_back
+            assert failback_s >= 1.0
+            async with group.acquire() as lease:
+                assert lease.pool is first
+                await place_call(lease.conn, f"sip:service@127.0.0.1:{uas.port}")
+            assert second.min_size == 1  # the standby is back to standby_min
+            # Flapping: A goes down for 2.5 s and up for 0.6 s (less than failback_after), 3 times:
+            # at most one failover per failback_after. Down must outlast what it takes to give up
+            # on A: the failed ping (<= ping_interval + ping_timeout, 0.9 s), the jittered refill
+            # (<= 0.1 s) and that reconnect's connect_timeout (1 s). A shorter outage is bridged
+            # by the reconnect (REGISTER retransmits reach the restarted registrar), and A never
+            # turns unavailable: no failover to count (it failed that way 1.2 s down).
+            seen = len(switches.seen)
+            for _ in range(3):
+                await carrier_a.stop()
+                await asyncio.sleep(2.5)  # paces the outage
+                await carrier_a.start()
+                await asyncio.sleep(0.6)
+            flaps = [(at, s) for at, s in zip(switches.at, switches.seen, strict=True)][seen:]
+            failovers = [at for at, s in flaps if not s[3]]
+            assert failovers
+            assert all(b - a >= 1.0 for a, b in itertools.pairwise(failovers))
             print(
                 f"kamailio pair: failover {failover_s * 1e3:.0f} ms after the stop,"
-                f" first acquire on the other carrier {waited * 1e6:.0f} us"
+                f" first acquire on the other carrier {waited * 1e6:.0f} us;"
+                f" fail-back {failback_s:.2f} s after A returned (failback_after 1.0 s);"
+                f" flapping (down 2.5 s, up 0.6 s, x 3): {len(failovers)} failover(s),"
+                f" {len(flaps) - len(failovers)} fail-back(s)"
             )

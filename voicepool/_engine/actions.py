@@ -25,6 +25,7 @@ __all__ = [
     "Fail",
     "Grant",
     "Ping",
+    "QuotaSync",
     "StateChanged",
     "Wake",
 ]
@@ -97,4 +98,19 @@ class Alarm:
     count: int
 
 
-Action = Connect | Close | Ping | Grant | Fail | StateChanged | Wake | Alarm
+@dataclass(frozen=True, slots=True)
+class QuotaSync:
+    """Tell the fleet quota's backend what this pool holds and wants, then report
+    ``core.quota_synced`` (or ``core.quota_failed``): reserve more, refresh the TTL, give back.
+
+    ``want``: tokens wanted; ``claimed``: tokens the pool believes it holds; ``waiting``: callers
+    waiting now (the demand signal); ``busy``: leases in use plus those callers.
+    """
+
+    want: int
+    claimed: int
+    waiting: int
+    busy: int
+
+
+Action = Connect | Close | Ping | Grant | Fail | StateChanged | Wake | Alarm | QuotaSync

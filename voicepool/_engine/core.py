@@ -33,9 +33,11 @@ from voicepool._engine.actions import (
     Fail,
     Grant,
     Ping,
+    QuotaSync,
     StateChanged,
     Wake,
 )
+from voicepool._engine.quota import QuotaGate, QuotaGrant
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
 from voicepool._engine.waitqueue import Waiter, WaitQueue
@@ -118,6 +120,7 @@ class PoolCore(Generic[C]):
         connection_error: Callable[[C], BaseException | None] = _no_error,
         is_fatal: Callable[[BaseException], bool] = _never_fatal,
         use_proves_liveness: bool = True,
+        quota: QuotaGate | None = None,
     ) -> None:
         self.name = name
         self.settings = s = settings
@@ -139,6 +142,8 @@ class PoolCore(Generic[C]):
         # The driver picks the policy (voicepool._engine.warm.sizing_for: settings.warm), so the
         # core never imports the policies built on it.
         self.policy = policy or SizingPolicy()
+        # A fleet quota (voicepool._engine.quota): connects need tokens reserved on its backend.
+        self.quota = quota
         # Backoff caps grow as initial * multiplier ** (step - 1) until backoff_max: the step
         # is clamped first, so a thousand failures in a row never overflow a float.
         self._max_step = (
@@ -339,7 +344,8 @@ class PoolCore(Generic[C]):
         self.waiters.push(waiter)
         self._at(waiter.deadline)
         self._grow(now, out)
-        if len(self.conns) + self.opening >= self.max_size:
+        q = self.quota
+        if len(self.conns) + self.opening >= self.max_size or (q is not None and q.short):
             self.n_exhausted += 1
             waiter.exhausted = True
         return self._end(now, out)
@@ -609,6 +615,9 @@ class PoolCore(Generic[C]):
                 rec.state = _IN_USE  # out of the deque already: _retire must not look there
                 self._retire(rec, "surplus", now, out)
         self._grow(now, out)
+        q = self.quota
+        if q is not None and not q.in_flight and now >= q.sync_due and not self.closing:
+            out.append(self._quota_sync(q))  # the refresh: TTL, demand signal, give back
         self._soonest = self.next_due(now)
         return self._end(now, out)
 
@@ -875,8 +884,11 @@ class PoolCore(Generic[C]):
         err.__cause__ = self.last_error
         return err
 
-    def _retire(self, rec: ConnRecord[C], reason: str, now: float, out: list[Action]) -> None:
-        """Take ``rec`` out of the pool for good; the driver closes it in the background."""
+    def _retire(
+        self, rec: ConnRecord[C], reason: str, now: float, out: list[Action], grow: bool = True
+    ) -> None:
+        """Take ``rec`` out of the pool for good; the driver closes it in the background.
+        ``grow`` False: no replacement (the fleet quota took the slot back)."""
         if rec.state is _CLOSED:
             return
         if rec.state is _IDLE:
@@ -896,10 +908,13 @@ class PoolCore(Generic[C]):
             except ValueError:
                 pass
         self.closed_by[reason] = self.closed_by.get(reason, 0) + 1
+        if self.quota is not None:
+            self.quota.closing.add(rec.id)  # its token is in use until quota_closed
         out.append(Close(rec, reason))
         if not self.closing:
             self._learn_error(rec, now, out)
-            self._grow(now, out)
+            if grow:
+                self._grow(now, out)
 
     def _learn_error(self, rec: ConnRecord[C], now: float, out: list[Action]) -> None:
         """Record the adapter's account of what ended or drained ``rec`` (a protocol error, a
@@ -920,11 +935,146 @@ class PoolCore(Generic[C]):
             self.opening += 1
             out.append(Connect(now, self.generation))
             n -= 1
+        q = self.quota
+        if q is not None:
+            # What the quota refused: ask its backend for more (one ask in flight, paced).
+            q.short = n if n > 0 and len(self.conns) + self.opening < self.max_size else 0
+            if q.short:
+                self._quota_ask(now, out)
 
     def _admit(self, now: float) -> bool:
-        """May the pool open one more connection now? The one place that says so (a fleet quota
-        adds its check here)."""
-        return len(self.conns) + self.opening < self.max_size
+        """May the pool open one more connection now? The one place that says so: below
+        ``max_size``, and within the fleet quota's reservation when there is one."""
+        held = len(self.conns) + self.opening
+        if held >= self.max_size:
+            return False
+        q = self.quota
+        return q is None or q.fits(held + len(q.closing))
+
+    def _quota_held(self, q: QuotaGate) -> int:
+        """Connections the quota counts: open, opening, and closing (the provider counts a
+        stream until its close completes: a replacement must not overlap it)."""
+        return len(self.conns) + self.opening + len(q.closing)
+
+    # -- the fleet quota --------------------------------------------------------------------------
+
+    def _quota_ask(self, now: float, out: list[Action]) -> None:
+        """Ask the backend for the tokens the pool is short of, unless an ask is in flight or a
+        refused one is not due again yet (then the timer comes back at ``retry_at``)."""
+        q = self.quota
+        assert q is not None
+        if q.in_flight or self.closing or self.lifecycle is PoolState.NEW:
+            return
+        if q.yielding and q.closing:
+            return  # giving spares away: the sync that hands them back follows their closes
+        if now < q.retry_at:
+            self._at(q.retry_at)
+            return
+        out.append(self._quota_sync(q))
+
+    def _quota_sync(self, q: QuotaGate) -> QuotaSync:
+        held = self._quota_held(q)
+        waiting = self.waiters.count
+        q.in_flight = True
+        more = 0 if q.yielding else q.short  # a pool giving spares away asks for none
+        want = (held + more) * q.per
+        # Tokens this sync gives back are not usable while it is in flight: a connect admitted
+        # on them meanwhile would be over the reservation the answer confirms.
+        q.granted = min(q.granted, want)
+        return QuotaSync(want, held * q.per, waiting, self._in_use()[0] + waiting)
+
+    def quota_synced(self, grant: QuotaGrant, now: float) -> list[Action]:
+        """The backend answered a :class:`QuotaSync`: the reservation is ``grant.granted`` now.
+
+        Connects it covers start; a refused ask is retried after ``poll`` (callers waiting) or
+        ``refresh``. When the account is at its limit and other workers have callers waiting,
+        idle connections above this pool's fair share (in use plus an equal part of what the
+        fleet does not use) are given up, and so are idle ones the reservation no longer covers
+        (tokens lost while the backend was away): their tokens go back at once."""
+        out: list[Action] = []
+        q = self.quota
+        assert q is not None
+        asked = q.short
+        q.in_flight = False
+        q.online = True
+        q.syncs += 1
+        q.granted = grant.granted
+        q.used, q.holders = grant.used, grant.holders
+        q.others_waiting, q.busy, q.epoch = grant.others_waiting, grant.busy, grant.epoch
+        # On a grid of the refresh period (never later than one period): the pools of a worker
+        # refresh together, in one pipelined round trip.
+        q.sync_due = (math.floor(now / q.refresh) + 1) * q.refresh
+        if self.closing:
+            return self._end(now, out)
+        held = self._quota_held(q)
+        if asked and q.granted < (held + asked) * q.per:
+            q.retry_at = now + (q.poll if self.waiters.count else q.refresh)
+        if q.yielding and (not grant.others_waiting or self.waiters.count):
+            q.yielding = False  # the starved workers are served (or this one starves now)
+        excess = held - q.covered()
+        if grant.others_waiting and grant.used >= q.limit and not self.waiters.count:
+            workers = max(1, grant.workers, grant.holders)
+            share = max(0, q.limit - grant.busy) // workers // q.per
+            excess = max(excess, held - (self._in_use()[0] + share))
+        if excess > 0:
+            spare = [r for r in self.mux_conns if not r.streams] if self.mux else list(self.idle)
+            for rec in spare[:excess]:  # oldest first (the idle deque is LIFO at the right)
+                if not self.mux:
+                    self.idle.remove(rec)
+                    rec.state = _IN_USE  # out of the deque already: _retire must not look there
+                self._retire(rec, "quota", now, out, grow=False)
+            # Given up: not usable here from now, whatever Redis says; the tokens go back as
+            # soon as their closes complete (quota_closed), not at the next refresh, and
+            # until the starved are served this pool asks for nothing more.
+            q.granted = min(q.granted, (len(self.conns) + self.opening) * q.per)
+            q.yielding = True
+            if not q.closing:
+                out.append(self._quota_sync(q))
+        if not q.in_flight:
+            self._grow(now, out)
+        if self.warming and not self.opening:
+            # Warm-up waits for no more than the quota gave: boot is ready with fewer spares.
+            self.warming = False
+            self.lifecycle = PoolState.READY
+        self._at(q.sync_due)
+        return self._end(now, out)
+
+    def quota_closed(self, rec: ConnRecord[C], now: float) -> list[Action]:
+        """The driver finished closing ``rec``: its token is free for a replacement now."""
+        out: list[Action] = []
+        q = self.quota
+        if q is None or rec.id not in q.closing:
+            return out
+        q.closing.discard(rec.id)
+        if not self.closing:
+            if q.yielding and not q.closing and not q.in_flight:
+                out.append(self._quota_sync(q))  # hand the given-up tokens back now
+            self._grow(now, out)
+        return self._end(now, out)
+
+    def quota_cancelled(self) -> None:
+        """A :class:`QuotaSync` was cancelled (the pool is closing): none is in flight now."""
+        if self.quota is not None:
+            self.quota.in_flight = False
+
+    def quota_failed(self, now: float) -> list[Action]:
+        """A :class:`QuotaSync` failed (backend down or slow). The pool keeps serving from its
+        reservation and opens nothing beyond it; the next sync, after ``refresh``, reconciles.
+        The driver logs the first failure of an outage (``quota.online`` is still True then)."""
+        out: list[Action] = []
+        q = self.quota
+        assert q is not None
+        q.in_flight = False
+        q.online = False
+        q.backend_errors += 1
+        q.retry_at = q.sync_due = now + q.refresh
+        if self.warming and not self.opening:
+            self.warming = False
+            self.lifecycle = PoolState.READY
+        if not self.closing:
+            self._grow(now, out)  # within the reservation still
+            self._at(q.sync_due)
+        return self._end(now, out)
 
     def _connects_wanted(self, now: float) -> int:
         """How many connects to start now: the sizing decision, in one method.
@@ -1043,6 +1193,11 @@ class PoolCore(Generic[C]):
             due = min(due, refill[0])
         if self.retry_at > now:
             due = min(due, self.retry_at)
+        q = self.quota
+        if q is not None and not q.in_flight:
+            due = min(due, q.sync_due)
+            if q.short and q.retry_at > now:
+                due = min(due, q.retry_at)
         return min(due, self.window.end, self.policy.due(now))
 
     @property
@@ -1065,8 +1220,26 @@ class PoolCore(Generic[C]):
         extra = extra_waiter
         return (
             f"pool {self.name!r} exhausted: no connection within {timeout:g}s"
+            f"{self.quota_limited()}"
             f" (size={size}/{self.max_size}, in_use={in_use}, idle={size - in_use},"
             f" opening={self.opening}, waiters={self.waiters.count + extra}){cause}"
+        )
+
+    def quota_limited(self) -> str:
+        """Why the fleet quota holds this pool back, or "" when it does not."""
+        q = self.quota
+        if q is None or len(self.conns) + self.opening >= self.max_size:
+            return ""
+        if q.fits(self._quota_held(q)):
+            return ""
+        if not q.online:
+            return (
+                f": fleet quota {q.key!r} backend unreachable; serving from the reservation of"
+                f" {q.granted} of limit {q.limit}, opening nothing beyond it"
+            )
+        return (
+            f": fleet quota {q.key!r} at its limit ({q.used}/{q.limit} tokens held by"
+            f" {q.holders} workers; this worker holds {q.granted})"
         )
 
     def _in_use(self) -> tuple[int, int]:
@@ -1104,7 +1277,23 @@ class PoolCore(Generic[C]):
             waited=self.n_waited,
             warm_target=self.warm_target,
             idle_time=self.idle_time,
+            **self._quota_stats(),
         )
+
+    def _quota_stats(self) -> dict[str, Any]:
+        q = self.quota
+        if q is None:
+            return {}
+        return {
+            "quota_key": q.key,
+            "quota_limit": q.limit,
+            "quota_reserved": q.granted,
+            "quota_used": self._quota_held(q) * q.per,
+            "quota_fleet_used": q.used,
+            "quota_holders": q.holders,
+            "quota_backend_errors": q.backend_errors,
+            "quota_blocked": bool(self.quota_limited()),
+        }
 
     def check(self) -> None:
         """Assert every invariant of the bookkeeping (tests call it after each step)."""
@@ -1139,4 +1328,5 @@ class PoolCore(Generic[C]):
                 or len(self.conns) >= self.max_size
                 or (self.mux and any(r.suspect or r.pinging for r in self.mux_conns))
                 or any(r.state is _PINGING for r in self.conns.values())
+                or (self.quota is not None and (self.quota.in_flight or self.quota.short > 0))
             ), "a waiter waits for nothing"

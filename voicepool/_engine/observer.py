@@ -66,6 +66,11 @@ class PoolObserver:
     def on_closed(self, pool: _Pool, reason: str) -> None:
         """A connection was retired for ``reason``."""
 
+    def on_lost_in_use(self, pool: _Pool, reason: str) -> None:
+        """A leased connection (or one with streams) was closed by its peer (``reason``: the
+        adapter's close reason, else ``remote_closed``). The pool retires it when its lease
+        ends, which is when :meth:`on_closed` is called; this is the news, as it happens."""
+
     def on_state(self, pool: _Pool, old: PoolState, new: PoolState) -> None:
         """The pool's circuit or lifecycle state changed."""
 

@@ -48,6 +48,17 @@ class PoolStats:
     waited: int = 0  # acquires that queued (for a handshake or a release); the rest were warm
     warm_target: int = 0  # the warm floor last computed (adaptive: in use plus spares)
     idle_time: float = 0.0  # socket-seconds open while idle (what a time-billed provider bills)
+    # Fleet quota (None / 0 without one): its key and limit, the tokens this pool reserved, those
+    # its connections use, those the fleet uses, workers holding, failed backend round trips, and
+    # whether the quota is what holds a connect back now.
+    quota_key: str | None = None
+    quota_limit: int = 0
+    quota_reserved: int = 0
+    quota_used: int = 0
+    quota_fleet_used: int = 0
+    quota_holders: int = 0
+    quota_backend_errors: int = 0
+    quota_blocked: bool = False
 
     @property
     def warm_share(self) -> float:

@@ -9,9 +9,10 @@ place); any other URL, and every other method (``post``, ``get``...), goes to a 
 (``voicepool.pool.miss``).
 
 LiveKit runs one job per process (or per thread, each with its own event loop), so the pools are
-the job's: :func:`job_pools` reads each plugin's URL from the plugin itself (its own settings),
-builds the pools, and starts them concurrently with ``ctx.connect()``, so the handshakes overlap
-the room join instead of the first turn; it closes them at the job's shutdown. What a per-job pool
+the job's: :func:`start_job_pools` reads each plugin's URL from the plugin itself (its own
+settings), builds the pools, and starts them concurrently with ``ctx.connect()``, so the handshakes
+overlap the room join instead of the first turn; it registers their close as a shutdown callback of
+the JobContext (the entrypoint returns while the AgentSession runs on). What a per-job pool
 buys: no handshake on the first turn, health checks and replacement of a dead socket before a turn
 needs it, bounded streams and contexts, the circuit (a down provider fails a turn in microseconds),
 telemetry. What it cannot do: share warm sockets across jobs (each job process pays its own
@@ -25,9 +26,9 @@ raises :class:`~voicepool.PoolLoopError` at once instead of hanging.
         session = PooledSession()
         stt = deepgram.STT(http_session=session)
         tts = elevenlabs.TTS(http_session=session)
-        async with job_pools(ctx, session, stt, tts, llm=llm_pool_settings) as pools:
-            llm = openai.LLM(client=voicepool.integrations.openai.client(pools.llm))
-            ...
+        pools = await start_job_pools(ctx, session, stt, tts, llm=Http2Adapter(...))
+        llm = openai.LLM(client=voicepool.integrations.openai.client(pools.llm))
+        await AgentSession(stt=stt, llm=llm, tts=tts).start(room=ctx.room, agent=...)
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from voicepool.manager import PoolManager
 from voicepool.pool import Pool
 from voicepool.pool_settings import PoolSettings
 
-__all__ = ["JobPools", "PooledSession", "job_pools", "socket_adapter"]
+__all__ = ["JobPools", "PooledSession", "job_pools", "socket_adapter", "start_job_pools"]
 
 FRAMEWORK = "livekit"
 _PROVIDERS = ("deepgram", "elevenlabs", "cartesia")
@@ -181,12 +182,88 @@ async def discover(
 
 @dataclass
 class JobPools:
-    """What :func:`job_pools` yields: the job's manager, its index, and the LLM pool if any."""
+    """What :func:`start_job_pools` returns: the job's manager, its index, the LLM pool if any,
+    the socket pools by name, and the :class:`PooledSession` they serve."""
 
     manager: PoolManager
     index: PoolIndex
     llm: Pool[Any] | None = None
     sockets: dict[str, Pool[Any]] = field(default_factory=dict)
+    session: PooledSession | None = None
+    plugins: tuple[Any, ...] = ()
+
+    async def aclose(self) -> None:
+        """Close the job's plugins (a TTS plugin keeps its socket for the next turn until its
+        ``aclose()``: that releases the lease), then the pools (leases drain first, see
+        PoolManager.aclose) and the session's own aiohttp session. Idempotent."""
+        try:
+            for plugin in self.plugins:
+                await plugin.aclose()
+        finally:
+            try:
+                await self.manager.aclose()
+            finally:
+                if self.session is not None:
+                    await self.session.close()
+
+
+async def start_job_pools(
+    ctx: Any,
+    session: PooledSession,
+    *plugins: Any,
+    llm: Adapter[Any] | None = None,
+    concurrency: int = 1,
+    ca_file: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> JobPools:
+    """Start the job's pools concurrently with ``ctx.connect()``; close them at the job's shutdown.
+
+    ``plugins``: LiveKit STT/TTS plugins built with ``http_session=session`` (their URLs are
+    read from them, see :func:`discover`). ``llm``: an ``Http2Adapter`` for the LLM pool (then
+    ``pools.llm``). ``concurrency``: sockets each pool keeps warm (a job is one call:
+    1 and a spare). ``ctx``: the JobContext (anything with ``async connect()``; None to skip the
+    join); when it has ``add_shutdown_callback`` (a JobContext does), :meth:`JobPools.aclose` is
+    registered there: the entrypoint returns once ``AgentSession.start()`` has, while the
+    session keeps using the pools until the job shuts down. Without it, the caller closes them
+    (or uses :func:`job_pools`). Raises PoolUnavailable when a pool cannot open a single
+    connection (the room join is awaited first, so its error wins); on any error or
+    cancellation every pool is closed before it propagates.
+    """
+    manager = PoolManager()
+    out = JobPools(manager, session.index, session=session, plugins=plugins)
+    tls: dict[str, Any] = {} if ca_file is None else {"ca_file": ca_file}
+    extra = dict(settings or {})
+    try:
+        for plugin in plugins:
+            url, headers = await discover(session, plugin)
+            if session.index.find(url) is not None:
+                continue
+            provider = _provider_of(plugin)
+            spares = PoolSettings(concurrency=concurrency, min_size=concurrency + 1, **extra)
+            name = f"{provider}-{len(manager) + 1}"
+            adapter = socket_adapter(provider, url, headers, **tls)
+            pool = manager.add_adapter(name, adapter, spares)
+            session.index.add(pool, url=url)
+            out.sockets[name] = pool
+        if llm is not None:
+            pool_settings = PoolSettings(concurrency=concurrency, **extra)
+            out.llm = manager.add_adapter("llm", llm, pool_settings)
+            session.index.add(out.llm)
+        if ctx is not None:
+            await asyncio.gather(ctx.connect(), manager.start())
+        else:
+            await manager.start()
+        if out.llm is not None:
+            from voicepool.integrations.openai import client
+
+            client(out.llm)  # the SDK's first-use imports, during the join (no I/O)
+    except BaseException:
+        await manager.aclose()
+        raise
+    register = getattr(ctx, "add_shutdown_callback", None)
+    if register is not None:
+        register(out.aclose)
+    return out
 
 
 @contextlib.asynccontextmanager
@@ -199,41 +276,20 @@ async def job_pools(
     ca_file: str | None = None,
     settings: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[JobPools]:
-    """The job's pools, started concurrently with ``ctx.connect()``, closed on exit.
-
-    ``plugins``: LiveKit STT/TTS plugins built with ``http_session=session`` (their URLs are
-    read from them, see :func:`discover`). ``llm``: an ``Http2Adapter`` for the LLM pool (then
-    ``pools.llm``). ``concurrency``: sockets each pool keeps warm (a job is one call:
-    1 and a spare). ``ctx``: the JobContext (anything with ``async connect()``; None to skip).
-    Raises PoolUnavailable when a pool cannot open a single connection (the room join is
-    awaited first, so its error wins). Cancellation-safe: every pool is closed.
-    """
-    manager = PoolManager()
-    out = JobPools(manager, session.index)
-    tls: dict[str, Any] = {} if ca_file is None else {"ca_file": ca_file}
-    extra = dict(settings or {})
-    for plugin in plugins:
-        url, headers = await discover(session, plugin)
-        if session.index.find(url) is not None:
-            continue
-        provider = _provider_of(plugin)
-        spares = PoolSettings(concurrency=concurrency, min_size=concurrency + 1, **extra)
-        name = f"{provider}-{len(manager) + 1}"
-        pool = manager.add_adapter(name, socket_adapter(provider, url, headers, **tls), spares)
-        session.index.add(pool, url=url)
-        out.sockets[name] = pool
-    if llm is not None:
-        out.llm = manager.add_adapter("llm", llm, PoolSettings(concurrency=concurrency, **extra))
-        session.index.add(out.llm)
+    """:func:`start_job_pools` as a context manager: the pools (and the session's own aiohttp
+    session) are closed on exit, for code that owns the job's lifetime itself (a test, a worker
+    without a JobContext). Pass a ``ctx`` without ``add_shutdown_callback`` here (or None):
+    a JobContext would close them a second time at shutdown, harmlessly. Cancellation-safe."""
+    pools = await start_job_pools(
+        ctx,
+        session,
+        *plugins,
+        llm=llm,
+        concurrency=concurrency,
+        ca_file=ca_file,
+        settings=settings,
+    )
     try:
-        if ctx is not None:
-            await asyncio.gather(ctx.connect(), manager.start())
-        else:
-            await manager.start()
-        if out.llm is not None:
-            from voicepool.integrations.openai import client
-
-            client(out.llm)  # the SDK's first-use imports, during the join (no I/O)
-        yield out
+        yield pools
     finally:
-        await manager.aclose()
+        await pools.aclose()

@@ -224,6 +224,46 @@ class Instruments:
             unit="{acquire}",
             description="Acquires that queued; warm share = 1 - waited / acquires.",
         )
+
+        def quota(get: Callable[[PoolStats], float]) -> list[_Callback]:
+            return gauge_cb(
+                lambda s: (
+                    [(get(s), ((n.ATTR_POOL_NAME, s.name), (n.ATTR_QUOTA_KEY, s.quota_key)))]
+                    if s.quota_key is not None
+                    else []
+                )
+            )
+
+        up_down(
+            n.QUOTA_RESERVED,
+            quota(lambda s: s.quota_reserved),
+            unit="{token}",
+            description="Fleet quota tokens this pool holds in the backend (its reservation).",
+        )
+        up_down(
+            n.QUOTA_USED,
+            quota(lambda s: s.quota_used),
+            unit="{token}",
+            description="Fleet quota tokens backing this pool's open and opening connections.",
+        )
+        up_down(
+            n.QUOTA_LIMIT,
+            quota(lambda s: s.quota_limit),
+            unit="{token}",
+            description="The fleet quota's limit (the provider account's concurrency).",
+        )
+        up_down(
+            n.QUOTA_FLEET_USED,
+            quota(lambda s: s.quota_fleet_used),
+            unit="{token}",
+            description="Fleet quota tokens held by every worker, as of this pool's last sync.",
+        )
+        counter(
+            n.QUOTA_BACKEND_ERRORS,
+            quota(lambda s: s.quota_backend_errors),
+            unit="{error}",
+            description="Fleet quota round trips that failed (backend down or slow).",
+        )
         up_down(
             n.POOL_STATE,
             gauge_cb(state),

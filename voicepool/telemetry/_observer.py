@@ -149,7 +149,7 @@ def pool_attrs(pool: Pool[Any]) -> _Attrs:
     s = safe_stats(pool)
     if s is None:
         return {n.ATTR_POOL_NAME: pool.name}
-    return {
+    attrs: _Attrs = {
         n.ATTR_POOL_NAME: s.name,
         n.ATTR_SIZE: s.size,
         n.ATTR_MAX_SIZE: s.max_size,
@@ -158,6 +158,12 @@ def pool_attrs(pool: Pool[Any]) -> _Attrs:
         n.ATTR_OPENING: s.opening,
         n.ATTR_WAITERS: s.waiters,
     }
+    if s.quota_blocked and s.quota_key is not None:
+        # The fleet quota, not this pool's max_size, is what the caller waits for.
+        attrs[n.ATTR_EXHAUSTED_BY] = "fleet_quota"
+        attrs[n.ATTR_QUOTA_KEY] = s.quota_key
+        attrs[n.ATTR_QUOTA_LIMIT] = s.quota_limit
+    return attrs
 
 
 class OtelObserver(PoolObserver):

@@ -31,6 +31,13 @@ WARM_TARGET: Final = "voicepool.pool.warm_target"  # {connection}: the warm floo
 # {acquire}, counter: acquires that queued; the share served warm is 1 - waited / acquires
 ACQUIRES_WAITED: Final = "voicepool.connection.acquires.waited"
 
+# -- metrics of fleet quotas (observable; attrs voicepool.pool.name, voicepool.quota.key) ---------
+QUOTA_RESERVED: Final = "voicepool.quota.reserved"  # {token}: held in the backend by this pool
+QUOTA_USED: Final = "voicepool.quota.used"  # {token}: backing this pool's open connections
+QUOTA_LIMIT: Final = "voicepool.quota.limit"  # {token}: the account's limit
+QUOTA_FLEET_USED: Final = "voicepool.quota.fleet_used"  # {token}: held fleet-wide (last sync)
+QUOTA_BACKEND_ERRORS: Final = "voicepool.quota.backend_errors"  # {error}, counter
+
 # -- metrics (histograms, recorded off the fast path; counter recorded per alarm window) --------
 CREATE_TIME: Final = "voicepool.connection.create_time"  # s, attr error.type on failure
 WAIT_TIME: Final = "voicepool.connection.wait_time"  # s
@@ -82,6 +89,9 @@ ATTR_ALARM_P95: Final = "voicepool.alarm.wait_p95"  # seconds
 ATTR_ALARM_THRESHOLD: Final = "voicepool.alarm.threshold"  # seconds
 ATTR_ALARM_WINDOW: Final = "voicepool.alarm.window"  # seconds
 ATTR_ALARM_FIRING: Final = "voicepool.alarm.firing"
+ATTR_QUOTA_KEY: Final = "voicepool.quota.key"
+ATTR_QUOTA_LIMIT: Final = "voicepool.quota.limit"
+ATTR_EXHAUSTED_BY: Final = "voicepool.exhausted.by"  # "fleet_quota" when the quota held it back
 ATTR_GROUP_NAME: Final = "voicepool.group.name"
 ATTR_GROUP_MEMBER: Final = "voicepool.group.member"  # the member pool that served the lease
 ATTR_GROUP_FROM: Final = "voicepool.group.from"  # member that served before a switch

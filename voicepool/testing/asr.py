@@ -15,6 +15,10 @@ Each behaviour follows docs/providers.md (which names the source of every fact):
 * ``vad_events=true``: ``SpeechStarted`` when speech follows silence. ``utterance_end_ms=N``
   (with ``interim_results=true``): ``UtteranceEnd`` once N ms of audio without a word follow
   the last word.
+* ``endpointing=N`` (ms; only when the emulator is built with ``endpointing=True``): once N ms
+  of audio without a word follow a word, a final ``Results`` with ``speech_final: true`` (the end
+  of an utterance, as Deepgram's endpointing sends it; absent, Deepgram's default 10 ms;
+  ``false``: off). Off by default so tests that count results are not changed by silence.
 * No audio and no text keepalive for ``idle_timeout`` (Deepgram: about 10 s) closes the socket
   with 1011 ``NET-0001``. WebSocket pings do not count.
 
@@ -59,6 +63,8 @@ class _Stream:
         # UtteranceEnd works from interim results: Deepgram requires interim_results=true.
         self.utterance_end = int(ms) / 1000 if ms.isdigit() and self.interim else None
         self.model = q.get("model", "nova-3")
+        self.endpointing: float | None = None  # seconds of silence that end an utterance
+        self.silence = 0.0  # seconds of audio without a word since the last word
         self.words: list[dict[str, Any]] = []  # heard since the last final result
         self.speaking = False  # the last frame had words
         self.last_word_end: float | None = None  # no UtteranceEnd due when None
@@ -85,7 +91,10 @@ class _Stream:
                 word = {"word": token.lower(), "start": round(start, 4), "end": round(end, 4)}
                 self.words.append({**word, "confidence": 0.99, "punctuated_word": token})
             self.last_word_end = at + seconds
-        elif (
+            self.silence = 0.0
+        else:
+            self.silence += seconds
+        if not tokens and (
             self.last_word_end is not None
             and self.utterance_end is not None
             and at + seconds - self.last_word_end >= self.utterance_end
@@ -120,10 +129,17 @@ class _Stream:
             },
         }
         if final:
+            self.silence = 0.0
             self.start += self.pending
             self.pending = 0.0
             self.words = []
         return msg
+
+    def endpointed(self) -> bool:
+        """Whether the silence since the last word now ends the utterance (see ``endpointing``)."""
+        return (
+            bool(self.words) and self.endpointing is not None and (self.silence >= self.endpointing)
+        )
 
     def configure(self, control: dict[str, Any]) -> dict[str, Any]:
         """The answer to a ``Configure`` message (ConfigureSuccess or ConfigureFailure)."""
@@ -145,8 +161,9 @@ class DeepgramEmulator(WebSocketEmulator):
     """Deepgram-like live ASR. ``server.url`` is the base URL; the path is ``/v1/listen``.
 
     Extra counters: ``keepalives`` (text), ``binary_keepalives`` (ignored), ``finalizes``,
-    ``close_streams``, ``audio_bytes``, ``results_sent``. ``result_delay`` adds a processing delay
-    before each ``Results`` (0 by default).
+    ``close_streams``, ``audio_bytes``, ``results_sent``, ``endpoints``. ``result_delay`` adds a
+    processing delay before each ``Results`` (0 by default). ``endpointing``: honour the
+    ``endpointing`` query parameter (see the module doc).
     """
 
     name: ClassVar[str] = "deepgram-emulator"
@@ -157,9 +174,13 @@ class DeepgramEmulator(WebSocketEmulator):
     idle_close_reason: ClassVar[str] = "NET-0001"
     path: ClassVar[str] = "/v1/listen"
 
-    def __init__(self, *, result_delay: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self, *, result_delay: float = 0.0, endpointing: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.result_delay = result_delay
+        self.endpointing = endpointing
+        self.endpoints = 0
         self.keepalives = 0
         self.binary_keepalives = 0
         self.finalizes = 0
@@ -186,6 +207,8 @@ class DeepgramEmulator(WebSocketEmulator):
 
     async def serve_session(self, session: EmulatorSession) -> None:
         stream = _Stream(session)
+        if self.endpointing:
+            stream.endpointing = _endpointing(session.query.get("endpointing", "10"))
         ws = session.ws
         while True:
             message = await ws.recv()
@@ -201,7 +224,10 @@ class DeepgramEmulator(WebSocketEmulator):
                 self.audio_bytes += len(message)
                 for event in stream.hear(message, stream.seconds(len(message))):
                     await self._send(session, event)
-                if stream.interim:
+                if stream.endpointed():
+                    self.endpoints += 1
+                    await self._send(session, stream.results(final=True))
+                elif stream.interim:
                     await self._send(session, stream.results(final=False))
                 continue
             try:
@@ -257,6 +283,11 @@ class DeepgramEmulator(WebSocketEmulator):
             },
         )
         await session.close(1000, "")
+
+
+def _endpointing(value: str) -> float | None:
+    """The ``endpointing`` query value as seconds; None when off (``false``, ``0``, non-numeric)."""
+    return int(value) / 1000 if value.isdigit() and int(value) > 0 else None
 
 
 def _is_control(frame: bytes) -> bool:
