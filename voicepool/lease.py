@@ -10,13 +10,15 @@ import asyncio
 from threading import get_ident as _get_ident
 from collections.abc import Awaitable
 from types import TracebackType
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from voicepool._engine.record import ConnState
+from voicepool._engine.waitqueue import GRANTED
 from voicepool.errors import LeaseReleased
 
 if TYPE_CHECKING:
     from voicepool._engine.record import ConnRecord
+    from voicepool._engine.waitqueue import WaitQueue
     from voicepool.pool import Pool  # (pool <-> lease: the driver and its hot path)
 
 C = TypeVar("C")
@@ -24,6 +26,17 @@ C = TypeVar("C")
 _NEW, _HELD, _RELEASED, _DISCARDED = 0, 1, 2, 3  # _DISCARDED: held, discard() called
 _IDLE, _IN_USE = ConnState.IDLE, ConnState.IN_USE  # module constants: no enum lookups per call
 _MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
+
+
+def _hand_off(waiters: WaitQueue, rec: ConnRecord[Any]) -> None:
+    """Grant ``rec`` (proven, in use) to the first live waiter: core._deliver's grant, inlined."""
+    w = waiters.pop()
+    assert w is not None  # waiters.count > 0
+    w.state = GRANTED
+    w.rec = rec
+    fut = w.future
+    if not fut.done():  # (cancelled, not yet given up: its give_up passes the grant on)
+        fut.set_result(None)
 
 
 class Lease(Generic[C]):
@@ -129,7 +142,18 @@ class Lease(Generic[C]):
                     pool._core.n_acquired += 1
                     self._state = _HELD
                     return self
-        await pool._acquire(self)
+        if pool._instrumented:
+            await pool._acquire(self)
+        else:
+            # Queue and wait here, not in a coroutine of the pool's: no coroutine per waiter.
+            waiter = pool._begin(self)
+            if waiter is not None:
+                try:
+                    await waiter.future
+                except BaseException as exc:
+                    pool._abandon(waiter, exc)
+                    raise
+                pool._served(self, waiter)
         self._state = _HELD
         return self
 
@@ -149,11 +173,19 @@ class Lease(Generic[C]):
                 clock = pool._clock  # (an attribute, then a call: LOAD_METHOD on it is slow)
                 now = clock()
                 rec.last_used = now
-                if rec.expires > now and not pool._waiters.count:
-                    self._state = _RELEASED
-                    rec.state = _IDLE
-                    pool._idle.append(rec)
-                    return pool._done
+                if rec.expires > now:
+                    waiters = pool._waiters
+                    if not waiters.count:
+                        self._state = _RELEASED
+                        rec.state = _IDLE
+                        pool._idle.append(rec)
+                        return pool._done
+                    if rec.proven:
+                        # The contended hand-off: what core.released would do (nothing else
+                        # changes: no proof, no state, no connect), without its action list.
+                        self._state = _RELEASED
+                        _hand_off(waiters, rec)
+                        return pool._done
                 self._state = _RELEASED
                 pool._apply(pool._core.released(rec, now, "ok"))
                 return pool._done
@@ -187,14 +219,20 @@ class Lease(Generic[C]):
                     if check is not None and not check(rec.conn):
                         pool._reset_failed(rec, now, ConnectionError("closed by its reset"))
                         return pool._done
-                if rec.expires > now and not pool._waiters.count:
+                if rec.expires > now:
                     # Back to idle, nobody waiting: what core.released would do, without its
                     # actions. (A closing pool has expired every connection: those go through
                     # the core.)
-                    self._state = _RELEASED
-                    rec.state = _IDLE
-                    pool._idle.append(rec)
-                    return pool._done
+                    waiters = pool._waiters
+                    if not waiters.count:
+                        self._state = _RELEASED
+                        rec.state = _IDLE
+                        pool._idle.append(rec)
+                        return pool._done
+                    if rec.proven:
+                        self._state = _RELEASED
+                        _hand_off(waiters, rec)
+                        return pool._done
                 self._state = _RELEASED
                 pool._apply(pool._core.released(rec, now, "ok"))
                 return pool._done

@@ -415,7 +415,24 @@ class Pool(Generic[C]):
     async def _acquire(self, lease: Lease[C], traced: bool = False) -> None:
         """Take without waiting, else queue FIFO; see :meth:`acquire` for what escapes.
 
-        ``traced``: called by :meth:`_acquire_instrumented`, which wraps this one."""
+        ``traced``: called by :meth:`_acquire_instrumented`, which wraps this one. (Lease does
+        the same itself, without this coroutine, for a pool that is not instrumented.)"""
+        if self._instrumented and not traced:
+            self._check_caller()
+            await self._acquire_instrumented(lease)
+            return
+        waiter = self._begin(lease)
+        if waiter is None:
+            return
+        try:
+            await waiter.future
+        except BaseException as exc:
+            self._abandon(waiter, exc)
+            raise
+        self._served(lease, waiter)
+
+    def _check_caller(self) -> None:
+        """Raises PoolClosed / PoolError (not started) / PoolLoopError."""
         if not self._started:
             if self._close_task is not None:
                 raise PoolClosed(f"pool {self.name!r} is closed", pool=self.name)
@@ -423,12 +440,14 @@ class Pool(Generic[C]):
                 f"pool {self.name!r} is not started: use `async with pool` or await pool.start()",
                 pool=self.name,
             )
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
+        if self._owner._thread_id != threading.get_ident():  # (see Lease.__aenter__)
             raise self._wrong_loop()
-        if self._instrumented and not traced:
-            await self._acquire_instrumented(lease)
-            return
+
+    def _begin(self, lease: Lease[C]) -> Waiter | None:
+        """Lend at once (returns None) or queue a waiter whose ``future`` the caller awaits, then
+        hands to :meth:`_served` or, if that await raised, to :meth:`_abandon`. Synchronous:
+        nothing is queued if it raises (the errors of :meth:`acquire`)."""
+        self._check_caller()
         core = self._core
         t0 = self._clock()
         if not core.closing:
@@ -437,9 +456,10 @@ class Pool(Generic[C]):
                 self._apply(actions)
             if rec is not None:
                 self._lend(lease, rec, rec.seq if self._mux else None, t0)
-                return
+                return None
         timeout = self.settings.acquire_timeout if lease._timeout is None else lease._timeout
-        fut: asyncio.Future[None] = loop.create_future()
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
         waiter = Waiter(t0 + timeout, timeout, fut)
         self._apply(core.wait(waiter, t0))
         if fut.done():  # failed at once: closed, circuit open, or no retry in time
@@ -452,25 +472,30 @@ class Pool(Generic[C]):
         if waiter.exhausted:
             for obs in self._observers:
                 obs.on_exhausted(self)
-        try:
-            await fut
-        except BaseException as exc:
-            now = self._clock()
-            waited = now - t0
-            # Undo: a grant this caller never took passes to the next waiter.
-            self._apply(core.give_up(waiter, now))
-            if isinstance(exc, PoolExhausted):
-                core.timed_out(waited)
-                for obs in self._observers:
-                    obs.on_timeout(self, waited, exc)
-            else:
-                for obs in self._observers:
-                    obs.on_wait_failed(self, waited, exc)
-            raise
+        return waiter
+
+    def _abandon(self, waiter: Waiter, exc: BaseException) -> None:
+        """The await of a queued waiter raised ``exc`` (timeout, cancelled): undo; a grant this
+        caller never took passes to the next waiter."""
+        core = self._core
         now = self._clock()
-        core.served(waiter, now - t0)
+        waited = now - (waiter.deadline - waiter.timeout)
+        self._apply(core.give_up(waiter, now))
+        if isinstance(exc, PoolExhausted):
+            core.timed_out(waited)
+            for obs in self._observers:
+                obs.on_timeout(self, waited, exc)
+        else:
+            for obs in self._observers:
+                obs.on_wait_failed(self, waited, exc)
+
+    def _served(self, lease: Lease[C], waiter: Waiter) -> None:
+        """A queued waiter's grant arrived: the lease holds it."""
+        now = self._clock()
+        waited = now - (waiter.deadline - waiter.timeout)
+        self._core.served(waiter, waited)
         for obs in self._observers:
-            obs.on_waited(self, now - t0)
+            obs.on_waited(self, waited)
         rec = waiter.rec
         assert rec is not None
         self._lend(lease, rec, waiter.stream_id, now)
