@@ -142,6 +142,31 @@ class Lease(Generic[C]):
                     pool._core.n_acquired += 1
                     self._state = _HELD
                     return self
+        elif pool._mux_fast and pool._owner._thread_id == _get_ident():
+            # A MULTIPLEXED stream hit, inlined: core._take_stream's choice (the least-loaded
+            # connection with room that is not suspect) when it is not the last free stream
+            # (that one goes through the core, which opens another connection).
+            core = pool._core
+            best = None
+            load = 1 << 30
+            free = 0
+            for rec in core.mux_conns:
+                room = rec.cap - rec.streams
+                if room > 0 and not rec.suspect:
+                    free += room
+                    if rec.streams < load:
+                        best = rec
+                        load = rec.streams
+            if best is not None and free > 1 and not core.closing:
+                check = pool._check_open
+                if check is None or check(best.conn):
+                    best.streams += 1
+                    best.seq += 1
+                    core.n_acquired += 1
+                    self._rec = best
+                    self._sid = best.seq
+                    self._state = _HELD
+                    return self
         if pool._instrumented:
             await pool._acquire(self)
         else:
@@ -189,6 +214,26 @@ class Lease(Generic[C]):
                 self._state = _RELEASED
                 pool._apply(pool._core.released(rec, now, "ok"))
                 return pool._done
+            if pool._mux_fast:  # MULTIPLEXED, the base release_stream, no observers
+                rec = self._rec
+                clock = pool._clock
+                now = clock()
+                check = pool._check_open
+                if (
+                    rec.proven
+                    and rec.cap
+                    and rec.expires > now
+                    and rec.state is _IN_USE
+                    and not pool._waiters.count
+                    and (check is None or check(rec.conn))
+                ):
+                    # The adapter keeps the connection (its base release_stream answers
+                    # is_open), nobody waits for the stream, nothing to prove or retire: what
+                    # core.stream_released would do, without its actions.
+                    self._state = _RELEASED
+                    rec.streams -= 1
+                    rec.last_used = now
+                    return pool._done
             if pool._plain:  # EXCLUSIVE, no leak watching or acquire tracing
                 rec = self._rec
                 clock = pool._clock
