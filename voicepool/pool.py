@@ -153,6 +153,7 @@ class Pool(Generic[C]):
         self._is_open = adapter.is_open
         self._check_open = None if type(adapter).is_open is Adapter.is_open else adapter.is_open
         self._leak_threshold = s.leak_threshold
+        self._acquire_timeout = s.acquire_timeout
         self._instrumented = s.leak_threshold is not None or s.trace_acquire
         # Lease inlines the idle hit for these, and the clean EXCLUSIVE release for _plain.
         self._simple = not self._mux and not self._instrumented
@@ -454,21 +455,24 @@ class Pool(Generic[C]):
         """Lend at once (returns None) or queue a waiter whose ``future`` the caller awaits, then
         hands to :meth:`_served` or, if that await raised, to :meth:`_abandon`. Synchronous:
         nothing is queued if it raises (the errors of :meth:`acquire`)."""
-        self._check_caller()
+        if not self._started or self._owner._thread_id != threading.get_ident():
+            self._check_caller()
         core = self._core
         t0 = self._clock()
-        if not core.closing:
+        if not core.closing and (core.idle or self._mux):  # (nothing to take from empty idle)
             rec, actions = core.take(t0)
             if actions:
                 self._apply(actions)
             if rec is not None:
                 self._lend(lease, rec, rec.seq if self._mux else None, t0)
                 return None
-        timeout = self.settings.acquire_timeout if lease._timeout is None else lease._timeout
+        timeout = self._acquire_timeout if lease._timeout is None else lease._timeout
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
         waiter = Waiter(t0 + timeout, timeout, fut)
-        self._apply(core.wait(waiter, t0))
+        actions = core.wait(waiter, t0)
+        if actions:
+            self._apply(actions)
         if fut.done():  # failed at once: closed, circuit open, or no retry in time
             err = fut.exception()
             assert err is not None
@@ -476,7 +480,7 @@ class Pool(Generic[C]):
                 for obs in self._observers:
                     obs.on_unavailable(self, err)
             raise err
-        if waiter.exhausted:
+        if waiter.exhausted and self._observers:
             for obs in self._observers:
                 obs.on_exhausted(self)
         return waiter
@@ -501,11 +505,15 @@ class Pool(Generic[C]):
         now = self._clock()
         waited = now - (waiter.deadline - waiter.timeout)
         self._core.served(waiter, waited)
-        for obs in self._observers:
-            obs.on_waited(self, waited)
+        if self._observers:
+            for obs in self._observers:
+                obs.on_waited(self, waited)
         rec = waiter.rec
         assert rec is not None
-        self._lend(lease, rec, waiter.stream_id, now)
+        lease._rec = rec
+        lease._t0 = now
+        if waiter.stream_id is not None:
+            lease._sid = waiter.stream_id
 
     def _lend(self, lease: Lease[C], rec: ConnRecord[C], sid: int | None, now: float) -> None:
         lease._rec = rec
