@@ -7,8 +7,8 @@ class is deliberately plain (``__slots__``, no ``contextlib`` wrapper): it is th
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from threading import get_ident as _get_ident
-from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -187,10 +187,12 @@ class Lease(Generic[C]):
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> Awaitable[None]:
-        # Not a coroutine function: a clean EXCLUSIVE release that completes at once (the common
-        # case) does its bookkeeping here and returns the pool's already-completed future, so it
-        # costs no coroutine. Everything else returns the coroutine that does the rest.
+    ) -> Coroutine[Any, Any, None]:
+        # Not a coroutine function: a clean release that completes at once (the common case)
+        # does its bookkeeping here and returns the pool's already-completed future (awaitable
+        # like the coroutine the annotation names, which keeps Lease an AsyncContextManager to
+        # type checkers), so it costs no coroutine. Everything else returns the coroutine that
+        # does the rest.
         if exc_type is None and self._state == _HELD:
             pool = self._pool
             if pool._bare:  # _plain, no observers, the base reset

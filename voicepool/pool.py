@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from voicepool._engine import calls
 from voicepool._engine.actions import (
@@ -90,6 +90,8 @@ class _RunningCheck:
     def _thread_id(self) -> int | None:
         running = asyncio._get_running_loop()
         return threading.get_ident() if running is not None and running is self.loop else None
+
+
 _new = object.__new__
 
 
@@ -180,7 +182,8 @@ class Pool(Generic[C]):
         self._owner: Any = _RunningCheck(None)
         # What a release that completed synchronously returns to ``async with`` (set at start):
         # awaiting a finished future costs no coroutine and never suspends.
-        self._done: asyncio.Future[None] = _DONE
+        # (Typed as the coroutine Lease.__aexit__'s annotation names: awaited the same way.)
+        self._done: Coroutine[Any, Any, None] = _DONE
         self._drained: asyncio.Event | None = None
         self._close_task: asyncio.Task[None] | None = None
         self._hard_close: asyncio.Event | None = None
@@ -258,8 +261,9 @@ class Pool(Generic[C]):
         # per watching pool (the SIP engine), and a pool built but never started must not pin them.
         self.adapter.watch(self._on_conn_changed)
         self._warmed = loop.create_future()
-        self._done = loop.create_future()
-        self._done.set_result(None)
+        done = loop.create_future()
+        done.set_result(None)
+        self._done = cast("Coroutine[Any, Any, None]", done)
         self._owner = loop if isinstance(loop, asyncio.BaseEventLoop) else _RunningCheck(loop)
         self._flush_at = self._clock() + _FLUSH_EVERY
         try:

@@ -347,7 +347,7 @@ class PoolCore(Generic[C]):
             self.waiters.push(waiter)
             self.n_exhausted += 1
             waiter.exhausted = True
-            return NO_ACTIONS  # type: ignore[return-value]
+            return NO_ACTIONS
         out: list[Action] = []
         if self.closing:
             waiter.state = 2
