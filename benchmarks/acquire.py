@@ -85,7 +85,14 @@ class FloorLease:
             return self
         fut: asyncio.Future[Conn] = asyncio.get_running_loop().create_future()
         pool.waiters.append(fut)
-        self.conn = await fut
+        try:
+            self.conn = await fut
+        except BaseException:
+            # Cancelled after the hand-off: pass the connection on, or it is lost (what any
+            # correct pool must do; free in 3.11 unless it happens). No timeouts: none needed here.
+            if fut.done() and not fut.cancelled():
+                pool.give_back(fut.result())
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -105,6 +112,16 @@ class FloorPool:
 
     def acquire(self) -> FloorLease:
         return FloorLease(self)
+
+    def give_back(self, conn: Conn) -> None:
+        """__aexit__'s hand-off, for the cancelled waiter (kept inline there: the hot path)."""
+        waiters = self.waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        self.idle.append(conn)
 
 
 # -- measurement ----------------------------------------------------------------------------
