@@ -142,7 +142,7 @@ class Lease(Generic[C]):
                     pool._core.n_acquired += 1
                     self._state = _HELD
                     return self
-        elif pool._mux_fast and pool._owner._thread_id == _get_ident():
+        elif pool._mux_take and pool._owner._thread_id == _get_ident():
             # A MULTIPLEXED stream hit, inlined: core._take_stream's choice (the least-loaded
             # connection with room that is not suspect) when it is not the last free stream
             # (that one goes through the core, which opens another connection).

@@ -163,7 +163,8 @@ class Pool(Generic[C]):
         self._plain = self._exclusive and not self._instrumented
         self._fast = False  # _simple, the base is_open and no observers (see _refresh_fast)
         self._bare = False  # _plain, the base reset and no observers
-        self._mux_fast = False  # MULTIPLEXED, the base release_stream and no observers
+        self._mux_take = False  # MULTIPLEXED, no observers: Lease inlines the stream hit
+        self._mux_fast = False  # ... and the base release_stream: and the clean release
         # None for the base no-op reset: the clean release then calls nothing at all.
         self._reset: Callable[[C], Coroutine[Any, Any, None]] | None = (
             None if type(adapter).reset is Adapter.reset else adapter.reset
@@ -198,11 +199,9 @@ class Pool(Generic[C]):
         call, no start time for observers): recomputed when observers come and go."""
         self._fast = self._simple and self._check_open is None and not self._observers
         self._bare = self._plain and self._reset is None and not self._observers
+        self._mux_take = self._mux and not self._instrumented and not self._observers
         self._mux_fast = (
-            self._mux
-            and not self._instrumented
-            and not self._observers
-            and type(self.adapter).release_stream is Adapter.release_stream
+            self._mux_take and type(self.adapter).release_stream is Adapter.release_stream
         )
 
     # -- public API -------------------------------------------------------------------------------
