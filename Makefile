@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install sysdeps lint typecheck check test demo bench clean
+.PHONY: install sysdeps lint typecheck check test stress demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,11 +42,16 @@ FAST_TESTS := tests/engine tests/settings/test_settings.py tests/settings/test_b
 check: lint typecheck
 	$(BIN)/pytest -q -x $(FAST_TESTS)
 
-# --reruns 1: a test that fails once and passes on its rerun is reported as R in the summary
+# --reruns 1: a test that fails once and passes on its rerun is reported as R (named by -rR)
 # (timing under a loaded 2-core CI machine, a transport collected late); a known debt, listed in
 # the closing notes, not a licence: a test that fails twice fails the run.
 test: install sysdeps lint typecheck
-	$(BIN)/pytest -q --reruns 1 $(ENGINE_COV)
+	$(BIN)/pytest -q -rR --durations=10 --reruns 1 $(ENGINE_COV)
+
+# The cancellation and state-machine suites N times in a row, stopping at the first failure.
+N ?= 20
+stress: install
+	bash scripts/stress-engine.sh $(N)
 
 demo: install
 	$(BIN)/voicepool demo

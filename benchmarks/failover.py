@@ -1,8 +1,8 @@
 """A region outage under live traffic: a PoolGroup vs a framework-style fallback.
 
-    .venv/bin/python benchmarks/failover.py [--rate 25] [--hold 4] [--standby-min 10]
-                                            [--failback-after 3] [--seconds 4] [--rounds 5]
-                                            [--verbose]
+    .venv/bin/python benchmarks/failover.py [--rate 25] [--hold 4] [--standby adaptive|fixed]
+                                            [--standby-min 1] [--failback-after 3] [--seconds 4]
+                                            [--rounds 5] [--verbose]
 
 Two Deepgram emulators ("regions") behind FaultProxy at 20 and 60 ms round trip, Deepgram adapter
 pools (EXCLUSIVE, Finalize as the reset; ``--no-reuse``: SINGLE_USE spares), Poisson call
@@ -28,7 +28,8 @@ Phases, one run, every loop bounded in count and time:
    sockets in 10-20 ms) are counted apart. At the end: the p99 ratio over every outage window
    pooled (the headline: ~500 calls each side), the per-round ratios and their median.
 4. The primary returns: fail-back after ``failback_after`` of READY, the standby shrinks to
-   ``standby_min``.
+   its standby floor (``standby_min`` with ``--standby fixed``; under traffic, the adaptive floor).
+   At the end: the standby connections held on average (the idle cost of the standby floor).
 5. Flapping: the primary goes down and up every 2 s, 3 times: failovers counted.
 6. The same outage with a framework-style fallback (LiveKit FallbackAdapter, Pipecat's failover
    switcher): each call connects to the primary, waits for its error, then connects cold to the
@@ -303,6 +304,7 @@ async def main(args: argparse.Namespace) -> None:
             name="asr",
             policy="lowest_rtt",
             standby_min=args.standby_min,
+            standby=args.standby,
             failback_after=args.failback_after,
         )
         async with group:
@@ -351,6 +353,19 @@ async def main(args: argparse.Namespace) -> None:
             def control_window(t0: float, t1: float) -> list[float]:
                 return [c.first_turn for c in ctl.since(t0, t1) if c.first_turn and not c.error]
 
+            held: list[int] = []  # standby connections (members not active), sampled
+            steady: list[int] = []  # the same, in normal traffic only (phase 2, between rounds)
+            in_steady = [True]
+
+            async def sample_standbys() -> None:
+                for _ in range(20_000):  # bounded: every 50 ms, cancelled at the end of phase 5
+                    n = sum(p.stats().size for p in group.members if p is not group.active)
+                    held.append(n)
+                    if in_steady[0]:
+                        steady.append(n)
+                    await asyncio.sleep(0.05)
+
+            sampler = asyncio.get_running_loop().create_task(sample_standbys())
             ctl = Traffic(args.rate, control_call, cap=int(args.rate * 400), seed=11)
             ctl.start()
             traffic = Traffic(args.rate, group_call, cap=int(args.rate * 300))
@@ -364,7 +379,8 @@ async def main(args: argparse.Namespace) -> None:
                 f" {pct(normal, 0.5):.1f} ms p99 {pct(normal, 0.99):.1f} ms; far region warm"
                 f" (control pool) p50 {pct(far_normal, 0.5):.1f} ms"
                 f" p99 {pct(far_normal, 0.99):.1f} ms;"
-                f" far pool size {far.stats().size} (standby_min={args.standby_min} spares)"
+                f" far pool size {far.stats().size}, min_size {far.min_size}"
+                f" (standby {args.standby}, standby_min={args.standby_min})"
             )
 
             ratios: list[float] = []
@@ -385,6 +401,7 @@ async def main(args: argparse.Namespace) -> None:
                 in_flight = [c for c in traffic.calls if c.member == "asr_near" and c.first_turn]
                 in_flight = [c for c in in_flight if c.started > time.perf_counter() - args.hold]
                 n_switch = len(switches.seen)
+                in_steady[0] = False
                 t_crash, t_dead = await near_region.crash()  # its first and last reset
                 async with asyncio.timeout(5):
                     while len(switches.seen) == n_switch:
@@ -479,7 +496,7 @@ async def main(args: argparse.Namespace) -> None:
                 t_fb = switches.seen[n_switch][0]
                 shrunk_after = None
                 for _ in range(200):  # bounded: leased standby sockets close as their calls end
-                    if far.stats().size <= args.standby_min:
+                    if far.stats().size <= far.min_size:
                         shrunk_after = time.perf_counter() - t_fb
                         break
                     await asyncio.sleep(0.05)
@@ -490,9 +507,10 @@ async def main(args: argparse.Namespace) -> None:
                     f" ({(t_fb - (ready_at or t_back)):.2f} s after it was READY; failback_after"
                     f" {args.failback_after} s): {on_near}/{len(later)} new calls on the primary;"
                     f" standby min_size {far.min_size}, size {far.stats().size}"
-                    f" (down to standby_min {shrunk_after or float('nan'):.1f} s after the"
+                    f" (down to its floor {shrunk_after or float('nan'):.1f} s after the"
                     f" fail-back; calls hold {args.hold} s)"
                 )
+                in_steady[0] = True
                 await asyncio.sleep(args.hold)  # the next round starts with calls on the primary
 
             group_p99_ratio = pct(outage_group, 0.99) / pct(outage_control, 0.99)
@@ -516,6 +534,7 @@ async def main(args: argparse.Namespace) -> None:
 
             # -- 5. flapping ----------------------------------------------------------------------
             n_switch = len(switches.seen)
+            in_steady[0] = False
             for _ in range(3):
                 await near_region.crash()
                 await asyncio.sleep(2.0)
@@ -528,9 +547,15 @@ async def main(args: argparse.Namespace) -> None:
                 f" {sum(1 for s in flaps if s[4])} fail-backs"
             )
             await traffic.stop()
+            sampler.cancel()
             print(
                 f"   over the run: {len(traffic.calls)} calls, failovers {group.failovers},"
-                f" fail-backs {group.failbacks}"
+                f" fail-backs {group.failbacks}; standby connections held (standby"
+                f" {args.standby}, standby_min {args.standby_min}): in normal traffic (phase 2,"
+                f" and between rounds once shrunk) mean {statistics.fmean(steady):.1f} max"
+                f" {max(steady)} ({len(steady)} samples); over the whole run (with the old"
+                f" active's leased sockets after each fail-back) mean {statistics.fmean(held):.1f}"
+                f" max {max(held)}"
             )
 
         # -- 6. the framework-style fallback, same outage ------------------------------------------
@@ -585,7 +610,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rate", type=float, default=25.0, help="call arrivals a second")
     parser.add_argument("--hold", type=float, default=4.0, help="seconds a call holds its stream")
-    parser.add_argument("--standby-min", type=int, default=10, help="standby's warm spares")
+    parser.add_argument(
+        "--standby", choices=("adaptive", "fixed"), default="adaptive", help="standby floor"
+    )
+    parser.add_argument(
+        "--standby-min", type=int, default=1, help="standby's warm spares (at least, if adaptive)"
+    )
     parser.add_argument("--spares", type=int, default=10, help="active member's warm spares")
     parser.add_argument(
         "--reuse",

@@ -31,29 +31,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from acquire import Conn, NullAdapter  # benchmarks/acquire.py: costless connections
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.peers.redis import RedisServer, redis_available
-from voicepool import Adapter, LeaseMode, Pool, PoolSettings, telemetry
+from voicepool import LeaseMode, Pool, PoolSettings, telemetry
 from voicepool.quota import FleetQuota
 
 
-class Conn:
-    __slots__ = ("n",)
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-
-class NullAdapter(Adapter[Conn]):
-    """Connections that cost nothing: what is measured is the pool (and Redis) alone."""
-
-    def __init__(self, mode: LeaseMode = LeaseMode.EXCLUSIVE) -> None:
-        self.count = 0
-        self.lease_mode = mode
-
-    async def connect(self) -> Conn:
-        self.count += 1
-        return Conn(self.count)
+def pct(values: list[float], p: float) -> float:
+    """The ``p`` quantile of ``values`` (nearest rank)."""
+    return sorted(values)[min(len(values) - 1, int(p * len(values)))]
 
 
 def quota(url: str, key: str, limit: int, **kw: Any) -> dict[str, Any]:
@@ -131,10 +119,6 @@ async def round_trip_added(url: str, samples: int) -> tuple[float, float, float,
         plain_t.append(p)
         quota_t.append(q)
     await fleet.aclose()
-
-    def pct(v: list[float], p: float) -> float:
-        return sorted(v)[min(len(v) - 1, int(p * len(v)))]
-
     return pct(plain_t, 0.5), pct(plain_t, 0.99), pct(quota_t, 0.5), pct(quota_t, 0.99)
 
 
@@ -287,10 +271,6 @@ async def bare_sync(url: str, samples: int) -> tuple[float, float, float, float]
         syncs.append((t1 - t0) / 1e6)
         pings.append((time.perf_counter_ns() - t1) / 1e6)
     await fleet.aclose()
-
-    def pct(v: list[float], p: float) -> float:
-        return sorted(v)[min(len(v) - 1, int(p * len(v)))]
-
     return pct(syncs, 0.5), pct(syncs, 0.99), pct(pings, 0.5), pct(pings, 0.99)
 
 

@@ -34,10 +34,10 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pydantic import SecretStr
 
@@ -59,15 +59,34 @@ class Sample:
     bound: bool = False  # ... and the registrar held that registration's binding
 
 
+class Background:
+    """A loop (``_run``) that runs in its own task while ``async with`` lasts, cancelled at exit."""
+
+    _task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 @dataclass
-class Load:
+class Load(Background):
     """Zero-hold leases in a loop; each sample records the registrar's truth at lease time."""
 
     pool: Pool[SipRegistration]
     truth: Callable[[SipRegistration], bool]
     samples: list[Sample] = field(default_factory=list)
 
-    async def run(self) -> None:
+    async def _run(self) -> None:
         while True:
             t = time.monotonic()
             try:
@@ -92,21 +111,7 @@ class Load:
         return sum(not s.bound for s in leases), len(leases)
 
 
-@contextlib.asynccontextmanager
-async def loaded(
-    pool: Pool[SipRegistration], truth: Callable[[SipRegistration], bool]
-) -> AsyncIterator[Load]:
-    load = Load(pool, truth)
-    task = asyncio.create_task(load.run())
-    try:
-        yield load
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-class KamailioTruth:
+class KamailioTruth(Background):
     """Which registrations Kamailio holds, from ``kamcmd ul.dump`` every 100 ms."""
 
     def __init__(self, kam: Kamailio) -> None:
@@ -114,14 +119,13 @@ class KamailioTruth:
         self.up = True
         self.started_at = 0.0  # monotonic time the running instance was started
         self.tags: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
 
     def __call__(self, reg: SipRegistration) -> bool:
         # A 200 from the running instance means its table holds the binding (the 100 ms poll
         # may not show it yet); before that, the polled table is the truth.
         return self.up and (reg.registered_at >= self.started_at or reg.contact_tag in self.tags)
 
-    async def _poll(self) -> None:
+    async def _run(self) -> None:
         while True:
             if self.up:
                 with contextlib.suppress(Exception):
@@ -132,16 +136,10 @@ class KamailioTruth:
                     }  # fmt: skip
             await asyncio.sleep(0.1)
 
-    async def __aenter__(self) -> KamailioTruth:
-        self._task = asyncio.create_task(self._poll())
-        await asyncio.sleep(0.3)
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
+        await asyncio.sleep(0.3)  # the first polls fill the table
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def stop(self) -> None:
         self.up = False
@@ -155,7 +153,7 @@ class KamailioTruth:
         self.up = True
 
 
-class OptionsWatch:
+class OptionsWatch(Background):
     """What an OPTIONS keepalive would see (not something the adapter does): one OPTIONS to the
     registrar every ``interval`` s over UDP, unanswered after ``timeout`` s counting as down.
     Measured beside the pool to compare with its detection (a refresh REGISTER as the ping)."""
@@ -164,7 +162,6 @@ class OptionsWatch:
         self.kam, self.interval, self.timeout = kam, interval, timeout
         self.failed: list[float] = []  # when each unanswered probe was sent
         self.sent = 0
-        self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
@@ -178,16 +175,6 @@ class OptionsWatch:
         """Seconds from ``fault`` to the end of the first unanswered probe sent after it."""
         late = [t for t in self.failed if t >= fault]
         return late[0] + self.timeout - fault if late else None
-
-    async def __aenter__(self) -> OptionsWatch:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
 
 def adapter_for(uri: str, transport: str) -> SipAdapter:
@@ -216,7 +203,7 @@ def fmt(value: float | None) -> str:
 async def down_and_back(settings: PoolSettings, transport: str) -> None:
     async with Kamailio(password="secret") as kam, KamailioTruth(kam) as truth:
         pool = Pool(adapter_for(kam.uri, transport), settings, name="sip-faults")
-        async with pool, loaded(pool, truth) as load, OptionsWatch(kam) as options:
+        async with pool, Load(pool, truth) as load, OptionsWatch(kam) as options:
             await asyncio.sleep(1.0)
             fault = time.monotonic()
             await truth.stop()
@@ -238,7 +225,7 @@ async def down_and_back(settings: PoolSettings, transport: str) -> None:
 async def restart_under_load(settings: PoolSettings, transport: str) -> None:
     async with Kamailio(password="secret") as kam, KamailioTruth(kam) as truth:
         pool = Pool(adapter_for(kam.uri, transport), settings, name="sip-faults")
-        async with pool, loaded(pool, truth) as load, OptionsWatch(kam) as options:
+        async with pool, Load(pool, truth) as load, OptionsWatch(kam) as options:
             await asyncio.sleep(1.0)
             fault = time.monotonic()
             await truth.stop()
@@ -269,7 +256,7 @@ async def flapping(settings: PoolSettings) -> None:
         pool = Pool(adapter_for(emu.uri, "udp"), settings, name="sip-faults")
         detects: list[float] = []
         recovers: list[float] = []
-        async with pool, loaded(pool, bound) as load:
+        async with pool, Load(pool, bound) as load:
             t_start = time.monotonic()
             for _ in range(3):
                 await asyncio.sleep(3.0)

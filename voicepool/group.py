@@ -32,9 +32,20 @@ ping, and the fail-back timer):
   new leases only (leases in use never move). A member that goes up and down faster than that
   never takes traffic back, and round trips that cross back and forth switch at most once per
   ``failback_after``.
-* The active member keeps its own warm floor (``min_size``); the others keep ``standby_min`` warm,
-  pinged connections, so the first call after a failover pays no handshake; on a switch the new
-  active grows to its full floor in the background and the old one shrinks to ``standby_min``.
+* The active member keeps its own warm floor (``min_size``); the others keep a *standby floor* of
+  warm, pinged connections, so the first calls after a failover pay no handshake; on a switch the
+  new active grows to its full floor in the background and the old one shrinks to its standby
+  floor.
+* The standby floor (``standby = "adaptive"``, the default) follows the group's traffic: the calls
+  that arrive while a standby opens one connection are what it must hold warm, so each member
+  keeps an :class:`~voicepool._engine.warm.AdaptiveWarm` estimator (the adaptive warm floor's:
+  arrival rate with its trend, the member's observed connect time, the ``warm_target`` Poisson
+  quantile of the pool's settings) fed with the group's lease arrivals, and once a second
+  (:meth:`PoolGroup._size_standbys`) each standby's floor is set to
+  ``max(standby_min, quantile(rate x its connect time))`` within its ``max_size``. It grows at
+  once and shrinks by one connection per ``_STANDBY_WINDOW`` (20 s) at most, so it does not
+  oscillate; idle, it comes down to ``standby_min``, the hard minimum. ``standby = "fixed"``:
+  ``standby_min`` exactly (size it by hand to the arrivals within a connect time).
 
 Telemetry goes through :class:`GroupObserver` hooks (the telemetry layer registers a factory; this
 module never imports it): a switch is counted when it happens and reported as a span event on the
@@ -53,6 +64,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from voicepool._engine.observer import PoolObserver
+from voicepool._engine.warm import AdaptiveWarm
 from voicepool.adapter import Adapter, LeaseMode
 from voicepool.errors import ConfigError, PoolClosed, PoolError, PoolExhausted, PoolUnavailable
 from voicepool.lease import Lease
@@ -74,6 +86,11 @@ _RTT_SMOOTHING = 0.3  # weight of a new sample in the smoothed round trip (EWMA)
 _USABLE = (PoolState.READY, PoolState.DEGRADED)
 _LOSSES = frozenset({"remote_closed", "ping_failed"})  # close reasons that make a member suspect
 _TRIM_EVERY = 0.5  # seconds between closes of standby connections that came back from a lease
+_SIZE_EVERY = 1.0  # seconds between updates of the adaptive standby floors (the estimator's bucket)
+# The estimators' time constant: a standby must be sized for the traffic of the last seconds (a
+# failover can come minutes after a worker boots, or seconds), and spares fall by one per window.
+_STANDBY_WINDOW = 20.0
+_STANDBY_MODES = ("adaptive", "fixed")
 
 
 def compatible(a: type[Adapter[Any]], b: type[Adapter[Any]]) -> bool:
@@ -145,6 +162,8 @@ class _Member(Generic[C]):
     # idle connections may be dead too (a network event rarely kills one socket), so new leases
     # prefer the other members' free connections until it proves itself again.
     suspect: bool = False
+    # standby = "adaptive": the estimator of the calls arriving within one of its connects.
+    warm: AdaptiveWarm | None = None
 
     @property
     def name(self) -> str:
@@ -188,6 +207,8 @@ class _MemberWatch(PoolObserver):
         if error is None:
             m = self.member
             m.suspect = False
+            if m.warm is not None:
+                m.warm.connected(duration)
             m.connect = (
                 duration
                 if m.connect is None
@@ -202,6 +223,8 @@ class PoolGroup(Generic[C]):
     closes them; ``async with group.acquire() as lease:`` borrows from the serving member
     (``lease.pool`` says which: with adapters of two providers, the handler branches on it).
     Members share one lease mode and one adapter, or adapters of one ``Adapter.service``.
+    ``standby``: ``"adaptive"`` (standby floors follow the traffic, never below ``standby_min``)
+    or ``"fixed"`` (``standby_min`` exactly).
     Raises ConfigError for an empty or mixed member list, a repeated member, or a bad setting.
     """
 
@@ -212,6 +235,7 @@ class PoolGroup(Generic[C]):
         name: str,
         policy: GroupPolicy | str = GroupPolicy.PRIORITY,
         standby_min: int = 1,
+        standby: str = "adaptive",
         failback_after: float = 30.0,
         rtt_hysteresis: float = 0.2,
         rtt_margin: float = 0.002,
@@ -236,6 +260,10 @@ class PoolGroup(Generic[C]):
                 )
         if standby_min < 0:
             raise ConfigError(f"groups.{name}.standby_min: must be >= 0, got {standby_min}")
+        if standby not in _STANDBY_MODES:
+            raise ConfigError(
+                f"groups.{name}.standby: {standby!r} is not one of {', '.join(_STANDBY_MODES)}"
+            )
         if failback_after < 0:
             raise ConfigError(f"groups.{name}.failback_after: must be >= 0, got {failback_after}")
         try:
@@ -245,11 +273,21 @@ class PoolGroup(Generic[C]):
             raise ConfigError(f"groups.{name}.policy: {policy!r} is not one of {allowed}") from None
         self.name = name
         self.standby_min = standby_min
+        self.standby = standby
         self.failback_after = failback_after
         self.rtt_hysteresis = rtt_hysteresis
         self.rtt_margin = rtt_margin
         self._clock = clock or time.monotonic
         self._members: list[_Member[C]] = [_Member(p, i, p.min_size) for i, p in enumerate(members)]
+        if standby == "adaptive":
+            for m in self._members:
+                # No slack: a standby that takes over grows at once; no burst memory: it counts
+                # whole buckets, longer than a connect (see AdaptiveWarm).
+                m.warm = AdaptiveWarm(
+                    m.pool.settings.warm_target, _STANDBY_WINDOW, slack=0.0, bursts=False
+                )
+        self._arrivals = 0  # group leases asked for (the standby estimators' arrival count)
+        self._size_timer: asyncio.TimerHandle | None = None
         self._watches = [_MemberWatch(self, m) for m in self._members]
         for m, watch in zip(self._members, self._watches, strict=True):
             m.pool.add_observer(watch)
@@ -268,7 +306,7 @@ class PoolGroup(Generic[C]):
         if self.policy is GroupPolicy.PRIORITY:
             # The order is known before boot: standbys warm only their standby floor.
             for m in self._members[1:]:
-                m.pool.set_min_size(min(standby_min, m.full_min))
+                m.pool.set_min_size(self._standby_floor(m))
         self._observers: list[GroupObserver] = [
             obs for obs in (f(self) for f in _factories) if obs is not None
         ]
@@ -319,6 +357,7 @@ class PoolGroup(Generic[C]):
         """
         if self._closed:
             raise PoolError(f"group {self.name!r} is closed", pool=self.name)
+        self._arrivals += 1
         suspects = None
         for m in self._order:
             pool = m.pool
@@ -336,6 +375,8 @@ class PoolGroup(Generic[C]):
             if m.pool.state is not PoolState.UNAVAILABLE:
                 got = m.pool.lease_nowait()
                 if got is not None:
+                    if self._announce is not None:
+                        self._served(m, None)
                     return got
         return await self._lease_slow(timeout)
 
@@ -364,14 +405,18 @@ class PoolGroup(Generic[C]):
             await self.aclose(0)
             raise err
         self._reselect(initial=True)
+        if self.standby == "adaptive":
+            self._size_timer = asyncio.get_running_loop().call_later(
+                _SIZE_EVERY, self._size_standbys
+            )
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Close every member (see :meth:`voicepool.Pool.aclose`) and stop choosing. Idempotent."""
         self._closed = True
-        for timer in (self._failback_timer, self._trim_timer):
+        for timer in (self._failback_timer, self._trim_timer, self._size_timer):
             if timer is not None:
                 timer.cancel()
-        self._failback_timer = self._trim_timer = None
+        self._failback_timer = self._trim_timer = self._size_timer = None
         for m, watch in zip(self._members, self._watches, strict=True):
             m.pool.remove_observer(watch)
         await asyncio.gather(
@@ -580,7 +625,7 @@ class PoolGroup(Generic[C]):
         for m in self._members:
             if m is self._active:
                 continue
-            floor = min(self.standby_min, m.full_min)
+            floor = self._standby_floor(m)
             m.pool.set_min_size(floor)
             if m.pool.state not in (PoolState.CLOSING, PoolState.CLOSED):
                 left = left or m.pool.stats().size > floor
@@ -590,6 +635,38 @@ class PoolGroup(Generic[C]):
             except RuntimeError:
                 return
             self._trim_timer = loop.call_later(_TRIM_EVERY, self._trim_standbys)
+
+    def _standby_floor(self, m: _Member[C]) -> int:
+        """Warm connections ``m`` keeps while it is a standby: ``standby_min`` (at most its own
+        floor), or with ``standby = "adaptive"`` its estimator's spare target if that is more,
+        within its ``max_size``."""
+        floor = min(self.standby_min, m.full_min)
+        if m.warm is not None:
+            floor = min(max(floor, m.warm.spares), m.pool.max_size)
+        return floor
+
+    def _size_standbys(self) -> None:
+        """Adaptive standby floors, once per _SIZE_EVERY (timer): feed the group's arrivals to
+        every member's estimator (the active one's too: it is a standby after the next switch)
+        and move each standby's floor to its new target. Synchronous; growing opens in the
+        member's background, shrinking closes only idle connections."""
+        if self._size_timer is not None:
+            self._size_timer.cancel()  # called out of turn (a test): one timer at a time
+        self._size_timer = None
+        if self._closed:
+            return
+        now = self._clock()
+        for m in self._members:
+            if m.warm is not None:
+                m.warm.observe(self._arrivals, now)
+            if m is self._active or m.pool.state in (PoolState.CLOSING, PoolState.CLOSED):
+                continue
+            floor = self._standby_floor(m)
+            # Also when unchanged but larger: connections that served calls during a failover
+            # came back idle above the floor (set_min_size retires idle ones only).
+            if m.pool.min_size != floor or m.pool.stats().size > floor:
+                m.pool.set_min_size(floor)
+        self._size_timer = asyncio.get_running_loop().call_later(_SIZE_EVERY, self._size_standbys)
 
     def _arm_failback(self, delay: float) -> None:
         if self._failback_timer is not None:

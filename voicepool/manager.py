@@ -111,6 +111,7 @@ class PoolManager:
                 name=name,
                 policy=gcfg.policy,
                 standby_min=gcfg.standby_min,
+                standby=gcfg.standby,
                 failback_after=gcfg.failback_after,
             )
             manager.add_group(group, required=gcfg.required)

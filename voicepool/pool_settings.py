@@ -33,6 +33,22 @@ MAX_SECONDS = 365 * 86400.0  # durations: finite and at most a year (inf/nan are
 _QUOTA_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
+def _ordered(name: str, op: Literal["<=", ">="], other: str) -> Any:
+    """A field validator for ``name``: ``name op other``, when both are set. ``other`` must be
+    declared before ``name`` (pydantic validates in order); an invalid ``other`` is not compared:
+    its own error is reported."""
+
+    def check(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+        bound = info.data.get(other)
+        if value is None or bound is None:
+            return value
+        if value < bound if op == ">=" else value > bound:
+            raise ValueError(f"{name} ({value}) must be {op} {other} ({bound})")
+        return value
+
+    return field_validator(name)(classmethod(check))
+
+
 class QuotaSettings(BaseModel):
     """A fleet quota (``[pools.<name>.quota]``): pools of many workers naming one ``key`` share
     ``limit`` on Redis (voicepool.quota, extra ``voicepool[fleet]``; DESIGN.md, "Beyond one pool").
@@ -101,13 +117,7 @@ class QuotaSettings(BaseModel):
             )
         return value
 
-    @field_validator("timeout")
-    @classmethod
-    def _timeout_under_refresh(cls, value: float, info: ValidationInfo) -> float:
-        refresh = info.data.get("refresh")
-        if refresh is not None and value > refresh:
-            raise ValueError(f"timeout ({value:g}) must be <= refresh ({refresh:g})")
-        return value
+    _timeout_under_refresh = _ordered("timeout", "<=", "refresh")
 
 
 class PoolSettings(BaseModel):
@@ -259,29 +269,9 @@ class PoolSettings(BaseModel):
         description="Fleet quota shared with other workers through Redis (docs/fleet.md).",
     )
 
-    @field_validator("max_size")
-    @classmethod
-    def _max_not_below_min(cls, value: int | None, info: ValidationInfo) -> int | None:
-        low = info.data.get("min_size")
-        if value is not None and low is not None and low > value:
-            raise ValueError(f"max_size ({value}) must be >= min_size ({low})")
-        return value
-
-    @field_validator("backoff_max")
-    @classmethod
-    def _backoff_order(cls, value: float, info: ValidationInfo) -> float:
-        first = info.data.get("backoff_initial")
-        if first is not None and value < first:
-            raise ValueError(f"backoff_max ({value}) must be >= backoff_initial ({first})")
-        return value
-
-    @field_validator("ping_timeout")
-    @classmethod
-    def _ping_timeout_fits(cls, value: float, info: ValidationInfo) -> float:
-        interval = info.data.get("ping_interval")
-        if interval is not None and value > interval:
-            raise ValueError(f"ping_timeout ({value}) must be <= ping_interval ({interval})")
-        return value
+    _max_not_below_min = _ordered("max_size", ">=", "min_size")
+    _backoff_order = _ordered("backoff_max", ">=", "backoff_initial")
+    _ping_timeout_fits = _ordered("ping_timeout", "<=", "ping_interval")
 
     def resolve(self, adapter: Adapter[Any]) -> ResolvedSizing:
         """Apply the sizing rule for ``adapter``. Raises ConfigError (a ValueError) when

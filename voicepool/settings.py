@@ -25,7 +25,8 @@ The file layout (see config/voicepool.example.toml)::
     [groups.asr_any]            # a PoolGroup (failover, regions): see voicepool.group
     members = ["asr", "asr_eu"] # pools of the same adapter, each in at most one group
     policy = "priority"         # or "lowest_rtt"
-    standby_min = 1             # warm connections each standby keeps
+    standby_min = 1             # warm connections each standby keeps at least
+    standby = "adaptive"        # standby floor follows the traffic ("fixed": standby_min)
     failback_after = 30         # seconds an earlier member stays READY before it serves again
 
 Errors: constructing :class:`VoicePoolSettings` raises :class:`~voicepool.ConfigError` (a
@@ -43,7 +44,7 @@ import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, Optional, cast, overload
 
 from pydantic import (
     BaseModel,
@@ -344,7 +345,14 @@ class GroupConfig(BaseModel):
         default=1,
         ge=0,
         le=MAX_POOL_SIZE,
-        description="Warm, pinged connections each standby keeps.",
+        description="Warm, pinged connections each standby keeps at least (with standby ="
+        " `fixed`: exactly).",
+    )
+    standby: Literal["adaptive", "fixed"] = Field(
+        default="adaptive",
+        description="Standby floor: `adaptive` follows the group's traffic (the warm_target"
+        " Poisson quantile of the calls arriving within one of the standby's connects, never"
+        " below standby_min); `fixed` keeps standby_min.",
     )
     failback_after: float = Field(
         default=30.0,

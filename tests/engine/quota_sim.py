@@ -15,8 +15,9 @@ from typing import Any
 from voicepool import LeaseMode, PoolSettings
 from voicepool._engine.actions import Close, QuotaSync
 from voicepool._engine.core import PoolCore
-from voicepool._engine.quota import QuotaGate, QuotaGrant
+from voicepool._engine.quota import QuotaGrant
 from voicepool._engine.record import ConnRecord
+from voicepool.pool import _gate as quota_gate
 
 from .sim import Sim
 
@@ -107,10 +108,8 @@ class QuotaSim(Sim):
         seed: int = 1,
     ) -> None:
         super().__init__(settings, mode=mode, max_streams=max_streams, seed=seed)
-        q = settings.quota
-        assert q is not None
-        per = max_streams if q.unit == "stream" and mode is LeaseMode.MULTIPLEXED else 1
-        self.core.quota = QuotaGate(q.key, q.limit, per, q.refresh, q.poll)
+        self.core.quota = quota_gate(settings, mode, max_streams)
+        assert self.core.quota is not None, "a QuotaSim needs settings with a quota"
         self.fleet = fleet
         self.name = name
         self.syncs: list[QuotaSync] = []

@@ -9,20 +9,16 @@ tokens than the backend holds for this pool, and one sync at most is in flight.
 
 from __future__ import annotations
 
-import random
-
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 
-from tests.engine.test_state_machine import Conn, CoreMachine
-from voicepool import LeaseMode, PoolSettings
+from tests.engine.test_state_machine import MACHINE_SETTINGS, Conn, CoreMachine
+from voicepool import LeaseMode
 from voicepool._engine.actions import Action, Close, QuotaSync
-from voicepool._engine.core import PoolCore
 from voicepool._engine.quota import QuotaGate, QuotaGrant
 from voicepool._engine.record import ConnRecord
-from voicepool.pool_settings import ResolvedSizing
 
 
 class QuotaMachine(CoreMachine):
@@ -64,36 +60,8 @@ class QuotaMachine(CoreMachine):
         self, mode: LeaseMode, max_size: int, min_size: int, seed: int, limit: int = 4
     ) -> None:
         self.limit = limit
-        self.mux = mode is LeaseMode.MULTIPLEXED
-        streams = 2 if self.mux else 1
-        cfg = PoolSettings(
-            min_size=min(min_size, max_size),
-            max_size=max_size,
-            ping_interval=10,
-            ping_timeout=1,
-            max_lifetime=60,
-            idle_timeout=25,
-            failure_threshold=3,
-            backoff_initial=1,
-            backoff_max=4,
-            acquire_timeout=1000,
-            alarm_window=30,
-            connect_concurrency=2,
-            quota={"key": "sm", "limit": limit, "unit": "stream", "ttl": 4, "refresh": 2},
-        )
-        sizing = ResolvedSizing(mode, streams, min(min_size, max_size), max_size)
-        self.core = PoolCore(
-            "sm",
-            cfg,
-            sizing,
-            ping_interval=10,
-            rng=random.Random(seed),
-            is_open=lambda conn: conn.open and not conn.closed,
-            describe="fake://sm",
-            quota=QuotaGate("sm", limit, streams, 2.0, 0.1),
-        )
-        self.apply(self.core.start(self.now))
-        self.started = True
+        quota = {"key": "sm", "limit": limit, "unit": "stream", "ttl": 4, "refresh": 2}
+        self.launch(mode, max_size, min_size, seed, quota=quota)
 
     def _gate(self) -> QuotaGate:
         q = self.c.quota
@@ -154,11 +122,6 @@ class QuotaMachine(CoreMachine):
         super().teardown()
 
 
-QuotaMachine.TestCase.settings = settings(
-    max_examples=300,
-    stateful_step_count=50,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+QuotaMachine.TestCase.settings = settings(MACHINE_SETTINGS, max_examples=300)
 
 TestQuotaStateMachine = pytest.mark.timeout(300)(QuotaMachine.TestCase)

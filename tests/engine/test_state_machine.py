@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -35,6 +36,7 @@ from voicepool._engine.core import PoolCore
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.waitqueue import Waiter
 from voicepool.errors import ConnectError, PoolClosed, PoolExhausted, PoolUnavailable
+from voicepool.pool import _gate as quota_gate
 from voicepool.pool_settings import ResolvedSizing
 
 
@@ -134,7 +136,20 @@ class CoreMachine(RuleBasedStateMachine):
         seed=st.integers(0, 2**16),
     )
     def start(self, mode: LeaseMode, max_size: int, min_size: int, seed: int) -> None:
+        self.launch(mode, max_size, min_size, seed)
+
+    def launch(
+        self,
+        mode: LeaseMode,
+        max_size: int,
+        min_size: int,
+        seed: int,
+        quota: dict[str, Any] | None = None,
+    ) -> None:
+        """Start the machine's pool (the initialize rules of this machine and its subclasses);
+        ``quota``: its ``[quota]`` settings, for a core with a quota gate as the Pool builds it."""
         self.mux = mode is LeaseMode.MULTIPLEXED
+        streams = 2 if self.mux else 1
         cfg = PoolSettings(
             min_size=min(min_size, max_size),
             max_size=max_size,
@@ -148,8 +163,9 @@ class CoreMachine(RuleBasedStateMachine):
             acquire_timeout=1000,
             alarm_window=30,
             connect_concurrency=2,
+            quota=quota,
         )
-        sizing = ResolvedSizing(mode, 2 if self.mux else 1, min(min_size, max_size), max_size)
+        sizing = ResolvedSizing(mode, streams, min(min_size, max_size), max_size)
         self.core = PoolCore(
             "sm",
             cfg,
@@ -158,6 +174,7 @@ class CoreMachine(RuleBasedStateMachine):
             rng=random.Random(seed),
             is_open=lambda conn: conn.open and not conn.closed,
             describe="fake://sm",
+            quota=quota_gate(cfg, mode, streams),
         )
         self.apply(self.core.start(self.now))
         self.started = True
@@ -353,12 +370,14 @@ class CoreMachine(RuleBasedStateMachine):
         assert (s.size, s.opening, s.waiters, s.state) == (0, 0, 0, PoolState.CLOSED)
 
 
-CoreMachine.TestCase.settings = settings(
+# What the machines of the core share (the quota machine runs fewer examples of its own).
+MACHINE_SETTINGS = settings(
     max_examples=400,
     stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+CoreMachine.TestCase.settings = MACHINE_SETTINGS
 
 
 TestCoreStateMachine = pytest.mark.timeout(300)(CoreMachine.TestCase)

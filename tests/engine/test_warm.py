@@ -142,3 +142,19 @@ def _ramp_down() -> Traffic:
 class _Exclusive:
     lease_mode = LeaseMode.EXCLUSIVE
     max_streams = 1
+
+
+def test_observe_without_a_core_rolls_once_a_bucket() -> None:
+    """The feed a group's standbys use (voicepool.group): a cumulative count, no core."""
+    warm = AdaptiveWarm(0.999, 20.0, slack=0.0, bursts=False)
+    warm.connected(0.1)
+    assert warm.connect_time == 0.2  # mean + 2 deviations, no slack
+    assert warm.observe(0, 0.0) == 0  # the first call starts the first bucket
+    count = 0
+    for s in range(1, 11):
+        count += 30
+        assert warm.observe(count, s - 0.5) == warm.spares  # within the bucket: no roll
+        warm.observe(count, float(s))
+    assert warm.rate > 10
+    assert warm.spares == poisson_quantile(warm.rate * warm.connect_time, 0.999)
+    assert warm._burst == 0  # bursts=False keeps no burst memory

@@ -26,13 +26,13 @@ import contextlib
 import glob
 import os
 import re
-import shutil
 import signal
 import socket
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from tests.peers._process import find_binary, free_sip_port, poll_ready, port_bound, stop_process
 from voicepool._sip import build_request, new_branch, parse_message
 from voicepool.testing._service import LocalService
 
@@ -72,14 +72,7 @@ class KamailioError(RuntimeError):
 
 
 def _which(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for folder in ("/usr/sbin", "/usr/local/sbin"):
-        path = os.path.join(folder, name)
-        if os.access(path, os.X_OK):
-            return path
-    return None
+    return find_binary(name, "/usr/sbin", "/usr/local/sbin")
 
 
 def kamailio_binary() -> str | None:
@@ -105,33 +98,6 @@ def kamailio_has_tls() -> bool:
     """Whether Kamailio's TLS module is installed (Debian ``kamailio-tls-modules``)."""
     folder = module_dir()
     return folder is not None and os.path.exists(os.path.join(folder, "tls.so"))
-
-
-def port_bound(host: str, port: int, kind: int = socket.SOCK_DGRAM) -> bool:
-    """Whether someone holds ``host:port`` (a bind attempt fails): a readiness probe that sends
-    nothing, so a server running a strict scenario (SIPp) sees no stray message.
-    """
-    with socket.socket(socket.AF_INET, kind) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def free_sip_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on ``host`` a moment ago (SIP serves both on one)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port: int = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise OSError(f"no port free for both UDP and TCP on {host}")
 
 
 class Kamailio(LocalService):
@@ -363,32 +329,26 @@ request_route {{
         finally:
             os.close(log_fd)
         try:
-            await self._wait_ready()
+            await poll_ready(
+                self._proc,
+                self._ready,
+                timeout=self.startup_timeout,
+                exited=lambda status: KamailioError(
+                    f"kamailio exited with status {status} at start:\n{self.log_tail()}"
+                ),
+                late=lambda: KamailioError(
+                    f"kamailio not ready on {self.uri} within {self.startup_timeout:g}s:\n"
+                    f"{self.log_tail()}"
+                ),
+            )
         except BaseException:
             await asyncio.shield(self.stop())
             raise
         return self
 
-    async def _wait_ready(self) -> None:
-        proc = self._proc
-        assert proc is not None
-        try:
-            async with asyncio.timeout(self.startup_timeout):
-                while True:
-                    if proc.returncode is not None:
-                        raise KamailioError(
-                            f"kamailio exited with status {proc.returncode} at start:\n"
-                            f"{self.log_tail()}"
-                        )
-                    if self.ctl_socket.exists() and await options_ok(self.host, self.port):
-                        return
-                    # Nothing signals that Kamailio has forked its workers: poll, bounded.
-                    await asyncio.sleep(0.02)
-        except TimeoutError:
-            raise KamailioError(
-                f"kamailio not ready on {self.uri} within {self.startup_timeout:g}s:\n"
-                f"{self.log_tail()}"
-            ) from None
+    async def _ready(self) -> bool:
+        # Its workers forked and listening: the ctl socket exists and OPTIONS gets a 200.
+        return self.ctl_socket.exists() and await options_ok(self.host, self.port)
 
     async def stop(self) -> None:
         """Stop Kamailio by its PID (SIGTERM; SIGKILL to its group after ``stop_timeout``).
@@ -399,18 +359,7 @@ request_route {{
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                async with asyncio.timeout(self.stop_timeout):
-                    await proc.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-        else:
-            await proc.wait()
+        await stop_process(proc, self.stop_timeout, group=True)
         # The forked workers share the group: make sure none outlives the main process.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -24,12 +24,11 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
-import socket
 import tempfile
 from pathlib import Path
 
+from tests.peers._process import find_binary, free_port, poll_ready, stop_process
 from voicepool.testing._service import LocalService
 
 __all__ = [
@@ -41,7 +40,6 @@ __all__ = [
     "nginx_binary",
 ]
 
-_FALLBACK_BINARY = "/usr/sbin/nginx"
 _LISTEN = re.compile(r"(?:^|[;{}\s])listen\s+([^\s;]+)")
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
 
@@ -52,29 +50,12 @@ class NginxError(RuntimeError):
 
 def nginx_binary() -> str | None:
     """Path of the nginx binary (``PATH`` first, then /usr/sbin/nginx), or None."""
-    found = shutil.which("nginx")
-    if found:
-        return found
-    if os.access(_FALLBACK_BINARY, os.X_OK):
-        return _FALLBACK_BINARY
-    return None
+    return find_binary("nginx", "/usr/sbin")
 
 
 def nginx_available() -> bool:
     """Whether an nginx binary is installed here."""
     return nginx_binary() is not None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read it, close).
-
-    Another process may take it before you bind it: use it at once, for servers such as nginx
-    whose config must name a port.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def listen_addresses(http_block: str) -> list[tuple[str, int]]:
@@ -222,26 +203,25 @@ class Nginx(LocalService):
         return os.open(self.workdir / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     async def _wait_ready(self) -> None:
-        proc = self._proc
-        assert proc is not None
-        try:
-            async with asyncio.timeout(self.startup_timeout):
-                for host, port in self._addrs:
-                    while True:
-                        if proc.returncode is not None:
-                            raise NginxError(
-                                f"nginx exited with status {proc.returncode} at start:\n"
-                                f"{self.error_log_tail()}"
-                            )
-                        if await _accepts(host, port):
-                            break
-                        # No event tells us that nginx has bound its sockets: poll, bounded.
-                        await asyncio.sleep(0.02)
-        except TimeoutError:
-            raise NginxError(
+        assert self._proc is not None
+        await poll_ready(
+            self._proc,
+            self._accepting,
+            timeout=self.startup_timeout,
+            exited=lambda status: NginxError(
+                f"nginx exited with status {status} at start:\n{self.error_log_tail()}"
+            ),
+            late=lambda: NginxError(
                 f"nginx did not accept on ports {self.ports} within {self.startup_timeout:g}s:\n"
                 f"{self.error_log_tail()}"
-            ) from None
+            ),
+        )
+
+    async def _accepting(self) -> bool:
+        for host, port in self._addrs:
+            if not await _accepts(host, port):
+                return False
+        return True
 
     async def reload(self, http_block: str | None = None) -> None:
         """Rewrite the config (optionally with a new ``http_block``) and send SIGHUP.
@@ -264,25 +244,13 @@ class Nginx(LocalService):
         proc, self._proc = self._proc, None
         try:
             if proc is not None:
-                await asyncio.shield(self._stop(proc))
+                # SIGTERM is nginx's fast shutdown; SIGKILL goes to the group we created
+                # (master and workers).
+                await asyncio.shield(stop_process(proc, self.stop_timeout, group=True))
         finally:
             if self._tmp is not None:
                 self._tmp.cleanup()
                 self._tmp = None
-
-    async def _stop(self, proc: asyncio.subprocess.Process) -> None:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()  # SIGTERM: nginx's fast shutdown
-            try:
-                async with asyncio.timeout(self.stop_timeout):
-                    await proc.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)  # the group we created: master + workers
-                await proc.wait()
-        else:
-            await proc.wait()
 
     def __repr__(self) -> str:
         return f"<Nginx pid={self.pid} ports={self.ports} workdir={str(self.workdir)!r}>"

@@ -15,11 +15,11 @@ answers GOAWAY with a last-stream-id below streams it already received, the faul
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 from pathlib import Path
 
+from tests.peers._process import stop_process
 from voicepool.testing._service import LocalService
 from voicepool.testing.tls import test_certificates
 
@@ -92,15 +92,6 @@ class NodeH2Server(LocalService):
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                async with asyncio.timeout(5.0):
-                    await proc.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        await stop_process(proc, 5.0)
         if proc.stdin is not None:
             proc.stdin.close()

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
-import signal
 import tempfile
 from pathlib import Path
 
-from tests.peers.nginx import free_port
+from tests.peers._process import find_binary, free_port, poll_ready, stop_process
 from voicepool.testing._service import LocalService
 
 __all__ = ["RedisServer", "redis_available", "redis_binary"]
@@ -30,10 +27,7 @@ __all__ = ["RedisServer", "redis_available", "redis_binary"]
 
 def redis_binary() -> str | None:
     """Path of redis-server (``PATH`` first, then /usr/bin), or None."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    return "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
+    return find_binary("redis-server", "/usr/bin")
 
 
 def redis_available() -> bool:
@@ -86,44 +80,23 @@ class RedisServer(LocalService):
             start_new_session=True,
         )
         try:
-            await self._wait_ready()
+            await poll_ready(
+                self._proc,
+                lambda: _pong(self.port),
+                timeout=self.startup_timeout,
+                exited=lambda status: RuntimeError(f"redis-server exited with {status} at start"),
+                late=lambda: RuntimeError(f"redis-server did not answer on port {self.port}"),
+            )
         except BaseException:
             await asyncio.shield(self.stop())
             raise
         return self
 
-    async def _wait_ready(self) -> None:
-        proc = self._proc
-        assert proc is not None
-        try:
-            async with asyncio.timeout(self.startup_timeout):
-                while True:
-                    if proc.returncode is not None:
-                        raise RuntimeError(f"redis-server exited with {proc.returncode} at start")
-                    if await _pong(self.port):
-                        return
-                    # No event says redis-server has bound its socket: poll, bounded.
-                    await asyncio.sleep(0.02)
-        except TimeoutError:
-            raise RuntimeError(f"redis-server did not answer on port {self.port}") from None
-
     async def stop(self) -> None:
         """Stop the server by its PID (SIGTERM, SIGKILL after 5 s); its data is gone."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(5.0):
-                    await proc.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        else:
-            await proc.wait()
+        if proc is not None:
+            await stop_process(proc, 5.0)
 
     async def restart(self) -> None:
         """Stop, then start on the same port: a Redis back without its data."""

@@ -24,14 +24,12 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
-import signal
 import socket
 import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from tests.peers.kamailio import free_sip_port, port_bound
+from tests.peers._process import find_binary, free_sip_port, port_bound, stop_process
 from voicepool.testing._service import LocalService
 
 __all__ = ["SCENARIOS", "Sipp", "SippError", "sipp_available", "sipp_binary"]
@@ -142,9 +140,7 @@ class SippError(RuntimeError):
 
 def sipp_binary() -> str | None:
     """Path of the sipp binary (Debian package ``sip-tester``), or None."""
-    return shutil.which("sipp") or (
-        "/usr/bin/sipp" if os.access("/usr/bin/sipp", os.X_OK) else None
-    )
+    return find_binary("sipp", "/usr/bin")
 
 
 def sipp_available() -> bool:
@@ -288,18 +284,7 @@ class Sipp(LocalService):
         """
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
-                try:
-                    async with asyncio.timeout(self.stop_timeout):
-                        await proc.wait()
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    await proc.wait()
-            else:
-                await proc.wait()
+            await stop_process(proc, self.stop_timeout, group=True)
         self._log_cache = self._read_log()
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -30,7 +30,8 @@ async def test_manager_boots_a_group_and_acquire_resolves_its_name(echo_server: 
     async with PoolManager.from_settings(settings) as manager:
         group = manager.groups["speech"]
         assert isinstance(group, PoolGroup)
-        assert (primary.open, standby.open) == (2, 1)  # the standby warms standby_min
+        assert group.standby == "adaptive"  # the default: its floor follows the traffic
+        assert (primary.open, standby.open) == (2, 1)  # no traffic yet: standby_min
         async with manager.acquire("speech") as lease:
             assert lease.pool is manager["asr"]
             assert await lease.conn.request("hi") == "hi"
@@ -100,6 +101,7 @@ def test_adapters_of_one_service_may_share_a_group() -> None:
         ({"a": {"members": ["b"]}}, r"groups\.a: a pool is named 'a' too"),
         ({"g": {"members": ["a"], "policy": "fastest"}}, r"groups\.g\.policy"),
         ({"g": {"members": ["a"], "standby_min": -1}}, r"groups\.g\.standby_min"),
+        ({"g": {"members": ["a"], "standby": "sometimes"}}, r"groups\.g\.standby"),
         ({"g": {"members": []}}, r"groups\.g\.members"),
         ({"g": {"members": ["a"], "colour": "red"}}, r"groups\.g\.colour"),
     ],

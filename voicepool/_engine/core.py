@@ -175,6 +175,9 @@ class PoolCore(Generic[C]):
         self._warm_failed = False
         self._refill: list[float] = []  # jittered start times of replacements for lost ones
         self._young: deque[ConnRecord[C]] = deque()  # unproven, in creation order
+        # A young connection pinged at once whose answer the next connects wait for (see
+        # connected): while recovering, and between warm-up waves.
+        self._gate: ConnRecord[C] | None = None
         self._health_due = 0.0
         self._wake_at = math.inf  # when the driver's timer is armed for
         self._soonest = math.inf  # the earliest time anything scheduled since then is due
@@ -490,28 +493,41 @@ class PoolCore(Generic[C]):
         self.by_conn[id(conn)] = rec
         if self.circuit_open:
             self.circuit_open = False  # the probe's first success closes the circuit
-        # Unproven until a ping answers, a lease ends cleanly or min_healthy passes. While
-        # recovering it is pinged at once, so a server that accepts and hangs up is found in
-        # one round trip.
+        # Unproven until a ping answers, a lease ends cleanly or min_healthy passes.
         self._young.append(rec)
         self._at(min(self._health_due, now + s.min_healthy))
         if self.mux:
             rec.state = _IN_USE
             self.mux_conns.append(rec)
-            if self.steps:
-                rec.pinging = True
-                out.append(Ping(rec))
-            self._serve_streams(rec, out)
         else:
             self._deliver(rec, now, out)
-            if self.steps and rec.state is _IDLE:
-                self.idle.pop()
-                rec.state = _PINGING
-                rec.pinging = True
-                out.append(Ping(rec))
         self._check_warm(now)
+        if self.steps or (self.warming and not self.opening):
+            # Recovering (the probe), or a warm-up wave just completed short of the floor: ping
+            # it at once, and start no other connect until it answers. A server that accepts
+            # and hangs up is found in one round trip instead of drawing the next wave (or a
+            # second probe) meanwhile.
+            self._hold(rec, out)
+        if self.mux:
+            self._serve_streams(rec, out)
         self._grow(now, out)
         return self._end(now, out)
+
+    def _hold(self, rec: ConnRecord[C], out: list[Action]) -> None:
+        """Ping ``rec`` now and make it the gate of further connects (``_connects_wanted``).
+        Not when a waiter took it (EXCLUSIVE / SINGLE_USE): that lease's end proves it."""
+        if self.mux:
+            if rec.pinging:
+                return
+        elif rec.state is _IDLE:
+            popped = self.idle.pop()  # just delivered: the rightmost
+            assert popped is rec
+            rec.state = _PINGING
+        else:
+            return
+        rec.pinging = True
+        self._gate = rec
+        out.append(Ping(rec))
 
     def connect_failed(
         self, attempt: Connect, error: BaseException, fatal: bool, now: float
@@ -538,6 +554,8 @@ class PoolCore(Generic[C]):
         """A ping ended (``ok`` False on error, timeout, or a connection closed after it)."""
         out: list[Action] = []
         rec.pinging = False
+        if rec is self._gate:
+            self._gate = None
         if rec.state is _CLOSED:
             return self._end(now, out)
         if not ok:
@@ -560,6 +578,8 @@ class PoolCore(Generic[C]):
     def ping_cancelled(self, rec: ConnRecord[C], now: float) -> list[Action]:
         out: list[Action] = []
         rec.pinging = False
+        if rec is self._gate:
+            self._gate = None
         if rec.state is _PINGING:
             self._retire(rec, "shutdown", now, out)
         return self._end(now, out)
@@ -788,7 +808,9 @@ class PoolCore(Generic[C]):
         wait for the pings (the others are checked with ``is_open`` as they are taken).
         """
         young = not rec.proven and now - rec.created < self.settings.min_healthy
-        self._retire(rec, reason, now, out)
+        # No replacement before the loss is accounted: a young loss is a failure (its retry
+        # waits for the backoff), a mature one's replacement is paced (the jittered refill).
+        self._retire(rec, reason, now, out, grow=False)
         if self.closing:
             return
         cause = self.connection_error(rec.conn) if young else None  # the adapter's account
@@ -812,6 +834,7 @@ class PoolCore(Generic[C]):
             at = now + self.rng.uniform(0, self.settings.backoff_initial)
             heapq.heappush(self._refill, at)
             self._at(at)
+        self._grow(now, out)  # what waiters need now (demand is never paced)
         # A network event rarely kills one socket: look at the others now.
         if not ping_others:
             return
@@ -860,6 +883,7 @@ class PoolCore(Generic[C]):
             self._at(self.retry_at)
         if self.warming:
             self._warm_failed = True
+            self._check_warm(now)  # a failure found with no connect in flight ends it now
         if (fatal or self.steps >= self.settings.failure_threshold) and not self.circuit_open:
             self.circuit_open = True
             for w in self.waiters.clear():
@@ -916,6 +940,8 @@ class PoolCore(Generic[C]):
             reason = self.close_reason(rec.conn) or reason
         rec.state = _CLOSED
         rec.pinging = False
+        if rec is self._gate:
+            self._gate = None
         del self.conns[rec.id]
         self.by_conn.pop(id(rec.conn), None)
         if self.mux:
@@ -1106,6 +1132,8 @@ class PoolCore(Generic[C]):
             return 0  # (full first: the contended hand-off asks this at every wait)
         if self.warming and self.opening:
             return 0  # warm-up dials in waves: a wave that fails ends it (see _check_warm)
+        if self._gate is not None and (self.steps or self.warming):
+            return 0  # a young connection's ping decides first (see connected)
         if self.steps:
             if now < self.retry_at or self.opening:
                 return 0

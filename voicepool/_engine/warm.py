@@ -27,6 +27,12 @@ Shrinking (:meth:`surplus`) retires one idle connection at a time, the least rec
 only one that has been idle for a tenth of the window, and never below the floor: a connection
 released a moment ago is the one the next call takes.
 
+A group's standbys (``voicepool.group``, ``standby = "adaptive"``) reuse this estimator without a
+core: the group feeds its own lease count to :meth:`AdaptiveWarm.observe` once a second and the
+standby's connects to :meth:`AdaptiveWarm.connected`, with ``slack=0`` (a standby that takes over
+grows at once, no tick to wait for) and ``bursts=False`` (the burst count is per whole bucket,
+several times a standby's horizon), and keeps :attr:`AdaptiveWarm.spares` warm.
+
 Default: ``warm = "fixed"``, decided from ``benchmarks/warm_floor.py``. On a simulated day (peak
 50 calls, bursts of 10; measured on day two) adaptive keeps 66-72% fewer idle socket-seconds at
 the same handshake-wait share as fixed sized for the peak (0-0.07%, every wait at ``max_size``),
@@ -99,9 +105,18 @@ class AdaptiveWarm(SizingPolicy):
     :attr:`changes` (times the spare target changed).
     """
 
-    def __init__(self, target: float, window: float) -> None:
+    def __init__(
+        self, target: float, window: float, *, slack: float = _BUCKET, bursts: bool = True
+    ) -> None:
         self.target = target
         self.window = window
+        # Added to the observed connect time to make the horizon. A pool's own floor: one
+        # bucket (a spare taken on the fast path is replaced at the next tick). A group's
+        # standby (voicepool.group) grows the moment it takes over: 0.
+        self.slack = slack
+        # Whether the burst memory is kept. Its count is per whole bucket: a group's standby,
+        # whose horizon (a connect time, no slack) is well under a bucket, would overcount.
+        self.bursts = bursts
         self.linger = window / 10  # a connection idle this long is a candidate to retire
         self._alpha = 1 - math.exp(-_BUCKET / window)  # per-bucket decay of level and trend
         self.level = 0.0  # arrivals per bucket, decayed mean
@@ -114,7 +129,7 @@ class AdaptiveWarm(SizingPolicy):
         self._burst_until = -math.inf
         self._connect_mean: float | None = None
         self._connect_dev = 0.0
-        self.connect_time = _PRIOR_CONNECT + _BUCKET
+        self.connect_time = _PRIOR_CONNECT + slack
         self.spares = 0
         self._lower_since = math.inf  # since when the computed target stayed below `spares`
         self.changes = 0
@@ -147,7 +162,7 @@ class AdaptiveWarm(SizingPolicy):
             self._connect_mean = mean + _CONNECT_WEIGHT * (duration - mean)
             self._connect_dev += _CONNECT_WEIGHT * (abs(duration - mean) - self._connect_dev)
         assert self._connect_mean is not None
-        self.connect_time = self._connect_mean + 2 * self._connect_dev + _BUCKET
+        self.connect_time = self._connect_mean + 2 * self._connect_dev + self.slack
 
     def surplus(self, core: PoolCore[Any], now: float) -> int:
         """Idle connections to retire now: 0 or 1 (the least recently used one)."""
@@ -166,8 +181,21 @@ class AdaptiveWarm(SizingPolicy):
     # -- estimation ------------------------------------------------------------------------------
 
     def _roll(self, core: PoolCore[Any], now: float) -> None:
+        self.observe(core.n_acquired + core.n_timeouts, now)
+
+    def observe(self, count: int, now: float) -> int:
+        """Feed the cumulative arrival count at ``now``; returns the spare target.
+
+        Closes the bucket(s) up to ``now`` when one is due (else only returns the target): a
+        driver without a core (a group sizing its standbys) calls this about once a bucket.
+        """
+        if now < self._bucket_end:
+            return self.spares
+        self._roll_count(count, now)
+        return self.spares
+
+    def _roll_count(self, count: int, now: float) -> None:
         """Close the bucket(s) up to ``now`` and recompute the spare target."""
-        count = core.n_acquired + core.n_timeouts
         if self._bucket_end == -math.inf:  # first call: start counting
             self._count_at = count
             self._bucket_end = now + _BUCKET
@@ -189,7 +217,7 @@ class AdaptiveWarm(SizingPolicy):
         span = max(1, math.ceil(self.connect_time / _BUCKET))
         while len(recent) > span:
             recent.popleft()
-        within = sum(recent)
+        within = sum(recent) if self.bursts else 0
         if within >= self._burst or 2 * within > self._burst:
             # A burst as large, or a comparable one (more than half: how it fell across the
             # buckets varies), renews the memory.
