@@ -129,6 +129,15 @@ class Lease(Generic[C]):
                 pool._core.n_acquired += 1
                 self._state = _HELD
                 return self
+            if pool._timed:  # ... with observers: they get the hold time
+                rec = idle.pop()
+                rec.state = _IN_USE
+                self._rec = rec
+                clock = pool._clock
+                self._t0 = clock()
+                pool._core.n_acquired += 1
+                self._state = _HELD
+                return self
             if pool._simple:
                 rec = idle[-1]
                 check = pool._check_open  # None when the adapter keeps the base is_open
@@ -216,26 +225,6 @@ class Lease(Generic[C]):
                 self._state = _RELEASED
                 pool._apply(pool._core.released(rec, now, "ok"))
                 return pool._done
-            if pool._mux_fast:  # MULTIPLEXED, the base release_stream, no observers
-                rec = self._rec
-                clock = pool._clock
-                now = clock()
-                check = pool._check_open
-                if (
-                    rec.proven
-                    and rec.cap
-                    and rec.expires > now
-                    and rec.state is _IN_USE
-                    and not pool._waiters.count
-                    and (check is None or check(rec.conn))
-                ):
-                    # The adapter keeps the connection (its base release_stream answers
-                    # is_open), nobody waits for the stream, nothing to prove or retire: what
-                    # core.stream_released would do, without its actions.
-                    self._state = _RELEASED
-                    rec.streams -= 1
-                    rec.last_used = now
-                    return pool._done
             if pool._plain:  # EXCLUSIVE, no leak watching or acquire tracing
                 rec = self._rec
                 clock = pool._clock
@@ -283,6 +272,26 @@ class Lease(Generic[C]):
                 self._state = _RELEASED
                 pool._apply(pool._core.released(rec, now, "ok"))
                 return pool._done
+            if pool._mux_fast:  # MULTIPLEXED, the base release_stream, no observers
+                rec = self._rec
+                clock = pool._clock
+                now = clock()
+                check = pool._check_open
+                if (
+                    rec.proven
+                    and rec.cap
+                    and rec.expires > now
+                    and rec.state is _IN_USE
+                    and not pool._waiters.count
+                    and (check is None or check(rec.conn))
+                ):
+                    # The adapter keeps the connection (its base release_stream answers
+                    # is_open), nobody waits for the stream, nothing to prove or retire: what
+                    # core.stream_released would do, without its actions.
+                    self._state = _RELEASED
+                    rec.streams -= 1
+                    rec.last_used = now
+                    return pool._done
         return self._exit(exc_type, exc)
 
     async def _exit(self, exc_type: type[BaseException] | None, exc: BaseException | None) -> None:

@@ -162,6 +162,7 @@ class Pool(Generic[C]):
         self._exclusive = resolved.lease_mode is LeaseMode.EXCLUSIVE
         self._plain = self._exclusive and not self._instrumented
         self._fast = False  # _simple, the base is_open and no observers (see _refresh_fast)
+        self._timed = False  # _simple, the base is_open, and observers (hold times)
         self._bare = False  # _plain, the base reset and no observers
         self._mux_take = False  # MULTIPLEXED, no observers: Lease inlines the stream hit
         self._mux_fast = False  # ... and the base release_stream: and the clean release
@@ -198,6 +199,7 @@ class Pool(Generic[C]):
         """Whether Lease may lend an idle connection without asking anything (no is_open to
         call, no start time for observers): recomputed when observers come and go."""
         self._fast = self._simple and self._check_open is None and not self._observers
+        self._timed = self._simple and self._check_open is None and bool(self._observers)
         self._bare = self._plain and self._reset is None and not self._observers
         self._mux_take = self._mux and not self._instrumented and not self._observers
         self._mux_fast = (
