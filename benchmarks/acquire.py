@@ -1,9 +1,9 @@
 """Cost of acquire + release: voicepool's Pool against the floor and livekit-agents' pool.
 
-Every row is measured in one run, interleaved round by round, and reported as a ratio PAIRED
-PER ROUND (row time / floor time in the same round), then the median over rounds: these
-machines are noisy, and a ratio of two numbers measured side by side is stable where a
-difference of two medians is not.
+Every row is measured in one run, interleaved in slices of 1,000 acquires (each round cut into
+slices, every row timed once per slice, rotated), and reported as a ratio PAIRED PER SLICE (row
+time / floor time in the same slice), then the median: these machines are noisy, and a ratio of
+two numbers measured milliseconds apart is stable where a difference of two medians is not.
 
 Uncontended (one task, a warm pool, ``async with pool.acquire(): pass``):
   floor             a minimal deque pool with a class-based async context manager and waiter
@@ -85,7 +85,14 @@ class FloorLease:
             return self
         fut: asyncio.Future[Conn] = asyncio.get_running_loop().create_future()
         pool.waiters.append(fut)
-        self.conn = await fut
+        try:
+            self.conn = await fut
+        except BaseException:
+            # Cancelled after the hand-off: pass the connection on, or it is lost (what any
+            # correct pool must do; free in 3.11 unless it happens). No timeouts: none needed here.
+            if fut.done() and not fut.cancelled():
+                pool.give_back(fut.result())
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -105,6 +112,16 @@ class FloorPool:
 
     def acquire(self) -> FloorLease:
         return FloorLease(self)
+
+    def give_back(self, conn: Conn) -> None:
+        """__aexit__'s hand-off, for the cancelled waiter (kept inline there: the hot path)."""
+        waiters = self.waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        self.idle.append(conn)
 
 
 # -- measurement ----------------------------------------------------------------------------
@@ -132,6 +149,15 @@ def contended(acquire: Callable[[], Any] | None, tasks: int, per_task: int) -> O
         await asyncio.gather(*(worker() for _ in range(tasks)))
 
     return run
+
+
+CHUNK = 1000  # acquires per timed slice (see main)
+
+
+async def timed_nogc(op: Op) -> float:
+    t0 = time.perf_counter_ns()
+    await op()
+    return float(time.perf_counter_ns() - t0)
 
 
 async def timed(op: Op) -> float:
@@ -239,16 +265,25 @@ async def main(args: argparse.Namespace) -> None:
     for _ in range(3):  # warm-up
         for name in names:
             await timed(uncontended(variants[name], 2000))
+    # Each round is cut into slices of CHUNK acquires, every row timed once per slice (rotated):
+    # a ratio pairs two timings a few milliseconds apart, so a burst of load from another process
+    # lands on both (one timing of n acquires per row and round let it land on one row only, and
+    # the figures moved by 0.5x from run to run on a shared machine).
+    chunk = min(args.n, CHUNK)
+    slices = max(1, args.n // chunk)
     for r in range(args.rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no fixed position
-        for name in order:
-            samples[name].append(await timed(uncontended(variants[name], args.n)) / args.n)
+        gc.collect()
+        for c in range(slices):
+            k = (r * slices + c) % len(names)
+            for name in names[k:] + names[:k]:  # rotate: no fixed position
+                samples[name].append(await timed_nogc(uncontended(variants[name], chunk)) / chunk)
 
     vs_floor = paired(samples, "floor")
     vs_excl = paired(samples, "exclusive")
     med = {k: statistics.median(v) for k, v in samples.items()}
     print(
-        f"\nuncontended acquire+release, {args.rounds} rounds x {args.n}; ratios paired per round"
+        f"\nuncontended acquire+release, {args.rounds} rounds x {args.n} (slices of {chunk});"
+        " ratios paired per slice, median"
     )
     print(f"{'':17}{'ns/op':>8}  {'vs floor':>9}  {'vs exclusive':>13}")
     for name in names:

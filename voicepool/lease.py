@@ -7,21 +7,36 @@ class is deliberately plain (``__slots__``, no ``contextlib`` wrapper): it is th
 from __future__ import annotations
 
 import asyncio
-from asyncio import _get_running_loop
+from collections.abc import Coroutine
+from threading import get_ident as _get_ident
 from types import TracebackType
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from voicepool._engine.record import ConnState
+from voicepool._engine.waitqueue import GRANTED
 from voicepool.errors import LeaseReleased
 
 if TYPE_CHECKING:
     from voicepool._engine.record import ConnRecord
+    from voicepool._engine.waitqueue import WaitQueue
     from voicepool.pool import Pool  # (pool <-> lease: the driver and its hot path)
 
 C = TypeVar("C")
 
-_NEW, _HELD, _RELEASED = 0, 1, 2
+_NEW, _HELD, _RELEASED, _DISCARDED = 0, 1, 2, 3  # _DISCARDED: held, discard() called
 _IDLE, _IN_USE = ConnState.IDLE, ConnState.IN_USE  # module constants: no enum lookups per call
+_MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
+
+
+def _hand_off(waiters: WaitQueue, rec: ConnRecord[Any]) -> None:
+    """Grant ``rec`` (proven, in use) to the first live waiter: core._deliver's grant, inlined."""
+    w = waiters.pop()
+    assert w is not None  # waiters.count > 0
+    w.state = GRANTED
+    w.rec = rec
+    fut = w.future
+    if not fut.done():  # (cancelled, not yet given up: its give_up passes the grant on)
+        fut.set_result(None)
 
 
 class Lease(Generic[C]):
@@ -38,37 +53,44 @@ class Lease(Generic[C]):
     """
 
     __slots__ = (
-        "_conn",
         "_discard",
         "_leak",
         "_pool",
         "_rec",
+        "_sid",
         "_state",
         "_t0",
         "_timeout",
-        "stream_id",
     )
 
     _rec: ConnRecord[C]
-    _conn: C
     _t0: float
     _leak: asyncio.TimerHandle | None
+    _discard: str
 
     def __init__(self, pool: Pool[C], timeout: float | None) -> None:
-        # Only what __aexit__ reads unconditionally is set here (this is the hot path); _rec,
-        # _conn and _t0 are set by the acquire, _leak only by leak watching.
+        # Only what every exit reads is set here (this is the hot path); _rec and _t0 are set by
+        # the acquire, _sid only on MULTIPLEXED, _leak only by leak watching, _discard only by
+        # discard().
         self._pool = pool
         self._timeout = timeout
         self._state = _NEW
-        self._discard: str | None = None
-        self.stream_id: int | None = None
+
+    @property
+    def stream_id(self) -> int | None:
+        """The stream of a MULTIPLEXED lease while it is held (its id on the connection), else
+        None."""
+        try:
+            return self._sid
+        except AttributeError:
+            return None
 
     @property
     def conn(self) -> C:
         """The leased connection. Raises LeaseReleased outside the ``async with`` block."""
-        if self._state != _HELD:
+        if self._state != _HELD and self._state != _DISCARDED:
             raise LeaseReleased(f"lease of pool {self._pool.name!r} is not held")
-        return self._conn
+        return self._rec.conn
 
     @property
     def pool(self) -> Pool[C]:
@@ -83,9 +105,10 @@ class Lease(Generic[C]):
 
         Takes effect when the block exits. Raises LeaseReleased if the lease is not held.
         """
-        if self._state != _HELD:
+        if self._state != _HELD and self._state != _DISCARDED:
             raise LeaseReleased(f"lease of pool {self._pool.name!r} is not held")
         self._discard = reason
+        self._state = _DISCARDED
 
     async def __aenter__(self) -> Lease[C]:
         if self._state:
@@ -94,71 +117,215 @@ class Lease(Generic[C]):
         # The common case, inlined (this is the hot path: every call-level function call costs
         # tens of ns here): an EXCLUSIVE / SINGLE_USE pool whose newest idle connection is open,
         # used from the loop it was started on. Anything else goes through the core.
-        if pool._simple:
-            idle = pool._idle
-            if idle:
+        idle = pool._idle
+        # "Used from the loop it was started on", without asking asyncio for the running loop
+        # (that reads getpid(), a system call, on every call): a BaseEventLoop records the thread
+        # that runs it, and only one loop runs in a thread at a time (Pool._owner).
+        if idle and pool._owner._thread_id == _get_ident():
+            if pool._fast:  # EXCLUSIVE / SINGLE_USE, the base is_open, no observers
+                rec = idle.pop()
+                rec.state = _IN_USE
+                self._rec = rec
+                pool._core.n_acquired += 1
+                self._state = _HELD
+                return self
+            if pool._timed:  # ... with observers: they get the hold time
+                rec = idle.pop()
+                rec.state = _IN_USE
+                self._rec = rec
+                clock = pool._clock
+                self._t0 = clock()
+                pool._core.n_acquired += 1
+                self._state = _HELD
+                return self
+            if pool._simple:
                 rec = idle[-1]
-                conn = rec.conn
                 check = pool._check_open  # None when the adapter keeps the base is_open
-                if (check is None or check(conn)) and _get_running_loop() is pool._loop:
+                if check is None or check(rec.conn):
                     idle.pop()
                     rec.state = _IN_USE
                     self._rec = rec
-                    self._conn = conn
                     if pool._observers:  # (hold times are for observers only)
-                        self._t0 = pool._clock()
+                        clock = pool._clock
+                        self._t0 = clock()
                     pool._core.n_acquired += 1
                     self._state = _HELD
                     return self
-        await pool._acquire(self)
+        elif pool._mux_take and pool._owner._thread_id == _get_ident():
+            # A MULTIPLEXED stream hit, inlined: core._take_stream's choice (the least-loaded
+            # connection with room that is not suspect) when it is not the last free stream
+            # (that one goes through the core, which opens another connection).
+            core = pool._core
+            best = None
+            load = 1 << 30
+            free = 0
+            for rec in core.mux_conns:
+                room = rec.cap - rec.streams
+                if room > 0 and not rec.suspect:
+                    free += room
+                    if rec.streams < load:
+                        best = rec
+                        load = rec.streams
+            if best is not None and free > 1 and not core.closing:
+                check = pool._check_open
+                if check is None or check(best.conn):
+                    best.streams += 1
+                    best.seq += 1
+                    core.n_acquired += 1
+                    self._rec = best
+                    self._sid = best.seq
+                    self._state = _HELD
+                    return self
+        if pool._instrumented:
+            await pool._acquire(self)
+        else:
+            # Queue and wait here, not in a coroutine of the pool's: no coroutine per waiter.
+            waiter = pool._begin(self)
+            if waiter is not None:
+                try:
+                    await waiter.future
+                except BaseException as exc:
+                    pool._abandon(waiter, exc)
+                    raise
+                pool._served(self, waiter)
         self._state = _HELD
         return self
 
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
-        if self._state != _HELD:
+    ) -> Coroutine[Any, Any, None]:
+        # Not a coroutine function: a clean release that completes at once (the common case)
+        # does its bookkeeping here and returns the pool's already-completed future (awaitable
+        # like the coroutine the annotation names, which keeps Lease an AsyncContextManager to
+        # type checkers), so it costs no coroutine. Everything else returns the coroutine that
+        # does the rest.
+        if exc_type is None and self._state == _HELD:
+            pool = self._pool
+            if pool._bare:  # _plain, no observers, the base reset
+                rec = self._rec
+                clock = pool._clock  # (an attribute, then a call: LOAD_METHOD on it is slow)
+                now = clock()
+                rec.last_used = now
+                if rec.expires > now:
+                    waiters = pool._waiters
+                    if not waiters.count:
+                        self._state = _RELEASED
+                        rec.state = _IDLE
+                        pool._idle.append(rec)
+                        return pool._done
+                    if rec.proven:
+                        # The contended hand-off: what core.released would do (nothing else
+                        # changes: no proof, no state, no connect), without its action list.
+                        self._state = _RELEASED
+                        _hand_off(waiters, rec)
+                        return pool._done
+                self._state = _RELEASED
+                pool._apply(pool._core.released(rec, now, "ok"))
+                return pool._done
+            if pool._plain:  # EXCLUSIVE, no leak watching or acquire tracing
+                rec = self._rec
+                clock = pool._clock
+                now = clock()
+                if pool._observers:
+                    uses = pool._use_times
+                    if len(uses) < _MAX_BUFFERED:
+                        try:
+                            uses.append(now - self._t0)
+                        except AttributeError:  # taken before the first observer came
+                            pass
+                rec.last_used = now
+                reset = pool._reset
+                if reset is not None:
+                    # A reset that completes without suspending (the base no-op is None above; an
+                    # override that awaits nothing) costs no task and no timer: driven once here
+                    # (a `for` over its awaitable: no StopIteration is raised when it returns);
+                    # only one that really waits goes to the pool under its timeout.
+                    self._state = _RELEASED
+                    coro = reset(rec.conn)
+                    try:
+                        for first in coro.__await__():
+                            return pool._finish_reset(rec, coro, first)
+                    except Exception as err:
+                        pool._reset_failed(rec, now, err)
+                        return pool._done
+                    check = pool._check_open
+                    if check is not None and not check(rec.conn):
+                        pool._reset_failed(rec, now, ConnectionError("closed by its reset"))
+                        return pool._done
+                if rec.expires > now:
+                    # Back to idle, nobody waiting: what core.released would do, without its
+                    # actions. (A closing pool has expired every connection: those go through
+                    # the core.)
+                    waiters = pool._waiters
+                    if not waiters.count:
+                        self._state = _RELEASED
+                        rec.state = _IDLE
+                        pool._idle.append(rec)
+                        return pool._done
+                    if rec.proven:
+                        self._state = _RELEASED
+                        _hand_off(waiters, rec)
+                        return pool._done
+                self._state = _RELEASED
+                pool._apply(pool._core.released(rec, now, "ok"))
+                return pool._done
+            if pool._mux_fast:  # MULTIPLEXED, the base release_stream, no observers
+                rec = self._rec
+                clock = pool._clock
+                now = clock()
+                check = pool._check_open
+                if (
+                    rec.proven
+                    and rec.cap
+                    and rec.expires > now
+                    and rec.state is _IN_USE
+                    and not pool._waiters.count
+                    and (check is None or check(rec.conn))
+                ):
+                    # The adapter keeps the connection (its base release_stream answers
+                    # is_open), nobody waits for the stream, nothing to prove or retire: what
+                    # core.stream_released would do, without its actions.
+                    self._state = _RELEASED
+                    rec.streams -= 1
+                    rec.last_used = now
+                    return pool._done
+        return self._exit(exc_type, exc)
+
+    async def _exit(self, exc_type: type[BaseException] | None, exc: BaseException | None) -> None:
+        """The release :meth:`__aexit__` does not complete itself: an error, a discard, another
+        lease mode, leak watching. Cancellation-safe (the bookkeeping runs in ``finally``)."""
+        state = self._state
+        if state != _HELD and state != _DISCARDED:
             return
         self._state = _RELEASED
         pool = self._pool
         if pool._instrumented and self._leak is not None:
             self._leak.cancel()
-        if exc_type is not None or self._discard is not None or not pool._exclusive:
-            await pool._release_slow(self, exc)
+        reason = self._discard if state == _DISCARDED else None
+        if exc_type is not None or reason is not None or not pool._exclusive:
+            await pool._release_slow(self, exc, reason)
             return
-        # A clean EXCLUSIVE release, inlined. A reset that completes without suspending (the
-        # base no-op, or an override that awaits nothing) costs no task and no timer: it is driven
-        # once here; only one that really waits goes to the pool under its timeout.
+        # A clean EXCLUSIVE release of an instrumented pool.
         rec = self._rec
         now = pool._clock()
         if pool._observers:
-            pool._record_use(now - self._t0)
-        rec.last_used = now
+            pool._record_use(self, now)
         reset = pool._reset
         if reset is not None:
-            coro = reset(self._conn)
+            coro = reset(rec.conn)
             try:
-                first = coro.send(None)
-            except StopIteration:
-                pass
+                for first in coro.__await__():
+                    await pool._finish_reset(rec, coro, first)
+                    return
             except Exception as err:
                 pool._reset_failed(rec, now, err)
                 return
-            else:
-                await pool._finish_reset(rec, coro, first)
-                return
-            if not pool._is_open(self._conn):
+            if not pool._is_open(rec.conn):
                 pool._reset_failed(rec, now, ConnectionError("closed by its reset"))
                 return
-        if rec.expires > now and not pool._waiters.count:
-            # Back to idle, nobody waiting: what core.released would do, without its actions.
-            # (A closing pool has expired every connection: those go through the core.)
-            rec.state = _IDLE
-            pool._idle.append(rec)
-            return
         pool._apply(pool._core.released(rec, now, "ok"))
 
     async def release(self, error: BaseException | None = None) -> None:
@@ -171,6 +338,6 @@ class Lease(Generic[C]):
         await self.__aexit__(None if error is None else type(error), error, None)
 
     def __repr__(self) -> str:
-        state = ("new", "held", "released")[self._state]
+        state = ("new", "held", "released", "held, discarded")[self._state]
         sid = f" stream={self.stream_id}" if self.stream_id is not None else ""
         return f"<Lease pool={self._pool.name!r} {state}{sid}>"

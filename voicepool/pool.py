@@ -15,10 +15,11 @@ import asyncio
 import contextvars
 import math
 import random
+import threading
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from voicepool._engine import calls
 from voicepool._engine.actions import (
@@ -51,7 +52,7 @@ from voicepool.errors import (
     PoolUnavailable,
     VoicepoolError,
 )
-from voicepool.lease import _HELD, Lease
+from voicepool.lease import _HELD, _MAX_BUFFERED, _NEW, Lease
 from voicepool.pool_settings import PoolSettings
 
 if TYPE_CHECKING:
@@ -62,8 +63,36 @@ __all__ = ["Pool", "PoolState", "PoolStats"]
 C = TypeVar("C")
 log = get_logger("voicepool.pool")
 
-_MAX_BUFFERED = 4096  # hold times buffered for observers between flushes (about a second)
 _FLUSH_EVERY = 1.0  # seconds between hand-offs of buffered hold times to observers
+
+
+class _NotStarted:
+    """Stands for the pool's finished future before start(): nothing awaits it then."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+_DONE: Any = _NotStarted()
+
+
+class _RunningCheck:
+    """Pool._owner for a loop that does not record its thread (uvloop): ``_thread_id`` is the
+    caller's thread when ``loop`` is the running loop, else None."""
+
+    __slots__ = ("loop",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.loop = loop
+
+    @property
+    def _thread_id(self) -> int | None:
+        running = asyncio._get_running_loop()
+        return threading.get_ident() if running is not None and running is self.loop else None
+
+
+_new = object.__new__
 
 
 class Pool(Generic[C]):
@@ -126,10 +155,17 @@ class Pool(Generic[C]):
         self._is_open = adapter.is_open
         self._check_open = None if type(adapter).is_open is Adapter.is_open else adapter.is_open
         self._leak_threshold = s.leak_threshold
+        self._acquire_timeout = s.acquire_timeout
         self._instrumented = s.leak_threshold is not None or s.trace_acquire
-        # Lease inlines the idle hit for these, and the clean EXCLUSIVE release.
+        # Lease inlines the idle hit for these, and the clean EXCLUSIVE release for _plain.
         self._simple = not self._mux and not self._instrumented
         self._exclusive = resolved.lease_mode is LeaseMode.EXCLUSIVE
+        self._plain = self._exclusive and not self._instrumented
+        self._fast = False  # _simple, the base is_open and no observers (see _refresh_fast)
+        self._timed = False  # _simple, the base is_open, and observers (hold times)
+        self._bare = False  # _plain, the base reset and no observers
+        self._mux_take = False  # MULTIPLEXED, no observers: Lease inlines the stream hit
+        self._mux_fast = False  # ... and the base release_stream: and the clean release
         # None for the base no-op reset: the clean release then calls nothing at all.
         self._reset: Callable[[C], Coroutine[Any, Any, None]] | None = (
             None if type(adapter).reset is Adapter.reset else adapter.reset
@@ -144,6 +180,12 @@ class Pool(Generic[C]):
         self._work: set[asyncio.Task[Any]] = set()  # connects and pings
         self._closers: set[asyncio.Task[Any]] = set()
         self._warmed: asyncio.Future[None] | None = None
+        # The loop that Lease compares thread ids with (see Lease.__aenter__): none until start.
+        self._owner: Any = _RunningCheck(None)
+        # What a release that completed synchronously returns to ``async with`` (set at start):
+        # awaiting a finished future costs no coroutine and never suspends.
+        # (Typed as the coroutine Lease.__aexit__'s annotation names: awaited the same way.)
+        self._done: Coroutine[Any, Any, None] = _DONE
         self._drained: asyncio.Event | None = None
         self._close_task: asyncio.Task[None] | None = None
         self._hard_close: asyncio.Event | None = None
@@ -151,6 +193,18 @@ class Pool(Generic[C]):
         self._flushed = (0, 0)  # (acquired, waited) at the last observer flush
         self._flush_at = 0.0
         self._observers: list[PoolObserver] = [*observers_for(self), *observers]
+        self._refresh_fast()
+
+    def _refresh_fast(self) -> None:
+        """Whether Lease may lend an idle connection without asking anything (no is_open to
+        call, no start time for observers): recomputed when observers come and go."""
+        self._fast = self._simple and self._check_open is None and not self._observers
+        self._timed = self._simple and self._check_open is None and bool(self._observers)
+        self._bare = self._plain and self._reset is None and not self._observers
+        self._mux_take = self._mux and not self._instrumented and not self._observers
+        self._mux_fast = (
+            self._mux_take and type(self.adapter).release_stream is Adapter.release_stream
+        )
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -162,7 +216,13 @@ class Pool(Generic[C]):
         retry can come before the deadline), PoolClosed when closing, PoolLoopError from another
         event loop. Cancellation-safe at every await.
         """
-        return Lease(self, timeout)
+        # Lease(self, timeout), without the Python-level __init__ frame (the hot path: a third of
+        # the cost of building the lease); keep these three fields in step with Lease.__init__.
+        lease: Lease[C] = _new(Lease)
+        lease._pool = self
+        lease._timeout = timeout
+        lease._state = _NEW
+        return lease
 
     async def lease(self, timeout: float | None = None) -> Lease[C]:
         """Acquire without ``async with`` (frameworks whose connect and disconnect are separate
@@ -202,6 +262,10 @@ class Pool(Generic[C]):
         # per watching pool (the SIP engine), and a pool built but never started must not pin them.
         self.adapter.watch(self._on_conn_changed)
         self._warmed = loop.create_future()
+        done = loop.create_future()
+        done.set_result(None)
+        self._done = cast("Coroutine[Any, Any, None]", done)
+        self._owner = loop if isinstance(loop, asyncio.BaseEventLoop) else _RunningCheck(loop)
         self._flush_at = self._clock() + _FLUSH_EVERY
         try:
             # Warm-up connects belong to the caller's trace (the boot span); the timer's work
@@ -336,11 +400,13 @@ class Pool(Generic[C]):
         """Attach ``observer`` (a :class:`voicepool._engine.observer.PoolObserver`) from now on."""
         if observer not in self._observers:
             self._observers.append(observer)
+            self._refresh_fast()
 
     def remove_observer(self, observer: PoolObserver) -> None:
         """Detach an observer added with :meth:`add_observer`; unknown ones are ignored."""
         if observer in self._observers:
             self._observers.remove(observer)
+            self._refresh_fast()
 
     def __repr__(self) -> str:
         core = self._core
@@ -362,7 +428,24 @@ class Pool(Generic[C]):
     async def _acquire(self, lease: Lease[C], traced: bool = False) -> None:
         """Take without waiting, else queue FIFO; see :meth:`acquire` for what escapes.
 
-        ``traced``: called by :meth:`_acquire_instrumented`, which wraps this one."""
+        ``traced``: called by :meth:`_acquire_instrumented`, which wraps this one. (Lease does
+        the same itself, without this coroutine, for a pool that is not instrumented.)"""
+        if self._instrumented and not traced:
+            self._check_caller()
+            await self._acquire_instrumented(lease)
+            return
+        waiter = self._begin(lease)
+        if waiter is None:
+            return
+        try:
+            await waiter.future
+        except BaseException as exc:
+            self._abandon(waiter, exc)
+            raise
+        self._served(lease, waiter)
+
+    def _check_caller(self) -> None:
+        """Raises PoolClosed / PoolError (not started) / PoolLoopError."""
         if not self._started:
             if self._close_task is not None:
                 raise PoolClosed(f"pool {self.name!r} is closed", pool=self.name)
@@ -370,25 +453,31 @@ class Pool(Generic[C]):
                 f"pool {self.name!r} is not started: use `async with pool` or await pool.start()",
                 pool=self.name,
             )
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
+        if self._owner._thread_id != threading.get_ident():  # (see Lease.__aenter__)
             raise self._wrong_loop()
-        if self._instrumented and not traced:
-            await self._acquire_instrumented(lease)
-            return
+
+    def _begin(self, lease: Lease[C]) -> Waiter | None:
+        """Lend at once (returns None) or queue a waiter whose ``future`` the caller awaits, then
+        hands to :meth:`_served` or, if that await raised, to :meth:`_abandon`. Synchronous:
+        nothing is queued if it raises (the errors of :meth:`acquire`)."""
+        if not self._started or self._owner._thread_id != threading.get_ident():
+            self._check_caller()
         core = self._core
         t0 = self._clock()
-        if not core.closing:
+        if not core.closing and (core.idle or self._mux):  # (nothing to take from empty idle)
             rec, actions = core.take(t0)
             if actions:
                 self._apply(actions)
             if rec is not None:
                 self._lend(lease, rec, rec.seq if self._mux else None, t0)
-                return
-        timeout = self.settings.acquire_timeout if lease._timeout is None else lease._timeout
-        fut: asyncio.Future[None] = loop.create_future()
+                return None
+        timeout = self._acquire_timeout if lease._timeout is None else lease._timeout
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
         waiter = Waiter(t0 + timeout, timeout, fut)
-        self._apply(core.wait(waiter, t0))
+        actions = core.wait(waiter, t0)
+        if actions:
+            self._apply(actions)
         if fut.done():  # failed at once: closed, circuit open, or no retry in time
             err = fut.exception()
             assert err is not None
@@ -396,36 +485,45 @@ class Pool(Generic[C]):
                 for obs in self._observers:
                     obs.on_unavailable(self, err)
             raise err
-        if waiter.exhausted:
+        if waiter.exhausted and self._observers:
             for obs in self._observers:
                 obs.on_exhausted(self)
-        try:
-            await fut
-        except BaseException as exc:
-            now = self._clock()
-            waited = now - t0
-            # Undo: a grant this caller never took passes to the next waiter.
-            self._apply(core.give_up(waiter, now))
-            if isinstance(exc, PoolExhausted):
-                core.timed_out(waited)
-                for obs in self._observers:
-                    obs.on_timeout(self, waited, exc)
-            else:
-                for obs in self._observers:
-                    obs.on_wait_failed(self, waited, exc)
-            raise
+        return waiter
+
+    def _abandon(self, waiter: Waiter, exc: BaseException) -> None:
+        """The await of a queued waiter raised ``exc`` (timeout, cancelled): undo; a grant this
+        caller never took passes to the next waiter."""
+        core = self._core
         now = self._clock()
-        core.served(waiter, now - t0)
-        for obs in self._observers:
-            obs.on_waited(self, now - t0)
+        waited = now - (waiter.deadline - waiter.timeout)
+        self._apply(core.give_up(waiter, now))
+        if isinstance(exc, PoolExhausted):
+            core.timed_out(waited)
+            for obs in self._observers:
+                obs.on_timeout(self, waited, exc)
+        else:
+            for obs in self._observers:
+                obs.on_wait_failed(self, waited, exc)
+
+    def _served(self, lease: Lease[C], waiter: Waiter) -> None:
+        """A queued waiter's grant arrived: the lease holds it."""
+        now = self._clock()
+        waited = now - (waiter.deadline - waiter.timeout)
+        self._core.served(waiter, waited)
+        if self._observers:
+            for obs in self._observers:
+                obs.on_waited(self, waited)
         rec = waiter.rec
         assert rec is not None
-        self._lend(lease, rec, waiter.stream_id, now)
+        lease._rec = rec
+        lease._t0 = now
+        if waiter.stream_id is not None:
+            lease._sid = waiter.stream_id
 
     def _lend(self, lease: Lease[C], rec: ConnRecord[C], sid: int | None, now: float) -> None:
         lease._rec = rec
-        lease._conn = rec.conn
-        lease.stream_id = sid
+        if sid is not None:
+            lease._sid = sid
         lease._t0 = now
 
     async def _acquire_instrumented(self, lease: Lease[C]) -> None:
@@ -462,10 +560,14 @@ class Pool(Generic[C]):
 
     # -- release (the part Lease does not inline) ------------------------------------------------
 
-    def _record_use(self, held: float) -> None:
-        """Buffer a lease hold time for observers (bounded; flushed by the timer)."""
+    def _record_use(self, lease: Lease[C], now: float) -> None:
+        """Buffer a lease hold time for observers (bounded; flushed by the timer). A lease taken
+        before the first observer was added has no start time: it is not counted."""
         if len(self._use_times) < _MAX_BUFFERED:
-            self._use_times.append(held)
+            try:
+                self._use_times.append(now - lease._t0)
+            except AttributeError:
+                pass
 
     async def _finish_reset(
         self, rec: ConnRecord[C], coro: Coroutine[Any, Any, None], first: Any
@@ -488,14 +590,16 @@ class Pool(Generic[C]):
         log.debug("pool %s: reset failed: %r", self.name, err, extra=self._extra)
         self._apply(self._core.released(rec, now, "reset_failed"))
 
-    async def _release_slow(self, lease: Lease[C], exc: BaseException | None) -> None:
-        """Release with a discard, an error, single use, or a stream to end (no clean EXCLUSIVE
-        release comes here: Lease does those). Cancellation-safe (bookkeeping in ``finally``)."""
+    async def _release_slow(
+        self, lease: Lease[C], exc: BaseException | None, reason: str | None
+    ) -> None:
+        """Release with a discard (``reason``), an error, single use, or a stream to end (no
+        clean EXCLUSIVE release comes here: Lease does those). Cancellation-safe (bookkeeping in
+        ``finally``)."""
         rec = lease._rec
-        reason = lease._discard
         now = self._clock()
         if self._observers:
-            self._record_use(now - lease._t0)
+            self._record_use(lease, now)
         if self._mux:
             await self._release_stream(lease, rec, exc, reason)
             return

@@ -443,7 +443,7 @@ def test_multiplexed_error_makes_the_connection_suspect_until_a_ping() -> None:
     again, _ = core.take(sim.now)
     assert again is None  # no new stream on a suspect connection
     w = Waiter(sim.now + 5, 5)
-    out = core.wait(w, sim.now)
+    core.wait(w, sim.now)
     out = core.pinged(rec, True, sim.now + 0.002, 0.002)
     assert any(isinstance(a, Grant) and a.waiter is w for a in out)
     assert not rec.suspect

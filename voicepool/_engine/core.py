@@ -340,8 +340,24 @@ class PoolCore(Generic[C]):
                 self._grow(now, out)
             return best, NO_ACTIONS if out is None else self._end(now, out)
 
-    def wait(self, waiter: Waiter, now: float) -> list[Action]:
+    def wait(self, waiter: Waiter, now: float) -> list[Action] | tuple[Action, ...]:
         """Queue ``waiter`` (FIFO), or fail it at once (closed, circuit open, no retry in time)."""
+        size = len(self.conns)
+        if (
+            size
+            and size + self.opening >= self.max_size
+            and self.quota is None
+            and not self.closing
+            and not self.circuit_open
+            and waiter.deadline >= self._wake_at
+        ):
+            # The contended hand-off's case, without an action list: every slot is taken, so
+            # no connect can start and (a connection exists) no fail-fast applies; the timer is
+            # already armed for an earlier deadline, and queueing changes no state.
+            self.waiters.push(waiter)
+            self.n_exhausted += 1
+            waiter.exhausted = True
+            return NO_ACTIONS
         out: list[Action] = []
         if self.closing:
             waiter.state = 2

@@ -9,8 +9,10 @@ whole queue is compacted once they outnumber the live ones (memory stays bounded
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Iterator
+from itertools import pairwise
 from typing import Any
 
 from voicepool._engine.record import ConnRecord
@@ -45,10 +47,15 @@ class Waiter:
 class WaitQueue:
     """Live waiters in FIFO order; ``count`` is how many are waiting (read on the fast path)."""
 
-    __slots__ = ("_deadlines", "_fifo", "_seq", "count")
+    __slots__ = ("_deadlines", "_fifo", "_last", "_seq", "_sorted", "count")
 
     def __init__(self) -> None:
         self._fifo: deque[Waiter] = deque()
+        # While every waiter was pushed with a deadline no earlier than the one before (one
+        # acquire_timeout: the common case), the FIFO is in deadline order and no heap is kept
+        # (``_sorted``); the first out-of-order push builds the heap, used until the queue empties.
+        self._sorted = True
+        self._last = -math.inf  # the deadline of the last push
         self._deadlines: list[tuple[float, int, Waiter]] = []
         self._seq = 0  # ties in the heap: equal deadlines keep their FIFO order
         self.count = 0
@@ -56,8 +63,22 @@ class WaitQueue:
     def push(self, waiter: Waiter) -> None:
         self._fifo.append(waiter)
         self.count += 1
+        deadline = waiter.deadline
+        if self._sorted:
+            if deadline >= self._last:
+                self._last = deadline
+                return
+            self._sorted = False
+            heap: list[tuple[float, int, Waiter]] = []
+            self._deadlines = heap
+            for w in self._fifo:
+                if w.state == WAITING:
+                    self._seq += 1
+                    heap.append((w.deadline, self._seq, w))
+            heapq.heapify(heap)
+            return
         self._seq += 1
-        heapq.heappush(self._deadlines, (waiter.deadline, self._seq, waiter))
+        heapq.heappush(self._deadlines, (deadline, self._seq, waiter))
 
     def pop(self) -> Waiter | None:
         """Take the first live waiter out (the caller changes its state), or None."""
@@ -66,8 +87,17 @@ class WaitQueue:
             w = fifo.popleft()
             if w.state == WAITING:
                 self.count -= 1
+                if not self.count:
+                    self._reset()
                 return w
         return None
+
+    def _reset(self) -> None:
+        """Empty: back to the heap-free mode (the next pushes are in order again)."""
+        if not self._sorted or self._deadlines:
+            self._deadlines = []
+        self._sorted = True
+        self._last = -math.inf
 
     def leave(self, waiter: Waiter, state: int = DONE) -> None:
         """A waiting ``waiter`` leaves the queue now (gave up, failed): O(1), amortised."""
@@ -83,14 +113,25 @@ class WaitQueue:
         """Remove every live waiter and return them, FIFO (the caller fails them)."""
         live = [w for w in self._fifo if w.state == WAITING]
         self._fifo.clear()
-        self._deadlines.clear()
         self.count = 0
+        self._reset()
         return live
 
     def expired(self, now: float) -> list[Waiter]:
         """Remove and return the live waiters whose deadline is ``now`` or earlier."""
-        heap = self._deadlines
         out: list[Waiter] = []
+        if self._sorted:
+            fifo = self._fifo
+            while fifo and (fifo[0].state != WAITING or fifo[0].deadline <= now):
+                w = fifo.popleft()
+                if w.state == WAITING:
+                    w.state = DONE
+                    self.count -= 1
+                    out.append(w)
+            if out:
+                self._compact()
+            return out
+        heap = self._deadlines
         while heap and (heap[0][2].state != WAITING or heap[0][0] <= now):
             w = heapq.heappop(heap)[2]
             if w.state == WAITING:
@@ -103,6 +144,9 @@ class WaitQueue:
 
     def earliest(self) -> float | None:
         """The deadline of the live waiter that expires first (dead heap tops are dropped)."""
+        if self._sorted:
+            self._compact()
+            return self._fifo[0].deadline if self._fifo else None
         heap = self._deadlines
         while heap and heap[0][2].state != WAITING:
             heapq.heappop(heap)
@@ -112,6 +156,8 @@ class WaitQueue:
         fifo = self._fifo
         while fifo and fifo[0].state != WAITING:
             fifo.popleft()
+        if not self.count:
+            self._reset()
         if len(fifo) > 2 * self.count + 64:
             self._fifo = deque(w for w in fifo if w.state == WAITING)
         if len(self._deadlines) > 2 * self.count + 64:
@@ -121,3 +167,8 @@ class WaitQueue:
     def check(self) -> None:
         assert self.count == sum(1 for w in self._fifo if w.state == WAITING), "waiter count"
         assert self.count >= 0
+        live = [w for w in self._fifo if w.state == WAITING]
+        if self._sorted:
+            assert all(a.deadline <= b.deadline for a, b in pairwise(live)), "not sorted"
+        else:
+            assert {id(w) for w in live} <= {id(e[2]) for e in self._deadlines}, "heap lost one"
