@@ -70,7 +70,7 @@ async def test_a_dead_workers_tokens_expire_after_the_ttl(redis_server: RedisSer
         got = 0
         while got == 0 and loop.time() - t0 < 3.0:
             got = (await _sync(q, "live", want=5, waiting=1, busy=1, ttl=0.3)).granted
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # Redis's clock has no event to wait on
         assert got == 5
         assert loop.time() - t0 <= 0.3 + 0.2
         assert await q.held("acct") == {"live": 5}
@@ -166,7 +166,7 @@ async def test_pool_survives_redis_stopped_and_restarted(
             for _ in range(n):
                 try:
                     async with pool.acquire():
-                        await asyncio.sleep(0.005)
+                        await asyncio.sleep(0.005)  # the call's hold time (the traffic)
                 except Exception:
                     failed += 1
 
