@@ -136,7 +136,7 @@ async def test_two_kamailio_carriers_one_stops_calls_go_to_the_other(
                 await carrier_a.stop()
                 await asyncio.sleep(2.5)  # paces the outage
                 await carrier_a.start()
-                await asyncio.sleep(0.6)
+                await asyncio.sleep(0.6)  # paces the recovery (shorter than failback_after)
             flaps = [(at, s) for at, s in zip(switches.at, switches.seen, strict=True)][seen:]
             failovers = [at for at, s in flaps if not s[3]]
             assert failovers
