@@ -161,10 +161,11 @@ class Pool(Generic[C]):
         self._simple = not self._mux and not self._instrumented
         self._exclusive = resolved.lease_mode is LeaseMode.EXCLUSIVE
         self._plain = self._exclusive and not self._instrumented
-        self._fast = False  # _simple, the base is_open and no observers (see _refresh_fast)
-        self._timed = False  # _simple, the base is_open, and observers (hold times)
-        self._bare = False  # _plain, the base reset and no observers
-        self._mux_take = False  # MULTIPLEXED, no observers: Lease inlines the stream hit
+        self._timing = False  # some observer wants lease hold times (see _refresh_fast)
+        self._fast = False  # _simple, the base is_open and no timing
+        self._timed = False  # _simple, the base is_open, and timing (hold times)
+        self._bare = False  # _plain, the base reset and no timing
+        self._mux_take = False  # MULTIPLEXED, no timing: Lease inlines the stream hit
         self._mux_fast = False  # ... and the base release_stream: and the clean release
         # None for the base no-op reset: the clean release then calls nothing at all.
         self._reset: Callable[[C], Coroutine[Any, Any, None]] | None = (
@@ -197,11 +198,14 @@ class Pool(Generic[C]):
 
     def _refresh_fast(self) -> None:
         """Whether Lease may lend an idle connection without asking anything (no is_open to
-        call, no start time for observers): recomputed when observers come and go."""
-        self._fast = self._simple and self._check_open is None and not self._observers
-        self._timed = self._simple and self._check_open is None and bool(self._observers)
-        self._bare = self._plain and self._reset is None and not self._observers
-        self._mux_take = self._mux and not self._instrumented and not self._observers
+        call, no start time for observers): recomputed when observers come and go, and at each
+        flush (an observer's :meth:`~PoolObserver.wants_use_times` may change)."""
+        timing = any(obs.wants_use_times(self) for obs in self._observers)
+        self._timing = timing  # leases record their hold time (some observer wants them)
+        self._fast = self._simple and self._check_open is None and not timing
+        self._timed = self._simple and self._check_open is None and timing
+        self._bare = self._plain and self._reset is None and not timing
+        self._mux_take = self._mux and not self._instrumented and not timing
         self._mux_fast = (
             self._mux_take and type(self.adapter).release_stream is Adapter.release_stream
         )
@@ -562,7 +566,7 @@ class Pool(Generic[C]):
 
     def _record_use(self, lease: Lease[C], now: float) -> None:
         """Buffer a lease hold time for observers (bounded; flushed by the timer). A lease taken
-        before the first observer was added has no start time: it is not counted."""
+        before hold times were wanted has no start time: it is not counted."""
         if len(self._use_times) < _MAX_BUFFERED:
             try:
                 self._use_times.append(now - lease._t0)
@@ -598,7 +602,7 @@ class Pool(Generic[C]):
         ``finally``)."""
         rec = lease._rec
         now = self._clock()
-        if self._observers:
+        if self._timing:
             self._record_use(lease, now)
         if self._mux:
             await self._release_stream(lease, rec, exc, reason)
@@ -704,6 +708,7 @@ class Pool(Generic[C]):
     def _flush(self, now: float) -> None:
         """Hand buffered hold times and the no-wait acquire count to observers (background)."""
         self._flush_at = now + _FLUSH_EVERY
+        self._refresh_fast()  # (whether observers want hold times may have changed)
         core = self._core
         if not (self._use_times or core.n_acquired != self._flushed[0] or core.n_timeouts):
             return
