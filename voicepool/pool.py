@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import math
 import random
 import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
+from threading import get_ident as _get_ident
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from voicepool._engine import calls
@@ -39,7 +41,7 @@ from voicepool._engine.observer import PoolObserver, observers_for
 from voicepool._engine.quota import QuotaBackend, QuotaGate
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
-from voicepool._engine.waitqueue import Waiter
+from voicepool._engine.waitqueue import WAITING, Waiter
 from voicepool._engine.warm import sizing_for
 from voicepool._redact import describe_error, get_logger, remember_from
 from voicepool.adapter import Adapter, LeaseMode
@@ -269,6 +271,13 @@ class Pool(Generic[C]):
         done = loop.create_future()
         done.set_result(None)
         self._done = cast("Coroutine[Any, Any, None]", done)
+        # A waiter's future: asyncio's create_future is a Python frame around Future(loop=...);
+        # other loops (uvloop) make their own.
+        self._new_future: Callable[[], asyncio.Future[None]] = (
+            functools.partial(asyncio.Future, loop=loop)
+            if type(loop).create_future is asyncio.BaseEventLoop.create_future
+            else loop.create_future
+        )
         self._owner = loop if isinstance(loop, asyncio.BaseEventLoop) else _RunningCheck(loop)
         self._flush_at = self._clock() + _FLUSH_EVERY
         try:
@@ -464,7 +473,7 @@ class Pool(Generic[C]):
         """Lend at once (returns None) or queue a waiter whose ``future`` the caller awaits, then
         hands to :meth:`_served` or, if that await raised, to :meth:`_abandon`. Synchronous:
         nothing is queued if it raises (the errors of :meth:`acquire`)."""
-        if not self._started or self._owner._thread_id != threading.get_ident():
+        if not self._started or self._owner._thread_id != _get_ident():
             self._check_caller()
         core = self._core
         t0 = self._clock()
@@ -476,9 +485,17 @@ class Pool(Generic[C]):
                 self._lend(lease, rec, rec.seq if self._mux else None, t0)
                 return None
         timeout = self._acquire_timeout if lease._timeout is None else lease._timeout
-        assert self._loop is not None
-        fut: asyncio.Future[None] = self._loop.create_future()
-        waiter = Waiter(t0 + timeout, timeout, fut)
+        fut = self._new_future()
+        # Waiter(t0 + timeout, timeout, fut) without its __init__ frame (every contended acquire
+        # builds one); keep these fields in step with Waiter.__init__.
+        waiter: Waiter = _new(Waiter)
+        waiter.deadline = t0 + timeout
+        waiter.timeout = timeout
+        waiter.future = fut
+        waiter.rec = None
+        waiter.stream_id = None
+        waiter.state = WAITING
+        waiter.exhausted = False
         actions = core.wait(waiter, t0)
         if actions:
             self._apply(actions)
