@@ -497,15 +497,15 @@ class Pool(Generic[C]):
         waiter.state = WAITING
         waiter.exhausted = False
         actions = core.wait(waiter, t0)
-        if actions:
+        if actions:  # (a Fail is an action: with none, the future is pending)
             self._apply(actions)
-        if fut.done():  # failed at once: closed, circuit open, or no retry in time
-            err = fut.exception()
-            assert err is not None
-            if isinstance(err, PoolUnavailable):
-                for obs in self._observers:
-                    obs.on_unavailable(self, err)
-            raise err
+            if fut.done():  # failed at once: closed, circuit open, or no retry in time
+                err = fut.exception()
+                assert err is not None
+                if isinstance(err, PoolUnavailable):
+                    for obs in self._observers:
+                        obs.on_unavailable(self, err)
+                raise err
         if waiter.exhausted and self._observers:
             for obs in self._observers:
                 obs.on_exhausted(self)
