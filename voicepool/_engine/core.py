@@ -805,6 +805,8 @@ class PoolCore(Generic[C]):
         if rec.proven:
             return
         rec.proven = True
+        if self._discredited(rec):
+            return  # open, but refused (a 401 on a request): the failure count stands
         self.probing = False
         if self.steps:
             self.steps = 0
@@ -991,6 +993,15 @@ class PoolCore(Generic[C]):
     def _grow(self, now: float, out: list[Action]) -> None:
         """Start the connects the pool needs now; a slot is counted before each one."""
         n = self._connects_wanted(now)
+        if n > 0 and self.circuit_open and len(self.conns) + self.opening >= self.max_size:
+            # The circuit's probe is due and every slot is taken: an idle connection gives
+            # its slot up (see _spare). Only a successful connect closes the circuit.
+            spare = self._spare()
+            assert spare is not None  # _connects_wanted counted its slot
+            if not self.mux:
+                self.idle.remove(spare)
+                spare.state = _IN_USE  # out of the deque already: _retire must not look there
+            self._retire(spare, "probe", now, out, grow=False)
         while n > 0 and self._admit(now):
             self.opening += 1
             out.append(Connect(now, self.generation))
@@ -1146,6 +1157,8 @@ class PoolCore(Generic[C]):
         """
         size = len(self.conns)
         room = self.max_size - size - self.opening
+        if room <= 0 and self.circuit_open and not self.opening and self._spare() is not None:
+            room = 1  # the probe may replace an idle connection (_grow retires it first)
         if room <= 0 or self.closing or self.lifecycle is PoolState.NEW:
             return 0  # (full first: the contended hand-off asks this at every wait)
         if self.warming and self.opening:
@@ -1196,6 +1209,33 @@ class PoolCore(Generic[C]):
         elif self.circuit_open:
             need = max(need, 1)  # the probe runs whatever the demand (min_size 0 included)
         return min(need, room, limit)
+
+    def _spare(self) -> ConnRecord[C] | None:
+        """The idle connection an open circuit's probe may replace when the pool is full.
+
+        A circuit opened with nothing lost (a fatal error the adapter learnt on a connection
+        it keeps open, a 401 on a request) leaves no free slot, and a surviving connection
+        must not close the circuit (that 401 must keep it open): only a new connect shows
+        that the provider accepts this pool again. The unproven first (it says the least),
+        else the least recently used; never a held one (a lease is never interrupted: its
+        release makes one idle). O(connections), asked only while the circuit is open."""
+        if self.mux:
+            idle = [r for r in self.mux_conns if not r.streams and not r.pinging]
+        else:
+            idle = list(self.idle)  # LIFO at the right: least recently used first
+        best: ConnRecord[C] | None = None
+        rank = 3
+        for rec in idle:
+            r = 0 if self._discredited(rec) else 1 if not rec.proven else 2
+            if r < rank:
+                best, rank = rec, r
+        return best
+
+    def _discredited(self, rec: ConnRecord[C]) -> bool:
+        """The adapter reports a fatal error on ``rec`` (a 401 on a request): it proves
+        nothing by staying open."""
+        err = self.connection_error(rec.conn)
+        return err is not None and self.is_fatal(err)
 
     def _on_trial(self) -> bool:
         """A connection dialled since the last counted failure is open and not proven yet.
