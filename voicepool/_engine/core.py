@@ -168,9 +168,10 @@ class PoolCore(Generic[C]):
         self.closing = False
         self.circuit_open = False
         # Backoff steps: failures that did not overlap a counted one. The count starts over
-        # only when a connection proves itself (_prove: it survived min_healthy or carried a
-        # lease to a clean end), never on a ping answer alone: a server that answers and hangs
-        # up a few ms later must keep its backoff growing.
+        # only when a connection proves itself (_prove: it survived min_healthy, carried a
+        # lease to a clean end, or answered a routine ping a whole ping period after it
+        # opened), never on the first ping's answer: a server that answers and hangs up a few
+        # ms later must keep its backoff growing. A proof never closes the circuit.
         self.steps = 0
         # After a failure, until a connection answers a ping or proves itself: DEGRADED below
         # the floor, and a waiter no scheduled retry serves in time fails at once.
@@ -801,7 +802,9 @@ class PoolCore(Generic[C]):
         self._serve_streams(rec, out)
 
     def _prove(self, rec: ConnRecord[C], now: float) -> None:
-        """``rec`` proved itself: the provider works; the failure count starts over."""
+        """``rec`` proved itself (min_healthy of life, a lease's clean end, or a routine ping a
+        whole ping period after it opened): the failure count starts over. Not the circuit:
+        only a successful connect closes it (a 401 learnt on a request must keep it open)."""
         if rec.proven:
             return
         rec.proven = True
@@ -1240,9 +1243,9 @@ class PoolCore(Generic[C]):
     def _on_trial(self) -> bool:
         """A connection dialled since the last counted failure is open and not proven yet.
 
-        Until it proves itself (min_healthy, or a lease's clean end) or dies, the floor waits
-        and only a waiter gets a connect: a server that answers the first ping and hangs up
-        50 ms later must draw one connect per backoff step, not one per ping round trip.
+        Until it proves itself (see _prove) or dies, the floor waits and only a waiter gets a
+        connect: a server that answers the first ping and hangs up 50 ms later must draw one
+        connect per backoff step, not one per ping round trip.
         (Connections dialled before the failure do not hold the retry: they say nothing new.)
         O(young connections), and only asked while failures are counted."""
         at = self._step_at
