@@ -1160,7 +1160,13 @@ class PoolCore(Generic[C]):
         """
         size = len(self.conns)
         room = self.max_size - size - self.opening
-        if room <= 0 and self.circuit_open and not self.opening and self._spare() is not None:
+        if (
+            room <= 0
+            and self.circuit_open
+            and not self.opening
+            and (not self.steps or now >= self.retry_at)  # (no O(n) look during the backoff)
+            and self._spare() is not None
+        ):
             room = 1  # the probe may replace an idle connection (_grow retires it first)
         if room <= 0 or self.closing or self.lifecycle is PoolState.NEW:
             return 0  # (full first: the contended hand-off asks this at every wait)
