@@ -1,17 +1,24 @@
 """Pipecat and LiveKit Agents on voicepool pools vs their own per-call connections, in one run.
 
     .venv/bin/python benchmarks/frameworks.py [--rounds 3] [--calls 10] [--turns 3] [--rtt 0.040]
-                                              [--uvloop]
+                                              [--steady 10] [--inline] [--uvloop]
 
-The TLS emulators (Deepgram, ElevenLabs, OpenAI-compatible HTTP/2) run in this process behind
-the demo's latency relay (``latency_proxy``: ``--rtt`` round trip, plus a round trip for each TCP
-handshake). The call drivers are examples/pipecat_bot.py and examples/livekit_agent.py:
+The TLS emulators (Deepgram, ElevenLabs, OpenAI-compatible HTTP/2) run behind the demo's latency
+relay (``latency_proxy``: ``--rtt`` round trip, plus a round trip for each TCP handshake), in a
+child process (``pipecat_bot.spawned_services``) as a real worker has its providers elsewhere:
+otherwise their TLS, framing and relays take about a quarter of the CPU of the event loop the
+calls run on. ``--inline``: in this process (``emulated_services``), as before. The call drivers
+are examples/pipecat_bot.py and examples/livekit_agent.py:
 
-* Pipecat: ``--calls`` overlapping calls (one arriving every 50 ms), each a pipeline audio in ->
-  Deepgram STT -> OpenAI LLM -> ElevenLabs TTS -> audio out; ``start`` is the pipeline's start
-  (until the StartFrame is through: every service connected), a turn is VAD stop -> first audio.
-  ``alone``: one call with no other running (the start's own cost, no contention). ``lease``:
-  the time the pooled services spent in voicepool (``PipecatPools.lease_socket``) per start.
+* Pipecat: ``--calls`` overlapping calls (one arriving every 50 ms: call n starts while the n
+  before it are in progress), each a pipeline audio in -> Deepgram STT -> OpenAI LLM ->
+  ElevenLabs TTS -> audio out; ``start`` is the pipeline's start (``pipecat_bot.run_call``: from
+  the first step of ``WorkerRunner.run()`` until the StartFrame has crossed the pipeline, every
+  service set up: connected or leased), a turn is VAD stop -> first audio. ``peak`` rows
+  (``--steady`` newcomers, 0 to skip): each new call arrives while ``--calls`` - 1 others are
+  in progress (``run_steady``: what a worker at its peak sees; the newcomers' figures). ``alone``:
+  one call with no other running (the start's own cost, no contention). ``lease``: the time the
+  pooled services spent in voicepool (``PipecatPools.lease_socket``) per start.
 * LiveKit: ``--calls`` jobs one after another (LiveKit runs one job per process), each a real
   ``AgentSession`` (Deepgram STT, OpenAI LLM, ElevenLabs TTS plugins; no LiveKit server: no
   room, audio in and out set in-process, a fake JobContext whose room join takes one round
@@ -88,8 +95,8 @@ def _summary(starts: list[float], turns: list[list[float]], misses: int, inside:
     }
 
 
-async def _pipecat(stack: bot.Stack, pooled: bool, calls: int, turns: int) -> Row:
-    run = await bot.measure(stack, pooled_run=pooled, calls=calls, turns=turns)
+async def _pipecat(stack: bot.Stack, pooled: bool, calls: int, turns: int, steady: int = 0) -> Row:
+    run = await bot.measure(stack, pooled_run=pooled, calls=calls, turns=turns, steady=steady)
     return _summary(
         [r.start_ms for r in run.results],
         [r.turn_ms for r in run.results],
@@ -123,11 +130,11 @@ async def _pipecat_alone(stack: bot.Stack, pooled: bool, calls: int) -> float:
 
 async def _livekit(stack: bot.Stack, pooled: bool, jobs: int, turns: int) -> Row:
     await lk.run_job(stack, pooled=pooled, turns=1)  # warm-up
-    before = stack.handshakes()
+    before = await stack.handshakes()
     results = [
         await lk.run_job(stack, pooled=pooled, turns=turns, join=stack.rtt) for _ in range(jobs)
     ]
-    inside = sum(r.cold_leases for r in results) if pooled else stack.handshakes() - before
+    inside = sum(r.cold_leases for r in results) if pooled else await stack.handshakes() - before
     return _summary(
         [r.ready_ms for r in results],
         [r.turn_ms for r in results],
@@ -146,12 +153,14 @@ def _median_rows(rows: list[Row]) -> Row:
 
 def _line(framework: str, mode: str, r: Row) -> str:
     return (
-        f"{framework:<9} {mode:<9} {r['start']:>9.1f} {r['max']:>8.1f} {r['first']:>9.0f}"
+        f"{framework:<9} {mode:<13} {r['start']:>9.1f} {r['max']:>8.1f} {r['first']:>9.0f}"
         f" {r['later']:>8.0f} {r['ratio']:>7.2f} {r['misses']!s:>6} {r['inside']!s:>7}"
     )
 
 
-async def main(rounds: int, calls: int, turns: int, rtt: float, loop_name: str) -> None:
+async def main(
+    rounds: int, calls: int, turns: int, rtt: float, loop_name: str, steady: int, inline: bool
+) -> None:
     from loguru import logger
 
     logger.remove()  # Pipecat logs every frame at DEBUG
@@ -162,8 +171,8 @@ async def main(rounds: int, calls: int, turns: int, rtt: float, loop_name: str) 
     alone: dict[str, list[float]] = {"pooled": [], "per call": []}
     per_round: list[str] = []
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    async with bot.emulated_services(rtt) as stack:
-        stack.rtt = rtt
+    services = bot.emulated_services if inline else bot.spawned_services
+    async with services(rtt) as stack:
         runs: list[tuple[str, str, Callable[[], Awaitable[Row]]]] = []
         for pooled in (True, False):
             runs.append(
@@ -171,6 +180,14 @@ async def main(rounds: int, calls: int, turns: int, rtt: float, loop_name: str) 
                     "pipecat",
                     "pooled" if pooled else "per call",
                     partial(_pipecat, stack, pooled, calls, turns),
+                )
+            )
+        for pooled in (True, False) if steady else ():
+            runs.append(
+                (
+                    "pipecat",
+                    "peak pooled" if pooled else "peak per call",
+                    partial(_pipecat, stack, pooled, calls, turns, steady),
                 )
             )
         for pooled in (True, False):
@@ -195,15 +212,16 @@ async def main(rounds: int, calls: int, turns: int, rtt: float, loop_name: str) 
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"{rounds} rounds x {calls} calls x {turns} turns, RTT {rtt * 1e3:.0f} ms (TLS emulators"
-        f" via latency relay, in this process), {loop_name}; this process: {cpu:.1f} s CPU in"
-        f" {wall:.1f} s;"
+        f"{rounds} rounds x {calls} calls x {turns} turns (peak: {steady} newcomers), RTT"
+        f" {rtt * 1e3:.0f} ms (TLS emulators via latency relay,"
+        f" {'in this process' if inline else 'in a child process'}), {loop_name}; this process:"
+        f" {cpu:.1f} s CPU in {wall:.1f} s;"
         f" machine load average {load:.1f} on {os.cpu_count()} CPUs"
     )
     for line in per_round:
         print("  " + line)
     print(
-        f"{'framework':<9} {'mode':<9} {'start p50':>9} {'max':>8} {'1st turn':>9}"
+        f"{'framework':<9} {'mode':<13} {'start p50':>9} {'max':>8} {'1st turn':>9}"
         f" {'later':>8} {'1st/lat':>7} {'misses':>6} {'in call':>7}"
     )
     for (framework, label), rows in modes.items():
@@ -216,7 +234,8 @@ async def main(rounds: int, calls: int, turns: int, rtt: float, loop_name: str) 
         f" p50 {statistics.median(leases):.2f} ms, max {leases[-1]:.2f} ms ({len(leases)} leases)"
     )
     print("start: Pipecat pipeline start; LiveKit job ready (join of one RTT; pooled: the pools")
-    print("start with it). in call: connections a call waited for (see the module doc).")
+    print("start with it). peak: a new call arriving while the others are in progress.")
+    print("in call: connections a call waited for (see the module doc).")
 
 
 if __name__ == "__main__":
@@ -225,6 +244,12 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--rtt", type=float, default=0.040)
+    parser.add_argument(
+        "--steady", type=int, default=10, help="peak rows: new calls while the others run"
+    )
+    parser.add_argument(
+        "--inline", action="store_true", help="the emulators in this process, not in a child"
+    )
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (extra uvloop)")
     args = parser.parse_args()
     runner: Any = asyncio.run
@@ -233,4 +258,4 @@ if __name__ == "__main__":
 
         runner = uvloop.run
     loop_name = "uvloop" if args.uvloop else "asyncio"
-    runner(main(args.rounds, args.calls, args.turns, args.rtt, loop_name))
+    runner(main(args.rounds, args.calls, args.turns, args.rtt, loop_name, args.steady, args.inline))
