@@ -116,6 +116,32 @@ def test_each_service_pool_url_is_the_one_it_opens() -> None:
         assert pools.index.find(url) is not None, url
 
 
+def test_pooled_deepgram_builds_no_http_client_per_call() -> None:
+    """The pooled STT's deepgram-sdk client is built on one shared HTTP client (a new one loads
+    the trust store: ~25 ms per call with the system's CA bundle); Pipecat's own service, built
+    after it, still gets its own; the URL of each connect's kwargs is derived once."""
+    from pipecat.services.deepgram.stt import DeepgramSTTService
+
+    a = pooled.DeepgramSTTService(api_key="k", base_url="wss://dg.test")
+    b = pooled.DeepgramSTTService(api_key="k", base_url="wss://dg.test")
+    own = DeepgramSTTService(api_key="k", base_url="wss://dg.test")
+
+    def http(service: Any) -> Any:
+        sdk = getattr(service, "_voicepool_sdk", service._client)
+        return sdk._client_wrapper.httpx_client.httpx_client
+
+    assert http(a) is http(b)
+    assert http(own) is not http(a)
+    listen = a._client
+    kwargs = {"model": "nova-3", "sample_rate": "16000"}
+    url = listen._url(kwargs)
+    assert url == "wss://dg.test/v1/listen?model=nova-3&sample_rate=16000"
+    assert listen._url(dict(kwargs)) is url  # derived once per kwargs
+    keyterms = {**kwargs, "keyterm": ["a", "b"]}  # unhashable: derived every time, same URL
+    assert listen._url(keyterms) == listen._url(keyterms)
+    assert "keyterm=a&keyterm=b" in listen._url(keyterms)
+
+
 async def test_anthropic_llm_in_a_pooled_pipeline() -> None:
     """The pooled AnthropicLLMService in the pipeline (Messages API over the pooled HTTP/2
     connection): the call is answered, no miss, no connection opened inside the call."""
