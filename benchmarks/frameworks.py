@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/frameworks.py [--rounds 3] [--calls 10] [--turns 3] [--rtt 0.040]
                                               [--steady 10] [--inline] [--uvloop]
+                                              [--only pipecat|livekit]
 
 The TLS emulators (Deepgram, ElevenLabs, OpenAI-compatible HTTP/2) run behind the demo's latency
 relay (``latency_proxy``: ``--rtt`` round trip, plus a round trip for each TCP handshake), in a
@@ -18,7 +19,10 @@ are examples/pipecat_bot.py and examples/livekit_agent.py:
   (``--steady`` newcomers, 0 to skip): each new call arrives while ``--calls`` - 1 others are
   in progress (``run_steady``: what a worker at its peak sees; the newcomers' figures). ``alone``:
   one call with no other running (the start's own cost, no contention). ``lease``: the time the
-  pooled services spent in voicepool (``PipecatPools.lease_socket``) per start.
+  pooled services spent in voicepool (``PipecatPools.lease_socket``) per start. ``cpu wait``:
+  of each start, the time the worker's thread was ready to run while another process had the
+  CPU (the kernel's run-queue wait, ``/proc/thread-self/schedstat``), median per call: on a
+  shared machine, the part of ``start`` that is the machine's load, not the worker.
 * LiveKit: ``--calls`` jobs one after another (LiveKit runs one job per process), each a real
   ``AgentSession`` (Deepgram STT, OpenAI LLM, ElevenLabs TTS plugins; no LiveKit server: no
   room, audio in and out set in-process, a fake JobContext whose room join takes one round
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import statistics
 import sys
@@ -81,12 +86,20 @@ class _LeaseClock:
         vp_pipecat.PipecatPools.lease_socket = lease_socket  # type: ignore[method-assign,assignment]
 
 
-def _summary(starts: list[float], turns: list[list[float]], misses: int, inside: int) -> Row:
+def _summary(
+    starts: list[float],
+    turns: list[list[float]],
+    misses: int,
+    inside: int,
+    waits: list[float] | None = None,
+) -> Row:
     first = statistics.median(t[0] for t in turns)
     later = statistics.median(x for t in turns for x in t[1:])
+    waited = [w for w in waits or () if not math.isnan(w)]
     return {
         "start": statistics.median(starts),
         "max": max(starts),
+        "wait": statistics.median(waited) if waited else math.nan,
         "first": first,
         "later": later,
         "ratio": first / later,
@@ -102,6 +115,7 @@ async def _pipecat(stack: bot.Stack, pooled: bool, calls: int, turns: int, stead
         [r.turn_ms for r in run.results],
         run.misses,
         run.opened_in_calls,
+        [r.start_cpu_wait_ms for r in run.results],
     )
 
 
@@ -145,6 +159,8 @@ async def _livekit(stack: bot.Stack, pooled: bool, jobs: int, turns: int) -> Row
 
 def _median_rows(rows: list[Row]) -> Row:
     out: Row = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    waits = [r["wait"] for r in rows if not math.isnan(r["wait"])]
+    out["wait"] = statistics.median(waits) if waits else math.nan
     out["max"] = max(r["max"] for r in rows)
     out["misses"] = sum(r["misses"] for r in rows)
     out["inside"] = sum(r["inside"] for r in rows)
@@ -152,14 +168,23 @@ def _median_rows(rows: list[Row]) -> Row:
 
 
 def _line(framework: str, mode: str, r: Row) -> str:
+    wait = "-" if math.isnan(r["wait"]) else f"{r['wait']:.1f}"
     return (
-        f"{framework:<9} {mode:<13} {r['start']:>9.1f} {r['max']:>8.1f} {r['first']:>9.0f}"
+        f"{framework:<9} {mode:<13} {r['start']:>9.1f} {r['max']:>8.1f} {wait:>8}"
+        f" {r['first']:>9.0f}"
         f" {r['later']:>8.0f} {r['ratio']:>7.2f} {r['misses']!s:>6} {r['inside']!s:>7}"
     )
 
 
 async def main(
-    rounds: int, calls: int, turns: int, rtt: float, loop_name: str, steady: int, inline: bool
+    rounds: int,
+    calls: int,
+    turns: int,
+    rtt: float,
+    loop_name: str,
+    steady: int,
+    inline: bool,
+    frameworks: tuple[str, ...] = ("pipecat", "livekit"),
 ) -> None:
     from loguru import logger
 
@@ -174,7 +199,7 @@ async def main(
     services = bot.emulated_services if inline else bot.spawned_services
     async with services(rtt) as stack:
         runs: list[tuple[str, str, Callable[[], Awaitable[Row]]]] = []
-        for pooled in (True, False):
+        for pooled in (True, False) if "pipecat" in frameworks else ():
             runs.append(
                 (
                     "pipecat",
@@ -182,7 +207,7 @@ async def main(
                     partial(_pipecat, stack, pooled, calls, turns),
                 )
             )
-        for pooled in (True, False) if steady else ():
+        for pooled in (True, False) if steady and "pipecat" in frameworks else ():
             runs.append(
                 (
                     "pipecat",
@@ -190,7 +215,7 @@ async def main(
                     partial(_pipecat, stack, pooled, calls, turns, steady),
                 )
             )
-        for pooled in (True, False):
+        for pooled in (True, False) if "livekit" in frameworks else ():
             runs.append(
                 (
                     "livekit",
@@ -202,11 +227,12 @@ async def main(
             for framework, label, run in runs:
                 row = await run()
                 modes.setdefault((framework, label), []).append(row)
+                wait = "" if math.isnan(row["wait"]) else f" (cpu wait p50 {row['wait']:.1f})"
                 per_round.append(
-                    f"round {n + 1} {framework} {label}: start p50 {row['start']:.1f} ms,"
-                    f" first/later {row['ratio']:.2f}"
+                    f"round {n + 1} {framework} {label}: start p50 {row['start']:.1f} ms{wait},"
+                    f" first/later {row['ratio']:.2f}, load {os.getloadavg()[0]:.1f}"
                 )
-            for pooled in (True, False):
+            for pooled in (True, False) if "pipecat" in frameworks else ():
                 label = "pooled" if pooled else "per call"
                 alone[label].append(await _pipecat_alone(stack, pooled, 5))
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
@@ -221,21 +247,26 @@ async def main(
     for line in per_round:
         print("  " + line)
     print(
-        f"{'framework':<9} {'mode':<13} {'start p50':>9} {'max':>8} {'1st turn':>9}"
+        f"{'framework':<9} {'mode':<13} {'start p50':>9} {'max':>8} {'cpu wait':>8}"
+        f" {'1st turn':>9}"
         f" {'later':>8} {'1st/lat':>7} {'misses':>6} {'in call':>7}"
     )
     for (framework, label), rows in modes.items():
         print(_line(framework, label, _median_rows(rows)))
     leases = sorted(clock.ms)
-    print(
-        f"pipecat start, one call alone (median over rounds): pooled"
-        f" {statistics.median(alone['pooled']):.1f} ms, per call"
-        f" {statistics.median(alone['per call']):.1f} ms; time in voicepool per pooled lease:"
-        f" p50 {statistics.median(leases):.2f} ms, max {leases[-1]:.2f} ms ({len(leases)} leases)"
-    )
+    if leases:
+        print(
+            f"pipecat start, one call alone (median over rounds): pooled"
+            f" {statistics.median(alone['pooled']):.1f} ms, per call"
+            f" {statistics.median(alone['per call']):.1f} ms; time in voicepool per pooled lease:"
+            f" p50 {statistics.median(leases):.2f} ms, max {leases[-1]:.2f} ms"
+            f" ({len(leases)} leases)"
+        )
     print("start: Pipecat pipeline start; LiveKit job ready (join of one RTT; pooled: the pools")
     print("start with it). peak: a new call arriving while the others are in progress.")
-    print("in call: connections a call waited for (see the module doc).")
+    print("cpu wait: of each start, the time this process was ready to run while another had the")
+    print("CPU (kernel run-queue wait: the shared machine's part). in call: connections a call")
+    print("waited for (see the module doc).")
 
 
 if __name__ == "__main__":
@@ -251,6 +282,9 @@ if __name__ == "__main__":
         "--inline", action="store_true", help="the emulators in this process, not in a child"
     )
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (extra uvloop)")
+    parser.add_argument(
+        "--only", choices=("pipecat", "livekit"), help="one framework's rows (default: both)"
+    )
     args = parser.parse_args()
     runner: Any = asyncio.run
     if args.uvloop:
@@ -258,4 +292,15 @@ if __name__ == "__main__":
 
         runner = uvloop.run
     loop_name = "uvloop" if args.uvloop else "asyncio"
-    runner(main(args.rounds, args.calls, args.turns, args.rtt, loop_name, args.steady, args.inline))
+    runner(
+        main(
+            args.rounds,
+            args.calls,
+            args.turns,
+            args.rtt,
+            loop_name,
+            args.steady,
+            args.inline,
+            (args.only,) if args.only else ("pipecat", "livekit"),
+        )
+    )

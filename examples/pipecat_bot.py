@@ -244,6 +244,19 @@ class CallResult:
     turn_ms: list[float]  # VAD stop until the first TTS audio, per turn
     audio_bytes: int
     contexts: set[str | None] = field(default_factory=set)
+    # Of start_ms, the time this thread was ready to run but another process had the CPU (the
+    # kernel's run-queue wait, /proc/thread-self/schedstat; NaN where there is none): a shared
+    # machine's part of the figure, not the worker's.
+    start_cpu_wait_ms: float = float("nan")
+
+
+def _runqueue_wait_ns() -> int | None:
+    """This thread's total run-queue wait so far (Linux schedstat), or None."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:  # procfs: no disk I/O
+            return int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 async def run_call(
@@ -280,9 +293,12 @@ async def run_call(
     turn_ms: list[float] = []
 
     async def speak() -> None:
-        t0 = time.perf_counter()
+        t0, wait0 = time.perf_counter(), _runqueue_wait_ns()
         await started.wait()
         start_ms = (time.perf_counter() - t0) * 1e3
+        wait1 = _runqueue_wait_ns()
+        if wait0 is not None and wait1 is not None:
+            result.start_cpu_wait_ms = (wait1 - wait0) / 1e6
         n = 0
         while n < turns or (until is not None and not until.is_set()):
             out.first_audio.clear()
