@@ -132,7 +132,7 @@ def test_pooled_deepgram_builds_no_http_client_per_call() -> None:
 
     assert http(a) is http(b)
     assert http(own) is not http(a)
-    listen = a._client
+    listen: Any = a._client
     kwargs = {"model": "nova-3", "sample_rate": "16000"}
     url = listen._url(kwargs)
     assert url == "wss://dg.test/v1/listen?model=nova-3&sample_rate=16000"
