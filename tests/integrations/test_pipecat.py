@@ -54,6 +54,21 @@ async def test_ten_concurrent_calls_pooled_vs_per_call(tts: str) -> None:
     assert first_cold > later_cold + stack.rtt * 1e3  # TCP + TLS: two round trips
 
 
+async def test_peak_arrivals_on_emulators_in_a_child_process() -> None:
+    """The benchmark's setup: the emulators in a child (spawned_services: endpoints, the CA,
+    the relays' handshake count over its stdin), and newcomers arriving while the other calls
+    are in progress (run_steady): answered, no miss, no connection opened inside a call."""
+    async with bot.spawned_services() as stack:
+        assert not stack.emulators  # nothing of theirs in this process
+        before = await stack.handshakes()
+        run = await bot.measure(stack, pooled_run=True, calls=3, turns=1, steady=2)
+        assert await stack.handshakes() > before  # the pools' sockets, counted by the child
+    assert len(run.results) == 2
+    assert all(r.audio_bytes > 0 and len(r.turn_ms) == 1 for r in run.results)
+    assert run.misses == 0
+    assert run.opened_in_calls == 0
+
+
 async def test_pools_follow_the_service_settings_and_sample_rate(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
