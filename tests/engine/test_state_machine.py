@@ -340,8 +340,9 @@ class CoreMachine(RuleBasedStateMachine):
     def open_circuit_probes(self) -> None:
         """An open circuit with no connect in flight always has a probe coming: by timers alone
         (pings answered, nothing released, no caller), a connect starts within backoff_max +
-        min_healthy. Unless every slot is taken by a held connection: a lease is never
-        interrupted, and its release makes the idle connection the probe replaces."""
+        min_healthy of the last failure. Unless every slot is taken by a held connection: a
+        lease is never interrupted, and its release makes the idle connection the probe
+        replaces."""
         c = self.c
         if not self.started or not c.circuit_open or c.opening or c.closing:
             return
@@ -367,6 +368,9 @@ class CoreMachine(RuleBasedStateMachine):
                 actions += core.pinged(rec, rec.conn.open, now, 0.001)
             pings.clear()
             if not actions:
+                # A failure the copy learns on the way (a ping finds the 401 the adapter
+                # learnt on a connection) is a new backoff step: the probe is due from it.
+                bound = max(bound, core._step_at + c.settings.backoff_max + c.settings.min_healthy)
                 now = max(now, core.next_due(now))
                 assert now <= bound, ("no probe is coming", c.stats(), self.now, now)
                 actions = core.tick(now)
