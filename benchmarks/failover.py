@@ -42,14 +42,17 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
+import gc
 import os
 import random
 import re
+import resource
 import socket
 import stat
 import statistics
 import struct
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -69,6 +72,10 @@ class Call:
     started: float  # perf_counter at arrival
     wait: float = 0.0  # seconds in acquire
     wait_cpu: float = 0.0  # CPU seconds of this thread in acquire (wait >> wait_cpu: descheduled)
+    wait_runq: float = 0.0  # seconds this thread was runnable but not running (the kernel's count)
+    wait_gc: float = 0.0  # seconds of garbage collection inside the acquire
+    switches: tuple[int, int] = (0, 0)  # (voluntary, involuntary) context switches in acquire
+    suspended: bool = False  # the acquire let the event loop run (a callback queued before ran)
     queued: bool = False  # the acquire found nothing free and waited for a connection
     fresh: bool = False  # the first lease of its connection (opened since the last call)
     first_turn: float = 0.0  # acquire + audio + interim result
@@ -190,6 +197,74 @@ async def regions() -> AsyncIterator[tuple[Region, Region]]:
         await asyncio.gather(near.stop(), far.stop())
 
 
+class Probe:
+    """Where an acquire's wall time went, measured (not inferred) for the calling thread:
+    its CPU time, its run-queue delay (runnable, not running: the kernel's schedstat), its
+    context switches (voluntary: it blocked; involuntary: it was preempted), garbage collection
+    (gc.callbacks), and whether the event loop ran meanwhile (a callback queued just before the
+    acquire ran before it returned: the acquire suspended)."""
+
+    def __init__(self) -> None:
+        # This thread's own counters (the loop's thread): opened here, read with pread.
+        self._fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        self.gc_time = 0.0  # total seconds in collections
+        # (start, wall seconds, CPU seconds, generation, run-queue seconds)
+        self.pauses: list[tuple[float, float, float, int, float]] = []
+        self._gc_start = self._gc_cpu = self._gc_runq = 0.0
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict[str, int]) -> None:
+        now, cpu, runq = time.perf_counter(), time.thread_time(), self.runq()
+        if phase == "start":
+            self._gc_start, self._gc_cpu, self._gc_runq = now, cpu, runq
+        else:
+            self.gc_time += now - self._gc_start
+            self.pauses.append(
+                (
+                    self._gc_start,
+                    now - self._gc_start,
+                    cpu - self._gc_cpu,
+                    info["generation"],
+                    runq - self._gc_runq,
+                )
+            )
+
+    def runq(self) -> float:
+        """Seconds this thread has waited on a run queue so far."""
+        return int(os.pread(self._fd, 64, 0).split()[1]) / 1e9
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._gc)
+        os.close(self._fd)
+
+
+@contextlib.asynccontextmanager
+async def measured(call: Call, probe: Probe, cm: Any) -> AsyncIterator[Any]:
+    """``async with cm`` with the time in its ``__aenter__`` recorded on ``call``."""
+    ran = [False]
+    mark = asyncio.get_running_loop().call_soon(ran.__setitem__, 0, True)
+    ru0 = resource.getrusage(resource.RUSAGE_THREAD)
+    q0, g0 = probe.runq(), probe.gc_time
+    cpu0 = time.thread_time()
+    t0 = time.perf_counter()
+    entered = await cm.__aenter__()
+    t1 = time.perf_counter()
+    cpu1 = time.thread_time()
+    q1, g1 = probe.runq(), probe.gc_time
+    ru1 = resource.getrusage(resource.RUSAGE_THREAD)
+    call.suspended = ran[0]
+    mark.cancel()
+    call.wait, call.wait_cpu, call.wait_runq, call.wait_gc = t1 - t0, cpu1 - cpu0, q1 - q0, g1 - g0
+    call.switches = (ru1.ru_nvcsw - ru0.ru_nvcsw, ru1.ru_nivcsw - ru0.ru_nivcsw)
+    try:
+        yield entered
+    except BaseException as exc:
+        if not await cm.__aexit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        await cm.__aexit__(None, None, None)
+
+
 QUEUED: contextvars.ContextVar[bool] = contextvars.ContextVar("queued", default=False)
 
 
@@ -281,6 +356,7 @@ def settings(min_size: int | None) -> PoolSettings:
 
 async def main(args: argparse.Namespace) -> None:
     telemetry.disable_default()
+    probe = Probe()
     switches = Switches()
     add_group_observer_factory(lambda group: switches)
     async with regions() as (near_region, far_region):
@@ -325,10 +401,7 @@ async def main(args: argparse.Namespace) -> None:
 
             async def group_call(call: Call) -> None:
                 try:
-                    t_acquire, cpu = time.perf_counter(), time.thread_time()
-                    async with group.acquire() as lease:
-                        call.wait = time.perf_counter() - t_acquire
-                        call.wait_cpu = time.thread_time() - cpu
+                    async with measured(call, probe, group.acquire()) as lease:
                         call.queued = QUEUED.get()
                         call.member = lease.pool.name
                         call.fresh = id(lease.conn) not in used
@@ -448,10 +521,25 @@ async def main(args: argparse.Namespace) -> None:
                         print(
                             f"   waited {c.wait * 1e3:.2f} ms"
                             f" ({'queued for a connection' if c.queued else 'nothing queued'},"
-                            f" {c.wait_cpu * 1e3:.2f} ms of CPU: the rest the process was"
-                            f" descheduled or the loop ran others), started"
+                            f" {'the loop ran others' if c.suspended else 'never suspended'}):"
+                            f" CPU {c.wait_cpu * 1e3:.2f} ms (GC {c.wait_gc * 1e3:.2f}),"
+                            f" run queue {c.wait_runq * 1e3:.2f} ms, context switches"
+                            f" {c.switches[0]} voluntary {c.switches[1]} involuntary; started"
                             f" {(c.started - t_crash) * 1e3:+.0f} ms from the crash"
                         )
+                pauses = [g for g in probe.pauses if t_open <= g[0] < t_crash + args.seconds]
+                worst = max(pauses, key=lambda g: g[1], default=(0.0, 0.0, 0.0, 0, 0.0))
+                print(
+                    f"   after the circuit opened: {len(pauses)} GC pauses, max"
+                    f" {worst[1] * 1e3:.2f} ms (CPU {worst[2] * 1e3:.2f}, run queue"
+                    f" {worst[4] * 1e3:.2f}, generation {worst[3]}; generations"
+                    f" {sorted({g[3] for g in pauses})}); calls that suspended in acquire"
+                    f" {sum(1 for c in after_open if c.suspended)}, of them queued"
+                    f" {sum(1 for c in after_open if c.suspended and c.queued)}; threads"
+                    f" {threading.active_count()}; CPU in acquire p50"
+                    f" {pct([c.wait_cpu for c in after_open], 0.5):.3f} max"
+                    f" {pct([c.wait_cpu for c in after_open], 1.0):.3f} ms"
+                )
                 for c in [*crashing, *new]:
                     if c.error:
                         print(
