@@ -8,12 +8,13 @@ two numbers measured milliseconds apart is stable where a difference of two medi
 Uncontended (one task, a warm pool, ``async with pool.acquire(): pass``):
   floor             a minimal deque pool with a class-based async context manager and waiter
                     futures: the least any correct asyncio pool can cost
+  floor+reset       the floor awaiting a trivial ``async def reset`` in its exit (printed)
   exclusive         Pool, EXCLUSIVE, base reset, telemetry disabled       (target <= 1.5x)
   exclusive+reset   the same with a trivial ``async def reset(...): pass`` (target <= 1.5x)
   single_use        SINGLE_USE: every release closes, spares refill       (printed)
   multiplexed       MULTIPLEXED, 10 streams a connection                  (target <= 2x)
   exclusive+api     default telemetry, OpenTelemetry API only, as imported (<= 1.2x exclusive)
-  exclusive+sdk     the SDK MeterProvider and TracerProvider installed    (printed)
+  exclusive+sdk     SDK MeterProvider and TracerProvider (this pool's own) (printed)
   livekit           livekit-agents 1.8.9 ``utils.ConnectionPool``        (>= 3x slower)
 
 Contended: 100 tasks on 10 connections, each holding across one loop iteration: every acquire
@@ -105,6 +106,24 @@ class FloorLease:
         self.pool.idle.append(self.conn)
 
 
+class FloorResetLease(FloorLease):
+    """The floor that also awaits a trivial ``async def reset`` before giving the connection
+    back: what any pool that calls such an override pays, at the least."""
+
+    __slots__ = ()
+
+    async def __aexit__(self, *exc: object) -> None:
+        pool = self.pool
+        await pool.reset(self.conn)
+        waiters = pool.waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(self.conn)
+                return
+        pool.idle.append(self.conn)
+
+
 class FloorPool:
     def __init__(self, size: int) -> None:
         self.idle: deque[Conn] = deque(Conn(i) for i in range(size))
@@ -112,6 +131,12 @@ class FloorPool:
 
     def acquire(self) -> FloorLease:
         return FloorLease(self)
+
+    def acquire_reset(self) -> FloorLease:
+        return FloorResetLease(self)
+
+    async def reset(self, conn: Conn) -> None:
+        pass
 
     def give_back(self, conn: Conn) -> None:
         """__aexit__'s hand-off, for the cancelled waiter (kept inline there: the hot path)."""
@@ -174,6 +199,7 @@ async def make_pools(size: int) -> tuple[dict[str, Callable[[], Any]], list[Any]
     variants: dict[str, Callable[[], Any]] = {}
     floor = FloorPool(size)
     variants["floor"] = floor.acquire
+    variants["floor+reset"] = floor.acquire_reset
 
     async def pool(name: str, adapter: NullAdapter, s: PoolSettings = settings) -> None:
         p = Pool(adapter, s, name=name)
@@ -199,14 +225,20 @@ async def make_pools(size: int) -> tuple[dict[str, Callable[[], Any]], list[Any]
 
     sdk = None
     try:
+        from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
-        from voicepool.telemetry.sdk import install_sdk
+        from opentelemetry.sdk.trace import TracerProvider
     except ImportError:
         print("(no opentelemetry-sdk: the exclusive+sdk row is skipped; pip install -e '.[otel]')")
     else:
-        sdk = install_sdk(metric_readers=[InMemoryMetricReader()])
+        # SDK providers for this row's pool only: installed globally they would make the
+        # API-only row's proxies live too (from its next flush) and it would measure the SDK.
+        telemetry.disable_default()
+        sdk = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        instrumentation = telemetry.instrument(meter_provider=sdk, tracer_provider=TracerProvider())
         await pool("exclusive+sdk", NullAdapter())
+        closers.append(instrumentation)
+        telemetry.enable_default()
 
     try:
         from livekit.agents.utils import ConnectionPool
@@ -290,6 +322,11 @@ async def main(args: argparse.Namespace) -> None:
         print(f"{name:17}{med[name]:8.0f}  {vs_floor[name]:8.2f}x  {vs_excl[name]:12.2f}x")
     print(f"exclusive / floor        = {vs_floor['exclusive']:.2f}x (target <= 1.5x)")
     print(f"exclusive+reset / floor  = {vs_floor['exclusive+reset']:.2f}x (target <= 1.5x)")
+    fr = paired(samples, "floor+reset")
+    print(
+        f"  (the floor's own trivial reset costs {vs_floor['floor+reset']:.2f}x the floor;"
+        f" exclusive+reset / floor+reset = {fr['exclusive+reset']:.2f}x)"
+    )
     print(f"multiplexed / floor      = {vs_floor['multiplexed']:.2f}x (target <= 2x)")
     print(f"exclusive+api / exclusive = {vs_excl['exclusive+api']:.2f}x (target <= 1.2x)")
     if "livekit" in med:
@@ -311,7 +348,10 @@ async def main(args: argparse.Namespace) -> None:
     print(f"contended exclusive / floor = {c_floor['exclusive']:.2f}x (target <= 1.5x)")
 
     for c in closers:
-        await c.aclose()
+        if isinstance(c, telemetry.Instrumentation):
+            c.remove()
+        else:
+            await c.aclose()
     if sdk is not None:
         sdk.shutdown()
 
