@@ -432,8 +432,9 @@ async def main(args: argparse.Namespace) -> None:
                 # the pools and their warm connections move to the permanent generation, so a
                 # full collection during calls never walks them again (~50k objects after the
                 # imports alone: ~30 ms of CPU each time on this machine). Collections of the
-                # young generations are unchanged.
-                gc.collect()
+                # young generations are unchanged. No gc.collect() first: that is the very pause
+                # (a loop stalled 100 ms or more inflates the pings in flight and the group
+                # switches to the far region), and freezing is a constant-time list splice.
                 gc.freeze()
             print(
                 f"1. lowest_rtt: active={group.active.name}  ping rtt near="
