@@ -19,13 +19,13 @@ from voicepool import (
     PoolUnavailable,
 )
 from voicepool._engine.observer import PoolObserver
-from voicepool.lease import Lease
 from voicepool.errors import ConnectError
 from voicepool.group import (
     GroupObserver,
     add_group_observer_factory,
     remove_group_observer_factory,
 )
+from voicepool.lease import Lease
 from voicepool.testing.fake import (
     FakeAdapter,
     FakeConn,
