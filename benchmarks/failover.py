@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/failover.py [--rate 25] [--hold 4] [--standby adaptive|fixed]
                                             [--standby-min 1] [--failback-after 3] [--seconds 4]
-                                            [--rounds 5] [--verbose]
+                                            [--rounds 5] [--verbose] [--no-gc-freeze]
+                                            [--cpu-clock-inside]
 
 Two Deepgram emulators ("regions") behind FaultProxy at 20 and 60 ms round trip, Deepgram adapter
 pools (EXCLUSIVE, Finalize as the reset; ``--no-reuse``: SINGLE_USE spares), Poisson call
@@ -12,6 +13,19 @@ Each region (emulator + proxy) runs in a child process of its own, so its work d
 the clients' event loop. The primary crashes as a process does: it resets every socket at once
 (the listener too: new connections are refused by the kernel) and exits; it returns as a new
 process on the same port.
+
+How the time in acquire is measured (``Probe``, ``measured``): the wall-clock window holds the
+acquire alone; the thread's CPU time, its run-queue delay (``/proc/thread-self/schedstat``), its
+context switches (``getrusage(RUSAGE_THREAD)``) and the GC time (``gc.callbacks``) are read just
+outside it, and a callback queued just before it tells whether the event loop ran meanwhile
+(the acquire suspended). Every wait over 1 ms is printed with that breakdown. (A system call in
+the window, such as reading the thread CPU clock, is where the kernel preempts a thread whose
+slice ran out: measured that way, ``--cpu-clock-inside``, 1-8 ms "waits" of 0.05-0.1 ms CPU
+appear that are the benchmark's own.) Once booted the process calls ``gc.freeze()``, as a
+latency-sensitive worker should (``--no-gc-freeze``: not): a full collection under traffic then
+walks only what was allocated since, not the imports, pools and warm connections (here: the
+two full collections of a run took 39 ms of CPU with it, 49-68 ms without). The collections of
+every generation are summed up at the end.
 
 Phases, one run, every loop bounded in count and time:
 
@@ -42,14 +56,17 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
+import gc
 import os
 import random
 import re
+import resource
 import socket
 import stat
 import statistics
 import struct
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -69,6 +86,10 @@ class Call:
     started: float  # perf_counter at arrival
     wait: float = 0.0  # seconds in acquire
     wait_cpu: float = 0.0  # CPU seconds of this thread in acquire (wait >> wait_cpu: descheduled)
+    wait_runq: float = 0.0  # seconds this thread was runnable but not running (the kernel's count)
+    wait_gc: float = 0.0  # seconds of garbage collection inside the acquire
+    switches: tuple[int, int] = (0, 0)  # (voluntary, involuntary) context switches in acquire
+    suspended: bool = False  # the acquire let the event loop run (a callback queued before ran)
     queued: bool = False  # the acquire found nothing free and waited for a connection
     fresh: bool = False  # the first lease of its connection (opened since the last call)
     first_turn: float = 0.0  # acquire + audio + interim result
@@ -190,6 +211,97 @@ async def regions() -> AsyncIterator[tuple[Region, Region]]:
         await asyncio.gather(near.stop(), far.stop())
 
 
+class Probe:
+    """Where an acquire's wall time went, measured (not inferred) for the calling thread:
+    its CPU time, its run-queue delay (runnable, not running: the kernel's schedstat), its
+    context switches (voluntary: it blocked; involuntary: it was preempted), garbage collection
+    (gc.callbacks), and whether the event loop ran meanwhile (a callback queued just before the
+    acquire ran before it returned: the acquire suspended)."""
+
+    def __init__(self) -> None:
+        # This thread's own counters (the loop's thread): opened here, read with pread.
+        self._fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        self.gc_time = 0.0  # total seconds in collections
+        # (start, wall seconds, CPU seconds, generation, run-queue seconds)
+        self.pauses: list[tuple[float, float, float, int, float]] = []
+        self._gc_start = self._gc_cpu = self._gc_runq = 0.0
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict[str, int]) -> None:
+        now, cpu, runq = time.perf_counter(), time.thread_time(), self.runq()
+        if phase == "start":
+            self._gc_start, self._gc_cpu, self._gc_runq = now, cpu, runq
+        else:
+            self.gc_time += now - self._gc_start
+            self.pauses.append(
+                (
+                    self._gc_start,
+                    now - self._gc_start,
+                    cpu - self._gc_cpu,
+                    info["generation"],
+                    runq - self._gc_runq,
+                )
+            )
+
+    def runq(self) -> float:
+        """Seconds this thread has waited on a run queue so far."""
+        return int(os.pread(self._fd, 64, 0).split()[1]) / 1e9
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._gc)
+        os.close(self._fd)
+
+
+@contextlib.asynccontextmanager
+async def measured(
+    call: Call, probe: Probe, cm: Any, syscall_inside: bool = False
+) -> AsyncIterator[Any]:
+    """``async with cm`` with the time in its ``__aenter__`` recorded on ``call``.
+
+    The wall-clock window holds the acquire and nothing else: every probe that is a system call
+    (thread CPU time, schedstat, rusage) is read before it opens and after it closes. A system
+    call in the window is where the kernel preempts a thread whose time slice ran out:
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID) updates the scheduler's accounting of the caller
+    (update_curr), which is how an expired slice is noticed between ticks, and the thread is
+    switched out on that very call's return. ``syscall_inside`` (``--cpu-clock-inside``) puts one
+    there, as this benchmark used to (its 1-8 ms "waits" of 0.05-0.1 ms CPU were those).
+    """
+    ran = [False]
+    mark = asyncio.get_running_loop().call_soon(ran.__setitem__, 0, True)
+    ru0 = resource.getrusage(resource.RUSAGE_THREAD)
+    g0 = probe.gc_time
+    if syscall_inside:
+        q0 = probe.runq()
+        t0 = time.perf_counter()
+        cpu0 = time.thread_time()
+    else:
+        cpu0 = time.thread_time()
+        q0 = probe.runq()
+        t0 = time.perf_counter()
+    entered = await cm.__aenter__()
+    t1 = time.perf_counter()
+    q1 = probe.runq()
+    cpu1 = time.thread_time()
+    g1 = probe.gc_time
+    ru1 = resource.getrusage(resource.RUSAGE_THREAD)
+    call.suspended = ran[0]
+    mark.cancel()
+    call.wait, call.wait_cpu, call.wait_runq, call.wait_gc = t1 - t0, cpu1 - cpu0, q1 - q0, g1 - g0
+    call.switches = (ru1.ru_nvcsw - ru0.ru_nvcsw, ru1.ru_nivcsw - ru0.ru_nivcsw)
+    try:
+        yield entered
+    except BaseException as exc:
+        if not await cm.__aexit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        await cm.__aexit__(None, None, None)
+
+
+def preempted(c: Call) -> bool:
+    """The kernel switched the thread out for most of the wait (it stayed runnable)."""
+    return c.switches[1] > 0 and c.wait_runq > 0.5 * (c.wait - c.wait_cpu)
+
+
 QUEUED: contextvars.ContextVar[bool] = contextvars.ContextVar("queued", default=False)
 
 
@@ -281,6 +393,7 @@ def settings(min_size: int | None) -> PoolSettings:
 
 async def main(args: argparse.Namespace) -> None:
     telemetry.disable_default()
+    probe = Probe()
     switches = Switches()
     add_group_observer_factory(lambda group: switches)
     async with regions() as (near_region, far_region):
@@ -315,6 +428,15 @@ async def main(args: argparse.Namespace) -> None:
             # A few more pings: the first ones ran while the boot's handshakes loaded the loop.
             await asyncio.sleep(3 * 2.0)
             rtt_near, rtt_far = group.rtt("asr_near"), group.rtt("asr_far")
+            if args.gc_freeze:
+                # What a latency-sensitive worker does once booted: the objects of the imports,
+                # the pools and their warm connections move to the permanent generation, so a
+                # full collection during calls never walks them again (~50k objects after the
+                # imports alone: ~28 ms of CPU to walk on this machine). Collections of the
+                # young generations are unchanged. No gc.collect() first: that is the very pause
+                # (a loop stalled 100 ms or more inflates the pings in flight and the group
+                # switches to the far region), and freezing is a constant-time list splice.
+                gc.freeze()
             print(
                 f"1. lowest_rtt: active={group.active.name}  ping rtt near="
                 f"{(rtt_near or 0) * 1e3:.1f} ms far={(rtt_far or 0) * 1e3:.1f} ms (switches"
@@ -325,10 +447,9 @@ async def main(args: argparse.Namespace) -> None:
 
             async def group_call(call: Call) -> None:
                 try:
-                    t_acquire, cpu = time.perf_counter(), time.thread_time()
-                    async with group.acquire() as lease:
-                        call.wait = time.perf_counter() - t_acquire
-                        call.wait_cpu = time.thread_time() - cpu
+                    async with measured(
+                        call, probe, group.acquire(), args.cpu_clock_inside
+                    ) as lease:
                         call.queued = QUEUED.get()
                         call.member = lease.pool.name
                         call.fresh = id(lease.conn) not in used
@@ -391,9 +512,15 @@ async def main(args: argparse.Namespace) -> None:
                 "failed": 0,
                 "slow_waits": 0,
                 "queued": 0,
+                "suspended": 0,
+                "preempted": 0,
+                "in_gc": 0,
                 "crashing": 0,
                 "crash_failed": 0,
             }
+            all_after_open_wait: list[float] = []
+            cpu_after_open: list[float] = []
+            suspended_after_open = 0
             fresh_turns: list[float] = []
             reused_turns: list[float] = []
             for r in range(args.rounds):
@@ -426,7 +553,14 @@ async def main(args: argparse.Namespace) -> None:
                 totals["new"] += len(new)
                 totals["failed"] += len(failed)
                 totals["slow_waits"] += slow_waits
-                totals["queued"] += sum(1 for c in after_open if c.wait > 0.001 and c.queued)
+                slow = [c for c in after_open if c.wait > 0.001]
+                all_after_open_wait += [c.wait for c in after_open]
+                cpu_after_open += [c.wait_cpu for c in after_open]
+                suspended_after_open += sum(1 for c in after_open if c.suspended)
+                totals["queued"] += sum(1 for c in slow if c.queued)
+                totals["suspended"] += sum(1 for c in slow if c.suspended)
+                totals["preempted"] += sum(1 for c in slow if preempted(c))
+                totals["in_gc"] += sum(1 for c in slow if c.wait_gc > 0.5 * c.wait)
                 fresh_turns += [c.first_turn for c in window if c.first_turn and c.fresh]
                 reused_turns += [c.first_turn for c in window if c.first_turn and not c.fresh]
                 totals["crashing"] += len(crashing)
@@ -448,10 +582,25 @@ async def main(args: argparse.Namespace) -> None:
                         print(
                             f"   waited {c.wait * 1e3:.2f} ms"
                             f" ({'queued for a connection' if c.queued else 'nothing queued'},"
-                            f" {c.wait_cpu * 1e3:.2f} ms of CPU: the rest the process was"
-                            f" descheduled or the loop ran others), started"
+                            f" {'the loop ran others' if c.suspended else 'never suspended'}):"
+                            f" CPU {c.wait_cpu * 1e3:.2f} ms (GC {c.wait_gc * 1e3:.2f}),"
+                            f" run queue {c.wait_runq * 1e3:.2f} ms, context switches"
+                            f" {c.switches[0]} voluntary {c.switches[1]} involuntary; started"
                             f" {(c.started - t_crash) * 1e3:+.0f} ms from the crash"
                         )
+                pauses = [g for g in probe.pauses if t_open <= g[0] < t_crash + args.seconds]
+                worst = max(pauses, key=lambda g: g[1], default=(0.0, 0.0, 0.0, 0, 0.0))
+                print(
+                    f"   after the circuit opened: {len(pauses)} GC pauses, max"
+                    f" {worst[1] * 1e3:.2f} ms (CPU {worst[2] * 1e3:.2f}, run queue"
+                    f" {worst[4] * 1e3:.2f}, generation {worst[3]}; generations"
+                    f" {sorted({g[3] for g in pauses})}); calls that suspended in acquire"
+                    f" {sum(1 for c in after_open if c.suspended)}, of them queued"
+                    f" {sum(1 for c in after_open if c.suspended and c.queued)}; threads"
+                    f" {threading.active_count()}; CPU in acquire p50"
+                    f" {pct([c.wait_cpu for c in after_open], 0.5):.3f} max"
+                    f" {pct([c.wait_cpu for c in after_open], 1.0):.3f} ms"
+                )
                 for c in [*crashing, *new]:
                     if c.error:
                         print(
@@ -513,12 +662,17 @@ async def main(args: argparse.Namespace) -> None:
                 in_steady[0] = True
                 await asyncio.sleep(args.hold)  # the next round starts with calls on the primary
 
+            max_after_open = max(all_after_open_wait, default=0.0)
             group_p99_ratio = pct(outage_group, 0.99) / pct(outage_control, 0.99)
             print(
                 f"   over {args.rounds} outages: {totals['new']} new calls, {totals['failed']}"
                 f" failed, {totals['slow_waits']} waited > 1 ms after the circuit opened"
-                f" ({totals['queued']} of them queued for a connection; the others never"
-                f" suspended: the OS descheduled the process);"
+                f" (of them: {totals['queued']} queued for a connection, {totals['suspended']}"
+                f" suspended, {totals['preempted']} preempted by the kernel, {totals['in_gc']}"
+                f" mostly in GC); acquire wall time max after the circuit opened"
+                f" {max_after_open * 1e3:.2f} ms, CPU in acquire p50"
+                f" {pct(cpu_after_open, 0.5):.3f} ms max {pct(cpu_after_open, 1.0):.3f} ms, calls"
+                f" that suspended {suspended_after_open} of {len(cpu_after_open)};"
                 f" {totals['crashing']} calls during the resets, {totals['crash_failed']}"
                 f" failed. First turn p99 group {pct(outage_group, 0.99):.1f} ms"
                 f" ({len(outage_group)} calls) / warm control beside it"
@@ -548,6 +702,15 @@ async def main(args: argparse.Namespace) -> None:
             )
             await traffic.stop()
             sampler.cancel()
+            by_gen = [[g for g in probe.pauses if g[3] == gen] for gen in range(3)]
+            print(
+                f"   GC over the run (gc.freeze() after boot: {'yes' if args.gc_freeze else 'no'}):"
+                + "; ".join(
+                    f" generation {gen}: {len(ps)} collections, CPU p50"
+                    f" {pct([g[2] for g in ps], 0.5):.2f} max {pct([g[2] for g in ps], 1.0):.2f} ms"
+                    for gen, ps in enumerate(by_gen)
+                )
+            )
             print(
                 f"   over the run: {len(traffic.calls)} calls, failovers {group.failovers},"
                 f" fail-backs {group.failbacks}; standby connections held (standby"
@@ -627,6 +790,17 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each phase")
     parser.add_argument("--rounds", type=int, default=5, help="outage + fail-back rounds")
     parser.add_argument("--verbose", action="store_true", help="the slowest calls of each outage")
+    parser.add_argument(
+        "--gc-freeze",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gc.freeze() once booted, as a worker should (--no-gc-freeze: leave the GC as is)",
+    )
+    parser.add_argument(
+        "--cpu-clock-inside",
+        action="store_true",
+        help="read the thread CPU clock inside the acquire's timed window (the old, unsound way)",
+    )
     if sys.argv[1:2] == ["--serve"]:  # a region's child process: --serve LATENCY PORT
         asyncio.run(serve(float(sys.argv[2]), int(sys.argv[3])))
         sys.exit(0)

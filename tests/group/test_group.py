@@ -25,6 +25,7 @@ from voicepool.group import (
     add_group_observer_factory,
     remove_group_observer_factory,
 )
+from voicepool.lease import Lease
 from voicepool.testing.fake import (
     FakeAdapter,
     FakeConn,
@@ -457,3 +458,47 @@ async def test_round_trips_that_cross_back_and_forth_switch_once_per_failback_af
             ("a", "b", "lower_rtt"),
             ("b", "a", "lower_rtt"),
         ]
+
+
+def enter_without_suspending(group: PoolGroup[FakeConn]) -> tuple[Any, Lease[FakeConn]]:
+    """Enter ``group.acquire()`` by driving its ``__aenter__`` one step by hand: a hit must
+    complete in that step (StopIteration), never yield to the event loop: a yield would let
+    every other call's callbacks run inside this call's acquire. Returns (acquire, lease)."""
+    acquire = group.acquire()
+    step = acquire.__aenter__()
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return acquire, done.value
+    step.close()  # (gives its place in line back)
+    raise AssertionError("group.acquire() suspended although a connection was free")
+
+
+async def test_an_acquire_that_finds_a_connection_free_never_suspends(
+    pair: tuple[PoolGroup[FakeConn], FakeAdapter, FakeAdapter], switches: Switches
+) -> None:
+    group, a, b = pair
+    eu, us = group.members
+    acquire, lease = enter_without_suspending(group)  # the active member's idle connection
+    assert lease.pool is eu
+    await acquire.__aexit__(None, None, None)
+    held = [await group.lease() for _ in range(4)]  # eu has nothing free: the standby's spare
+    acquire, lease = enter_without_suspending(group)
+    assert lease.pool is us
+    await acquire.__aexit__(None, None, None)
+    for h in held:
+        await h.release()
+    kill(a)
+    assert await switches.next() == ("eu", "us", "eu unavailable", False)
+    connects = b.connects
+    # The first call after the failover (its switch announced to the observers in the same
+    # step) and the next ones, while the standby grows: all without suspending.
+    acquire, lease = enter_without_suspending(group)
+    assert lease.pool is us
+    assert b.connects == connects
+    assert switches.served == [("eu", "us", "eu unavailable")]
+    await settle(lambda: us.stats().idle >= 2)
+    second, lease2 = enter_without_suspending(group)
+    assert lease2.pool is us
+    await acquire.__aexit__(None, None, None)
+    await second.__aexit__(None, None, None)
