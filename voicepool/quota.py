@@ -38,11 +38,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from voicepool._engine.quota import QuotaGrant
-from voicepool._redact import remember, scrub
+from voicepool._redact import get_logger, remember, scrub
 from voicepool.errors import ConfigError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+
+    from voicepool._resp import DirectConnection
+
+log = get_logger("voicepool.quota")
 
 __all__ = ["FleetQuota", "QuotaGrant", "default_worker_id", "release_shared", "shared"]
 
@@ -188,7 +192,10 @@ class FleetQuota:
     ``url``: ``redis://``, ``rediss://`` or ``unix://`` (redis-py's ``from_url``); ``timeout``:
     the socket timeout of a round trip (a slower one is a backend error: the pool keeps serving
     from its reservation). ``worker``: this process's identity (default
-    :func:`default_worker_id`); a pool's holder name is ``<worker>/<pool>``.
+    :func:`default_worker_id`); a pool's holder name is ``<worker>/<pool>``. ``direct``: send
+    urgent asks (callers wait for them) on a connection of their own, without redis-py's
+    per-command overhead (``redis://`` and ``unix://`` only; False: through redis-py's client
+    like every other call).
 
     Raises ConfigError at construction when redis-py is not installed (``voicepool[fleet]``).
     """
@@ -200,6 +207,7 @@ class FleetQuota:
         timeout: float = 0.5,
         worker: str | None = None,
         client: Redis | None = None,
+        direct: bool = True,
     ) -> None:
         try:
             from redis.asyncio import Redis
@@ -229,6 +237,15 @@ class FleetQuota:
             retry_on_timeout=False,
         )
         self._script = self._client.register_script(_SCRIPT)
+        # Urgent asks (callers wait) go on a direct connection while one is open
+        # (voicepool._resp: a round trip without redis-py's per-command overhead); only for a
+        # client made here, on TCP or a Unix socket, with hiredis (its reader parses the replies).
+        self._direct_kwargs: dict[str, Any] | None = (
+            _direct_settings(self._client) if direct and client is None else None
+        )
+        self._direct: DirectConnection | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._open_after = 0.0  # loop time: no new open before it (Redis down: not at every ask)
         self._epochs: dict[tuple[str, str], str] = {}  # (key, holder) -> the epoch it last saw
         self.calls = 0  # script calls made (for the fleet benchmark's ops/s)
         self.round_trips = 0  # ... and the round trips they took (pipelined together)
@@ -270,6 +287,9 @@ class FleetQuota:
         or slow; the pool counts them as ``voicepool.quota.backend_errors``.
         """
         self.calls += 1
+        direct = self._direct
+        if direct is None or not direct.is_open:
+            self._open_direct_soon()
         known = self._epochs.get((key, holder), "")
         raw = await self._submit(
             urgent,
@@ -307,13 +327,61 @@ class FleetQuota:
         round trip. Cancelling the caller stops its wait, not the batch."""
         if urgent:
             self.round_trips += 1
-            return await self._script(keys=keys, args=args)
+            return await self._urgent(keys, args)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._batch.append((keys, args, fut))
         if len(self._batch) == 1:
             loop.call_soon(self._flush)
         return await fut
+
+    async def _urgent(self, keys: list[str], args: list[Any]) -> Any:
+        """One script call now: on the direct connection when it is open (written before this
+        first suspends), else (or when that connection ends before the reply, or Redis lost the
+        script) through redis-py's client, which reconnects and loads the script. A call that
+        stops waiting (timeout, cancelled) closes the direct connection, as redis-py does with
+        its own: a Redis too slow to answer in time is dialled afresh."""
+        conn = self._direct
+        if conn is not None and conn.is_open:
+            from redis.exceptions import ConnectionError as RedisConnectionError
+            from redis.exceptions import ResponseError
+
+            try:
+                reply = await conn.send("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            except RedisConnectionError:
+                pass  # lost before the reply (a Redis restart): once more, below
+            except BaseException:
+                conn.close()
+                raise
+            else:
+                if not isinstance(reply, ResponseError):
+                    return reply
+                if not str(reply).startswith("NOSCRIPT"):
+                    raise reply
+        return await self._script(keys=keys, args=args)
+
+    def _open_direct_soon(self) -> None:
+        """Open the direct connection in the background (one open at a time, at most one
+        attempt per ``timeout``); asks go through the client meanwhile."""
+        if self._opening is not None or self._direct_kwargs is None:
+            return
+        self._direct = None
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._open_after:
+            return
+        self._open_after = loop.time() + self.timeout
+        self._opening = loop.create_task(self._open_direct(self._direct_kwargs))
+
+    async def _open_direct(self, kwargs: dict[str, Any]) -> None:
+        from voicepool._resp import open_direct
+
+        try:
+            async with asyncio.timeout(self.timeout):
+                self._direct = await open_direct(kwargs)
+        except Exception as err:
+            log.debug("fleet quota %s: direct connection failed: %r", scrub(self.url), err)
+        finally:
+            self._opening = None
 
     def _flush(self) -> None:
         batch, self._batch = self._batch, []
@@ -374,10 +442,34 @@ class FleetQuota:
         """Close the client's connections (after the round trips in flight). Idempotent."""
         if self._runs:
             await asyncio.wait(list(self._runs), timeout=self.timeout + 1)
+        self._direct_kwargs = None  # no more opens
+        if self._opening is not None:
+            self._opening.cancel()
+            await asyncio.gather(self._opening, return_exceptions=True)
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         await self._client.aclose()
 
     def __repr__(self) -> str:
         return f"<FleetQuota {scrub(self.url)!r} worker={self.worker!r}>"
+
+
+def _direct_settings(client: Any) -> dict[str, Any] | None:
+    """The settings of a direct connection like ``client``'s (``voicepool._resp``), or None
+    where it cannot make one: TLS (``rediss://``), a credential provider, no hiredis."""
+    try:
+        import hiredis  # noqa: F401  (the direct connection's reply parser)
+        from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+    except ImportError:  # pragma: no cover - voicepool[fleet] installs hiredis
+        return None
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    if pool.connection_class not in (Connection, UnixDomainSocketConnection):
+        return None
+    if kwargs.get("credential_provider") is not None:
+        return None
+    return kwargs
 
 
 # One client per event loop and backend: the pools of a worker share its Redis connection.
