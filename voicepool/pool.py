@@ -18,7 +18,7 @@ import random
 import threading
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from voicepool._engine import calls
@@ -36,7 +36,7 @@ from voicepool._engine.actions import (
 )
 from voicepool._engine.core import PoolCore, SizingPolicy
 from voicepool._engine.observer import PoolObserver, observers_for
-from voicepool._engine.quota import QuotaBackend, QuotaGate
+from voicepool._engine.quota import QuotaBackend, QuotaGate, QuotaGrant
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
 from voicepool._engine.waitqueue import Waiter
@@ -676,7 +676,7 @@ class Pool(Generic[C]):
             elif cls is Alarm:
                 self._alarm(a)  # type: ignore[arg-type]
             elif cls is QuotaSync:
-                self._spawn(self._quota_sync(a), self._work)  # type: ignore[arg-type]
+                self._quota_sync(a)  # type: ignore[arg-type]
         core = self._core
         if core.closing and self._drained is not None and not core.busy:
             self._drained.set()
@@ -844,31 +844,56 @@ class Pool(Generic[C]):
             )
         self._apply(self._core.pinged(rec, ok, now, now - t0))
 
-    async def _quota_sync(self, a: QuotaSync) -> None:
-        """Perform one :class:`QuotaSync` under the quota's ``timeout``. A backend error never
-        reaches a caller: the core keeps the reservation and retries after ``refresh``; the
-        first error of an outage is logged (once), and the return."""
+    def _quota_sync(self, a: QuotaSync) -> None:
+        """Perform one :class:`QuotaSync`. An urgent one (callers wait for it) is started here,
+        in the step that asked: the backend writes its request before that step ends (no task
+        hop first: in a busy loop a hop is a whole loop iteration). Its answer, and every other
+        sync, is awaited in a task (:meth:`_quota_done`)."""
         qs = self.settings.quota
         backend = self._quota
         gate = self._core.quota
         assert qs is not None
         assert backend is not None
         assert gate is not None
+        urgent = a.waiting > 0  # callers wait: no batching with other pools
+        call = backend.sync(
+            qs.key,
+            self._holder,
+            want=a.want,
+            claimed=a.claimed,
+            waiting=a.waiting,
+            busy=a.busy,
+            limit=qs.limit,
+            ttl=qs.ttl,
+            step=gate.per,
+            recover=min(qs.ttl, 2 * qs.refresh),  # every live holder syncs within it
+            urgent=urgent,
+        )
+        answer: Awaitable[QuotaGrant] = call
+        if urgent:
+            # Driven up to its first suspension now (QuotaBackend.sync says what that part may
+            # do); the task resumes it.
+            try:
+                first = call.send(None)
+            except StopIteration as done:
+                answer = _settled(done.value, None)
+            except Exception as err:
+                answer = _settled(None, err)
+            else:
+                answer = calls.Resume(call, first)
+        self._spawn(self._quota_done(answer), self._work)
+
+    async def _quota_done(self, answer: Awaitable[QuotaGrant]) -> None:
+        """The answer of one sync, under the quota's ``timeout``. A backend error never
+        reaches a caller: the core keeps the reservation and retries after ``refresh``; the
+        first error of an outage is logged (once), and the return."""
+        qs = self.settings.quota
+        gate = self._core.quota
+        assert qs is not None
+        assert gate is not None
         try:
             async with asyncio.timeout(qs.timeout):
-                grant = await backend.sync(
-                    qs.key,
-                    self._holder,
-                    want=a.want,
-                    claimed=a.claimed,
-                    waiting=a.waiting,
-                    busy=a.busy,
-                    limit=qs.limit,
-                    ttl=qs.ttl,
-                    step=gate.per,
-                    recover=min(qs.ttl, 2 * qs.refresh),  # every live holder syncs within it
-                    urgent=a.waiting > 0,  # callers wait: no batching with other pools
-                )
+                grant = await answer
         except asyncio.CancelledError:
             self._core.quota_cancelled()
             raise
@@ -985,6 +1010,14 @@ class Pool(Generic[C]):
         self._apply(core.closed(self._clock()))
         for obs in self._observers:
             obs.on_pool_closed(self)
+
+
+async def _settled(grant: QuotaGrant | None, err: Exception | None) -> QuotaGrant:
+    """A sync that ended in its first step: its outcome, as the awaitable the task awaits."""
+    if err is not None:
+        raise err
+    assert grant is not None
+    return grant
 
 
 def _gate(s: PoolSettings, mode: LeaseMode, max_streams: int) -> QuotaGate | None:

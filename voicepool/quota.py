@@ -245,13 +245,19 @@ class FleetQuota:
         )
         self._direct: DirectConnection | None = None
         self._opening: asyncio.Task[None] | None = None
-        self._open_after = 0.0  # loop time: no new open before it (Redis down: not at every ask)
+        self._open_after = 0.0  # loop time: no new open before it
         self._epochs: dict[tuple[str, str], str] = {}  # (key, holder) -> the epoch it last saw
         self.calls = 0  # script calls made (for the fleet benchmark's ops/s)
         self.round_trips = 0  # ... and the round trips they took (pipelined together)
+        self.direct_calls = 0  # ... of which urgent asks answered on the direct connection
         self._batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._runs: set[asyncio.Task[None]] = set()
         self._names: dict[str, int] = {}
+
+    @property
+    def direct_open(self) -> bool:
+        """Whether urgent asks go on the direct connection now (it is open)."""
+        return self._direct is not None and self._direct.is_open
 
     def holder(self, pool: str) -> str:
         """A holder name for one pool: ``<worker>/<pool>``, with ``.2``, ``.3``... for more
@@ -281,7 +287,8 @@ class FleetQuota:
         ``recover``: after a data loss, how long (s, default ``ttl``) nobody gets new tokens
         while holders re-register; it must cover every live holder's next sync.
         ``urgent`` (callers wait for it): sent at once, not batched with this loop iteration's
-        other syncs.
+        other syncs; on the direct connection the request is written before the coroutine
+        first suspends, and that first step needs no task (see ``QuotaBackend.sync``).
 
         Raises redis-py's errors (``ConnectionError``, ``TimeoutError``, ...) when Redis is down
         or slow; the pool counts them as ``voicepool.quota.backend_errors``.
@@ -355,30 +362,36 @@ class FleetQuota:
                 raise
             else:
                 if not isinstance(reply, ResponseError):
+                    self.direct_calls += 1
                     return reply
                 if not str(reply).startswith("NOSCRIPT"):
                     raise reply
+        # Through redis-py: first into the task that awaits this (the pool runs an urgent sync
+        # up to its first suspension in the step that asked it; redis-py's timeouts need the
+        # task they cancel).
+        await asyncio.sleep(0)
         return await self._script(keys=keys, args=args)
 
     def _open_direct_soon(self) -> None:
-        """Open the direct connection in the background (one open at a time, at most one
-        attempt per ``timeout``); asks go through the client meanwhile."""
+        """Open the direct connection in the background (one open at a time; after a failed
+        one, none for ``timeout``); asks go through the client meanwhile."""
         if self._opening is not None or self._direct_kwargs is None:
             return
         self._direct = None
         loop = asyncio.get_running_loop()
         if loop.time() < self._open_after:
             return
-        self._open_after = loop.time() + self.timeout
         self._opening = loop.create_task(self._open_direct(self._direct_kwargs))
 
     async def _open_direct(self, kwargs: dict[str, Any]) -> None:
         from voicepool._resp import open_direct
 
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
                 self._direct = await open_direct(kwargs)
         except Exception as err:
+            self._open_after = loop.time() + self.timeout  # Redis down: not at every ask
             log.debug("fleet quota %s: direct connection failed: %r", scrub(self.url), err)
         finally:
             self._opening = None

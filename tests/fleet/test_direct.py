@@ -1,0 +1,149 @@
+"""The urgent asks' direct connection (voicepool._resp) on a real redis-server: used while open,
+redis-py's client whenever it is not, and what ends it (a restart, a lost script, a caller
+that stops waiting)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from tests.fleet.conftest import needs_redis
+from tests.peers.redis import RedisServer
+from voicepool import Pool, PoolSettings
+from voicepool.quota import FleetQuota
+from voicepool.testing import FakeAdapter, wait_until
+
+pytestmark = needs_redis
+
+
+def _sync(q: FleetQuota, holder: str, **kw: Any) -> Any:
+    args: dict[str, Any] = {"want": 1, "claimed": 0, "waiting": 1, "busy": 1, "limit": 5}
+    args.update({"ttl": 10.0, "urgent": True, **kw})
+    return q.sync("acct", holder, **args)
+
+
+async def _opened(q: FleetQuota) -> None:
+    """The first sync starts the direct connection's open in the background."""
+    await _sync(q, "boot", want=0, waiting=0, busy=0, urgent=False)
+    await wait_until(lambda: q.direct_open, timeout=5.0, what="the direct connection")
+
+
+async def test_urgent_asks_go_on_the_direct_connection(redis_server: RedisServer) -> None:
+    q = FleetQuota(redis_server.url, worker="w")
+    try:
+        await _opened(q)
+        calls = q.direct_calls
+        assert (await _sync(q, "a", want=3)).granted == 3
+        assert (await _sync(q, "b", want=4)).granted == 2  # the same script, the same limit
+        assert q.direct_calls - calls == 2
+        await _sync(q, "a", want=0, claimed=3, waiting=0, busy=0, urgent=False)  # batched
+        assert q.direct_calls - calls == 2  # (refreshes go through redis-py's client)
+        assert await q.held("acct") == {"b": 2}
+    finally:
+        await q.aclose()
+    assert not q.direct_open
+
+
+async def test_direct_false_sends_every_ask_through_the_client(redis_server: RedisServer) -> None:
+    q = FleetQuota(redis_server.url, worker="w", direct=False)
+    try:
+        for _ in range(3):
+            assert (await _sync(q, "a", want=2, claimed=2)).granted == 2
+        assert not q.direct_open
+        assert q.direct_calls == 0
+    finally:
+        await q.aclose()
+
+
+async def test_a_redis_restart_falls_back_to_the_client_then_reopens(
+    redis_server: RedisServer,
+) -> None:
+    """The restart ends the direct connection: the next ask goes through the client (its one
+    retry meets the new server), the direct connection comes back, and the script Redis lost
+    is loaded again (NOSCRIPT on the direct connection: that ask, through the client)."""
+    q = FleetQuota(redis_server.url, worker="w")
+    try:
+        await _opened(q)
+        await redis_server.restart()
+        await wait_until(lambda: not q.direct_open, timeout=5.0, what="the EOF of the restart")
+        calls = q.direct_calls
+        assert (await _sync(q, "a", want=2)).granted == 2
+        assert q.direct_calls == calls
+        await wait_until(lambda: q.direct_open, timeout=5.0, what="the direct connection again")
+        assert (await _sync(q, "a", want=3, claimed=2)).granted == 3
+        assert q.direct_calls == calls + 1
+        await q._client.script_flush()  # Redis forgets the script, the connection stays
+        assert (await _sync(q, "a", want=1, claimed=3)).granted == 1
+        assert q.direct_calls == calls + 1  # answered through the client, which loaded it
+        assert q.direct_open
+        assert (await _sync(q, "a", want=2, claimed=1)).granted == 2
+        assert q.direct_calls == calls + 2
+    finally:
+        await q.aclose()
+
+
+async def test_an_ask_that_stops_waiting_closes_the_direct_connection(
+    redis_server: RedisServer,
+) -> None:
+    """A caller that times out (Redis paused) does not leave the next ask behind a reply that
+    may never come: the connection is closed, asks go through the client until it reopens."""
+    q = FleetQuota(redis_server.url, worker="w")
+    other = Redis.from_url(redis_server.url)
+    try:
+        await _opened(q)
+        await other.execute_command("CLIENT", "PAUSE", "300", "ALL")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await _sync(q, "a", want=2)
+        assert not q.direct_open
+        assert (await _sync(q, "a", want=2)).granted == 2  # after the pause, via the client
+        await wait_until(lambda: q.direct_open, timeout=5.0, what="the direct connection again")
+        calls = q.direct_calls
+        assert (await _sync(q, "a", want=3, claimed=2)).granted == 3
+        assert q.direct_calls == calls + 1
+    finally:
+        await other.aclose()
+        await q.aclose()
+
+
+async def test_the_direct_connection_authenticates_and_selects_the_db(
+    redis_server: RedisServer,
+) -> None:
+    admin = Redis.from_url(redis_server.url)
+    await admin.config_set("requirepass", "direct-pw")
+    await admin.aclose()
+    url = f"redis://:direct-pw@127.0.0.1:{redis_server.port}/3"
+    q = FleetQuota(url, worker="w")
+    db0 = Redis.from_url(f"redis://:direct-pw@127.0.0.1:{redis_server.port}/0")
+    try:
+        await _opened(q)
+        calls = q.direct_calls
+        assert (await _sync(q, "a", want=2)).granted == 2
+        assert q.direct_calls == calls + 1
+        assert await q.held("acct") == {"a": 2}  # (the client reads db 3)
+        assert await db0.exists("vp:q:{acct}:tokens") == 0
+    finally:
+        await db0.aclose()
+        await q.aclose()
+
+
+async def test_a_cold_acquire_waits_for_one_direct_round_trip(redis_server: RedisServer) -> None:
+    """The path benchmarks/fleet.py times: an empty reservation, a caller; the pool's ask is
+    answered on the direct connection and the connect follows."""
+    url = redis_server.url
+    q = FleetQuota(url, worker="w")
+    settings = PoolSettings.model_validate(
+        {"min_size": 0, "max_size": 2, "quota": {"key": "acct", "limit": 5, "backend": url}}
+    )
+    try:
+        await _opened(q)
+        async with Pool(FakeAdapter(), settings, name="asr", quota=q) as pool:
+            calls = q.direct_calls
+            async with pool.acquire(timeout=2.0):
+                assert pool.stats().quota_reserved == 1
+            assert q.direct_calls == calls + 1
+    finally:
+        await q.aclose()
