@@ -18,7 +18,7 @@ import random
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from voicepool._engine import calls
@@ -847,16 +847,28 @@ class Pool(Generic[C]):
     def _quota_sync(self, a: QuotaSync) -> None:
         """Perform one :class:`QuotaSync`. An urgent one (callers wait for it) is started here,
         in the step that asked: the backend writes its request before that step ends (no task
-        hop first: in a busy loop a hop is a whole loop iteration). Its answer, and every other
+        hop first: in a busy loop a hop is a whole loop iteration); its answer, and every other
         sync, is awaited in a task (:meth:`_quota_done`)."""
-        qs = self.settings.quota
-        backend = self._quota
-        gate = self._core.quota
+        if a.waiting <= 0:
+            self._spawn(self._quota_done(a, None), self._work)
+            return
+        call = self._quota_call(a, urgent=True)  # callers wait: no batching with other pools
+        # Driven up to its first suspension now (QuotaBackend.sync says what that part may do).
+        started: calls.Resume | QuotaGrant | Exception
+        try:
+            started = calls.Resume(call, call.send(None))
+        except StopIteration as done:
+            started = done.value
+        except Exception as err:
+            started = err
+        self._spawn(self._quota_done(a, started), self._work)
+
+    def _quota_call(self, a: QuotaSync, urgent: bool) -> Coroutine[Any, Any, QuotaGrant]:
+        qs, backend, gate = self.settings.quota, self._quota, self._core.quota
         assert qs is not None
         assert backend is not None
         assert gate is not None
-        urgent = a.waiting > 0  # callers wait: no batching with other pools
-        call = backend.sync(
+        return backend.sync(
             qs.key,
             self._holder,
             want=a.want,
@@ -869,31 +881,28 @@ class Pool(Generic[C]):
             recover=min(qs.ttl, 2 * qs.refresh),  # every live holder syncs within it
             urgent=urgent,
         )
-        answer: Awaitable[QuotaGrant] = call
-        if urgent:
-            # Driven up to its first suspension now (QuotaBackend.sync says what that part may
-            # do); the task resumes it.
-            try:
-                first = call.send(None)
-            except StopIteration as done:
-                answer = _settled(done.value, None)
-            except Exception as err:
-                answer = _settled(None, err)
-            else:
-                answer = calls.Resume(call, first)
-        self._spawn(self._quota_done(answer), self._work)
 
-    async def _quota_done(self, answer: Awaitable[QuotaGrant]) -> None:
-        """The answer of one sync, under the quota's ``timeout``. A backend error never
-        reaches a caller: the core keeps the reservation and retries after ``refresh``; the
-        first error of an outage is logged (once), and the return."""
+    async def _quota_done(
+        self, a: QuotaSync, started: calls.Resume | QuotaGrant | Exception | None
+    ) -> None:
+        """The answer of one sync (``started``: what its first step came to, None when not
+        started yet), under the quota's ``timeout``. A backend error never reaches a caller:
+        the core keeps the reservation and retries after ``refresh``; the first error of an
+        outage is logged (once), and the return."""
         qs = self.settings.quota
         gate = self._core.quota
         assert qs is not None
         assert gate is not None
         try:
             async with asyncio.timeout(qs.timeout):
-                grant = await answer
+                if started is None:
+                    grant = await self._quota_call(a, urgent=False)
+                elif isinstance(started, calls.Resume):
+                    grant = await started
+                elif isinstance(started, Exception):
+                    raise started
+                else:
+                    grant = started
         except asyncio.CancelledError:
             self._core.quota_cancelled()
             raise
@@ -1010,14 +1019,6 @@ class Pool(Generic[C]):
         self._apply(core.closed(self._clock()))
         for obs in self._observers:
             obs.on_pool_closed(self)
-
-
-async def _settled(grant: QuotaGrant | None, err: Exception | None) -> QuotaGrant:
-    """A sync that ended in its first step: its outcome, as the awaitable the task awaits."""
-    if err is not None:
-        raise err
-    assert grant is not None
-    return grant
 
 
 def _gate(s: PoolSettings, mode: LeaseMode, max_streams: int) -> QuotaGate | None:
