@@ -13,7 +13,7 @@ Uncontended (one task, a warm pool, ``async with pool.acquire(): pass``):
   single_use        SINGLE_USE: every release closes, spares refill       (printed)
   multiplexed       MULTIPLEXED, 10 streams a connection                  (target <= 2x)
   exclusive+api     default telemetry, OpenTelemetry API only, as imported (<= 1.2x exclusive)
-  exclusive+sdk     the SDK MeterProvider and TracerProvider installed    (printed)
+  exclusive+sdk     SDK MeterProvider and TracerProvider (this pool's own) (printed)
   livekit           livekit-agents 1.8.9 ``utils.ConnectionPool``        (>= 3x slower)
 
 Contended: 100 tasks on 10 connections, each holding across one loop iteration: every acquire
@@ -199,14 +199,20 @@ async def make_pools(size: int) -> tuple[dict[str, Callable[[], Any]], list[Any]
 
     sdk = None
     try:
+        from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
-        from voicepool.telemetry.sdk import install_sdk
+        from opentelemetry.sdk.trace import TracerProvider
     except ImportError:
         print("(no opentelemetry-sdk: the exclusive+sdk row is skipped; pip install -e '.[otel]')")
     else:
-        sdk = install_sdk(metric_readers=[InMemoryMetricReader()])
+        # SDK providers for this row's pool only: installed globally they would make the
+        # API-only row's proxies live too (from its next flush) and it would measure the SDK.
+        telemetry.disable_default()
+        sdk = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        instrumentation = telemetry.instrument(meter_provider=sdk, tracer_provider=TracerProvider())
         await pool("exclusive+sdk", NullAdapter())
+        closers.append(instrumentation)
+        telemetry.enable_default()
 
     try:
         from livekit.agents.utils import ConnectionPool
@@ -311,7 +317,10 @@ async def main(args: argparse.Namespace) -> None:
     print(f"contended exclusive / floor = {c_floor['exclusive']:.2f}x (target <= 1.5x)")
 
     for c in closers:
-        await c.aclose()
+        if isinstance(c, telemetry.Instrumentation):
+            c.remove()
+        else:
+            await c.aclose()
     if sdk is not None:
         sdk.shutdown()
 

@@ -122,14 +122,14 @@ class Lease(Generic[C]):
         # (that reads getpid(), a system call, on every call): a BaseEventLoop records the thread
         # that runs it, and only one loop runs in a thread at a time (Pool._owner).
         if idle and pool._owner._thread_id == _get_ident():
-            if pool._fast:  # EXCLUSIVE / SINGLE_USE, the base is_open, no observers
+            if pool._fast:  # EXCLUSIVE / SINGLE_USE, the base is_open, no hold times wanted
                 rec = idle.pop()
                 rec.state = _IN_USE
                 self._rec = rec
                 pool._core.n_acquired += 1
                 self._state = _HELD
                 return self
-            if pool._timed:  # ... with observers: they get the hold time
+            if pool._timed:  # ... observers want hold times
                 rec = idle.pop()
                 rec.state = _IN_USE
                 self._rec = rec
@@ -145,7 +145,7 @@ class Lease(Generic[C]):
                     idle.pop()
                     rec.state = _IN_USE
                     self._rec = rec
-                    if pool._observers:  # (hold times are for observers only)
+                    if pool._timing:  # (hold times are for observers only)
                         clock = pool._clock
                         self._t0 = clock()
                     pool._core.n_acquired += 1
@@ -204,7 +204,7 @@ class Lease(Generic[C]):
         # does the rest.
         if exc_type is None and self._state == _HELD:
             pool = self._pool
-            if pool._bare:  # _plain, no observers, the base reset
+            if pool._bare:  # _plain, no hold times wanted, the base reset
                 rec = self._rec
                 clock = pool._clock  # (an attribute, then a call: LOAD_METHOD on it is slow)
                 now = clock()
@@ -229,12 +229,12 @@ class Lease(Generic[C]):
                 rec = self._rec
                 clock = pool._clock
                 now = clock()
-                if pool._observers:
+                if pool._timing:
                     uses = pool._use_times
                     if len(uses) < _MAX_BUFFERED:
                         try:
                             uses.append(now - self._t0)
-                        except AttributeError:  # taken before the first observer came
+                        except AttributeError:  # taken before hold times were wanted
                             pass
                 rec.last_used = now
                 reset = pool._reset
@@ -272,7 +272,7 @@ class Lease(Generic[C]):
                 self._state = _RELEASED
                 pool._apply(pool._core.released(rec, now, "ok"))
                 return pool._done
-            if pool._mux_fast:  # MULTIPLEXED, the base release_stream, no observers
+            if pool._mux_fast:  # MULTIPLEXED, the base release_stream, no hold times wanted
                 rec = self._rec
                 clock = pool._clock
                 now = clock()
@@ -311,7 +311,7 @@ class Lease(Generic[C]):
         # A clean EXCLUSIVE release of an instrumented pool.
         rec = self._rec
         now = pool._clock()
-        if pool._observers:
+        if pool._timing:
             pool._record_use(self, now)
         reset = pool._reset
         if reset is not None:

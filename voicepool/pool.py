@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import math
 import random
 import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
+from threading import get_ident as _get_ident
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from voicepool._engine import calls
@@ -39,7 +41,7 @@ from voicepool._engine.observer import PoolObserver, observers_for
 from voicepool._engine.quota import QuotaBackend, QuotaGate, QuotaGrant
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
-from voicepool._engine.waitqueue import Waiter
+from voicepool._engine.waitqueue import WAITING, Waiter
 from voicepool._engine.warm import sizing_for
 from voicepool._redact import describe_error, get_logger, remember_from
 from voicepool.adapter import Adapter, LeaseMode
@@ -161,10 +163,11 @@ class Pool(Generic[C]):
         self._simple = not self._mux and not self._instrumented
         self._exclusive = resolved.lease_mode is LeaseMode.EXCLUSIVE
         self._plain = self._exclusive and not self._instrumented
-        self._fast = False  # _simple, the base is_open and no observers (see _refresh_fast)
-        self._timed = False  # _simple, the base is_open, and observers (hold times)
-        self._bare = False  # _plain, the base reset and no observers
-        self._mux_take = False  # MULTIPLEXED, no observers: Lease inlines the stream hit
+        self._timing = False  # some observer wants lease hold times (see _refresh_fast)
+        self._fast = False  # _simple, the base is_open and no timing
+        self._timed = False  # _simple, the base is_open, and timing (hold times)
+        self._bare = False  # _plain, the base reset and no timing
+        self._mux_take = False  # MULTIPLEXED, no timing: Lease inlines the stream hit
         self._mux_fast = False  # ... and the base release_stream: and the clean release
         # None for the base no-op reset: the clean release then calls nothing at all.
         self._reset: Callable[[C], Coroutine[Any, Any, None]] | None = (
@@ -197,11 +200,14 @@ class Pool(Generic[C]):
 
     def _refresh_fast(self) -> None:
         """Whether Lease may lend an idle connection without asking anything (no is_open to
-        call, no start time for observers): recomputed when observers come and go."""
-        self._fast = self._simple and self._check_open is None and not self._observers
-        self._timed = self._simple and self._check_open is None and bool(self._observers)
-        self._bare = self._plain and self._reset is None and not self._observers
-        self._mux_take = self._mux and not self._instrumented and not self._observers
+        call, no start time for observers): recomputed when observers come and go, and at each
+        flush (an observer's :meth:`~PoolObserver.wants_use_times` may change)."""
+        timing = any(obs.wants_use_times(self) for obs in self._observers)
+        self._timing = timing  # leases record their hold time (some observer wants them)
+        self._fast = self._simple and self._check_open is None and not timing
+        self._timed = self._simple and self._check_open is None and timing
+        self._bare = self._plain and self._reset is None and not timing
+        self._mux_take = self._mux and not self._instrumented and not timing
         self._mux_fast = (
             self._mux_take and type(self.adapter).release_stream is Adapter.release_stream
         )
@@ -265,6 +271,13 @@ class Pool(Generic[C]):
         done = loop.create_future()
         done.set_result(None)
         self._done = cast("Coroutine[Any, Any, None]", done)
+        # A waiter's future: asyncio's create_future is a Python frame around Future(loop=...);
+        # other loops (uvloop) make their own.
+        self._new_future: Callable[[], asyncio.Future[None]] = (
+            functools.partial(asyncio.Future, loop=loop)
+            if type(loop).create_future is asyncio.BaseEventLoop.create_future
+            else loop.create_future
+        )
         self._owner = loop if isinstance(loop, asyncio.BaseEventLoop) else _RunningCheck(loop)
         self._flush_at = self._clock() + _FLUSH_EVERY
         try:
@@ -460,7 +473,7 @@ class Pool(Generic[C]):
         """Lend at once (returns None) or queue a waiter whose ``future`` the caller awaits, then
         hands to :meth:`_served` or, if that await raised, to :meth:`_abandon`. Synchronous:
         nothing is queued if it raises (the errors of :meth:`acquire`)."""
-        if not self._started or self._owner._thread_id != threading.get_ident():
+        if not self._started or self._owner._thread_id != _get_ident():
             self._check_caller()
         core = self._core
         t0 = self._clock()
@@ -472,9 +485,17 @@ class Pool(Generic[C]):
                 self._lend(lease, rec, rec.seq if self._mux else None, t0)
                 return None
         timeout = self._acquire_timeout if lease._timeout is None else lease._timeout
-        assert self._loop is not None
-        fut: asyncio.Future[None] = self._loop.create_future()
-        waiter = Waiter(t0 + timeout, timeout, fut)
+        fut = self._new_future()
+        # Waiter(t0 + timeout, timeout, fut) without its __init__ frame (every contended acquire
+        # builds one); keep these fields in step with Waiter.__init__.
+        waiter: Waiter = _new(Waiter)
+        waiter.deadline = t0 + timeout
+        waiter.timeout = timeout
+        waiter.future = fut
+        waiter.rec = None
+        waiter.stream_id = None
+        waiter.state = WAITING
+        waiter.exhausted = False
         actions = core.wait(waiter, t0)
         if actions:
             self._apply(actions)
@@ -562,7 +583,7 @@ class Pool(Generic[C]):
 
     def _record_use(self, lease: Lease[C], now: float) -> None:
         """Buffer a lease hold time for observers (bounded; flushed by the timer). A lease taken
-        before the first observer was added has no start time: it is not counted."""
+        before hold times were wanted has no start time: it is not counted."""
         if len(self._use_times) < _MAX_BUFFERED:
             try:
                 self._use_times.append(now - lease._t0)
@@ -598,7 +619,7 @@ class Pool(Generic[C]):
         ``finally``)."""
         rec = lease._rec
         now = self._clock()
-        if self._observers:
+        if self._timing:
             self._record_use(lease, now)
         if self._mux:
             await self._release_stream(lease, rec, exc, reason)
@@ -704,6 +725,7 @@ class Pool(Generic[C]):
     def _flush(self, now: float) -> None:
         """Hand buffered hold times and the no-wait acquire count to observers (background)."""
         self._flush_at = now + _FLUSH_EVERY
+        self._refresh_fast()  # (whether observers want hold times may have changed)
         core = self._core
         if not (self._use_times or core.n_acquired != self._flushed[0] or core.n_timeouts):
             return

@@ -80,6 +80,16 @@ class PoolObserver:
     def on_flush(self, pool: _Pool, use_times: list[float], zero_waits: int) -> None:
         """Background flush: hold times since the last flush, and the no-wait acquire count."""
 
+    def wants_use_times(self, pool: _Pool) -> bool:
+        """Whether :meth:`on_flush` uses its ``use_times``: the pool times each lease only while
+        some observer says yes (timing costs two clock reads per lease on the hot path).
+
+        Asked when the observer is attached and at each flush (about once a second), so an
+        answer that changes takes effect within a second. The default is yes for an observer
+        that overrides :meth:`on_flush`. Must not raise.
+        """
+        return type(self).on_flush is not PoolObserver.on_flush
+
     def on_pool_closed(self, pool: _Pool) -> None:
         """The pool is closed; drop references to it."""
 

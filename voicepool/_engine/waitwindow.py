@@ -19,10 +19,12 @@ class WaitWindow:
     __slots__ = (
         "_cache_key",
         "_cache_value",
+        "_next",
         "_prev_samples",
         "_prev_total",
         "_rng",
         "_seen",
+        "_w",
         "length",
         "samples",
         "start",
@@ -36,20 +38,41 @@ class WaitWindow:
         self.start_count = 0  # pool's acquired counter at the window start
         self.samples: list[float] = []
         self._seen = 0
+        self._w = 1.0  # Algorithm L's running weight, once the reservoir is full
+        self._next = 0  # the index (in _seen) of the next wait that enters a full reservoir
         self._prev_samples: list[float] = []
         self._prev_total = 0
         self._cache_key: tuple[int, int, float, float] | None = None
         self._cache_value = 0.0
 
     def record(self, waited: float) -> None:
-        """Record one acquire that waited ``waited`` seconds (slow path only)."""
-        self._seen += 1
-        if len(self.samples) < _MAX_SAMPLES:
+        """Record one acquire that waited ``waited`` seconds (slow path only).
+
+        Past ``_MAX_SAMPLES`` waits in a window the samples are a uniform reservoir. Li's
+        Algorithm L draws how many waits to skip before the next replacement, so a storm of
+        waits (every hand-off of a contended pool is one) costs a counter and a comparison per
+        wait, not a random draw: about k * ln(n / k) draws for n waits.
+        """
+        seen = self._seen
+        self._seen = seen + 1
+        if seen < _MAX_SAMPLES:
             self.samples.append(waited)
-        else:
-            slot = self._rng.randrange(self._seen)
-            if slot < _MAX_SAMPLES:
-                self.samples[slot] = waited
+            if seen == _MAX_SAMPLES - 1:
+                self._w = 1.0
+                self._skip(seen)
+        elif seen == self._next:
+            self.samples[self._rng.randrange(_MAX_SAMPLES)] = waited
+            self._skip(seen)
+
+    def _skip(self, seen: int) -> None:
+        """Draw the index of the next wait to enter the full reservoir (Algorithm L)."""
+        rng = self._rng
+        # 1 - random() is in (0, 1]: log() never sees 0. The weight shrinks by about 1/k per
+        # replacement; the gap is capped so it stays an int however small the weight gets.
+        self._w *= math.exp(math.log(1.0 - rng.random()) / _MAX_SAMPLES)
+        w = self._w
+        gap = math.log(1.0 - rng.random()) / math.log1p(-w) if 0.0 < w < 1.0 else 0.0
+        self._next = seen + 1 + int(min(gap, 1e18))
 
     @property
     def end(self) -> float:
@@ -62,6 +85,7 @@ class WaitWindow:
         self._prev_samples, self._prev_total = self.samples, total
         self.samples = []
         self._seen = 0
+        self._next = 0
         self.start_count = acquired
         # Skip whole empty windows so a long quiet spell does not trigger many rotations.
         elapsed = now - self.start

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, NoOpHistogram, Observation
 
 from voicepool._redact import get_logger
 from voicepool.pool import PoolState, PoolStats
@@ -35,6 +35,17 @@ USE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 9
 
 _Attrs = tuple[tuple[str, str], ...]
 _Callback = Callable[[CallbackOptions], Iterable[Observation]]
+
+
+def records(histogram: Histogram) -> bool:
+    """Whether a value recorded into ``histogram`` reaches an SDK (False for the API's no-op, and
+    for its proxy while no MeterProvider is set: ``metrics.set_meter_provider`` later makes the
+    same proxy live). The proxy's ``_real_instrument`` is private to opentelemetry-api: if it is
+    ever missing, the answer is yes (recording then costs what it always did)."""
+    if isinstance(histogram, NoOpHistogram):
+        return False
+    real = getattr(histogram, "_real_instrument", histogram)
+    return real is not None and not isinstance(real, NoOpHistogram)
 
 
 def safe_stats(pool: Pool[Any]) -> PoolStats | None:

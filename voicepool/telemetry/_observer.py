@@ -27,7 +27,7 @@ from voicepool._engine.observer import PoolObserver
 from voicepool._redact import get_logger, record_exception
 from voicepool.errors import PoolUnavailable
 from voicepool.telemetry import names as n
-from voicepool.telemetry._instruments import Instruments, PoolRegistry, safe_stats
+from voicepool.telemetry._instruments import Instruments, PoolRegistry, records, safe_stats
 
 if TYPE_CHECKING:
     from voicepool.lease import Lease
@@ -368,6 +368,11 @@ class OtelObserver(PoolObserver):
     @_guard
     def on_flush(self, pool: Pool[Any], use_times: list[float], zero_waits: int) -> None:
         self._flush(use_times, zero_waits)
+
+    def wants_use_times(self, pool: Pool[Any]) -> bool:
+        # Without an SDK (the API alone, as imported) the use_time histogram drops every value:
+        # the pool then times no lease. Asked again each flush, so an SDK installed later counts.
+        return self.registry.active and records(self._m.use_time)
 
     def _flush(self, use_times: list[float], zero_waits: int) -> None:
         """Record hold and wait times, sampled down to ``budget`` values per histogram.
