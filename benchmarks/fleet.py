@@ -18,7 +18,7 @@ One run prints:
    the fleet above the limit, sampled every 5 ms; must be 0).
 
 Run: ``.venv/bin/python benchmarks/fleet.py [--rounds 15] [--n 20000] [--samples 2000]
-[--workers 100]``
+[--workers 100] [--only 2] [--uvloop]``
 (needs redis-server: scripts/install-system-deps.sh).
 """
 
@@ -101,6 +101,7 @@ async def round_trip_added(url: str, samples: int, warmup: int) -> dict[str, lis
     ``warmup`` samples (connections, the script's first load) are dropped."""
     fleet = FleetQuota(url)
     via_client = FleetQuota(url, direct=False)
+    bare = FleetQuota(url)
     cold = {"min_size": 0, "max_size": 4, "lease_mode": "single_use"}
     s_plain = PoolSettings.model_validate(cold)
     s_quota = [
@@ -128,29 +129,34 @@ async def round_trip_added(url: str, samples: int, warmup: int) -> dict[str, lis
 
     async def sync(i: int) -> float:
         t0 = time.perf_counter_ns()
-        await fleet.sync(
+        await bare.sync(
             "bare", "h", want=i % 3, claimed=0, waiting=1, busy=0, limit=100, ttl=10.0, urgent=True
         )
         return (time.perf_counter_ns() - t0) / 1e6
 
     async def ping(i: int) -> float:
         t0 = time.perf_counter_ns()
-        await fleet._client.ping()
+        await bare._client.ping()
         return (time.perf_counter_ns() - t0) / 1e6
 
     arms = {"plain": plain, "quota": quoted, "client": client, "sync": sync, "ping": ping}
     names = list(arms)
     out: dict[str, list[float]] = {name: [] for name in names}
+    direct = 0
     for i in range(warmup + samples):
         if i == warmup:
             gc.collect()
+            direct = fleet.direct_calls
         k = i % len(names)
         for name in names[k:] + names[:k]:
             dt = await arms[name](i)
             if i >= warmup:
                 out[name].append(dt)
+    # The real path's asks, all on the direct connection (none fell back to redis-py's client).
+    out["direct"] = [float(fleet.direct_calls - direct)]
     await fleet.aclose()
     await via_client.aclose()
+    await bare.aclose()
     return out
 
 
@@ -321,7 +327,8 @@ async def _round_trip(url: str, args: argparse.Namespace) -> None:
         " p50 / p99 / p99.9:\n"
         f"   with quota {pcts(rt['quota'])}; without {pcts(rt['plain'])}:"
         f" p50 added {pct(rt['quota'], 0.5) - pct(rt['plain'], 0.5):.3f} ms,"
-        f" p99 added {added:.3f} ms (target <= 1 ms)\n"
+        f" p99 added {added:.3f} ms (target <= 1 ms);"
+        f" {rt['direct'][0]:.0f} of {len(rt['quota'])} asks on the direct connection\n"
         f"   (the ask through redis-py's client instead: {pcts(rt['client'])};"
         f" one FleetQuota.sync alone: {pcts(rt['sync'])};"
         f" a redis-py PING: {pcts(rt['ping'])})"
@@ -359,8 +366,13 @@ if __name__ == "__main__":
         default={1, 2, 3, 4},
         help="the parts to run, e.g. 2 or 1,2 (default: all)",
     )
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     args = parser.parse_args()
     if not redis_available():
         sys.exit("benchmarks/fleet.py needs redis-server (scripts/install-system-deps.sh)")
-    print(f"python {sys.version.split()[0]}")
+    print(f"python {sys.version.split()[0]}" + (", uvloop" if args.uvloop else ""))
+    if args.uvloop:
+        import uvloop
+
+        uvloop.install()
     asyncio.run(main(args))

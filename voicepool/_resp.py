@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -41,8 +41,8 @@ class DirectConnection(asyncio.Protocol):
         return self._transport is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # (uvloop's transports are not asyncio's classes: no isinstance here)
+        self._transport = cast("asyncio.Transport", transport)
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -110,11 +110,14 @@ async def open_direct(kwargs: Mapping[str, Any]) -> DirectConnection:
     caller bounds the time. Cancellation-safe: a cancelled open closes what it opened."""
     loop = asyncio.get_running_loop()
     if kwargs.get("path"):
-        _, conn = await loop.create_unix_connection(DirectConnection, kwargs["path"])
+        transport, conn = await loop.create_unix_connection(DirectConnection, kwargs["path"])
     else:
-        _, conn = await loop.create_connection(
+        transport, conn = await loop.create_connection(
             DirectConnection, kwargs.get("host", "localhost"), int(kwargs.get("port", 6379))
         )
+    if not conn.is_open:  # (closed already, or connection_made failed: never leak the socket)
+        transport.close()
+        raise RedisConnectionError("connection to Redis closed at once")
     try:
         hello: list[asyncio.Future[Any]] = []
         password, username = kwargs.get("password"), kwargs.get("username")

@@ -147,3 +147,20 @@ async def test_a_cold_acquire_waits_for_one_direct_round_trip(redis_server: Redi
             assert q.direct_calls == calls + 1
     finally:
         await q.aclose()
+
+
+def test_the_direct_connection_runs_on_uvloop(redis_server: RedisServer) -> None:
+    """uvloop's transports are not asyncio's classes: the direct connection must not depend on
+    them (it would never open, and every ask would take the slow path)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        q = FleetQuota(redis_server.url, worker="w")
+        try:
+            await _opened(q)
+            assert (await _sync(q, "a", want=2)).granted == 2
+            assert q.direct_calls == 1
+        finally:
+            await q.aclose()
+
+    uvloop.run(scenario())
