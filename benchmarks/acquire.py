@@ -8,6 +8,7 @@ two numbers measured milliseconds apart is stable where a difference of two medi
 Uncontended (one task, a warm pool, ``async with pool.acquire(): pass``):
   floor             a minimal deque pool with a class-based async context manager and waiter
                     futures: the least any correct asyncio pool can cost
+  floor+reset       the floor awaiting a trivial ``async def reset`` in its exit (printed)
   exclusive         Pool, EXCLUSIVE, base reset, telemetry disabled       (target <= 1.5x)
   exclusive+reset   the same with a trivial ``async def reset(...): pass`` (target <= 1.5x)
   single_use        SINGLE_USE: every release closes, spares refill       (printed)
@@ -105,6 +106,24 @@ class FloorLease:
         self.pool.idle.append(self.conn)
 
 
+class FloorResetLease(FloorLease):
+    """The floor that also awaits a trivial ``async def reset`` before giving the connection
+    back: what any pool that calls such an override pays, at the least."""
+
+    __slots__ = ()
+
+    async def __aexit__(self, *exc: object) -> None:
+        pool = self.pool
+        await pool.reset(self.conn)
+        waiters = pool.waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(self.conn)
+                return
+        pool.idle.append(self.conn)
+
+
 class FloorPool:
     def __init__(self, size: int) -> None:
         self.idle: deque[Conn] = deque(Conn(i) for i in range(size))
@@ -112,6 +131,12 @@ class FloorPool:
 
     def acquire(self) -> FloorLease:
         return FloorLease(self)
+
+    def acquire_reset(self) -> FloorLease:
+        return FloorResetLease(self)
+
+    async def reset(self, conn: Conn) -> None:
+        pass
 
     def give_back(self, conn: Conn) -> None:
         """__aexit__'s hand-off, for the cancelled waiter (kept inline there: the hot path)."""
@@ -174,6 +199,7 @@ async def make_pools(size: int) -> tuple[dict[str, Callable[[], Any]], list[Any]
     variants: dict[str, Callable[[], Any]] = {}
     floor = FloorPool(size)
     variants["floor"] = floor.acquire
+    variants["floor+reset"] = floor.acquire_reset
 
     async def pool(name: str, adapter: NullAdapter, s: PoolSettings = settings) -> None:
         p = Pool(adapter, s, name=name)
@@ -296,6 +322,11 @@ async def main(args: argparse.Namespace) -> None:
         print(f"{name:17}{med[name]:8.0f}  {vs_floor[name]:8.2f}x  {vs_excl[name]:12.2f}x")
     print(f"exclusive / floor        = {vs_floor['exclusive']:.2f}x (target <= 1.5x)")
     print(f"exclusive+reset / floor  = {vs_floor['exclusive+reset']:.2f}x (target <= 1.5x)")
+    fr = paired(samples, "floor+reset")
+    print(
+        f"  (the floor's own trivial reset costs {vs_floor['floor+reset']:.2f}x the floor;"
+        f" exclusive+reset / floor+reset = {fr['exclusive+reset']:.2f}x)"
+    )
     print(f"multiplexed / floor      = {vs_floor['multiplexed']:.2f}x (target <= 2x)")
     print(f"exclusive+api / exclusive = {vs_excl['exclusive+api']:.2f}x (target <= 1.2x)")
     if "livekit" in med:

@@ -3,6 +3,14 @@
 An acquire served from idle does not wait; the pool only counts it (``acquired``). Acquires that
 waited record their wait here. The p95 of a window is then computed from "N zeros plus these
 samples" without ever storing the zeros.
+
+Memory stays bounded under a storm of waits (every hand-off of a contended pool is one): past
+``_MAX_SAMPLES`` waits in a window the samples are a *stratified* sample. The waits are cut into
+blocks of ``stride`` and one wait at a random place in each block is kept; when the samples fill
+up, neighbouring blocks merge (one of their two samples kept at random) and the stride doubles.
+Every wait is then kept with the same probability, 1 / stride, so each sample stands for
+``seen / len(samples)`` waits, which the percentile weighs. A wait that is not kept costs a
+decrement and a comparison; no random number is drawn until the first merge.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 
-_MAX_SAMPLES = 10_000  # reservoir bound: memory stays flat under a storm of waits
+_MAX_SAMPLES = 10_000  # samples kept per window at most (a halving leaves half of them)
 
 
 class WaitWindow:
@@ -19,12 +27,14 @@ class WaitWindow:
     __slots__ = (
         "_cache_key",
         "_cache_value",
-        "_next",
+        "_left",
         "_prev_samples",
+        "_prev_seen",
         "_prev_total",
+        "_rest",
         "_rng",
         "_seen",
-        "_w",
+        "_stride",
         "length",
         "samples",
         "start",
@@ -37,42 +47,46 @@ class WaitWindow:
         self.start = now
         self.start_count = 0  # pool's acquired counter at the window start
         self.samples: list[float] = []
-        self._seen = 0
-        self._w = 1.0  # Algorithm L's running weight, once the reservoir is full
-        self._next = 0  # the index (in _seen) of the next wait that enters a full reservoir
+        self._seen = 0  # waits recorded in this window (kept or not)
+        self._stride = 1  # one wait kept per block of this many
+        self._left = 1  # waits until the next one kept (that one included)
+        self._rest = 0  # waits of the current block after the kept one
         self._prev_samples: list[float] = []
+        self._prev_seen = 0
         self._prev_total = 0
         self._cache_key: tuple[int, int, float, float] | None = None
         self._cache_value = 0.0
 
     def record(self, waited: float) -> None:
-        """Record one acquire that waited ``waited`` seconds (slow path only).
-
-        Past ``_MAX_SAMPLES`` waits in a window the samples are a uniform reservoir. Li's
-        Algorithm L draws how many waits to skip before the next replacement, so a storm of
-        waits (every hand-off of a contended pool is one) costs a counter and a comparison per
-        wait, not a random draw: about k * ln(n / k) draws for n waits.
-        """
-        seen = self._seen
-        self._seen = seen + 1
-        if seen < _MAX_SAMPLES:
-            self.samples.append(waited)
-            if seen == _MAX_SAMPLES - 1:
-                self._w = 1.0
-                self._skip(seen)
-        elif seen == self._next:
-            self.samples[self._rng.randrange(_MAX_SAMPLES)] = waited
-            self._skip(seen)
-
-    def _skip(self, seen: int) -> None:
-        """Draw the index of the next wait to enter the full reservoir (Algorithm L)."""
-        rng = self._rng
-        # 1 - random() is in (0, 1]: log() never sees 0. The weight shrinks by about 1/k per
-        # replacement; the gap is capped so it stays an int however small the weight gets.
-        self._w *= math.exp(math.log(1.0 - rng.random()) / _MAX_SAMPLES)
-        w = self._w
-        gap = math.log(1.0 - rng.random()) / math.log1p(-w) if 0.0 < w < 1.0 else 0.0
-        self._next = seen + 1 + int(min(gap, 1e18))
+        """Record one acquire that waited ``waited`` seconds (slow path only)."""
+        self._seen += 1
+        left = self._left - 1
+        if left:
+            self._left = left
+            return
+        samples = self.samples
+        samples.append(waited)
+        stride = self._stride
+        if len(samples) >= _MAX_SAMPLES:
+            # Merge neighbouring blocks: of each pair of samples (in arrival order) keep one at
+            # random, so each new block of 2 * stride waits keeps one wait at a random place. The
+            # current block's other waits (``_rest``) belong to the last merged block.
+            # (A few hundred microseconds, log2(waits / _MAX_SAMPLES) times a window.)
+            draw = self._rng.random
+            samples[:] = [
+                samples[i] if draw() < 0.5 else samples[i + 1]
+                for i in range(0, len(samples) - 1, 2)
+            ]
+            stride *= 2
+            self._stride = stride
+        if stride == 1:
+            self._left = 1
+            return
+        # The next kept wait: the rest of this block, then a random place in the next one.
+        rest = self._rest
+        offset = int(self._rng.random() * stride)
+        self._left = rest + offset + 1
+        self._rest = stride - offset - 1
 
     @property
     def end(self) -> float:
@@ -81,11 +95,11 @@ class WaitWindow:
     def rotate(self, now: float, acquired: int) -> tuple[float, int]:
         """Close the current window; return its (p95 seconds, acquire count) and start a new one."""
         total = acquired - self.start_count
-        p95 = percentile(self.samples, total, 0.95)
-        self._prev_samples, self._prev_total = self.samples, total
+        p95 = percentile([(self.samples, self._seen)], total, 0.95)
+        self._prev_samples, self._prev_seen, self._prev_total = self.samples, self._seen, total
         self.samples = []
         self._seen = 0
-        self._next = 0
+        self._stride, self._left, self._rest = 1, 1, 0
         self.start_count = acquired
         # Skip whole empty windows so a long quiet spell does not trigger many rotations.
         elapsed = now - self.start
@@ -101,18 +115,34 @@ class WaitWindow:
         key = (acquired, self._seen, self.start, q)
         if key != self._cache_key:
             total = acquired - self.start_count + self._prev_total
-            self._cache_value = percentile(self.samples + self._prev_samples, total, q)
+            groups = [(self.samples, self._seen), (self._prev_samples, self._prev_seen)]
+            self._cache_value = percentile(groups, total, q)
             self._cache_key = key
         return self._cache_value
 
 
-def percentile(waited: list[float], total: int, q: float) -> float:
-    """The q-quantile of ``total`` waits of which all but ``waited`` were zero (nearest rank)."""
+def percentile(groups: list[tuple[list[float], int]], total: int, q: float) -> float:
+    """The q-quantile (nearest rank) of ``total`` acquire waits, all zero but those sampled.
+
+    ``groups``: (samples, waits they stand for): each sample of a group weighs
+    ``waits / len(samples)`` (1 while nothing was dropped: then this is the exact nearest rank).
+    """
     if total <= 0:
         return 0.0
+    groups = [(s, n) for s, n in groups if s]
+    seen = sum(n for _, n in groups)
     rank = max(1, math.ceil(q * total))
-    zeros = total - len(waited)
+    zeros = total - seen  # (negative if timed-out waits, not acquires, were recorded)
     if rank <= zeros:
         return 0.0
-    ordered = sorted(waited)
-    return ordered[min(len(ordered) - 1, rank - zeros - 1)]
+    need = rank - max(0, zeros)  # the rank among the waits that were recorded
+    if all(len(s) == n for s, n in groups):
+        ordered = sorted(v for s, _ in groups for v in s)
+        return ordered[min(len(ordered) - 1, need - 1)]
+    weighted = sorted((v, n / len(s)) for s, n in groups for v in s)
+    reached = 0.0
+    for value, weight in weighted:
+        reached += weight
+        if reached >= need - 1e-9:
+            return value
+    return weighted[-1][0]
