@@ -374,7 +374,8 @@ class FleetQuota:
 
     def _open_direct_soon(self) -> None:
         """Open the direct connection in the background (one open at a time; after a failed
-        one, none for ``timeout``); asks go through the client meanwhile."""
+        one, none for a second, or ``timeout`` if longer); asks go through the client
+        meanwhile."""
         if self._opening is not None or self._direct_kwargs is None:
             return
         self._direct = None
@@ -391,7 +392,8 @@ class FleetQuota:
             async with asyncio.timeout(self.timeout):
                 self._direct = await open_direct(kwargs)
         except Exception as err:
-            self._open_after = loop.time() + self.timeout  # Redis down: not at every ask
+            # Redis down: not at every ask (its client redials at every call already)
+            self._open_after = loop.time() + max(1.0, self.timeout)
             log.debug("fleet quota %s: direct connection failed: %r", scrub(self.url), err)
         finally:
             self._opening = None
