@@ -43,8 +43,7 @@ from voicepool.errors import ConfigError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-
-    from voicepool._resp import DirectConnection
+    from redis.asyncio.connection import AbstractConnection
 
 log = get_logger("voicepool.quota")
 
@@ -193,9 +192,10 @@ class FleetQuota:
     the socket timeout of a round trip (a slower one is a backend error: the pool keeps serving
     from its reservation). ``worker``: this process's identity (default
     :func:`default_worker_id`); a pool's holder name is ``<worker>/<pool>``. ``direct``: send
-    urgent asks (callers wait for them) on a connection of their own, without redis-py's
-    per-command overhead (``redis://`` and ``unix://`` only; False: through redis-py's client
-    like every other call).
+    urgent asks (callers wait for them) on a redis-py connection of their own, outside its
+    client's connection pool, without the client's per-command checkout, timeouts and hooks
+    (``redis://`` and ``unix://`` only; False: through redis-py's client like every other
+    call).
 
     Raises ConfigError at construction when redis-py is not installed (``voicepool[fleet]``).
     """
@@ -237,13 +237,17 @@ class FleetQuota:
             retry_on_timeout=False,
         )
         self._script = self._client.register_script(_SCRIPT)
-        # Urgent asks (callers wait) go on a direct connection while one is open
-        # (voicepool._resp: a round trip without redis-py's per-command overhead); only for a
-        # client made here, on TCP or a Unix socket, with hiredis (its reader parses the replies).
+        # Urgent asks (callers wait) go on a direct connection while one is open: a
+        # redis.asyncio.Connection of the client's own settings (its parser: hiredis), kept
+        # outside the client's pool; only for a client made here, on TCP or a Unix socket.
         self._direct_kwargs: dict[str, Any] | None = (
             _direct_settings(self._client) if direct and client is None else None
         )
-        self._direct: DirectConnection | None = None
+        self._direct: AbstractConnection | None = None
+        # The last urgent ask's turn on it: done once that ask has read its reply (or given
+        # up). Replies come in the order the asks were written, so each ask reads after the
+        # one before it: several can be in flight, and only one reads the socket at a time.
+        self._turn: asyncio.Future[None] | None = None
         self._opening: asyncio.Task[None] | None = None
         self._open_after = 0.0  # loop time: no new open before it
         self._epochs: dict[tuple[str, str], str] = {}  # (key, holder) -> the epoch it last saw
@@ -257,7 +261,7 @@ class FleetQuota:
     @property
     def direct_open(self) -> bool:
         """Whether urgent asks go on the direct connection now (it is open)."""
-        return self._direct is not None and self._direct.is_open
+        return self._direct is not None and self._direct.is_connected
 
     def holder(self, pool: str) -> str:
         """A holder name for one pool: ``<worker>/<pool>``, with ``.2``, ``.3``... for more
@@ -295,7 +299,7 @@ class FleetQuota:
         """
         self.calls += 1
         direct = self._direct
-        if direct is None or not direct.is_open:
+        if direct is None or not direct.is_connected:
             self._open_direct_soon()
         known = self._epochs.get((key, holder), "")
         raw = await self._submit(
@@ -347,30 +351,53 @@ class FleetQuota:
         first suspends), else (or when that connection ends before the reply, or Redis lost the
         script) through redis-py's client, which reconnects and loads the script. A call that
         stops waiting (timeout, cancelled) closes the direct connection, as redis-py does with
-        its own: a Redis too slow to answer in time is dialled afresh."""
+        its own: the replies still due on it would be read by the wrong asks, and a Redis too
+        slow to answer in time is dialled afresh."""
         conn = self._direct
-        if conn is not None and conn.is_open:
+        if conn is not None and conn.is_connected:
             from redis.exceptions import ConnectionError as RedisConnectionError
-            from redis.exceptions import ResponseError
+            from redis.exceptions import NoScriptError
 
+            prev = self._turn
+            mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._turn = mine
             try:
-                reply = await conn.send("EVALSHA", self._script.sha, len(keys), *keys, *args)
-            except RedisConnectionError:
-                pass  # lost before the reply (a Redis restart): once more, below
+                # This connection has no socket timeout and no health checks: send_command
+                # writes at once and does not suspend (redis-py would otherwise put the write
+                # in a task of its own, and a read under a timeout needs the current task).
+                await conn.send_command(
+                    "EVALSHA", self._script.sha, len(keys), *keys, *args, check_health=False
+                )
+                if prev is not None and not prev.done():
+                    await prev  # (the ask before this one reads its reply first)
+                reply = await conn.read_response()
+            except (RedisConnectionError, NoScriptError):
+                # lost (a Redis restart, seen when this ask read its EOF; an ask before this
+                # one gave up): dialled again now, this ask through the client; or no script
+                if self._direct is conn and not conn.is_connected:
+                    self._open_direct_soon()
             except BaseException:
-                conn.close()
+                await self._drop(conn)
                 raise
             else:
-                if not isinstance(reply, ResponseError):
-                    self.direct_calls += 1
-                    return reply
-                if not str(reply).startswith("NOSCRIPT"):
-                    raise reply
+                self.direct_calls += 1
+                return reply
+            finally:
+                if not mine.done():  # (a successor that stopped waiting cancelled it)
+                    mine.set_result(None)
         # Through redis-py: first into the task that awaits this (the pool runs an urgent sync
         # up to its first suspension in the step that asked it; redis-py's timeouts need the
         # task they cancel).
         await asyncio.sleep(0)
         return await self._script(keys=keys, args=args)
+
+    async def _drop(self, conn: AbstractConnection) -> None:
+        """Close ``conn`` (idempotent; the asks still due on it get ConnectionError and go
+        through the client). Never raises: a socket that fails to close is dropped anyway."""
+        try:
+            await conn.disconnect(nowait=True)
+        except Exception:  # pragma: no cover - a broken socket at close
+            pass
 
     def _open_direct_soon(self) -> None:
         """Open the direct connection in the background (one open at a time; after a failed
@@ -385,16 +412,23 @@ class FleetQuota:
         self._opening = loop.create_task(self._open_direct(self._direct_kwargs))
 
     async def _open_direct(self, kwargs: dict[str, Any]) -> None:
-        from voicepool._resp import open_direct
-
+        """Connect one redis-py connection (AUTH, SELECT, CLIENT SETINFO: redis-py's handshake)
+        under ``timeout``; a failed or cancelled open closes what it opened."""
         loop = asyncio.get_running_loop()
+        settings = dict(kwargs)
+        conn: AbstractConnection = settings.pop("connection_class")(**settings)
         try:
             async with asyncio.timeout(self.timeout):
-                self._direct = await open_direct(kwargs)
-        except Exception as err:
+                await conn.connect()  # type: ignore[no-untyped-call]  # (redis-py: untyped)
+        except BaseException as err:
+            await self._drop(conn)
+            if not isinstance(err, Exception):
+                raise
             # Redis down: not at every ask (its client redials at every call already)
             self._open_after = loop.time() + max(1.0, self.timeout)
             log.debug("fleet quota %s: direct connection failed: %r", scrub(self.url), err)
+        else:
+            self._direct, self._turn = conn, None
         finally:
             self._opening = None
 
@@ -462,7 +496,7 @@ class FleetQuota:
             self._opening.cancel()
             await asyncio.gather(self._opening, return_exceptions=True)
         if self._direct is not None:
-            self._direct.close()
+            await self._drop(self._direct)
             self._direct = None
         await self._client.aclose()
 
@@ -471,19 +505,22 @@ class FleetQuota:
 
 
 def _direct_settings(client: Any) -> dict[str, Any] | None:
-    """The settings of a direct connection like ``client``'s (``voicepool._resp``), or None
-    where it cannot make one: TLS (``rediss://``), a credential provider, no hiredis."""
-    try:
-        import hiredis  # noqa: F401  (the direct connection's reply parser)
-        from redis.asyncio.connection import Connection, UnixDomainSocketConnection
-    except ImportError:  # pragma: no cover - voicepool[fleet] installs hiredis
-        return None
+    """The settings of a direct connection like ``client``'s (its class under
+    ``connection_class``, the rest for its constructor), or None where it makes none: TLS
+    (``rediss://``) or a connection class of the caller's."""
+    from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+
     pool = client.connection_pool
-    kwargs = dict(pool.connection_kwargs)
     if pool.connection_class not in (Connection, UnixDomainSocketConnection):
         return None
-    if kwargs.get("credential_provider") is not None:
-        return None
+    kwargs = dict(pool.connection_kwargs)
+    # Its own connection, not one of the pool's (the pool's maintenance handler moves those).
+    kwargs.pop("maint_notifications_pool_handler", None)
+    # No socket timeout (the caller bounds an ask: the pool runs it under the quota's
+    # timeout) and no retries: a write that never suspends, a read with no timer of its own;
+    # a lost connection is the client's to retry, and the open's to pace.
+    kwargs.update(socket_timeout=None, retry=None, retry_on_error=[], retry_on_timeout=False)
+    kwargs["connection_class"] = pool.connection_class
     return kwargs
 
 

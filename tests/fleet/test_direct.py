@@ -1,6 +1,6 @@
-"""The urgent asks' direct connection (voicepool._resp) on a real redis-server: used while open,
-redis-py's client whenever it is not, and what ends it (a restart, a lost script, a caller
-that stops waiting)."""
+"""The urgent asks' direct connection (a redis-py Connection outside its client's pool) on a
+real redis-server: used while open, redis-py's client whenever it is not, and what ends it (a
+restart, a lost script, a caller that stops waiting)."""
 
 from __future__ import annotations
 
@@ -61,14 +61,14 @@ async def test_direct_false_sends_every_ask_through_the_client(redis_server: Red
 async def test_a_redis_restart_falls_back_to_the_client_then_reopens(
     redis_server: RedisServer,
 ) -> None:
-    """The restart ends the direct connection: the next ask goes through the client (its one
-    retry meets the new server), the direct connection comes back, and the script Redis lost
-    is loaded again (NOSCRIPT on the direct connection: that ask, through the client)."""
+    """The restart ends the direct connection: the next ask meets its EOF and goes through the
+    client (its one retry meets the new server), the direct connection comes back, and the
+    script Redis lost is loaded again (NOSCRIPT on the direct connection: that ask, through
+    the client)."""
     q = FleetQuota(redis_server.url, worker="w")
     try:
         await _opened(q)
         await redis_server.restart()
-        await wait_until(lambda: not q.direct_open, timeout=5.0, what="the EOF of the restart")
         calls = q.direct_calls
         assert (await _sync(q, "a", want=2)).granted == 2
         assert q.direct_calls == calls
@@ -103,6 +103,48 @@ async def test_an_ask_that_stops_waiting_closes_the_direct_connection(
         await wait_until(lambda: q.direct_open, timeout=5.0, what="the direct connection again")
         calls = q.direct_calls
         assert (await _sync(q, "a", want=3, claimed=2)).granted == 3
+        assert q.direct_calls == calls + 1
+    finally:
+        await other.aclose()
+        await q.aclose()
+
+
+async def test_urgent_asks_in_flight_together_each_get_their_own_reply(
+    redis_server: RedisServer,
+) -> None:
+    """Several asks written before the first reply (pipelined on the one connection): each
+    reads its own reply, in the order they were written."""
+    q = FleetQuota(redis_server.url, worker="w")
+    try:
+        await _opened(q)
+        calls = q.direct_calls
+        grants = await asyncio.gather(*(_sync(q, f"h{n}", want=n, limit=100) for n in range(1, 7)))
+        assert [g.granted for g in grants] == [1, 2, 3, 4, 5, 6]
+        assert q.direct_calls == calls + 6
+        assert q.direct_open
+    finally:
+        await q.aclose()
+
+
+async def test_an_ask_that_gives_up_among_others_in_flight(redis_server: RedisServer) -> None:
+    """One of three asks in flight stops waiting: the connection closes, and the other two
+    (one reading, one waiting for its turn) are answered through the client, each its own."""
+    q = FleetQuota(redis_server.url, worker="w")
+    other = Redis.from_url(redis_server.url)
+    try:
+        await _opened(q)
+        calls = q.direct_calls
+        await other.execute_command("CLIENT", "PAUSE", "300", "ALL")
+        asks = [asyncio.create_task(_sync(q, f"h{n}", want=n, limit=100)) for n in (1, 2, 3)]
+        await asyncio.sleep(0)  # (every ask written, the first one reading)
+        asks[1].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asks[1]
+        assert not q.direct_open
+        assert [(await asks[0]).granted, (await asks[2]).granted] == [1, 3]
+        assert q.direct_calls == calls
+        await wait_until(lambda: q.direct_open, timeout=5.0, what="the direct connection again")
+        assert (await _sync(q, "h2", want=2, limit=100)).granted == 2
         assert q.direct_calls == calls + 1
     finally:
         await other.aclose()
