@@ -353,6 +353,10 @@ class FleetQuota:
         stops waiting (timeout, cancelled) closes the direct connection, as redis-py does with
         its own: the replies still due on it would be read by the wrong asks, and a Redis too
         slow to answer in time is dialled afresh."""
+        if asyncio.current_task() is None:
+            # (a pool's timer asked: into the task first; redis-py before 8.0 closes a failed
+            # connection under asyncio.timeout, which raises outside a task)
+            await asyncio.sleep(0)
         conn = self._direct
         if conn is not None and conn.is_connected:
             from redis.exceptions import ConnectionError as RedisConnectionError

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from tests.fleet.conftest import needs_redis
 from tests.peers.redis import RedisServer
 from voicepool import Pool, PoolSettings
+from voicepool._engine.calls import Resume
 from voicepool.quota import FleetQuota
 from voicepool.testing import FakeAdapter, wait_until
 
@@ -148,6 +149,28 @@ async def test_an_ask_that_gives_up_among_others_in_flight(redis_server: RedisSe
         assert q.direct_calls == calls + 1
     finally:
         await other.aclose()
+        await q.aclose()
+
+
+async def test_an_urgent_ask_started_outside_a_task(redis_server: RedisServer) -> None:
+    """A pool's timer starts an ask from a callback (no current task), and a task finishes it
+    (the pool's Resume): the ask works on the direct connection all the same."""
+    q = FleetQuota(redis_server.url, worker="w")
+    try:
+        await _opened(q)
+        calls = q.direct_calls
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[Resume] = loop.create_future()
+
+        def from_a_timer() -> None:
+            assert asyncio.current_task() is None
+            call = _sync(q, "a", want=2)
+            started.set_result(Resume(call, call.send(None)))
+
+        loop.call_soon(from_a_timer)
+        assert (await (await started)).granted == 2
+        assert q.direct_calls == calls + 1
+    finally:
         await q.aclose()
 
 
