@@ -334,7 +334,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"livekit / exclusive      = {1 / lk['exclusive']:.2f}x (target >= 3x)")
 
     # Contended: 100 tasks, 10 connections; each round pairs a pool with the floor.
-    tasks, per_task = 100, max(20, args.n // 500)
+    tasks, per_task = 100, max(20, args.n // 100)  # 10,000 hand-offs a round at --n 10000
     ops = tasks * per_task
     rows = ["floor", "exclusive", "exclusive+reset", "exclusive+api"]
     cont: dict[str, list[float]] = {k: [] for k in rows}

@@ -20,6 +20,9 @@ Engine (issue 11), shipped settings unless named:
                      second (goal <= 5)
   circuit-min0       min_size 0, circuit open, backoff_max 5 s: seconds from the provider's return
                      to the first successful acquire (goal <= backoff_max + 2)
+  circuit-full       16 of 16 connections, the provider hangs up after each upgrade for 3 s
+                     (the circuit opens while every connection is young), then behaves: seconds
+                     from its return to a full, ready pool (goal <= backoff_max + 2, 5 s + 2)
   fail-fast          1-connection pool, provider down: median caller failure latency (goal <= 0.1 s)
   boot-black-hole    start() with min_size 40 against a black hole, connect_timeout 1 s: seconds
                      (goal <= 1.5 x connect_timeout)
@@ -121,6 +124,13 @@ async def _circuit_min0() -> list[Figure]:
     return [Figure("circuit-min0", value, 7.0, "s", "backoff_max 5 s; bound 20 s")]
 
 
+async def _circuit_full() -> list[Figure]:
+    r = await engine.full_pool_circuit_recovery(16, hang_for=3.0, backoff_max=5.0, limit=20.0)
+    closed = "never" if r.closed is None else f"{r.closed:.2f} s"
+    note = f"circuit opened: {r.opened}; closed after {closed}; backoff_max 5 s"
+    return [Figure("circuit-full", r.full, 7.0, "s", note)]
+
+
 async def _fail_fast() -> list[Figure]:
     value = await engine.caller_failure_latency(12, 0.2)
     return [Figure("fail-fast", value, 0.1, "s", "median of 12 callers, acquire_timeout 3 s")]
@@ -178,6 +188,7 @@ SCENARIOS: dict[str, tuple[tuple[str, ...], Runner, bool]] = {
     "outage-refill": (("outage-refill",), _outage_refill, False),
     "outage-dial-rate": (("outage-dial-rate",), _outage_rate, False),
     "circuit-min0": (("circuit-min0",), _circuit_min0, False),
+    "circuit-full": (("circuit-full",), _circuit_full, False),
     "fail-fast": (("fail-fast",), _fail_fast, False),
     "boot-black-hole": (("boot-black-hole",), _boot, False),
     "state-log": (("state-log",), _state_log, False),

@@ -156,17 +156,22 @@ class Lease(Generic[C]):
             # connection with room that is not suspect) when it is not the last free stream
             # (that one goes through the core, which opens another connection).
             core = pool._core
-            best = None
-            load = 1 << 30
-            free = 0
-            for rec in core.mux_conns:
-                room = rec.cap - rec.streams
-                if room > 0 and not rec.suspect:
-                    free += room
-                    if rec.streams < load:
-                        best = rec
-                        load = rec.streams
-            if best is not None and free > 1 and not core.closing:
+            conns = core.mux_conns
+            if len(conns) == 1:  # (one connection, the common small pool: nothing to choose)
+                best = conns[0]
+                free = 0 if best.suspect else best.cap - best.streams
+            else:
+                best = None
+                load = 1 << 30
+                free = 0
+                for rec in conns:
+                    room = rec.cap - rec.streams
+                    if room > 0 and not rec.suspect:
+                        free += room
+                        if rec.streams < load:
+                            best = rec
+                            load = rec.streams
+            if free > 1 and best is not None and not core.closing:
                 check = pool._check_open
                 if check is None or check(best.conn):
                     best.streams += 1

@@ -216,7 +216,10 @@ class PoolSettings(BaseModel):
         default=2.0,
         ge=0,
         le=MAX_SECONDS,
-        description="A connection lost this soon after opening (unproven) is a failed connect.",
+        description=(
+            "A connection lost this soon after opening, before a clean lease end or a routine"
+            " ping proved it, is a failed connect."
+        ),
     )
     backoff_initial: float = Field(
         default=1.0, gt=0, le=MAX_SECONDS, description="First retry delay cap after a failure."

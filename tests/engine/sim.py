@@ -37,6 +37,7 @@ class Conn:
     ident: int
     open: bool = True
     closed: bool = False
+    error: BaseException | None = None  # what the adapter reports (Adapter.connection_error)
 
 
 @dataclass
@@ -73,6 +74,8 @@ class Sim:
             rng=random.Random(self.seed),
             is_open=lambda c: c.open and not c.closed,
             describe="sim://provider",
+            connection_error=lambda c: c.error,
+            is_fatal=lambda e: isinstance(e, ConnectError) and e.fatal,
         )
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
@@ -164,6 +167,11 @@ class Sim:
         if conn.open and not conn.closed:
             conn.open = False
             self.apply(self.core.changed(conn, False, 0, self.now))
+
+    def learn(self, conn: Conn, error: BaseException) -> None:
+        """The adapter learnt ``error`` on ``conn`` (a 401 on a request) and keeps it open."""
+        conn.error = error
+        self.apply(self.core.changed(conn, True, self.provider.capacity, self.now))
 
     def start(self) -> None:
         self.apply(self.core.start(self.now))

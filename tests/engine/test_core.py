@@ -428,6 +428,36 @@ def test_a_loss_pings_every_other_idle_connection() -> None:
     assert {p.rec.conn for p in pings} == set(sim.conns[1:4])
 
 
+def test_a_loss_retires_the_others_found_closed_instead_of_pinging_them() -> None:
+    sim = Sim(cfg(min_size=3, max_size=3))
+    sim.start()
+    sim.run_until(3.0)
+    sim.conns[1].open = False  # closed by the peer, unnoticed so far
+    before = len(sim.actions)
+    sim.kill(sim.conns[0])
+    after = sim.actions[before:]
+    assert [a.rec.conn for a in after if isinstance(a, Ping)] == [sim.conns[2]]
+    closed = {a.rec.conn: a.reason for a in after if isinstance(a, Close)}
+    assert closed == {sim.conns[0]: "remote_closed", sim.conns[1]: "remote_closed"}
+
+
+def test_a_stream_take_skips_a_connection_found_closed() -> None:
+    """MULTIPLEXED: the least-loaded connection turns out closed (no notice came): it is
+    retired as lost and the stream goes to the next one."""
+    sim = Sim(cfg(min_size=2, max_size=2), mode=LeaseMode.MULTIPLEXED, max_streams=4)
+    sim.start()
+    sim.run_until(3.0)
+    core = sim.core
+    first, _ = core.take(sim.now)
+    assert first is not None  # one stream on it: the other is now the least loaded
+    (other,) = [r for r in core.mux_conns if r is not first]
+    other.conn.open = False
+    rec, out = core.take(sim.now)
+    assert rec is first
+    assert [(a.rec, a.reason) for a in out if isinstance(a, Close)] == [(other, "remote_closed")]
+    core.check()
+
+
 def test_multiplexed_error_makes_the_connection_suspect_until_a_ping() -> None:
     s = cfg(min_size=1, max_size=1, max_streams=4)
     sim = Sim(s, mode=LeaseMode.MULTIPLEXED, max_streams=4)

@@ -10,6 +10,7 @@ must have been served or failed, and closing must close every connection ever op
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class Conn:
     open: bool = True
     closed: bool = False
     holders: int = 0
+    error: BaseException | None = None  # what the adapter reports (Adapter.connection_error)
 
 
 @dataclass(eq=False)
@@ -174,6 +176,8 @@ class CoreMachine(RuleBasedStateMachine):
             rng=random.Random(seed),
             is_open=lambda conn: conn.open and not conn.closed,
             describe="fake://sm",
+            connection_error=lambda conn: conn.error,
+            is_fatal=lambda exc: isinstance(exc, ConnectError) and exc.fatal,
             quota=quota_gate(cfg, mode, streams),
         )
         self.apply(self.core.start(self.now))
@@ -280,6 +284,17 @@ class CoreMachine(RuleBasedStateMachine):
         else:
             self.apply(self.c.changed(conn, True, cap, self.now))
 
+    @precondition(lambda self: any(c.open and not c.closed for c in self.w.conns))
+    @rule(data=st.data())
+    def refused_on_a_request(self, data: st.DataObject) -> None:
+        """The adapter learns a 401 on a connection it keeps open (a request's answer): the
+        circuit opens with nothing lost, a full pool included."""
+        conn = data.draw(st.sampled_from([c for c in self.w.conns if c.open and not c.closed]))
+        conn.error = ConnectError("fake://sm answered HTTP 401", fatal=True, status=401)
+        rec = self.c.by_conn.get(id(conn))
+        cap = rec.cap if rec is not None and self.mux else 1
+        self.apply(self.c.changed(conn, True, cap, self.now))
+
     @rule(dt=st.sampled_from([0.001, 0.5, 2.0, 5.0, 11.0, 30.0]))
     def advance_clock(self, dt: float) -> None:
         self.now += dt
@@ -320,6 +335,42 @@ class CoreMachine(RuleBasedStateMachine):
         if self.w.waiting and c.state is PoolState.READY and not c.warming:
             # The timer must be armed for the next deadline, retry or refill.
             assert self.wake_at < math.inf or c.opening or len(c.conns) >= c.max_size
+
+    @invariant()
+    def open_circuit_probes(self) -> None:
+        """An open circuit with no connect in flight always has a probe coming: by timers alone
+        (pings answered, nothing released, no caller), a connect starts within backoff_max +
+        min_healthy. Unless every slot is taken by a held connection: a lease is never
+        interrupted, and its release makes the idle connection the probe replaces."""
+        c = self.c
+        if not self.started or not c.circuit_open or c.opening or c.closing:
+            return
+        if c.quota is not None:
+            return  # the fleet's tokens decide (the quota machine checks its own liveness)
+        spare = any(not r.streams and not r.pinging for r in c.mux_conns) if self.mux else c.idle
+        if len(c.conns) >= c.max_size and not spare:
+            return
+        core, pings = copy.deepcopy((c, self.w.pings))
+        now = self.now
+        bound = now + c.settings.backoff_max + c.settings.min_healthy
+        actions: list[Action] = []
+        for rec in pings:
+            actions += core.pinged(rec, rec.conn.open, now, 0.001)
+        for _ in range(200):
+            if any(isinstance(a, Connect) for a in actions):
+                return
+            for a in actions:
+                if isinstance(a, Ping):
+                    pings.append(a.rec)
+            actions = []
+            for rec in pings:
+                actions += core.pinged(rec, rec.conn.open, now, 0.001)
+            pings.clear()
+            if not actions:
+                now = max(now, core.next_due(now))
+                assert now <= bound, ("no probe is coming", c.stats(), self.now, now)
+                actions = core.tick(now)
+        raise AssertionError(("no probe is coming", c.stats(), self.now))
 
     def teardown(self) -> None:
         if not self.started:

@@ -206,6 +206,55 @@ async def circuit_recovery(backoff_max: float = 5.0, limit: float = 20.0) -> flo
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class FullCircuitResult:
+    opened: bool  # the circuit opened while the provider hung up
+    closed: float | None  # seconds from the provider's return to the circuit closed (None: never)
+    full: float | None  # ... to a full, READY pool (None: not within the bound)
+
+
+async def full_pool_circuit_recovery(
+    size: int = 4, hang_for: float = 3.0, backoff_max: float = 2.0, limit: float = 15.0
+) -> FullCircuitResult:
+    """A full ``size`` pool (``max_size`` = ``min_size``) on a provider that starts hanging up
+    right after each upgrade for ``hang_for`` s: every fresh connection dies young, the circuit
+    opens; then the provider behaves again. Seconds until the circuit closes and until the pool
+    is full and READY (each bounded by ``limit``)."""
+    settings = PoolSettings(
+        min_size=size,
+        max_size=size,
+        failure_threshold=2,
+        backoff_initial=0.2,
+        backoff_max=backoff_max,
+        connect_timeout=2.0,
+    )
+    async with provider() as server:
+        pool = Pool(ws_adapter(server.url), settings, name="full")
+        async with started(pool):
+            await wait_until(lambda: pool.stats().size == size, 10.0)
+            server.hang_up_on_accept(1013)
+            await server.close_all(1013)  # the restart into hanging up
+            opened = True
+            try:
+                await wait_until(lambda: pool.state is PoolState.UNAVAILABLE, hang_for)
+            except AssertionError:  # wait_until's "not reached in time"
+                opened = False
+            await asyncio.sleep(hang_for)  # the fault's duration
+            server.hang_up_on_accept(None)
+            t0 = time.monotonic()
+            closed: float | None = None
+            full: float | None = None
+            with contextlib.suppress(AssertionError):
+                await wait_until(lambda: pool.state is not PoolState.UNAVAILABLE, limit)
+                closed = time.monotonic() - t0
+                await wait_until(
+                    lambda: pool.stats().size == size and pool.state is PoolState.READY,
+                    max(0.0, limit - closed),
+                )
+                full = time.monotonic() - t0
+    return FullCircuitResult(opened, closed, full)
+
+
 async def caller_failure_latency(callers: int = 12, spacing: float = 0.2) -> float:
     """A 1-connection pool whose provider went down (reset, then refused): callers arrive every
     ``spacing`` s; the median seconds each waited before its acquire failed."""

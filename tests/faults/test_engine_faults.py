@@ -36,6 +36,19 @@ async def test_a_min_size_0_pool_recovers_after_its_circuit_opened() -> None:
     assert recovered is not None, "no acquire succeeded within backoff_max + 2 s"
 
 
+async def test_a_full_pool_whose_fresh_connections_died_young_recovers() -> None:
+    """The circuit opened while every connection was young and the pool was full: it closes
+    within backoff_max + 2 s of the provider's return, and the floor (held while the probe
+    proves itself: min_healthy, 2 s) is full min_healthy later."""
+    backoff_max = 1.0
+    r = await scenarios.full_pool_circuit_recovery(4, hang_for=2.0, backoff_max=backoff_max)
+    assert r.opened, "the circuit never opened while the provider hung up"
+    assert r.closed is not None
+    assert r.closed <= backoff_max + 2
+    assert r.full is not None
+    assert r.full <= backoff_max + 2 + 2.0
+
+
 # Not met by PoolCore either (engine 6325495): a waiter stays while a retry is due before its
 # deadline, and that retry fails too (median 2 s at full size, benchmarks/faults.py fail-fast).
 async def test_a_one_connection_pool_fails_callers_fast_while_its_provider_is_down() -> None:

@@ -168,9 +168,10 @@ class PoolCore(Generic[C]):
         self.closing = False
         self.circuit_open = False
         # Backoff steps: failures that did not overlap a counted one. The count starts over
-        # only when a connection proves itself (_prove: it survived min_healthy or carried a
-        # lease to a clean end), never on a ping answer alone: a server that answers and hangs
-        # up a few ms later must keep its backoff growing.
+        # only when a connection proves itself (_prove: it survived min_healthy, carried a
+        # lease to a clean end, or answered a routine ping a whole ping period after it
+        # opened), never on the first ping's answer: a server that answers and hangs up a few
+        # ms later must keep its backoff growing. A proof never closes the circuit.
         self.steps = 0
         # After a failure, until a connection answers a ping or proves itself: DEGRADED below
         # the floor, and a waiter no scheduled retry serves in time fails at once.
@@ -802,10 +803,14 @@ class PoolCore(Generic[C]):
         self._serve_streams(rec, out)
 
     def _prove(self, rec: ConnRecord[C], now: float) -> None:
-        """``rec`` proved itself: the provider works; the failure count starts over."""
+        """``rec`` proved itself (min_healthy of life, a lease's clean end, or a routine ping a
+        whole ping period after it opened): the failure count starts over. Not the circuit:
+        only a successful connect closes it (a 401 learnt on a request must keep it open)."""
         if rec.proven:
             return
         rec.proven = True
+        if self._discredited(rec):
+            return  # open, but refused (a 401 on a request): the failure count stands
         self.probing = False
         if self.steps:
             self.steps = 0
@@ -992,6 +997,15 @@ class PoolCore(Generic[C]):
     def _grow(self, now: float, out: list[Action]) -> None:
         """Start the connects the pool needs now; a slot is counted before each one."""
         n = self._connects_wanted(now)
+        if n > 0 and self.circuit_open and len(self.conns) + self.opening >= self.max_size:
+            # The circuit's probe is due and every slot is taken: an idle connection gives
+            # its slot up (see _spare). Only a successful connect closes the circuit.
+            spare = self._spare()
+            assert spare is not None  # _connects_wanted counted its slot
+            if not self.mux:
+                self.idle.remove(spare)
+                spare.state = _IN_USE  # out of the deque already: _retire must not look there
+            self._retire(spare, "probe", now, out, grow=False)
         while n > 0 and self._admit(now):
             self.opening += 1
             out.append(Connect(now, self.generation))
@@ -1147,6 +1161,14 @@ class PoolCore(Generic[C]):
         """
         size = len(self.conns)
         room = self.max_size - size - self.opening
+        if (
+            room <= 0
+            and self.circuit_open
+            and not self.opening
+            and (not self.steps or now >= self.retry_at)  # (no O(n) look during the backoff)
+            and self._spare() is not None
+        ):
+            room = 1  # the probe may replace an idle connection (_grow retires it first)
         if room <= 0 or self.closing or self.lifecycle is PoolState.NEW:
             return 0  # (full first: the contended hand-off asks this at every wait)
         if self.warming and self.opening:
@@ -1198,12 +1220,39 @@ class PoolCore(Generic[C]):
             need = max(need, 1)  # the probe runs whatever the demand (min_size 0 included)
         return min(need, room, limit)
 
+    def _spare(self) -> ConnRecord[C] | None:
+        """The idle connection an open circuit's probe may replace when the pool is full.
+
+        A circuit opened with nothing lost (a fatal error the adapter learnt on a connection
+        it keeps open, a 401 on a request) leaves no free slot, and a surviving connection
+        must not close the circuit (that 401 must keep it open): only a new connect shows
+        that the provider accepts this pool again. The unproven first (it says the least),
+        else the least recently used; never a held one (a lease is never interrupted: its
+        release makes one idle). O(connections), asked only while the circuit is open."""
+        if self.mux:
+            idle = [r for r in self.mux_conns if not r.streams and not r.pinging]
+        else:
+            idle = list(self.idle)  # LIFO at the right: least recently used first
+        best: ConnRecord[C] | None = None
+        rank = 3
+        for rec in idle:
+            r = 0 if self._discredited(rec) else 1 if not rec.proven else 2
+            if r < rank:
+                best, rank = rec, r
+        return best
+
+    def _discredited(self, rec: ConnRecord[C]) -> bool:
+        """The adapter reports a fatal error on ``rec`` (a 401 on a request): it proves
+        nothing by staying open."""
+        err = self.connection_error(rec.conn)
+        return err is not None and self.is_fatal(err)
+
     def _on_trial(self) -> bool:
         """A connection dialled since the last counted failure is open and not proven yet.
 
-        Until it proves itself (min_healthy, or a lease's clean end) or dies, the floor waits
-        and only a waiter gets a connect: a server that answers the first ping and hangs up
-        50 ms later must draw one connect per backoff step, not one per ping round trip.
+        Until it proves itself (see _prove) or dies, the floor waits and only a waiter gets a
+        connect: a server that answers the first ping and hangs up 50 ms later must draw one
+        connect per backoff step, not one per ping round trip.
         (Connections dialled before the failure do not hold the retry: they say nothing new.)
         O(young connections), and only asked while failures are counted."""
         at = self._step_at

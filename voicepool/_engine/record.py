@@ -61,8 +61,9 @@ class ConnRecord(Generic[C]):
         self.streams = 0  # MULTIPLEXED: streams in use
         self.cap = cap  # MULTIPLEXED: streams this connection takes now (0 = draining)
         self.seq = 0  # MULTIPLEXED: last stream id handed out on this connection
-        # Proven by a ping that answered, a clean lease, or min_healthy of life: until then its
-        # loss counts as a failed connect (a server that accepts and hangs up).
+        # Proven by min_healthy of life, a lease's clean end, or a routine ping answered a whole
+        # ping period after it opened (the ping right after the connect proves nothing): until
+        # then its loss counts as a failed connect (a server that accepts and hangs up).
         self.proven = False
         self.suspect = False  # MULTIPLEXED: a lease ended badly; no new streams until a ping
 
