@@ -360,7 +360,7 @@ class FleetQuota:
         conn = self._direct
         if conn is not None and conn.is_connected:
             from redis.exceptions import ConnectionError as RedisConnectionError
-            from redis.exceptions import NoScriptError
+            from redis.exceptions import NoScriptError, ResponseError
 
             prev = self._turn
             mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -380,6 +380,8 @@ class FleetQuota:
                 # one gave up): dialled again now, this ask through the client; or no script
                 if self._direct is conn and not conn.is_connected:
                     self._open_direct_soon()
+            except ResponseError:
+                raise  # (the script's error: its reply read, the connection still in step)
             except BaseException:
                 await self._drop(conn)
                 raise

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from tests.fleet.conftest import needs_redis
 from tests.peers.redis import RedisServer
@@ -169,6 +170,22 @@ async def test_an_urgent_ask_started_outside_a_task(redis_server: RedisServer) -
 
         loop.call_soon(from_a_timer)
         assert (await (await started)).granted == 2
+        assert q.direct_calls == calls + 1
+    finally:
+        await q.aclose()
+
+
+async def test_an_error_reply_is_raised_and_keeps_the_direct_connection(
+    redis_server: RedisServer,
+) -> None:
+    q = FleetQuota(redis_server.url, worker="w")
+    try:
+        await _opened(q)
+        calls = q.direct_calls
+        with pytest.raises(ResponseError):
+            await _sync(q, "a", limit="not a number")  # (the script fails on the server)
+        assert q.direct_open
+        assert (await _sync(q, "a", want=2)).granted == 2
         assert q.direct_calls == calls + 1
     finally:
         await q.aclose()
