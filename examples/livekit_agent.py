@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl as stdlib_ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -41,7 +42,6 @@ from voicepool.adapters.http2 import Http2Adapter
 from voicepool.integrations import openai as pooled_openai
 from voicepool.integrations.livekit import JobPools, PooledSession, start_job_pools
 from voicepool.manager import ManagerState
-from voicepool.testing import test_certificates
 
 RATE = 16000
 FRAME = RATE // 20 * 2  # 50 ms of 16 kHz linear16: the Deepgram plugin's chunk size
@@ -197,7 +197,8 @@ async def entrypoint(ctx: SimulatedJob, stack: Stack, *, pooled: bool) -> Job:
         assert pools.llm is not None
         llm = openai.LLM(client=pooled_openai.client(pools.llm), model=MODEL)
     else:
-        ssl = test_certificates().client_context()  # aiohttp does not read SSL_CERT_FILE
+        # aiohttp does not read SSL_CERT_FILE: trust the emulators' CA explicitly.
+        ssl = stdlib_ssl.create_default_context(cafile=stack.ca_file)
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl))
         stt, tts = plugins(stack, http)
         llm = openai.LLM(api_key=KEY, base_url=stack.llm, model=MODEL)

@@ -12,12 +12,15 @@ started once at boot (see examples/pipecat_runner.py for the FastAPI runner).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import os
+import random
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,23 +51,30 @@ from voicepool.testing import (
 )
 
 KEY = "example-key"
+_THIS_FILE = os.path.abspath(__file__)  # the child of spawned_services runs it
 IN_RATE, OUT_RATE = 16000, 16000
 
 
 @dataclass
 class Stack:
-    """The emulators, each behind its latency relay; URLs as the services take them."""
+    """The emulators, each behind its latency relay; URLs as the services take them.
+    ``emulators`` and ``relays``: the objects themselves when they run in this process
+    (:func:`emulated_services`), empty when they run in a child (:func:`spawned_services`)."""
 
     deepgram: str
     elevenlabs: str
     cartesia: str
     llm: str
+    ca_file: str  # the CA that signed the emulators' certificate
     rtt: float = 0.040
     emulators: dict[str, Any] = field(default_factory=dict)
     relays: dict[str, Any] = field(default_factory=dict)
+    remote_count: Callable[[], Awaitable[int]] | None = None  # the child's relays' count
 
-    def handshakes(self) -> int:
+    async def handshakes(self) -> int:
         """TCP connections the relays accepted so far (every socket a worker opened)."""
+        if self.remote_count is not None:
+            return await self.remote_count()
         return sum(relay.accepted for relay in self.relays.values())
 
 
@@ -95,9 +105,82 @@ async def emulated_services(rtt: float = 0.040) -> AsyncIterator[Stack]:
             elevenlabs=ws["elevenlabs"],
             cartesia=ws["cartesia"] + "/tts/websocket",
             llm=f"https://127.0.0.1:{relays['llm'].port}/v1",
+            ca_file=os.environ["SSL_CERT_FILE"],
+            rtt=rtt,
             emulators=emulators,
             relays=relays,
         )
+
+
+@contextlib.asynccontextmanager
+async def spawned_services(rtt: float = 0.040, timeout: float = 60.0) -> AsyncIterator[Stack]:
+    """:func:`emulated_services` in a child process (``python pipecat_bot.py --serve``), as a
+    real worker has its providers elsewhere: the emulators' TLS, framing and relays then spend
+    the child's CPU, not the event loop the calls run on. The CA goes in SSL_CERT_FILE here too.
+
+    The child reports its endpoints as one JSON line, answers each ``handshakes`` line on its
+    stdin with its relays' count, and exits when its stdin closes (then by its PID if it
+    lingers). Raises RuntimeError when it reports nothing within ``timeout`` (its stderr passes
+    through). Cancellation-safe: the child is stopped.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        _THIS_FILE,
+        "--serve",
+        "--rtt",
+        repr(rtt),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    saved = os.environ.get("SSL_CERT_FILE")
+    try:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        stdin, stdout = proc.stdin, proc.stdout
+        try:
+            async with asyncio.timeout(timeout):
+                info = json.loads(await stdout.readline())
+        except (TimeoutError, ValueError) as exc:
+            raise RuntimeError(
+                f"the emulators' child process did not start (exit code {proc.returncode}): {exc}"
+            ) from None
+        lock = asyncio.Lock()
+
+        async def count() -> int:
+            async with lock:
+                stdin.write(b"handshakes\n")
+                await stdin.drain()
+                return int(await stdout.readline())
+
+        os.environ["SSL_CERT_FILE"] = info["ca_file"]
+        yield Stack(**info, rtt=rtt, remote_count=count)
+    finally:
+        _restore_env("SSL_CERT_FILE", saved)
+        await asyncio.shield(_stop_child(proc))
+
+
+async def _stop_child(proc: asyncio.subprocess.Process) -> None:
+    if proc.stdin is not None and not proc.stdin.is_closing():
+        proc.stdin.close()
+    try:
+        async with asyncio.timeout(10.0):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()  # this child only, by its handle
+        await proc.wait()
+
+
+async def _serve(rtt: float) -> None:
+    """The child of :func:`spawned_services`: serve until stdin closes."""
+    async with emulated_services(rtt) as stack:
+        endpoints = ("deepgram", "elevenlabs", "cartesia", "llm", "ca_file")
+        print(json.dumps({k: getattr(stack, k) for k in endpoints}), flush=True)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            if line.strip() == b"handshakes":
+                print(await stack.handshakes(), flush=True)
 
 
 def _restore_env(name: str, value: str | None) -> None:
@@ -161,13 +244,38 @@ class CallResult:
     turn_ms: list[float]  # VAD stop until the first TTS audio, per turn
     audio_bytes: int
     contexts: set[str | None] = field(default_factory=set)
+    # Of start_ms, the time this thread was ready to run but another process had the CPU (the
+    # kernel's run-queue wait, /proc/thread-self/schedstat; NaN where there is none): a shared
+    # machine's part of the figure, not the worker's.
+    start_cpu_wait_ms: float = float("nan")
+
+
+def _runqueue_wait_ns() -> int | None:
+    """This thread's total run-queue wait so far (Linux schedstat), or None."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:  # procfs: no disk I/O
+            return int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 async def run_call(
-    services: list[Any], turns: int = 2, timeout: float = 10.0, out_rate: int = OUT_RATE
+    services: list[Any],
+    turns: int = 2,
+    timeout: float = 10.0,
+    out_rate: int = OUT_RATE,
+    until: asyncio.Event | None = None,
+    talking: asyncio.Event | None = None,
 ) -> CallResult:
     """One call: start the pipeline (``out_rate``: its audio out sample rate), speak ``turns``
-    user turns, end it. Raises TimeoutError."""
+    user turns (and more, back to back, until ``until`` is set), end it; ``talking`` is set once
+    the first turn was answered. Raises TimeoutError.
+
+    ``start_ms`` is the pipeline's start as Pipecat runs it: from the first step of
+    ``WorkerRunner.run()`` (its bus set up, the worker's task created) until the StartFrame has
+    crossed the pipeline (every service set up: connected, or leased) and the
+    ``on_pipeline_started`` handler has woken the caller. The services, the pipeline and the
+    worker are built before it (``bot()`` builds them before it runs the pipeline)."""
     stt, llm, tts = services
     out = _AudioOut()
     pipeline = Pipeline([stt, _TranscriptToLLM(), llm, tts, out])
@@ -185,10 +293,14 @@ async def run_call(
     turn_ms: list[float] = []
 
     async def speak() -> None:
-        t0 = time.perf_counter()
+        t0, wait0 = time.perf_counter(), _runqueue_wait_ns()
         await started.wait()
         start_ms = (time.perf_counter() - t0) * 1e3
-        for n in range(turns):
+        wait1 = _runqueue_wait_ns()
+        if wait0 is not None and wait1 is not None:
+            result.start_cpu_wait_ms = (wait1 - wait0) / 1e6
+        n = 0
+        while n < turns or (until is not None and not until.is_set()):
             out.first_audio.clear()
             for word in (b"hello", b"there", f"turn{n}".encode()):
                 await worker.queue_frame(InputAudioRawFrame(word + b" " * 27, IN_RATE, 1))
@@ -196,6 +308,9 @@ async def run_call(
             await worker.queue_frame(VADUserStoppedSpeakingFrame())
             await out.first_audio.wait()
             turn_ms.append((time.perf_counter() - t_turn) * 1e3)
+            if talking is not None:
+                talking.set()
+            n += 1
         await worker.queue_frame(EndFrame())
         result.start_ms = start_ms
 
@@ -226,6 +341,40 @@ async def run_calls(
     return list(await asyncio.gather(*(call(n) for n in range(calls))))
 
 
+async def run_steady(
+    make: Callable[[], list[Any]],
+    calls: int = 10,
+    starts: int = 10,
+    turns: int = 2,
+    seed: int = 14,
+) -> list[CallResult]:
+    """A worker at its peak: ``calls - 1`` calls in progress (speaking turns back to back) while
+    ``starts`` new calls arrive one at a time, each when the previous newcomer has ended (so
+    ``calls`` run at once), after a pseudo-random 0-100 ms pause (the newcomers land at any
+    point of the others' turns). Returns the newcomers' results; the calls in progress end
+    once the last newcomer has. Raises TimeoutError."""
+    done = asyncio.Event()
+    rng = random.Random(seed)
+    talking = [asyncio.Event() for _ in range(calls - 1)]
+    background = [
+        asyncio.ensure_future(run_call(make(), turns, timeout=60.0, until=done, talking=t))
+        for t in talking
+    ]
+    try:
+        async with asyncio.timeout(10.0):  # every call in progress: past its first turn
+            await asyncio.gather(*(t.wait() for t in talking))
+        results = []
+        for _ in range(starts):
+            await asyncio.sleep(rng.uniform(0.0, 0.1))
+            results.append(await run_call(make(), turns))
+    finally:
+        done.set()
+        await asyncio.gather(*background, return_exceptions=True)
+    for task in background:
+        task.result()  # a call in progress that failed fails the run
+    return results
+
+
 class _PipecatOwn:
     """Pipecat's own services (the per-call baseline): the same arguments as the pooled ones."""
 
@@ -243,15 +392,27 @@ class RunSummary:
 
 
 async def measure(
-    stack: Stack, *, pooled_run: bool, calls: int = 10, turns: int = 2, tts: str = "elevenlabs"
+    stack: Stack,
+    *,
+    pooled_run: bool,
+    calls: int = 10,
+    turns: int = 2,
+    tts: str = "elevenlabs",
+    steady: int = 0,
 ) -> RunSummary:
-    """``calls`` overlapping calls, on pools or per call, after one unmeasured warm-up call
-    (Pipecat and the SDKs import and build things on first use: a process cost, not a call's)."""
+    """``calls`` overlapping calls (:func:`run_calls`), on pools or per call, after one
+    unmeasured warm-up call (Pipecat and the SDKs import and build things on first use: a
+    process cost, not a call's). ``steady``: instead, that many newcomers each arriving while
+    ``calls - 1`` calls are in progress (:func:`run_steady`; the newcomers' results)."""
     if not pooled_run:
-        await run_call(make_services(stack, tts, _PipecatOwn), 1)
-        before = stack.handshakes()
-        results = await run_calls(lambda: make_services(stack, tts, _PipecatOwn), calls, turns)
-        return RunSummary(results, 0, stack.handshakes() - before)
+
+        def make() -> list[Any]:
+            return make_services(stack, tts, _PipecatOwn)
+
+        await run_call(make(), 1)
+        before = await stack.handshakes()
+        results = await _run(make, calls, turns, steady)
+        return RunSummary(results, 0, await stack.handshakes() - before)
     pools = pooled.PipecatPools(
         concurrency=calls, audio_in_sample_rate=IN_RATE, audio_out_sample_rate=OUT_RATE
     )
@@ -260,10 +421,18 @@ async def measure(
         await run_call(make_services(stack, tts), 1)
         await pools_full(pools)
         waited_before = _waited_connects(pools)
-        results = await run_calls(lambda: make_services(stack, tts), calls, turns)
+        results = await _run(lambda: make_services(stack, tts), calls, turns, steady)
         return RunSummary(
             results, sum(pools.index.misses.values()), _waited_connects(pools) - waited_before
         )
+
+
+async def _run(
+    make: Callable[[], list[Any]], calls: int, turns: int, steady: int
+) -> list[CallResult]:
+    if steady:
+        return await run_steady(make, calls, steady, turns)
+    return await run_calls(make, calls, turns)
 
 
 async def pools_full(pools: pooled.PipecatPools, timeout: float = 10.0) -> None:
@@ -302,4 +471,14 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child
+    parser.add_argument("--rtt", type=float, default=0.040, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        from loguru import logger
+
+        logger.remove()  # (Pipecat's import banner)
+        asyncio.run(_serve(args.rtt))
+    else:
+        asyncio.run(main())

@@ -45,3 +45,18 @@ def test_two_pools_for_one_url_rejected() -> None:
     index.add(Pool(FakeAdapter(), PoolSettings(min_size=0), name="a"), url="wss://h/x")
     with pytest.raises(ValueError, match="serve the same URL"):
         index.add(Pool(FakeAdapter(), PoolSettings(min_size=0), name="b"), url="wss://h/x/")
+
+
+def test_find_by_the_same_string_again_and_after_a_pool_is_added() -> None:
+    """find() remembers the exact strings it answered (a framework opens the same URLs at every
+    call start); a pool added later is found by a URL that found none before."""
+    index = PoolIndex()
+    asr = index.add(Pool(FakeAdapter(), PoolSettings(min_size=0), name="asr"), url="wss://h/a")
+    assert index.find("wss://h/a") is asr
+    assert index.find("wss://h/a") is asr  # the remembered answer
+    assert index.find("wss://h:443/a/") is asr  # another spelling: parsed, then remembered
+    assert index.find("wss://h/b") is None
+    tts = index.add(Pool(FakeAdapter(), PoolSettings(min_size=0), name="tts"), url="wss://h/b")
+    assert index.find("wss://h/b") is tts
+    assert index.find("wss://h/a") is asr
+    assert index.find("/a") is None  # relative: never raises

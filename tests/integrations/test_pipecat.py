@@ -54,6 +54,21 @@ async def test_ten_concurrent_calls_pooled_vs_per_call(tts: str) -> None:
     assert first_cold > later_cold + stack.rtt * 1e3  # TCP + TLS: two round trips
 
 
+async def test_peak_arrivals_on_emulators_in_a_child_process() -> None:
+    """The benchmark's setup: the emulators in a child (spawned_services: endpoints, the CA,
+    the relays' handshake count over its stdin), and newcomers arriving while the other calls
+    are in progress (run_steady): answered, no miss, no connection opened inside a call."""
+    async with bot.spawned_services() as stack:
+        assert not stack.emulators  # nothing of theirs in this process
+        before = await stack.handshakes()
+        run = await bot.measure(stack, pooled_run=True, calls=3, turns=1, steady=2)
+        assert await stack.handshakes() > before  # the pools' sockets, counted by the child
+    assert len(run.results) == 2
+    assert all(r.audio_bytes > 0 and len(r.turn_ms) == 1 for r in run.results)
+    assert run.misses == 0
+    assert run.opened_in_calls == 0
+
+
 async def test_pools_follow_the_service_settings_and_sample_rate(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -114,6 +129,32 @@ def test_each_service_pool_url_is_the_one_it_opens() -> None:
     for service in services:  # each service finds its own pool by the URL it opens
         _kind, url, _adapter = service._voicepool_pool(pools)
         assert pools.index.find(url) is not None, url
+
+
+def test_pooled_deepgram_builds_no_http_client_per_call() -> None:
+    """The pooled STT's deepgram-sdk client is built on one shared HTTP client (a new one loads
+    the trust store: ~25 ms per call with the system's CA bundle); Pipecat's own service, built
+    after it, still gets its own; the URL of each connect's kwargs is derived once."""
+    from pipecat.services.deepgram.stt import DeepgramSTTService
+
+    a = pooled.DeepgramSTTService(api_key="k", base_url="wss://dg.test")
+    b = pooled.DeepgramSTTService(api_key="k", base_url="wss://dg.test")
+    own = DeepgramSTTService(api_key="k", base_url="wss://dg.test")
+
+    def http(service: Any) -> Any:
+        sdk = getattr(service, "_voicepool_sdk", service._client)
+        return sdk._client_wrapper.httpx_client.httpx_client
+
+    assert http(a) is http(b)
+    assert http(own) is not http(a)
+    listen: Any = a._client
+    kwargs = {"model": "nova-3", "sample_rate": "16000"}
+    url = listen._url(kwargs)
+    assert url == "wss://dg.test/v1/listen?model=nova-3&sample_rate=16000"
+    assert listen._url(dict(kwargs)) is url  # derived once per kwargs
+    keyterms = {**kwargs, "keyterm": ["a", "b"]}  # unhashable: derived every time, same URL
+    assert listen._url(keyterms) == listen._url(keyterms)
+    assert "keyterm=a&keyterm=b" in listen._url(keyterms)
 
 
 async def test_anthropic_llm_in_a_pooled_pipeline() -> None:

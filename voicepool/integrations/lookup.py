@@ -34,6 +34,7 @@ _misses = _meter.create_counter(
 )
 
 UrlKey = tuple[str, str, int, str, tuple[tuple[str, str], ...]]
+_STR_CACHE = 256  # exact URL strings remembered by PoolIndex.find
 
 
 def url_key(url: object) -> UrlKey:
@@ -82,6 +83,9 @@ class PoolIndex:
 
     def __init__(self, pools: Iterable[Pool[Any]] = ()) -> None:
         self._by_key: dict[UrlKey, Pool[Any]] = {}
+        # find() by the exact string, before parsing it: a framework opens the same few URLs
+        # at every call start. Hits only, so bounded by the spellings of the pools' URLs.
+        self._by_str: dict[str, Pool[Any]] = {}
         self._warned: set[UrlKey] = set()
         self.misses: Counter[str] = Counter()
         """Connections opened outside any pool, by framework name."""
@@ -100,14 +104,22 @@ class PoolIndex:
                 f"pools {other.name!r} and {pool.name!r} serve the same URL {_safe(str(url))!r}"
             )
         self._by_key[key] = pool
+        self._by_str.clear()
         return pool
 
     def find(self, url: object) -> Pool[Any] | None:
         """The pool serving ``url``, or None (no I/O; never raises for a relative URL)."""
+        if type(url) is str:
+            pool = self._by_str.get(url)
+            if pool is not None:
+                return pool
         try:
-            return self._by_key.get(url_key(url))
+            pool = self._by_key.get(url_key(url))
         except ValueError:
             return None
+        if pool is not None and type(url) is str and len(self._by_str) < _STR_CACHE:
+            self._by_str[url] = pool
+        return pool
 
     async def lease(self, url: object, framework: str) -> Lease[Any] | None:
         """A lease on the pool serving ``url``; None (after :meth:`miss`) when none does.

@@ -29,12 +29,19 @@ HTTP/2 connections, one stream per request.
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
 
+import httpx
+from deepgram.core.jsonable_encoder import jsonable_encoder
+from deepgram.core.query_encoder import encode_query
+from deepgram.core.remove_none_from_dict import remove_none_from_dict
 from pipecat.services.anthropic.llm import AnthropicLLMService as _AnthropicLLMService
 from pipecat.services.cartesia.tts import CartesiaTTSService as _CartesiaTTSService
+from pipecat.services.deepgram import stt as _pipecat_deepgram
 from pipecat.services.deepgram.stt import DeepgramSTTService as _DeepgramSTTService
 from pipecat.services.elevenlabs.tts import ElevenLabsTTSService as _ElevenLabsTTSService
 from pipecat.services.elevenlabs.tts_base import output_format_from_sample_rate
@@ -231,14 +238,38 @@ class CartesiaTTSService(_PooledWebsocketService, _CartesiaTTSService):
 
 def _deepgram_url(client: Any, kwargs: dict[str, Any]) -> str:
     """The URL ``client.listen.v1.connect(**kwargs)`` opens (deepgram-sdk 7's own encoding)."""
-    from deepgram.core.jsonable_encoder import jsonable_encoder
-    from deepgram.core.query_encoder import encode_query
-    from deepgram.core.remove_none_from_dict import remove_none_from_dict
-
     wrapper = client.listen.v1._raw_client._client_wrapper
     url = str(wrapper.get_environment().production) + "/v1/listen"
     query = encode_query(jsonable_encoder(remove_none_from_dict(kwargs)))
     return f"{url}?{urllib.parse.urlencode(query)}" if query else url
+
+
+_SDK_LOCK = threading.Lock()
+
+
+@functools.cache
+def _sdk_http() -> httpx.AsyncClient:
+    """The one HTTP client of every pooled service's deepgram-sdk client (the SDK's defaults:
+    60 s timeout, redirects followed). A pooled service never sends through it (its socket comes
+    from the pool); building one per call would load the trust store each time (~25 ms of
+    blocked event loop with the system's or certifi's CA bundle). It opens no connection until
+    used, so it is never closed."""
+    return httpx.AsyncClient(timeout=60.0, follow_redirects=True)
+
+
+@contextlib.contextmanager
+def _sdk_on_shared_http() -> Iterator[None]:
+    """While a pooled DeepgramSTTService is built: Pipecat's module builds the SDK client on
+    :func:`_sdk_http` (it takes no client of ours). Under a lock: the name is Pipecat's module's
+    for the time of one constructor, never left swapped for a build in another thread."""
+    module: Any = _pipecat_deepgram
+    with _SDK_LOCK:
+        real = module.AsyncDeepgramClient
+        module.AsyncDeepgramClient = functools.partial(real, httpx_client=_sdk_http())
+        try:
+            yield
+        finally:
+            module.AsyncDeepgramClient = real
 
 
 class _PooledListen:
@@ -250,15 +281,18 @@ class _PooledListen:
         self._service = service
         self.listen = self
         self.v1 = self
+        # The URL per connect kwargs: Pipecat builds the same kwargs at every (re)connect.
+        self._urls: dict[tuple[tuple[str, Any], ...], str] = {}
 
     def __getattr__(self, name: str) -> Any:  # everything else is the real client's
         return getattr(self._client, name)
 
     @contextlib.asynccontextmanager
     async def connect(self, **kwargs: Any) -> AsyncIterator[Any]:
+        # Imported here: websockets.legacy (which it imports) warns at import time.
         from deepgram.listen.v1.socket_client import AsyncV1SocketClient
 
-        lease = await _pools_of(self._service).lease_socket(_deepgram_url(self._client, kwargs))
+        lease = await _pools_of(self._service).lease_socket(self._url(kwargs))
         if lease is None:
             async with self._client.listen.v1.connect(**kwargs) as connection:
                 yield connection
@@ -272,6 +306,16 @@ class _PooledListen:
         finally:
             await lease.release(error)
 
+    def _url(self, kwargs: dict[str, Any]) -> str:
+        try:
+            key = tuple(kwargs.items())
+            url = self._urls.get(key)
+        except TypeError:  # an unhashable value (a list of keyterms...): not cached
+            return _deepgram_url(self._client, kwargs)
+        if url is None:
+            url = self._urls[key] = _deepgram_url(self._client, kwargs)
+        return url
+
 
 class DeepgramSTTService(_DeepgramSTTService):
     """Pipecat's DeepgramSTTService on a pooled socket. Same arguments, plus
@@ -279,7 +323,8 @@ class DeepgramSTTService(_DeepgramSTTService):
 
     def __init__(self, *args: Any, voicepool_pools: PipecatPools | None = None, **kwargs: Any):
         self._voicepool_pools = voicepool_pools
-        super().__init__(*args, **kwargs)
+        with _sdk_on_shared_http():
+            super().__init__(*args, **kwargs)
         self._voicepool_sdk = self._client
         self._client = _PooledListen(self._client, self)  # type: ignore[assignment]
 
