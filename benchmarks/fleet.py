@@ -5,8 +5,10 @@ One run prints:
 1. warm acquire + release with a quota vs the same pool without one, ratio PAIRED PER ROUND
    (median over rounds; target <= 1.05x): the warm path never touches the quota;
 2. an acquire that needs a Redis round trip (an empty reservation: one sync, then the connect)
-   against the same cold acquire without a quota, paired per sample: p50 / p99 added
-   (target: p99 added <= 1 ms on loopback);
+   against the same cold acquire without a quota, interleaved per sample: p50 / p99 / p99.9 of
+   each and the p99 added (target: p99 added <= 1 ms on loopback); beside them, for scale, the
+   same acquire with the ask through redis-py's client (``direct=False``), one urgent
+   ``FleetQuota.sync`` alone, and a redis-py PING;
 3. the time for an idle spare in one worker to move to a starved worker (default refresh 1 s;
    target <= 2 s);
 4. the 100-worker simulation: 100 pools, each with its own FleetQuota client (its own Redis
@@ -15,7 +17,8 @@ One run prints:
    second, the keys' memory, and the worst-case over-commit (connections open or closing across
    the fleet above the limit, sampled every 5 ms; must be 0).
 
-Run: ``.venv/bin/python benchmarks/fleet.py [--rounds 15] [--n 20000] [--workers 100]``
+Run: ``.venv/bin/python benchmarks/fleet.py [--rounds 15] [--n 20000] [--samples 2000]
+[--workers 100] [--only 2] [--uvloop]``
 (needs redis-server: scripts/install-system-deps.sh).
 """
 
@@ -88,15 +91,24 @@ async def warm_ratio(url: str, rounds: int, n: int) -> float:
     return statistics.median(ratios)
 
 
-async def round_trip_added(url: str, samples: int) -> tuple[float, float, float, float]:
-    """(p50, p99) of a cold acquire without quota and with an empty reservation, in ms."""
+async def round_trip_added(url: str, samples: int, warmup: int) -> dict[str, list[float]]:
+    """Milliseconds per sample of: a cold acquire without quota (``plain``); the same with an
+    empty reservation, so it waits for one sync (``quota``: the real path, urgent ask on the
+    direct connection); the same with ``direct=False`` (``client``: the ask through redis-py's
+    client); one urgent ``FleetQuota.sync`` alone (``sync``); a redis-py PING (``ping``: the
+    floor of a round trip through redis-py on this machine). Each sample measures all five,
+    in an order that rotates, so the machine's load hits every arm alike; the first
+    ``warmup`` samples (connections, the script's first load) are dropped."""
     fleet = FleetQuota(url)
+    via_client = FleetQuota(url, direct=False)
+    bare = FleetQuota(url)
     cold = {"min_size": 0, "max_size": 4, "lease_mode": "single_use"}
     s_plain = PoolSettings.model_validate(cold)
-    plain_t: list[float] = []
-    quota_t: list[float] = []
+    s_quota = [
+        PoolSettings.model_validate({**cold, "quota": quota(url, f"rt{k}", 100)}) for k in range(7)
+    ]
 
-    async def once(pool: Pool[Conn]) -> float:
+    async def acquire(pool: Pool[Conn]) -> float:
         await pool.start()
         t0 = time.perf_counter_ns()
         async with pool.acquire():
@@ -105,21 +117,51 @@ async def round_trip_added(url: str, samples: int) -> tuple[float, float, float,
         await pool.aclose()
         return dt
 
-    for i in range(samples):
-        s_quota = PoolSettings.model_validate({**cold, "quota": quota(url, f"rt{i % 7}", 100)})
-        pair = [
-            once(Pool(NullAdapter(LeaseMode.SINGLE_USE), s_plain, name="plain")),
-            once(Pool(NullAdapter(LeaseMode.SINGLE_USE), s_quota, name="quota", quota=fleet)),
-        ]
-        if i % 2:
-            pair.reverse()
-        first = await pair[0]
-        second = await pair[1]
-        p, q = (first, second) if not i % 2 else (second, first)
-        plain_t.append(p)
-        quota_t.append(q)
+    async def plain(i: int) -> float:
+        return await acquire(Pool(NullAdapter(LeaseMode.SINGLE_USE), s_plain, name="plain"))
+
+    async def quoted(i: int, backend: FleetQuota = fleet) -> float:
+        adapter = NullAdapter(LeaseMode.SINGLE_USE)
+        return await acquire(Pool(adapter, s_quota[i % 7], name="quota", quota=backend))
+
+    async def client(i: int) -> float:
+        return await quoted(i, via_client)
+
+    async def sync(i: int) -> float:
+        t0 = time.perf_counter_ns()
+        await bare.sync(
+            "bare", "h", want=i % 3, claimed=0, waiting=1, busy=0, limit=100, ttl=10.0, urgent=True
+        )
+        return (time.perf_counter_ns() - t0) / 1e6
+
+    async def ping(i: int) -> float:
+        t0 = time.perf_counter_ns()
+        await bare._client.ping()
+        return (time.perf_counter_ns() - t0) / 1e6
+
+    arms = {"plain": plain, "quota": quoted, "client": client, "sync": sync, "ping": ping}
+    names = list(arms)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    direct = 0
+    for i in range(warmup + samples):
+        if i == warmup:
+            gc.collect()
+            direct = fleet.direct_calls
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            dt = await arms[name](i)
+            if i >= warmup:
+                out[name].append(dt)
+    # The real path's asks, all on the direct connection (none fell back to redis-py's client).
+    out["direct"] = [float(fleet.direct_calls - direct)]
     await fleet.aclose()
-    return pct(plain_t, 0.5), pct(plain_t, 0.99), pct(quota_t, 0.5), pct(quota_t, 0.99)
+    await via_client.aclose()
+    await bare.aclose()
+    return out
+
+
+def pcts(values: list[float]) -> str:
+    return " / ".join(f"{pct(values, p):.3f}" for p in (0.5, 0.99, 0.999))
 
 
 async def spare_moves(url: str, rounds: int) -> list[float]:
@@ -258,54 +300,52 @@ async def _retry(fn: Any, *args: Any) -> Any:
         return await fn(*args)
 
 
-async def bare_sync(url: str, samples: int) -> tuple[float, float, float, float]:
-    """p50 / p99 of one FleetQuota.sync round trip alone, then of a redis-py PING (the floor of
-    any Redis round trip from this client on this machine), in ms, for context."""
-    fleet = FleetQuota(url)
-    syncs, pings = [], []
-    for i in range(samples):
-        t0 = time.perf_counter_ns()
-        await fleet.sync("bare", "h", want=i % 3, claimed=0, waiting=0, busy=0, limit=100, ttl=10.0)
-        t1 = time.perf_counter_ns()
-        await fleet._client.ping()
-        syncs.append((t1 - t0) / 1e6)
-        pings.append((time.perf_counter_ns() - t1) / 1e6)
-    await fleet.aclose()
-    return pct(syncs, 0.5), pct(syncs, 0.99), pct(pings, 0.5), pct(pings, 0.99)
-
-
 async def main(args: argparse.Namespace) -> None:
     telemetry.disable_default()
     async with RedisServer() as server:
         url = server.url
-        ratio = await warm_ratio(url, args.rounds, args.n)
-        print(f"1. warm acquire+release, quota / no quota: {ratio:.3f}x (target <= 1.05x)")
-        p50, p99, q50, q99 = await round_trip_added(url, args.samples)
-        print(
-            f"2. acquire needing a Redis round trip ({args.samples} samples): p50 {q50:.3f} ms vs"
-            f" {p50:.3f} ms without, p99 {q99:.3f} ms vs {p99:.3f} ms:"
-            f" p99 added {q99 - p99:.3f} ms (target <= 1 ms)"
-        )
-        b50, b99, g50, g99 = await bare_sync(url, args.samples)
-        print(
-            f"   (one FleetQuota.sync alone: p50 {b50:.3f} ms, p99 {b99:.3f} ms;"
-            f" a redis-py PING: p50 {g50:.3f} ms, p99 {g99:.3f} ms)"
-        )
-        moves = await spare_moves(url, args.moves)
-        print(
-            f"3. idle spare to a starved worker (refresh 1 s, {len(moves)} runs): median"
-            f" {statistics.median(moves):.2f} s, max {max(moves):.2f} s (target <= 2 s)"
-        )
-        sim = await hundred_workers(server, args.workers, args.limit, args.seconds)
-        print(
-            f"4. {args.workers} workers, limit {args.limit}, {sim['elapsed']:.1f} s with a Redis"
-            f" restart: {sim['ops_per_s']:.0f} Redis ops/s ({sim['syncs']:.0f} script calls,"
-            f" {sim['usec']:.0f} us of Redis CPU each),"
-            f" keys {sim['memory'] / 1024:.1f} KiB, {sim['served']:.0f} calls served,"
-            f" {sim['failed']:.0f} failed {sim['why'] or ''}, {sim['backend_errors']:.0f} backend"
-            " errors;"
-            f" worst-case over-commit {sim['over_commit']:.0f} (must be 0)"
-        )
+        if 1 in args.only:
+            ratio = await warm_ratio(url, args.rounds, args.n)
+            print(f"1. warm acquire+release, quota / no quota: {ratio:.3f}x (target <= 1.05x)")
+        if 2 in args.only:
+            await _round_trip(url, args)
+        if 3 in args.only:
+            moves = await spare_moves(url, args.moves)
+            print(
+                f"3. idle spare to a starved worker (refresh 1 s, {len(moves)} runs): median"
+                f" {statistics.median(moves):.2f} s, max {max(moves):.2f} s (target <= 2 s)"
+            )
+        if 4 in args.only:
+            await _simulation(server, args)
+
+
+async def _round_trip(url: str, args: argparse.Namespace) -> None:
+    rt = await round_trip_added(url, args.samples, args.warmup)
+    added = pct(rt["quota"], 0.99) - pct(rt["plain"], 0.99)
+    print(
+        f"2. acquire needing a Redis round trip ({args.samples} samples, interleaved), ms"
+        " p50 / p99 / p99.9:\n"
+        f"   with quota {pcts(rt['quota'])}; without {pcts(rt['plain'])}:"
+        f" p50 added {pct(rt['quota'], 0.5) - pct(rt['plain'], 0.5):.3f} ms,"
+        f" p99 added {added:.3f} ms (target <= 1 ms);"
+        f" {rt['direct'][0]:.0f} of {len(rt['quota'])} asks on the direct connection\n"
+        f"   (the ask through redis-py's client instead: {pcts(rt['client'])};"
+        f" one FleetQuota.sync alone: {pcts(rt['sync'])};"
+        f" a redis-py PING: {pcts(rt['ping'])})"
+    )
+
+
+async def _simulation(server: RedisServer, args: argparse.Namespace) -> None:
+    sim = await hundred_workers(server, args.workers, args.limit, args.seconds)
+    print(
+        f"4. {args.workers} workers, limit {args.limit}, {sim['elapsed']:.1f} s with a Redis"
+        f" restart: {sim['ops_per_s']:.0f} Redis ops/s ({sim['syncs']:.0f} script calls,"
+        f" {sim['usec']:.0f} us of Redis CPU each),"
+        f" keys {sim['memory'] / 1024:.1f} KiB, {sim['served']:.0f} calls served,"
+        f" {sim['failed']:.0f} failed {sim['why'] or ''}, {sim['backend_errors']:.0f} backend"
+        " errors;"
+        f" worst-case over-commit {sim['over_commit']:.0f} (must be 0)"
+    )
 
 
 if __name__ == "__main__":
@@ -314,13 +354,25 @@ if __name__ == "__main__":
     )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--n", type=int, default=20000)
-    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--moves", type=int, default=5)
     parser.add_argument("--workers", type=int, default=100)
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--only",
+        type=lambda v: {int(p) for p in v.split(",")},
+        default={1, 2, 3, 4},
+        help="the parts to run, e.g. 2 or 1,2 (default: all)",
+    )
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     args = parser.parse_args()
     if not redis_available():
         sys.exit("benchmarks/fleet.py needs redis-server (scripts/install-system-deps.sh)")
-    print(f"python {sys.version.split()[0]}")
+    print(f"python {sys.version.split()[0]}" + (", uvloop" if args.uvloop else ""))
+    if args.uvloop:
+        import uvloop
+
+        uvloop.install()
     asyncio.run(main(args))

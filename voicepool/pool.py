@@ -38,7 +38,7 @@ from voicepool._engine.actions import (
 )
 from voicepool._engine.core import PoolCore, SizingPolicy
 from voicepool._engine.observer import PoolObserver, observers_for
-from voicepool._engine.quota import QuotaBackend, QuotaGate
+from voicepool._engine.quota import QuotaBackend, QuotaGate, QuotaGrant
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
 from voicepool._engine.waitqueue import DONE, WAITING, Waiter
@@ -703,7 +703,7 @@ class Pool(Generic[C]):
             elif cls is Alarm:
                 self._alarm(a)  # type: ignore[arg-type]
             elif cls is QuotaSync:
-                self._spawn(self._quota_sync(a), self._work)  # type: ignore[arg-type]
+                self._quota_sync(a)  # type: ignore[arg-type]
         core = self._core
         if core.closing and self._drained is not None and not core.busy:
             self._drained.set()
@@ -872,31 +872,65 @@ class Pool(Generic[C]):
             )
         self._apply(self._core.pinged(rec, ok, now, now - t0))
 
-    async def _quota_sync(self, a: QuotaSync) -> None:
-        """Perform one :class:`QuotaSync` under the quota's ``timeout``. A backend error never
-        reaches a caller: the core keeps the reservation and retries after ``refresh``; the
-        first error of an outage is logged (once), and the return."""
-        qs = self.settings.quota
-        backend = self._quota
-        gate = self._core.quota
+    def _quota_sync(self, a: QuotaSync) -> None:
+        """Perform one :class:`QuotaSync`. An urgent one (callers wait for it) is started here,
+        in the step that asked: the backend writes its request before that step ends (no task
+        hop first: in a busy loop a hop is a whole loop iteration); its answer, and every other
+        sync, is awaited in a task (:meth:`_quota_done`)."""
+        if a.waiting <= 0:
+            self._spawn(self._quota_done(a, None), self._work)
+            return
+        call = self._quota_call(a, urgent=True)  # callers wait: no batching with other pools
+        # Driven up to its first suspension now (QuotaBackend.sync says what that part may do).
+        started: calls.Resume | QuotaGrant | Exception
+        try:
+            started = calls.Resume(call, call.send(None))
+        except StopIteration as done:
+            started = done.value
+        except Exception as err:
+            started = err
+        self._spawn(self._quota_done(a, started), self._work)
+
+    def _quota_call(self, a: QuotaSync, urgent: bool) -> Coroutine[Any, Any, QuotaGrant]:
+        qs, backend, gate = self.settings.quota, self._quota, self._core.quota
         assert qs is not None
         assert backend is not None
         assert gate is not None
+        return backend.sync(
+            qs.key,
+            self._holder,
+            want=a.want,
+            claimed=a.claimed,
+            waiting=a.waiting,
+            busy=a.busy,
+            limit=qs.limit,
+            ttl=qs.ttl,
+            step=gate.per,
+            recover=min(qs.ttl, 2 * qs.refresh),  # every live holder syncs within it
+            urgent=urgent,
+        )
+
+    async def _quota_done(
+        self, a: QuotaSync, started: calls.Resume | QuotaGrant | Exception | None
+    ) -> None:
+        """The answer of one sync (``started``: what its first step came to, None when not
+        started yet), under the quota's ``timeout``. A backend error never reaches a caller:
+        the core keeps the reservation and retries after ``refresh``; the first error of an
+        outage is logged (once), and the return."""
+        qs = self.settings.quota
+        gate = self._core.quota
+        assert qs is not None
+        assert gate is not None
         try:
             async with asyncio.timeout(qs.timeout):
-                grant = await backend.sync(
-                    qs.key,
-                    self._holder,
-                    want=a.want,
-                    claimed=a.claimed,
-                    waiting=a.waiting,
-                    busy=a.busy,
-                    limit=qs.limit,
-                    ttl=qs.ttl,
-                    step=gate.per,
-                    recover=min(qs.ttl, 2 * qs.refresh),  # every live holder syncs within it
-                    urgent=a.waiting > 0,  # callers wait: no batching with other pools
-                )
+                if started is None:
+                    grant = await self._quota_call(a, urgent=False)
+                elif isinstance(started, calls.Resume):
+                    grant = await started
+                elif isinstance(started, Exception):
+                    raise started
+                else:
+                    grant = started
         except asyncio.CancelledError:
             self._core.quota_cancelled()
             raise

@@ -38,11 +38,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from voicepool._engine.quota import QuotaGrant
-from voicepool._redact import remember, scrub
+from voicepool._redact import get_logger, remember, scrub
 from voicepool.errors import ConfigError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.connection import AbstractConnection
+
+log = get_logger("voicepool.quota")
 
 __all__ = ["FleetQuota", "QuotaGrant", "default_worker_id", "release_shared", "shared"]
 
@@ -188,7 +191,11 @@ class FleetQuota:
     ``url``: ``redis://``, ``rediss://`` or ``unix://`` (redis-py's ``from_url``); ``timeout``:
     the socket timeout of a round trip (a slower one is a backend error: the pool keeps serving
     from its reservation). ``worker``: this process's identity (default
-    :func:`default_worker_id`); a pool's holder name is ``<worker>/<pool>``.
+    :func:`default_worker_id`); a pool's holder name is ``<worker>/<pool>``. ``direct``: send
+    urgent asks (callers wait for them) on a redis-py connection of their own, outside its
+    client's connection pool, without the client's per-command checkout, timeouts and hooks
+    (``redis://`` and ``unix://`` only; False: through redis-py's client like every other
+    call).
 
     Raises ConfigError at construction when redis-py is not installed (``voicepool[fleet]``).
     """
@@ -200,6 +207,7 @@ class FleetQuota:
         timeout: float = 0.5,
         worker: str | None = None,
         client: Redis | None = None,
+        direct: bool = True,
     ) -> None:
         try:
             from redis.asyncio import Redis
@@ -229,12 +237,31 @@ class FleetQuota:
             retry_on_timeout=False,
         )
         self._script = self._client.register_script(_SCRIPT)
+        # Urgent asks (callers wait) go on a direct connection while one is open: a
+        # redis.asyncio.Connection of the client's own settings (its parser: hiredis), kept
+        # outside the client's pool; only for a client made here, on TCP or a Unix socket.
+        self._direct_kwargs: dict[str, Any] | None = (
+            _direct_settings(self._client) if direct and client is None else None
+        )
+        self._direct: AbstractConnection | None = None
+        # The last urgent ask's turn on it: done once that ask has read its reply (or given
+        # up). Replies come in the order the asks were written, so each ask reads after the
+        # one before it: several can be in flight, and only one reads the socket at a time.
+        self._turn: asyncio.Future[None] | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._open_after = 0.0  # loop time: no new open before it
         self._epochs: dict[tuple[str, str], str] = {}  # (key, holder) -> the epoch it last saw
         self.calls = 0  # script calls made (for the fleet benchmark's ops/s)
         self.round_trips = 0  # ... and the round trips they took (pipelined together)
+        self.direct_calls = 0  # ... of which urgent asks answered on the direct connection
         self._batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._runs: set[asyncio.Task[None]] = set()
         self._names: dict[str, int] = {}
+
+    @property
+    def direct_open(self) -> bool:
+        """Whether urgent asks go on the direct connection now (it is open)."""
+        return self._direct is not None and self._direct.is_connected
 
     def holder(self, pool: str) -> str:
         """A holder name for one pool: ``<worker>/<pool>``, with ``.2``, ``.3``... for more
@@ -264,12 +291,16 @@ class FleetQuota:
         ``recover``: after a data loss, how long (s, default ``ttl``) nobody gets new tokens
         while holders re-register; it must cover every live holder's next sync.
         ``urgent`` (callers wait for it): sent at once, not batched with this loop iteration's
-        other syncs.
+        other syncs; on the direct connection the request is written before the coroutine
+        first suspends, and that first step needs no task (see ``QuotaBackend.sync``).
 
         Raises redis-py's errors (``ConnectionError``, ``TimeoutError``, ...) when Redis is down
         or slow; the pool counts them as ``voicepool.quota.backend_errors``.
         """
         self.calls += 1
+        direct = self._direct
+        if direct is None or not direct.is_connected:
+            self._open_direct_soon()
         known = self._epochs.get((key, holder), "")
         raw = await self._submit(
             urgent,
@@ -307,13 +338,105 @@ class FleetQuota:
         round trip. Cancelling the caller stops its wait, not the batch."""
         if urgent:
             self.round_trips += 1
-            return await self._script(keys=keys, args=args)
+            return await self._urgent(keys, args)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._batch.append((keys, args, fut))
         if len(self._batch) == 1:
             loop.call_soon(self._flush)
         return await fut
+
+    async def _urgent(self, keys: list[str], args: list[Any]) -> Any:
+        """One script call now: on the direct connection when it is open (written before this
+        first suspends), else (or when that connection ends before the reply, or Redis lost the
+        script) through redis-py's client, which reconnects and loads the script. A call that
+        stops waiting (timeout, cancelled) closes the direct connection, as redis-py does with
+        its own: the replies still due on it would be read by the wrong asks, and a Redis too
+        slow to answer in time is dialled afresh."""
+        if asyncio.current_task() is None:
+            # (a pool's timer asked: into the task first; redis-py before 8.0 closes a failed
+            # connection under asyncio.timeout, which raises outside a task)
+            await asyncio.sleep(0)
+        conn = self._direct
+        if conn is not None and conn.is_connected:
+            from redis.exceptions import ConnectionError as RedisConnectionError
+            from redis.exceptions import NoScriptError, ResponseError
+
+            prev = self._turn
+            mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._turn = mine
+            try:
+                # This connection has no socket timeout and no health checks: send_command
+                # writes at once and does not suspend (redis-py would otherwise put the write
+                # in a task of its own, and a read under a timeout needs the current task).
+                await conn.send_command(
+                    "EVALSHA", self._script.sha, len(keys), *keys, *args, check_health=False
+                )
+                if prev is not None and not prev.done():
+                    await prev  # (the ask before this one reads its reply first)
+                reply = await conn.read_response()
+            except (RedisConnectionError, NoScriptError):
+                # lost (a Redis restart, seen when this ask read its EOF; an ask before this
+                # one gave up): dialled again now, this ask through the client; or no script
+                if self._direct is conn and not conn.is_connected:
+                    self._open_direct_soon()
+            except ResponseError:
+                raise  # (the script's error: its reply read, the connection still in step)
+            except BaseException:
+                await self._drop(conn)
+                raise
+            else:
+                self.direct_calls += 1
+                return reply
+            finally:
+                if not mine.done():  # (a successor that stopped waiting cancelled it)
+                    mine.set_result(None)
+        # Through redis-py: first into the task that awaits this (the pool runs an urgent sync
+        # up to its first suspension in the step that asked it; redis-py's timeouts need the
+        # task they cancel).
+        await asyncio.sleep(0)
+        return await self._script(keys=keys, args=args)
+
+    async def _drop(self, conn: AbstractConnection) -> None:
+        """Close ``conn`` (idempotent; the asks still due on it get ConnectionError and go
+        through the client). Never raises: a socket that fails to close is dropped anyway."""
+        try:
+            await conn.disconnect(nowait=True)
+        except Exception:  # pragma: no cover - a broken socket at close
+            pass
+
+    def _open_direct_soon(self) -> None:
+        """Open the direct connection in the background (one open at a time; after a failed
+        one, none for a second, or ``timeout`` if longer); asks go through the client
+        meanwhile."""
+        if self._opening is not None or self._direct_kwargs is None:
+            return
+        self._direct = None
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._open_after:
+            return
+        self._opening = loop.create_task(self._open_direct(self._direct_kwargs))
+
+    async def _open_direct(self, kwargs: dict[str, Any]) -> None:
+        """Connect one redis-py connection (AUTH, SELECT, CLIENT SETINFO: redis-py's handshake)
+        under ``timeout``; a failed or cancelled open closes what it opened."""
+        loop = asyncio.get_running_loop()
+        settings = dict(kwargs)
+        conn: AbstractConnection = settings.pop("connection_class")(**settings)
+        try:
+            async with asyncio.timeout(self.timeout):
+                await conn.connect()  # type: ignore[no-untyped-call]  # (redis-py: untyped)
+        except BaseException as err:
+            await self._drop(conn)
+            if not isinstance(err, Exception):
+                raise
+            # Redis down: not at every ask (its client redials at every call already)
+            self._open_after = loop.time() + max(1.0, self.timeout)
+            log.debug("fleet quota %s: direct connection failed: %r", scrub(self.url), err)
+        else:
+            self._direct, self._turn = conn, None
+        finally:
+            self._opening = None
 
     def _flush(self) -> None:
         batch, self._batch = self._batch, []
@@ -374,10 +497,37 @@ class FleetQuota:
         """Close the client's connections (after the round trips in flight). Idempotent."""
         if self._runs:
             await asyncio.wait(list(self._runs), timeout=self.timeout + 1)
+        self._direct_kwargs = None  # no more opens
+        if self._opening is not None:
+            self._opening.cancel()
+            await asyncio.gather(self._opening, return_exceptions=True)
+        if self._direct is not None:
+            await self._drop(self._direct)
+            self._direct = None
         await self._client.aclose()
 
     def __repr__(self) -> str:
         return f"<FleetQuota {scrub(self.url)!r} worker={self.worker!r}>"
+
+
+def _direct_settings(client: Any) -> dict[str, Any] | None:
+    """The settings of a direct connection like ``client``'s (its class under
+    ``connection_class``, the rest for its constructor), or None where it makes none: TLS
+    (``rediss://``) or a connection class of the caller's."""
+    from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+
+    pool = client.connection_pool
+    if pool.connection_class not in (Connection, UnixDomainSocketConnection):
+        return None
+    kwargs = dict(pool.connection_kwargs)
+    # Its own connection, not one of the pool's (the pool's maintenance handler moves those).
+    kwargs.pop("maint_notifications_pool_handler", None)
+    # No socket timeout (the caller bounds an ask: the pool runs it under the quota's
+    # timeout) and no retries: a write that never suspends, a read with no timer of its own;
+    # a lost connection is the client's to retry, and the open's to pace.
+    kwargs.update(socket_timeout=None, retry=None, retry_on_error=[], retry_on_timeout=False)
+    kwargs["connection_class"] = pool.connection_class
+    return kwargs
 
 
 # One client per event loop and backend: the pools of a worker share its Redis connection.

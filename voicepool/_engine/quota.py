@@ -60,7 +60,13 @@ class QuotaBackend(Protocol):
         step: int = 1,
         recover: float | None = None,
         urgent: bool = False,
-    ) -> QuotaGrant: ...
+    ) -> QuotaGrant:
+        """One round trip (see ``voicepool.quota.FleetQuota.sync``). With ``urgent`` the pool
+        drives the coroutine up to its first suspension in the step that asked (so the request
+        goes out in that step) and resumes it in a task under the quota's timeout: that first
+        step must not need a task of its own (no ``asyncio.timeout``, nothing that cancels the
+        current task)."""
+        ...
 
     async def aclose(self) -> None: ...
 
