@@ -15,6 +15,7 @@ from tests.group.test_group import Switches
 from tests.peers.sipp import Sipp, sipp_available
 from tests.sip.conftest import KamailioFactory, fast, sip_adapter
 from voicepool import Pool, PoolGroup, PoolState
+from voicepool._engine.observer import PoolObserver
 from voicepool.adapters.sip import OwnerContext, SipRegistration
 from voicepool.group import GroupObserver, add_group_observer_factory, remove_group_observer_factory
 from voicepool.testing.fake import wait_until
@@ -93,6 +94,17 @@ async def test_carrier_registration_lost_calls_go_to_the_other(switches: Switche
             assert second.stats().connects == connects  # the call used the warm registration
 
 
+class _ReadyTimes(PoolObserver):
+    """Records when the pool it watches becomes READY (loop time)."""
+
+    def __init__(self, into: list[float], loop: asyncio.AbstractEventLoop) -> None:
+        self.into, self.loop = into, loop
+
+    def on_state(self, pool: Any, old: PoolState, new: PoolState) -> None:
+        if new is PoolState.READY:
+            self.into.append(self.loop.time())
+
+
 async def test_two_kamailio_carriers_one_stops_calls_go_to_the_other(
     kamailio_factory: KamailioFactory, switches: Switches
 ) -> None:
@@ -116,11 +128,15 @@ async def test_two_kamailio_carriers_one_stops_calls_go_to_the_other(
                 await place_call(lease.conn, f"sip:service@127.0.0.1:{uas.port}")
             assert waited < 0.05
             # Carrier A returns: new calls go back to it once it stayed READY for failback_after.
+            ready_at: list[float] = []
+            first.add_observer(_ReadyTimes(ready_at, loop))
             await carrier_a.start()
             t_back = loop.time()
             assert (await switches.next(timeout=8))[:3] == ("carrier_b", "carrier_a", "failback")
             failback_s = loop.time() - t_back
-            assert failback_s >= 1.0
+            # (Counted from A's READY, which can come just before start() returns.)
+            assert ready_at
+            assert loop.time() - ready_at[-1] >= 1.0
             async with group.acquire() as lease:
                 assert lease.pool is first
                 await place_call(lease.conn, f"sip:service@127.0.0.1:{uas.port}")
