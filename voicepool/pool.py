@@ -41,7 +41,7 @@ from voicepool._engine.observer import PoolObserver, observers_for
 from voicepool._engine.quota import QuotaBackend, QuotaGate, QuotaGrant
 from voicepool._engine.record import ConnRecord, ConnState
 from voicepool._engine.state import PoolState, PoolStats
-from voicepool._engine.waitqueue import DONE, WAITING, Waiter
+from voicepool._engine.waitqueue import WAITING, Waiter
 from voicepool._engine.warm import sizing_for
 from voicepool._redact import describe_error, get_logger, remember_from
 from voicepool.adapter import Adapter, LeaseMode
@@ -530,13 +530,7 @@ class Pool(Generic[C]):
         """A queued waiter's grant arrived: the lease holds it."""
         now = self._clock()
         waited = now - (waiter.deadline - waiter.timeout)
-        # core.served(waiter, waited), inlined (every contended acquire comes here: a call is a
-        # tenth of the hand-off's cost); keep the two in step.
-        core = self._core
-        waiter.state = DONE
-        core.window.record(waited)
-        core.n_waited += 1
-        core.n_acquired += 1
+        self._core.served(waiter, waited)
         if self._observers:
             for obs in self._observers:
                 obs.on_waited(self, waited)

@@ -395,8 +395,7 @@ class PoolCore(Generic[C]):
         return self._end(now, out)
 
     def served(self, waiter: Waiter, waited: float) -> None:
-        """The granted waiter's caller resumed with its lease (counts the wait). Pool._served
-        inlines this (the contended hot path): keep the two in step."""
+        """The granted waiter's caller resumed with its lease (counts the wait)."""
         waiter.state = 2
         self.window.record(waited)
         self.n_waited += 1
