@@ -207,96 +207,122 @@ class Lease(Generic[C]):
         # like the coroutine the annotation names, which keeps Lease an AsyncContextManager to
         # type checkers), so it costs no coroutine. Everything else returns the coroutine that
         # does the rest.
-        if exc_type is None and self._state == _HELD:
-            pool = self._pool
-            if pool._bare:  # _plain, no hold times wanted, the base reset
-                rec = self._rec
-                clock = pool._clock  # (an attribute, then a call: LOAD_METHOD on it is slow)
-                now = clock()
-                rec.last_used = now
-                if rec.expires > now:
-                    waiters = pool._waiters
-                    if not waiters.count:
-                        self._state = _RELEASED
-                        rec.state = _IDLE
-                        pool._idle.append(rec)
-                        return pool._done
-                    if rec.proven:
-                        # The contended hand-off: what core.released would do (nothing else
-                        # changes: no proof, no state, no connect), without its action list.
-                        self._state = _RELEASED
-                        _hand_off(waiters, rec)
-                        return pool._done
-                self._state = _RELEASED
-                pool._apply(pool._core.released(rec, now, "ok"))
-                return pool._done
-            if pool._plain:  # EXCLUSIVE, no leak watching or acquire tracing
-                rec = self._rec
-                clock = pool._clock
-                now = clock()
-                if pool._timing:
-                    uses = pool._use_times
-                    if len(uses) < _MAX_BUFFERED:
-                        try:
-                            uses.append(now - self._t0)
-                        except AttributeError:  # taken before hold times were wanted
-                            pass
-                rec.last_used = now
-                reset = pool._reset
-                if reset is not None:
-                    # A reset that completes without suspending (the base no-op is None above; an
-                    # override that awaits nothing) costs no task and no timer: driven once here
-                    # (a `for` over its awaitable: no StopIteration is raised when it returns);
-                    # only one that really waits goes to the pool under its timeout.
-                    self._state = _RELEASED
-                    coro = reset(rec.conn)
-                    try:
-                        for first in coro.__await__():
-                            return pool._finish_reset(rec, coro, first)
-                    except Exception as err:
-                        pool._reset_failed(rec, now, err)
-                        return pool._done
-                    check = pool._check_open
-                    if check is not None and not check(rec.conn):
-                        pool._reset_failed(rec, now, ConnectionError("closed by its reset"))
-                        return pool._done
-                if rec.expires > now:
-                    # Back to idle, nobody waiting: what core.released would do, without its
-                    # actions. (A closing pool has expired every connection: those go through
-                    # the core.)
-                    waiters = pool._waiters
-                    if not waiters.count:
-                        self._state = _RELEASED
-                        rec.state = _IDLE
-                        pool._idle.append(rec)
-                        return pool._done
-                    if rec.proven:
-                        self._state = _RELEASED
-                        _hand_off(waiters, rec)
-                        return pool._done
-                self._state = _RELEASED
-                pool._apply(pool._core.released(rec, now, "ok"))
-                return pool._done
-            if pool._mux_fast:  # MULTIPLEXED, the base release_stream, no hold times wanted
-                rec = self._rec
-                clock = pool._clock
-                now = clock()
-                check = pool._check_open
-                if (
-                    rec.proven
-                    and rec.cap
-                    and rec.expires > now
-                    and rec.state is _IN_USE
-                    and not pool._waiters.count
-                    and (check is None or check(rec.conn))
-                ):
-                    # The adapter keeps the connection (its base release_stream answers
-                    # is_open), nobody waits for the stream, nothing to prove or retire: what
-                    # core.stream_released would do, without its actions.
-                    self._state = _RELEASED
-                    rec.streams -= 1
-                    rec.last_used = now
+        if exc_type is not None or self._state != _HELD:
+            # (Tested first, and a near jump: CPython 3.11 specialises a comparison only when
+            # its jump is short, and this one runs on every release.)
+            return self._exit(exc_type, exc)
+        pool = self._pool
+        if pool._bare:  # _plain, no hold times wanted, the base reset
+            rec = self._rec
+            clock = pool._clock  # (an attribute, then a call: LOAD_METHOD on it is slow)
+            now = clock()
+            rec.last_used = now
+            self._state = _RELEASED
+            if rec.expires > now:
+                waiters = pool._waiters
+                if not waiters.count:
+                    rec.state = _IDLE
+                    pool._idle.append(rec)
                     return pool._done
+                if rec.proven:
+                    # The contended hand-off: what core.released would do (nothing else
+                    # changes: no proof, no state, no connect), without its action list.
+                    _hand_off(waiters, rec)
+                    return pool._done
+            pool._apply(pool._core.released(rec, now, "ok"))
+            return pool._done
+        if pool._reset_fast:  # _plain, an overridden reset, no hold times wanted
+            rec = self._rec
+            self._state = _RELEASED
+            # A reset that completes without suspending (an override that awaits nothing)
+            # costs no task and no timer: driven once here (a `for` over its awaitable: no
+            # StopIteration is raised when it returns); only one that really waits goes to
+            # the pool, under its timeout.
+            coro = pool._reset_fast(rec.conn)
+            try:
+                for first in coro.__await__():
+                    return pool._finish_reset(rec, coro, first)
+            except Exception as err:
+                pool._reset_failed(rec, pool._clock(), err)
+                return pool._done
+            clock = pool._clock
+            now = clock()  # (after the reset: the connection was in use until it finished)
+            rec.last_used = now
+            check = pool._check_open
+            if check is not None and not check(rec.conn):
+                pool._reset_failed(rec, now, ConnectionError("closed by its reset"))
+                return pool._done
+            if rec.expires > now:
+                waiters = pool._waiters
+                if not waiters.count:
+                    rec.state = _IDLE
+                    pool._idle.append(rec)
+                    return pool._done
+                if rec.proven:
+                    _hand_off(waiters, rec)
+                    return pool._done
+            pool._apply(pool._core.released(rec, now, "ok"))
+            return pool._done
+        if pool._plain:  # EXCLUSIVE, no leak watching or acquire tracing: hold times wanted
+            rec = self._rec
+            clock = pool._clock
+            now = clock()
+            if pool._timing:
+                uses = pool._use_times
+                if len(uses) < _MAX_BUFFERED:
+                    try:
+                        uses.append(now - self._t0)
+                    except AttributeError:  # taken before hold times were wanted
+                        pass
+            rec.last_used = now
+            self._state = _RELEASED
+            reset = pool._reset
+            if reset is not None:
+                coro = reset(rec.conn)  # (driven once, as above)
+                try:
+                    for first in coro.__await__():
+                        return pool._finish_reset(rec, coro, first)
+                except Exception as err:
+                    pool._reset_failed(rec, now, err)
+                    return pool._done
+                check = pool._check_open
+                if check is not None and not check(rec.conn):
+                    pool._reset_failed(rec, now, ConnectionError("closed by its reset"))
+                    return pool._done
+            if rec.expires > now:
+                # Back to idle, nobody waiting: what core.released would do, without its
+                # actions. (A closing pool has expired every connection: those go through
+                # the core.)
+                waiters = pool._waiters
+                if not waiters.count:
+                    rec.state = _IDLE
+                    pool._idle.append(rec)
+                    return pool._done
+                if rec.proven:
+                    _hand_off(waiters, rec)
+                    return pool._done
+            pool._apply(pool._core.released(rec, now, "ok"))
+            return pool._done
+        if pool._mux_fast:  # MULTIPLEXED, the base release_stream, no hold times wanted
+            rec = self._rec
+            clock = pool._clock
+            now = clock()
+            check = pool._check_open
+            if (
+                rec.proven
+                and rec.cap
+                and rec.expires > now
+                and rec.state is _IN_USE
+                and not pool._waiters.count
+                and (check is None or check(rec.conn))
+            ):
+                # The adapter keeps the connection (its base release_stream answers
+                # is_open), nobody waits for the stream, nothing to prove or retire: what
+                # core.stream_released would do, without its actions.
+                self._state = _RELEASED
+                rec.streams -= 1
+                rec.last_used = now
+                return pool._done
         return self._exit(exc_type, exc)
 
     async def _exit(self, exc_type: type[BaseException] | None, exc: BaseException | None) -> None:

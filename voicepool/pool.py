@@ -110,6 +110,62 @@ class Pool(Generic[C]):
     its own on ``settings.quota.backend``, made at start).
     """
 
+    # Slots, not a __dict__: the lease's hot path reads a dozen of these per acquire+release, and
+    # a slot is the cheapest attribute CPython has (47 fields are past the shared-keys limit, so
+    # a __dict__ here was an ordinary dict probed on every read).
+    __slots__ = (
+        "__weakref__",
+        "_acquire_timeout",
+        "_bare",
+        "_check_open",
+        "_clock",
+        "_close_task",
+        "_closers",
+        "_core",
+        "_done",
+        "_drained",
+        "_exclusive",
+        "_fast",
+        "_flush_at",
+        "_flushed",
+        "_hard_close",
+        "_holder",
+        "_idle",
+        "_instrumented",
+        "_is_open",
+        "_leak_threshold",
+        "_loop",
+        "_mux",
+        "_mux_fast",
+        "_mux_take",
+        "_new_future",
+        "_observers",
+        "_owner",
+        "_owns_quota",
+        "_plain",
+        "_quota",
+        "_reset",
+        "_reset_fast",
+        "_simple",
+        "_started",
+        "_timed",
+        "_timer",
+        "_timer_at",
+        "_timer_ctx",
+        "_timing",
+        "_use_times",
+        "_waiters",
+        "_warmed",
+        "_work",
+        "adapter",
+        "lease_mode",
+        "max_size",
+        "max_streams",
+        "min_size",
+        "name",
+        "settings",
+    )
+
     def __init__(
         self,
         adapter: Adapter[C],
@@ -167,6 +223,8 @@ class Pool(Generic[C]):
         self._fast = False  # _simple, the base is_open and no timing
         self._timed = False  # _simple, the base is_open, and timing (hold times)
         self._bare = False  # _plain, the base reset and no timing
+        # _plain, no timing, and the adapter's own reset: that reset (the lease calls it).
+        self._reset_fast: Callable[[C], Coroutine[Any, Any, None]] | None = None
         self._mux_take = False  # MULTIPLEXED, no timing: Lease inlines the stream hit
         self._mux_fast = False  # ... and the base release_stream: and the clean release
         # None for the base no-op reset: the clean release then calls nothing at all.
@@ -207,6 +265,7 @@ class Pool(Generic[C]):
         self._fast = self._simple and self._check_open is None and not timing
         self._timed = self._simple and self._check_open is None and timing
         self._bare = self._plain and self._reset is None and not timing
+        self._reset_fast = self._reset if self._plain and not timing else None
         self._mux_take = self._mux and not self._instrumented and not timing
         self._mux_fast = (
             self._mux_take and type(self.adapter).release_stream is Adapter.release_stream

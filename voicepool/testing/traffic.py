@@ -465,19 +465,21 @@ async def replay(
     from voicepool.pool import Pool
 
     clock = clock or time.monotonic
+    now: Callable[[], float] = clock  # (for the class below: mypy narrows no closure's variable)
     steps: list[tuple[float, int]] = []  # (time, +1/-1): open sockets minus held leases
     sockets = _OpenSockets(clock, steps)
-    pool: Pool[Any] = Pool(adapter, settings, name=name, observers=[sockets], clock=clock)
+    ticks: list[float] = []
+
+    class TickedPool(Pool[Any]):
+        """The pool whose driver's timer is recorded, for the simulator to replay."""
+
+        def _on_timer(self) -> None:
+            ticks.append(now() - booted)
+            super()._on_timer()
+
+    pool: Pool[Any] = TickedPool(adapter, settings, name=name, observers=[sockets], clock=clock)
     ran: list[Call] = []
     waited_at: list[float] = []
-    ticks: list[float] = []
-    on_timer = pool._on_timer
-
-    def timed() -> None:  # the driver's timer, recorded for the simulator to replay
-        ticks.append(clock() - booted)
-        on_timer()
-
-    pool._on_timer = timed  # type: ignore[method-assign]
     booted = clock()
     async with pool:
         t0 = clock()
