@@ -23,7 +23,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -32,7 +34,7 @@ import acquire as bench  # noqa: E402  (the rows' definitions: one source for bo
 
 from voicepool import LeaseMode, Pool, PoolSettings, telemetry  # noqa: E402
 
-UNCONTENDED = ("floor", "floor+reset", "exclusive", "exclusive+reset", "multiplexed")
+UNCONTENDED = ("floor", "floor+reset", "floor+drive", "exclusive", "exclusive+reset", "multiplexed")
 CONTENDED = ("contended floor", "contended exclusive")
 TASKS = 100  # contended: 100 tasks on 10 connections, as in benchmarks/acquire.py
 
@@ -41,10 +43,13 @@ async def _run(row: str, ops: int) -> None:
     """Child process: build ``row`` and run ``ops`` acquire+release of it."""
     telemetry.disable_default()
     name = row.removeprefix("contended ")
+    acquire: Callable[[], Any]
     if name == "floor":
         acquire = bench.FloorPool(10).acquire
     elif name == "floor+reset":
         acquire = bench.FloorPool(10).acquire_reset
+    elif name == "floor+drive":
+        acquire = bench.FloorPool(10).acquire_drive
     else:
         adapter = {
             "exclusive": bench.NullAdapter(),

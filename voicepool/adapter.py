@@ -130,7 +130,13 @@ class Adapter(Generic[C]):
         return True
 
     async def reset(self, conn: C) -> None:
-        """Make an EXCLUSIVE connection clean for the next holder. Raise to discard it instead."""
+        """Make an EXCLUSIVE connection clean for the next holder. Raise to discard it instead.
+
+        Runs in the releasing caller's ``async with`` exit. A reset that completes without
+        suspending costs no task and no timer; one that suspends finishes under
+        ``connect_timeout`` (cancelled after it: the connection is then discarded). Do not
+        override it when there is nothing to clean: this base no-op is never called at all.
+        """
 
     async def close(self, conn: C) -> None:
         """Close politely (CloseStream, close_socket, un-REGISTER). Runs in the background."""
