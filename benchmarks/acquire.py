@@ -39,8 +39,9 @@ import statistics
 import sys
 import time
 import tracemalloc
+import types
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 from voicepool import Adapter, LeaseMode, Pool, PoolSettings, telemetry
@@ -130,6 +131,12 @@ class FloorResetLease(FloorLease):
         pool.idle.append(self.conn)
 
 
+@types.coroutine
+def _finished() -> Generator[Any, None, None]:
+    return
+    yield
+
+
 class FloorDriveLease(FloorLease):
     """The floor that bounds its reset: the exit drives the coroutine once and only a reset that
     really suspends gets a task-side timeout (``finish``); the exit itself is synchronous and
@@ -151,8 +158,9 @@ class FloorPool:
     def __init__(self, size: int) -> None:
         self.idle: deque[Conn] = deque(Conn(i) for i in range(size))
         self.waiters: deque[asyncio.Future[Conn]] = deque()
-        self.done = asyncio.get_running_loop().create_future()
-        self.done.set_result(None)
+        self.done = _finished()  # (as voicepool's: see lease._DONE)
+        for _ in self.done:
+            pass
 
     def acquire(self) -> FloorLease:
         return FloorLease(self)

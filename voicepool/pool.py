@@ -19,9 +19,9 @@ import random
 import threading
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from threading import get_ident as _get_ident
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from voicepool._engine import calls
 from voicepool._engine.actions import (
@@ -68,17 +68,6 @@ log = get_logger("voicepool.pool")
 _FLUSH_EVERY = 1.0  # seconds between hand-offs of buffered hold times to observers
 
 
-class _NotStarted:
-    """Stands for the pool's finished future before start(): nothing awaits it then."""
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return
-        yield
-
-
-_DONE: Any = _NotStarted()
-
-
 class _RunningCheck:
     """Pool._owner for a loop that does not record its thread (uvloop): ``_thread_id`` is the
     caller's thread when ``loop`` is the running loop, else None."""
@@ -122,7 +111,6 @@ class Pool(Generic[C]):
         "_close_task",
         "_closers",
         "_core",
-        "_done",
         "_drained",
         "_exclusive",
         "_fast",
@@ -243,10 +231,6 @@ class Pool(Generic[C]):
         self._warmed: asyncio.Future[None] | None = None
         # The loop that Lease compares thread ids with (see Lease.__aenter__): none until start.
         self._owner: Any = _RunningCheck(None)
-        # What a release that completed synchronously returns to ``async with`` (set at start):
-        # awaiting a finished future costs no coroutine and never suspends.
-        # (Typed as the coroutine Lease.__aexit__'s annotation names: awaited the same way.)
-        self._done: Coroutine[Any, Any, None] = _DONE
         self._drained: asyncio.Event | None = None
         self._close_task: asyncio.Task[None] | None = None
         self._hard_close: asyncio.Event | None = None
@@ -327,9 +311,6 @@ class Pool(Generic[C]):
         # per watching pool (the SIP engine), and a pool built but never started must not pin them.
         self.adapter.watch(self._on_conn_changed)
         self._warmed = loop.create_future()
-        done = loop.create_future()
-        done.set_result(None)
-        self._done = cast("Coroutine[Any, Any, None]", done)
         # A waiter's future: asyncio's create_future is a Python frame around Future(loop=...);
         # other loops (uvloop) make their own.
         self._new_future: Callable[[], asyncio.Future[None]] = (
