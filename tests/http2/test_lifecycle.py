@@ -180,11 +180,16 @@ async def test_401_on_the_request_path_opens_the_circuit_once(
         first = await asyncio.gather(*(http.post(url, json=CHAT) for _ in range(10)))
         assert [r.status_code for r in first] == [401] * 10  # the answers themselves stand
         assert pool.stats().state.value == "unavailable"
-        t0 = asyncio.get_running_loop().time()
+        slowest = 0.0
         for _ in range(20):  # no per-request storm: the pool answers, the server sees nothing
+            t0 = time.perf_counter()
             with pytest.raises(httpx.ConnectError, match="HTTP 401"):
                 await http.post(url, json=CHAT)
-        assert asyncio.get_running_loop().time() - t0 < 0.5
+            slowest = max(slowest, time.perf_counter() - t0)
+        # Each fails at once, not after the 5 s acquire timeout. (Per request, not the twenty
+        # together: this test failed once in a full run on a loaded machine, pytest did not say
+        # where, and one full GC pass of the suite's process takes a few hundred ms.)
+        assert slowest < 0.5
     assert llm.requests["/v1/chat/completions"] == 10
     with pytest.raises(PoolUnavailable) as info:
         async with pool.acquire():
