@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-
 _rerun_reports: list[pytest.TestReport] = []
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Keep the first failure of a test that passed on its rerun (``make test`` runs with
     ``--reruns 1``): the rerun summary names the test, and this says which line failed."""
-    if report.outcome == "rerun":
+    if str(report.outcome) == "rerun":  # (pytest-rerunfailures' outcome: not in pytest's type)
         _rerun_reports.append(report)
 
 
