@@ -200,7 +200,13 @@ async def test_401_on_the_request_path_opens_the_circuit_once(
     assert cause.status == 401
     assert "HTTP 401 to POST /v1/chat/completions" in str(cause)
     assert "sk-revoked" not in str(cause)
-    assert pool.stats().closed.get("rejected") == 2
+    # Each connection that got a 401 is closed as rejected. The ten requests need not spread
+    # over both connections: when all went to one, the circuit's probe took the other's slot
+    # (closed as "probe"). CI saw {'probe': 1, 'rejected': 1} once, and it is as right.
+    closed = pool.stats().closed
+    assert closed.get("rejected", 0) >= 1
+    assert closed.get("rejected", 0) + closed.get("probe", 0) == 2
+    assert set(closed) <= {"rejected", "probe"}
     opened = [r for r in caplog.records if "circuit open" in r.getMessage()]
     assert len(opened) == 1
 
