@@ -251,39 +251,7 @@ class Lease(Generic[C]):
                     return _DONE
             pool._apply(pool._core.released(rec, now, "ok"))
             return _DONE
-        if pool._reset_fast:  # _plain, an overridden reset, no hold times wanted
-            rec = self._rec
-            self._state = _RELEASED
-            # A reset that completes without suspending (an override that awaits nothing)
-            # costs no task and no timer: driven once here (a `for` over its awaitable: no
-            # StopIteration is raised when it returns); only one that really waits goes to
-            # the pool, under its timeout.
-            coro = pool._reset_fast(rec.conn)
-            try:
-                for first in coro.__await__():
-                    return pool._finish_reset(rec, coro, first)
-            except Exception as err:
-                pool._reset_failed(rec, pool._clock(), err)
-                return _DONE
-            clock = pool._clock
-            now = clock()  # (after the reset: the connection was in use until it finished)
-            rec.last_used = now
-            check = pool._check_open
-            if check is not None and not check(rec.conn):
-                pool._reset_failed(rec, now, ConnectionError("closed by its reset"))
-                return _DONE
-            if rec.expires > now:
-                waiters = pool._waiters
-                if not waiters.count:
-                    rec.state = _IDLE
-                    pool._idle.append(rec)
-                    return _DONE
-                if rec.proven:
-                    _hand_off(waiters, rec)
-                    return _DONE
-            pool._apply(pool._core.released(rec, now, "ok"))
-            return _DONE
-        if pool._plain:  # EXCLUSIVE, no leak watching or acquire tracing: hold times wanted
+        if pool._plain:  # EXCLUSIVE, no leak watching or acquire tracing: a reset or hold times
             rec = self._rec
             clock = pool._clock
             now = clock()
@@ -298,7 +266,11 @@ class Lease(Generic[C]):
             self._state = _RELEASED
             reset = pool._reset
             if reset is not None:
-                coro = reset(rec.conn)  # (driven once, as above)
+                # A reset that completes without suspending (an override that awaits nothing)
+                # costs no task and no timer: driven once here (a `for` over its awaitable: no
+                # StopIteration is raised when it returns); only one that really waits goes to
+                # the pool, under its timeout.
+                coro = reset(rec.conn)
                 try:
                     for first in coro.__await__():
                         return pool._finish_reset(rec, coro, first)

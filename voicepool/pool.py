@@ -133,7 +133,6 @@ class Pool(Generic[C]):
         "_plain",
         "_quota",
         "_reset",
-        "_reset_fast",
         "_simple",
         "_started",
         "_timed",
@@ -211,8 +210,6 @@ class Pool(Generic[C]):
         self._fast = False  # _simple, the base is_open and no timing
         self._timed = False  # _simple, the base is_open, and timing (hold times)
         self._bare = False  # _plain, the base reset and no timing
-        # _plain, no timing, and the adapter's own reset: that reset (the lease calls it).
-        self._reset_fast: Callable[[C], Coroutine[Any, Any, None]] | None = None
         self._mux_take = False  # MULTIPLEXED, no timing: Lease inlines the stream hit
         self._mux_fast = False  # ... and the base release_stream: and the clean release
         # None for the base no-op reset: the clean release then calls nothing at all.
@@ -249,7 +246,6 @@ class Pool(Generic[C]):
         self._fast = self._simple and self._check_open is None and not timing
         self._timed = self._simple and self._check_open is None and timing
         self._bare = self._plain and self._reset is None and not timing
-        self._reset_fast = self._reset if self._plain and not timing else None
         self._mux_take = self._mux and not self._instrumented and not timing
         self._mux_fast = (
             self._mux_take and type(self.adapter).release_stream is Adapter.release_stream
